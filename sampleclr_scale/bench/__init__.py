@@ -1,0 +1,38 @@
+"""Throughput benchmarks behind ``sampleclr-scale bench``: each prints and saves figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_figures(figures: dict[str, Any], path: str | Path) -> None:
+    """Print the figures and write them as JSON."""
+    text = json.dumps(figures, indent=2)
+    print(text)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n")
+
+
+def run_benchmark(kind: str, args: argparse.Namespace) -> None:
+    """Run benchmark ``kind`` with the parsed command-line options."""
+    if kind == "loader":
+        from sampleclr_scale.bench.loader import bench_loader
+
+        figures = bench_loader(args.store, source=args.source, batch_size=args.batch_size,
+                               cells_per_view=args.cells_per_view, n_batches=args.batches)
+    elif kind == "ingest":
+        from sampleclr_scale.bench.ingest import bench_ingest
+
+        figures = bench_ingest(args.cells, dim=args.dim, workdir=Path(args.workdir))
+    else:
+        raise ValueError(f"unknown benchmark {kind!r}")
+    save_figures(figures, args.json)

@@ -1,0 +1,195 @@
+"""The ``sampleclr-scale`` command: one subcommand per stage, plus ``demo`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sampleclr_scale.errors import InputError
+
+log = logging.getLogger("sampleclr_scale")
+
+
+def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The options among ``names`` that were given on the command line."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _load(cls, args: argparse.Namespace, names: Sequence[str], **fixed: Any):
+    """A stage config from ``--config`` YAML, then command-line options, then ``fixed``."""
+    from sampleclr_scale.config import read_yaml
+
+    values = read_yaml(args.config) if getattr(args, "config", None) else {}
+    values.update(_overrides(args, names))
+    values.update(fixed)
+    return cls.from_mapping(values, where="command line")
+
+
+# --- ingest -----------------------------------------------------------------------------
+
+_INGEST_OPTIONS = (
+    "features", "layer", "measurement", "organism", "donor_key", "obs_filter", "primary_only",
+    "min_cells",
+    "meta", "cell_columns", "val_fraction", "stratify", "group_by", "seed", "dtype",
+    "read_block", "overwrite",
+)
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="build a donor-sorted bag store from a source",
+                       description="Select a cohort from a SOMA experiment, an .h5ad file or "
+                       "CELLxGENE Census and write it as a bag store (out of core).")
+    p.add_argument("source", help="SOMA experiment URI, .h5ad path, census[:VERSION|:PATH]")
+    p.add_argument("--out", required=True, help="bag store to create")
+    p.add_argument("--config", help="YAML file with IngestConfig keys")
+    p.add_argument("--features", help="obsm:NAME (an embedding) or pca:N (default obsm:scvi)")
+    p.add_argument("--layer", help="X layer for pca:N (default raw; X for .h5ad)")
+    p.add_argument("--measurement", help="SOMA measurement (default RNA)")
+    p.add_argument("--organism", help="Census organism (default homo_sapiens)")
+    p.add_argument("--donor-key", nargs="+", dest="donor_key",
+                   help="obs column(s) naming a donor (default donor_id; Census: dataset_id "
+                   "donor_id)")
+    p.add_argument("--obs-filter", dest="obs_filter", help="SOMA value filter on obs")
+    p.add_argument("--primary-only", dest="primary_only", action="store_true", default=None,
+                   help="keep only is_primary_data == True cells (default for Census)")
+    p.add_argument("--min-cells", dest="min_cells", type=int, help="drop smaller donors")
+    p.add_argument("--meta", nargs="+", help="donor-level obs columns to keep")
+    p.add_argument("--cell-columns", nargs="+", dest="cell_columns",
+                   help="cell-level obs columns to keep (e.g. cell_type)")
+    p.add_argument("--val-fraction", dest="val_fraction", type=float,
+                   help="fraction of donors for validation (default 0.2)")
+    p.add_argument("--stratify", help="donor column to stratify the split on")
+    p.add_argument("--group-by", dest="group_by", help="donor column to group the split by")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=["float32", "float16"])
+    p.add_argument("--read-block", dest="read_block", type=int, help="cells per source read")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing store atomically")
+    p.set_defaults(run=_run_ingest)
+
+
+def _run_ingest(args: argparse.Namespace) -> None:
+    from sampleclr_scale.config import IngestConfig
+    from sampleclr_scale.data.ingest import ingest
+
+    config = _load(IngestConfig, args, _INGEST_OPTIONS, source=args.source, out=args.out)
+    report = ingest(config)
+    print(json.dumps({"store": report.out, "cells": report.n_cells, "donors": report.n_donors,
+                      "dim": report.dim, "seconds": round(report.seconds, 2),
+                      "counts": report.counts}, indent=2))
+
+
+# --- simulate ---------------------------------------------------------------------------
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="write the built-in simulated cohort",
+                       description="Simulate a donor cohort (Census-like obs schema) and write "
+                       "it as a SOMA experiment, a Census-shaped SOMA collection, or .h5ad.")
+    p.add_argument("--out", required=True, help="path to write")
+    p.add_argument("--format", choices=["soma", "census", "h5ad"], default="soma")
+    p.add_argument("--donors", type=int, default=200)
+    p.add_argument("--min-cells", type=int, default=200)
+    p.add_argument("--max-cells", type=int, default=3000)
+    p.add_argument("--genes", type=int, default=200)
+    p.add_argument("--dim", type=int, default=32, help="width of the obsm embedding")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> None:
+    from sampleclr_scale.data import synthetic
+
+    spec = synthetic.CohortSpec(n_donors=args.donors, min_cells=args.min_cells,
+                                max_cells=args.max_cells, n_genes=args.genes,
+                                embedding_dim=args.dim, seed=args.seed)
+    if args.format == "h5ad":
+        where = synthetic.write_h5ad(spec, args.out)
+    else:
+        where = synthetic.write_soma(spec, args.out, census_like=args.format == "census")
+    print(where)
+
+
+# --- bench ------------------------------------------------------------------------------
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="throughput benchmarks (print and save figures)")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    loader = kinds.add_parser("loader", help="two-view bag throughput of a bag store")
+    loader.add_argument("--store", required=True)
+    loader.add_argument("--source", help="SOMA experiment of the store, for naive point reads")
+    loader.add_argument("--batch-size", type=int, default=32)
+    loader.add_argument("--cells-per-view", type=int, default=1000)
+    loader.add_argument("--batches", type=int, default=60, help="batches per measurement")
+    loader.add_argument("--json", required=True, help="file to save the figures to")
+    loader.set_defaults(run=_run_bench("loader"))
+    ingest = kinds.add_parser("ingest", help="ingest throughput and peak memory")
+    ingest.add_argument("--cells", type=int, nargs="+", default=[1_000_000],
+                        help="cohort sizes to simulate and ingest")
+    ingest.add_argument("--dim", type=int, default=50)
+    ingest.add_argument("--workdir", default="bench_out/ingest", help="scratch directory")
+    ingest.add_argument("--json", required=True, help="file to save the figures to")
+    ingest.set_defaults(run=_run_bench("ingest"))
+
+
+def _run_bench(kind: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        from sampleclr_scale.bench import run_benchmark
+
+        run_benchmark(kind, args)
+
+    return run
+
+
+# --- demo -------------------------------------------------------------------------------
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in simulated cohort",
+                       description="Simulate a cohort, write it as a SOMA experiment, ingest "
+                       "it and stream two-view donor bags from the store.")
+    p.add_argument("--out", required=True, help="directory for everything the demo writes")
+    p.add_argument("--donors", type=int, default=200)
+    p.add_argument("--workers", type=int, default=2, help="training workers (Ray)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from sampleclr_scale.demo import run_demo
+
+    run_demo(Path(args.out), n_donors=args.donors, workers=args.workers, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``sampleclr-scale``."""
+    parser = argparse.ArgumentParser(
+        prog="sampleclr-scale",
+        description="Atlas-scale SampleCLR: one vector per donor from millions of cells.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_simulate, _add_ingest, _add_bench, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; bad input prints the problem and the fix and exits with status 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    try:
+        args.run(args)
+    except InputError as err:
+        print(f"sampleclr-scale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

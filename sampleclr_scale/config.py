@@ -1,0 +1,167 @@
+"""Typed, validated configuration of each stage.
+
+Every config is a frozen pydantic model that refuses unknown keys, so a typo in a YAML
+file is an error naming the key, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sampleclr_scale.errors import InputError
+
+
+class StageConfig(BaseModel):
+    """Base of all stage configs: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], where: str = "config") -> Self:
+        """Validate a mapping, turning pydantic's report into an :class:`InputError`."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors()
+            )
+            raise InputError(
+                f"{where} is not a valid {cls.__name__}: {problems}",
+                f"valid keys: {sorted(cls.model_fields)}",
+            ) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Self:
+        """Load and validate a YAML file."""
+        return cls.from_mapping(read_yaml(path), where=str(path))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, with clear errors for unreadable or non-mapping files."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise InputError(f"cannot read config {path}: {err}",
+                         "pass a readable YAML file") from None
+    if not isinstance(values, dict):
+        raise InputError(f"config {path} is not a mapping", "write key: value pairs")
+    return values
+
+
+_FEATURES = re.compile(r"^(obsm:.+|pca:[1-9][0-9]*)$")
+
+
+class IngestConfig(StageConfig):
+    """How a cohort is selected from a source and turned into a bag store."""
+
+    source: str
+    """SOMA experiment URI, ``.h5ad`` path, or ``census[:VERSION_OR_URI]``."""
+    out: str
+    """Path of the bag store to create (a Zarr v3 group)."""
+    features: str = "obsm:scvi"
+    """Cell features: ``obsm:NAME`` (an existing embedding; for Census also the URI of a
+    hosted embedding array) or ``pca:N`` (library-size normalisation, log1p, PCA to N)."""
+    layer: str = "raw"
+    """X layer read for ``pca:N`` features (``raw`` as in Census; ``X`` by default for
+    .h5ad sources)."""
+    measurement: str = "RNA"
+    """SOMA measurement holding X and obsm."""
+    organism: str = "homo_sapiens"
+    """Census organism."""
+    donor_key: list[str] = Field(default_factory=lambda: ["donor_id"])
+    """Obs column(s) that identify a donor; for Census sources the default is
+    ``dataset_id`` + ``donor_id``, because Census donor ids are unique only within a
+    dataset."""
+    obs_filter: str | None = None
+    """Cell filter in the SOMA value-filter syntax."""
+    primary_only: bool = False
+    """Keep only ``is_primary_data == True`` cells (default on for Census sources)."""
+    drop_donors: list[str] = Field(default_factory=lambda: ["pooled", "unknown"])
+    """Donor id values that do not name one person; their cells are dropped."""
+    min_cells: int = Field(default=50, ge=1)
+    """Donors with fewer cells (after all filters) are dropped and counted."""
+    meta: list[str] = Field(default_factory=list)
+    """Donor-level obs columns kept in the donor table (e.g. disease, sex, age)."""
+    cell_columns: list[str] = Field(default_factory=list)
+    """Cell-level obs columns kept in the cell table (e.g. cell_type)."""
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    """Fraction of donors held out for validation."""
+    stratify: str | None = None
+    """Donor-table column whose class balance the split keeps."""
+    group_by: str | None = None
+    """Donor-table column whose groups (e.g. site) are kept on one side of the split."""
+    seed: int = 0
+    """Seed of the split, the within-donor cell order and the PCA subsample."""
+    pca_fit_cells: int = Field(default=20_000, ge=100)
+    """Cells in the random subsample that the PCA is fitted on."""
+    pca_genes: int = Field(default=2_000, ge=2)
+    """Most variable genes (in the subsample) kept before PCA."""
+    dtype: str = Field(default="float32", pattern="^(float32|float16)$")
+    """Storage type of the feature matrix."""
+    chunk_rows: int = Field(default=4096, ge=64)
+    """Rows per Zarr chunk of the feature matrix."""
+    read_block: int = Field(default=131_072, ge=1024)
+    """Cells read from the source per sequential block."""
+    bucket_bytes: int = Field(default=256 * 2**20, ge=2**20)
+    """Feature bytes held in memory while a block of donors is reordered."""
+    overwrite: bool = False
+    """Replace an existing store (atomically, after the new one is complete)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_defaults(cls, values: Any) -> Any:
+        """Census needs ``dataset_id`` + ``donor_id`` and primary cells; h5ad reads ``X``."""
+        if not isinstance(values, dict):
+            return values
+        source = str(values.get("source", ""))
+        if source == "census" or source.startswith("census:"):
+            values = {"donor_key": ["dataset_id", "donor_id"], "primary_only": True, **values}
+        elif source.endswith(".h5ad"):
+            values = {"layer": "X", **values}
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not _FEATURES.match(self.features):
+            raise ValueError(f"features must be obsm:NAME or pca:N, got {self.features!r}")
+        if not self.donor_key:
+            raise ValueError("donor_key needs at least one column")
+        return self
+
+
+
+class LoaderConfig(StageConfig):
+    """How two-view donor bags are sampled and batched."""
+
+    batch_size: int = Field(default=32, ge=1)
+    """Donors per batch on one process (the global batch is this times the world size)."""
+    cells_per_view: int = Field(default=1000, ge=1)
+    """Cells per view ``m``; with ``min_cells_per_view`` set, the largest view size."""
+    min_cells_per_view: int | None = Field(default=None, ge=1)
+    """Smallest view size: view sizes are then drawn uniformly in
+    ``[min_cells_per_view, cells_per_view]`` and shorter views are padded and masked."""
+    seed: int = 0
+    """Seed of the donor order and of the views; epoch and donor are mixed in."""
+    drop_last: bool = False
+    """Drop the donors of an incomplete last global batch instead of padding it with
+    donors from the start of the epoch's order."""
+    prefetch: int = Field(default=4, ge=1)
+    """Batches read ahead by the background thread."""
+    num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes (spawned); 0 reads in a thread of the main process."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.min_cells_per_view is not None and self.min_cells_per_view > self.cells_per_view:
+            raise ValueError("min_cells_per_view must not exceed cells_per_view")
+        return self
+
+    @property
+    def view_range(self) -> tuple[int, int]:
+        """Smallest and largest number of cells in a view."""
+        return (self.min_cells_per_view or self.cells_per_view, self.cells_per_view)

@@ -1,0 +1,226 @@
+"""Ingest: source -> cohort -> features -> donor-sorted bag store, out of core.
+
+The source is read once, in large sequential blocks of cells (sorted source ids). Each
+block's rows are appended to spill files, one per *bucket* of consecutive donors holding
+about ``bucket_bytes`` of features. A second pass loads one bucket at a time, orders its
+rows by (donor, a keyed hash of the source id) and writes them to the store in sequence.
+Peak memory is one read block plus one bucket, whatever the number of cells; disk
+traffic is one extra write and read of the features.
+
+The within-donor order is a hash of ``(seed, source id)``, so the store is the same for
+any block or bucket size.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sampleclr_scale import __version__
+from sampleclr_scale.config import IngestConfig
+from sampleclr_scale.data.cohort import Cohort, select_cohort
+from sampleclr_scale.data.features import make_features
+from sampleclr_scale.data.sources import open_source
+from sampleclr_scale.data.store import (
+    CELLS_FILE,
+    DONORS_FILE,
+    create_arrays,
+    finish_arrays,
+    staged_directory,
+)
+from sampleclr_scale.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def hash_order_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A keyed 64-bit hash (splitmix64) of each id: a random but reproducible sort key."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def plan_buckets(n_cells_per_donor: np.ndarray, max_cells: int) -> np.ndarray:
+    """Bucket of each donor: consecutive donors holding at most ``max_cells`` cells.
+
+    A donor larger than ``max_cells`` gets a bucket of its own.
+    """
+    bucket = np.empty(len(n_cells_per_donor), dtype=np.int64)
+    current, filled = 0, 0
+    for donor, n in enumerate(n_cells_per_donor):
+        if filled and filled + n > max_cells:
+            current, filled = current + 1, 0
+        bucket[donor] = current
+        filled += int(n)
+    return bucket
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did: counts, sizes and time."""
+
+    out: str
+    n_cells: int
+    n_donors: int
+    dim: int
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cells_per_second(self) -> float:
+        """Cells written per second of wall time."""
+        return self.n_cells / max(self.seconds, 1e-9)
+
+
+class _Spill:
+    """Append-only spill files, two per bucket: cohort positions and feature rows."""
+
+    def __init__(self, directory: Path, n_buckets: int, dim: int) -> None:
+        self._dir = directory
+        self._dim = dim
+        self._files = [
+            (open(directory / f"{b}.pos", "wb"), open(directory / f"{b}.x", "wb"))  # noqa: SIM115
+            for b in range(n_buckets)
+        ]
+
+    def append(self, bucket: int, positions: np.ndarray, rows: np.ndarray) -> None:
+        pos_file, x_file = self._files[bucket]
+        pos_file.write(positions.astype(np.int64).tobytes())
+        x_file.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+
+    def close(self) -> None:
+        for pos_file, x_file in self._files:
+            pos_file.close()
+            x_file.close()
+
+    def load(self, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        positions = np.fromfile(self._dir / f"{bucket}.pos", dtype=np.int64)
+        rows = np.fromfile(self._dir / f"{bucket}.x", dtype=np.float32).reshape(-1, self._dim)
+        (self._dir / f"{bucket}.pos").unlink()
+        (self._dir / f"{bucket}.x").unlink()
+        return positions, rows
+
+
+def ingest(config: IngestConfig) -> IngestReport:
+    """Build a bag store from ``config.source`` at ``config.out`` (atomically)."""
+    start = time.perf_counter()
+    if "://" in config.out:
+        raise InputError(f"ingest writes local stores; {config.out!r} is a URI",
+                         "ingest to a local path, then copy the store to object storage")
+    with open_source(config.source, config.measurement, config.organism) as source:
+        cohort = select_cohort(source, config)
+        log.info("cohort: %d cells of %d donors (%s)", cohort.counts["cells"],
+                 cohort.counts["donors"], source.uri)
+        features = make_features(source, config, cohort.joinid)
+        with staged_directory(Path(config.out), config.overwrite) as staging:
+            group = create_arrays(staging, n_cells=len(cohort.joinid), dim=features.dim,
+                                  dtype=config.dtype, chunk_rows=config.chunk_rows)
+            with tempfile.TemporaryDirectory(dir=staging.parent,
+                                             prefix=f".{staging.name}.spill-") as spill_dir:
+                donor_ptr, donors = _write_sorted(cohort, features, group, staging,
+                                                  Path(spill_dir), config)
+            attrs = {
+                "created_by": f"sampleclr-scale {__version__}",
+                "source": source.uri,
+                "source_kind": source.kind,
+                "features": features.describe(),
+                "donor_key": config.donor_key,
+                "ingest": config.model_dump(mode="json", exclude={"overwrite"}),
+                "counts": cohort.counts,
+                "n_cells": int(donor_ptr[-1]),
+                "n_donors": len(donors),
+                "dim": features.dim,
+            }
+            finish_arrays(group, donor_ptr, attrs)
+            pq.write_table(pa.Table.from_pandas(donors, preserve_index=False),
+                           staging / DONORS_FILE)
+    report = IngestReport(config.out, int(donor_ptr[-1]), len(donors), features.dim,
+                          time.perf_counter() - start, cohort.counts)
+    log.info("wrote %s: %d cells, %d donors, d=%d in %.1f s (%.0f cells/s)", config.out,
+             report.n_cells, report.n_donors, report.dim, report.seconds,
+             report.cells_per_second)
+    return report
+
+
+def _write_sorted(
+    cohort: Cohort, features: Any, group: Any, staging: Path, spill_dir: Path,
+    config: IngestConfig,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """The two passes: spill source blocks into donor buckets, then write bucket by bucket.
+
+    Returns the donor pointers and the donor table of the donors that were written.
+    """
+    n_cells_per_donor = cohort.donors["n_cells"].to_numpy()
+    bucket_cells = max(1, config.bucket_bytes // (4 * features.dim + 8))
+    bucket_of_donor = plan_buckets(n_cells_per_donor, bucket_cells)
+    n_buckets = int(bucket_of_donor[-1]) + 1
+    spill = _Spill(spill_dir, n_buckets, features.dim)
+
+    non_finite = 0
+    t0, n = time.perf_counter(), len(cohort.joinid)
+    for lo in range(0, n, config.read_block):
+        positions = np.arange(lo, min(lo + config.read_block, n))
+        rows = features.read(cohort.joinid[positions])
+        finite = np.isfinite(rows).all(axis=1)
+        non_finite += int((~finite).sum())
+        positions, rows = positions[finite], rows[finite]
+        buckets = bucket_of_donor[cohort.donor[positions]]
+        order = np.argsort(buckets, kind="stable")
+        bounds = np.flatnonzero(np.diff(buckets[order])) + 1
+        for part in np.split(order, bounds):
+            if len(part):
+                spill.append(int(buckets[part[0]]), positions[part], rows[part])
+        done = lo + len(finite)
+        log.info("read %d / %d cells (%.0f cells/s)", done, n,
+                 done / max(time.perf_counter() - t0, 1e-9))
+    spill.close()
+    cohort.counts["cells_non_finite"] = non_finite
+    if non_finite:
+        log.info("dropped %d cells with non-finite features", non_finite)
+
+    cell_writer = None
+    written = np.zeros(len(n_cells_per_donor), dtype=np.int64)
+    offset = 0
+    for bucket in range(n_buckets):
+        positions, rows = spill.load(bucket)
+        donor = cohort.donor[positions]
+        keep = np.bincount(donor, minlength=len(written))[donor] >= config.min_cells
+        order = np.lexsort((hash_order_keys(cohort.joinid[positions[keep]], config.seed),
+                            donor[keep]))
+        positions, rows = positions[keep][order], rows[keep][order]
+        stop = offset + len(positions)
+        group["features"][offset:stop] = rows.astype(config.dtype)
+        group["source_joinid"][offset:stop] = cohort.joinid[positions]
+        written += np.bincount(cohort.donor[positions], minlength=len(written))
+        if len(cohort.cells.columns):
+            table = pa.Table.from_pandas(cohort.cells.iloc[positions], preserve_index=False)
+            if cell_writer is None:
+                cell_writer = pq.ParquetWriter(staging / CELLS_FILE, table.schema)
+            cell_writer.write_table(table)
+        offset = stop
+    if cell_writer is not None:
+        cell_writer.close()
+
+    kept = written > 0
+    lost = int((~kept).sum())
+    cohort.counts["donors_below_min_cells_after_non_finite"] = lost
+    if lost:
+        log.info("dropped %d donors below --min-cells after removing non-finite cells", lost)
+    if not kept.any():
+        raise InputError("no donor keeps --min-cells cells with finite features",
+                         "check the feature array for NaN (cells without an embedding)")
+    donors = cohort.donors[kept].reset_index(drop=True)
+    donors["n_cells"] = written[kept]
+    donor_ptr = np.concatenate([[0], np.cumsum(written[kept])]).astype(np.int64)
+    return donor_ptr, donors

@@ -1,0 +1,274 @@
+"""Streaming two-view donor bags from a bag store into torch.
+
+:class:`DonorBagDataset` is a torch ``IterableDataset`` yielding whole batches
+(:class:`DonorBatch`) of ``B`` donors: a float tensor ``[B, 2, m, d]`` with both views, a
+mask for padded cells, the donors' store positions and their task labels. Which donors
+and which cells come from :mod:`sampleclr_scale.data.sampler`; this module only reads
+them, in a background thread that stays ``prefetch`` batches ahead. Each donor costs one
+range read of the store (two to four for donors much larger than the views).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sampleclr_scale.config import LoaderConfig
+from sampleclr_scale.data.sampler import (
+    Shard,
+    donor_rng,
+    draw_views,
+    rank_batches,
+    steps_per_epoch,
+    view_sizes,
+    worker_steps,
+)
+from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.errors import InputError
+
+
+@dataclass
+class DonorBatch:
+    """One batch of two-view donor bags.
+
+    Attributes
+    ----------
+    cells
+        Float32 ``[B, 2, m, d]``: view 0 and view 1 of each donor, padded to ``m``.
+    mask
+        Bool ``[B, 2, m]``: True for real cells, False for padding.
+    donor
+        Int64 ``[B]``: the donors' positions in the store's donor table (global ids).
+    labels
+        Per task column: int64 codes with -1 for missing (classification, ordinal) or
+        float32 values with NaN for missing (regression), ``[B]`` each.
+    epoch, step
+        Where in the schedule the batch belongs (step counts from 0 in each epoch).
+    """
+
+    cells: torch.Tensor
+    mask: torch.Tensor
+    donor: torch.Tensor
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0
+
+    def to(self, device: torch.device | str) -> DonorBatch:
+        """The batch on ``device``."""
+        return DonorBatch(self.cells.to(device, non_blocking=True),
+                          self.mask.to(device, non_blocking=True),
+                          self.donor.to(device), {k: v.to(device) for k, v in self.labels.items()},
+                          self.epoch, self.step)
+
+    def pin_memory(self) -> DonorBatch:
+        """The batch in page-locked memory (called by DataLoader(pin_memory=True))."""
+        return DonorBatch(self.cells.pin_memory(), self.mask.pin_memory(), self.donor,
+                          self.labels, self.epoch, self.step)
+
+
+def read_rows(store: BagStore, rows: np.ndarray) -> np.ndarray:
+    """Feature rows at absolute positions ``rows`` (in that order) with few range reads.
+
+    Reads the whole span when that wastes at most half of it, otherwise one read per run
+    of consecutive rows.
+    """
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    if hi - lo <= 2 * len(rows):
+        return store.features[lo:hi][rows - lo]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    runs = np.split(rows, breaks)
+    return np.concatenate([store.features[int(r[0]) : int(r[-1]) + 1] for r in runs])
+
+
+class DonorBagDataset(IterableDataset):
+    """Two-view donor bags of one split, sharded over ranks and DataLoader workers.
+
+    Parameters
+    ----------
+    store_path
+        The bag store.
+    config
+        Batch size, view sizes, seed, padding policy, prefetch depth.
+    split
+        ``train`` or ``validation``.
+    tasks
+        Donor-table columns to deliver as labels, with their kind (``classification``,
+        ``ordinal``, ``regression``).
+    rank, world_size
+        This process's place in data-parallel training; from the Ray Train context
+        (``ray.train.get_context()``) or, when None, from the default torch process
+        group (rank 0 of 1 without one).
+
+    Call :meth:`set_epoch` before each epoch; :meth:`set_start_step` to resume mid-epoch.
+    The object holds no open files, so it pickles into spawned DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        store_path: str,
+        config: LoaderConfig,
+        *,
+        split: str = "train",
+        tasks: dict[str, str] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.store_path = str(store_path)
+        self.config = config
+        self.split = split
+        self.tasks = dict(tasks or {})
+        if (rank is None) != (world_size is None):
+            raise InputError("pass both rank and world_size, or neither",
+                             "take both from ray.train.get_context()")
+        if rank is None:
+            dist = torch.distributed
+            initialised = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+        self.start_step = 0
+        store = BagStore(self.store_path)
+        self._donors = store.split_donors(split)
+        self._check(store)
+
+    def _check(self, store: BagStore) -> None:
+        for column, kind in self.tasks.items():
+            store.labels(column, kind)  # raises a clear error for a missing column
+        steps_per_epoch(len(self._donors), self.config.batch_size, self.world_size,
+                        self.config.drop_last)
+        largest = int(store.cells_per_donor.max())
+        if self.config.view_range[0] > largest:
+            raise InputError(
+                f"views of {self.config.view_range[0]} cells are larger than any donor "
+                f"(largest has {largest} cells)",
+                f"set cells_per_view (m) to at most {largest}, or ingest with a larger "
+                "--min-cells cohort",
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return steps_per_epoch(len(self._donors), self.config.batch_size, self.world_size,
+                               self.config.drop_last)
+
+    @property
+    def donors(self) -> np.ndarray:
+        """Store positions of the split's donors."""
+        return self._donors
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose donor order and views are produced next."""
+        self.epoch = int(epoch)
+        self.start_step = 0
+
+    def set_start_step(self, step: int) -> None:
+        """Skip the first ``step`` batches of the current epoch (resuming a run)."""
+        self.start_step = int(step)
+
+    def _shard(self) -> Shard:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return Shard(self.rank, self.world_size, worker, n_workers)
+
+    def __iter__(self) -> Iterator[DonorBatch]:
+        shard = self._shard()
+        batches = rank_batches(self._donors, seed=self.config.seed, epoch=self.epoch,
+                               batch_size=self.config.batch_size, shard=shard,
+                               drop_last=self.config.drop_last)
+        steps = worker_steps(len(batches), shard, self.start_step)
+        return _prefetch(lambda: self._read_steps(batches, steps), self.config.prefetch)
+
+    def _read_steps(self, batches: np.ndarray, steps: range) -> Iterator[DonorBatch]:
+        store = BagStore(self.store_path)
+        labels = {c: store.labels(c, kind)[0] for c, kind in self.tasks.items()}
+        for step in steps:
+            yield self._read_batch(store, batches[step], labels, step)
+
+    def _read_batch(self, store: BagStore, donors: np.ndarray,
+                    labels: dict[str, np.ndarray], step: int) -> DonorBatch:
+        m = self.config.view_range[1]
+        cells = np.zeros((len(donors), 2, m, store.dim), dtype=np.float32)
+        mask = np.zeros((len(donors), 2, m), dtype=bool)
+        for i, donor in enumerate(donors):
+            first, n = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
+            rng = donor_rng(self.config.seed, self.epoch, donor)
+            a, b = draw_views(n, *view_sizes(rng, self.config.view_range), rng)
+            rows = read_rows(store, first + np.concatenate([a, b]))
+            cells[i, 0, : len(a)] = rows[: len(a)]
+            cells[i, 1, : len(b)] = rows[len(a) :]
+            mask[i, 0, : len(a)] = True
+            mask[i, 1, : len(b)] = True
+        return DonorBatch(
+            cells=torch.from_numpy(cells),
+            mask=torch.from_numpy(mask),
+            donor=torch.from_numpy(donors.astype(np.int64)),
+            labels={c: torch.from_numpy(v[donors]) for c, v in labels.items()},
+            epoch=self.epoch,
+            step=step,
+        )
+
+
+_DONE = object()
+
+
+def _prefetch(produce, depth: int) -> Iterator[DonorBatch]:
+    """Run the generator ``produce()`` in a thread, ``depth`` items ahead of the consumer.
+
+    Errors in the thread are re-raised in the consumer; closing the consumer early stops
+    the thread.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        """Hand ``item`` over unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in produce():
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as err:  # handed to the consumer
+            put(err)
+
+    thread = threading.Thread(target=run, name="bag-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def make_loader(dataset: DonorBagDataset, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over whole batches, with ``spawn``-ed workers when it has any.
+
+    TileDB and Zarr are not fork-safe, hence ``spawn``. Create a new loader (or call
+    ``iter`` again) after :meth:`DonorBagDataset.set_epoch`: workers are not persistent,
+    so each epoch's workers see the new epoch.
+    """
+    workers = dataset.config.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        multiprocessing_context="spawn" if workers else None,
+        pin_memory=pin_memory,
+    )

@@ -1,0 +1,152 @@
+"""Properties of the sharded two-view sampler (pure functions, no store)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sampleclr_scale.data.sampler import (
+    Shard,
+    donor_rng,
+    draw_views,
+    epoch_permutation,
+    rank_batches,
+    steps_per_epoch,
+    view_sizes,
+    worker_steps,
+)
+from sampleclr_scale.errors import InputError
+
+layouts = st.tuples(
+    st.integers(1, 300),  # donors
+    st.integers(1, 16),  # batch size
+    st.integers(1, 4),  # world size
+    st.booleans(),  # drop_last
+    st.integers(0, 2**31),  # seed
+    st.integers(0, 50),  # epoch
+)
+
+
+def _all_ranks(donors, seed, epoch, batch, world, drop_last):
+    return [
+        rank_batches(donors, seed=seed, epoch=epoch, batch_size=batch,
+                     shard=Shard(rank, world), drop_last=drop_last)
+        for rank in range(world)
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts)
+def test_each_donor_once_per_epoch_and_equal_steps(layout):
+    n, batch, world, drop_last, seed, epoch = layout
+    if drop_last and n < batch * world:
+        with pytest.raises(InputError, match="cannot fill one global batch"):
+            _all_ranks(np.arange(n), seed, epoch, batch, world, drop_last)
+        return
+    donors = np.arange(1000, 1000 + n)
+    per_rank = _all_ranks(donors, seed, epoch, batch, world, drop_last)
+    steps = steps_per_epoch(n, batch, world, drop_last)
+    assert all(b.shape == (steps, batch) for b in per_rank)  # equal steps on every rank
+    seen = np.concatenate([b.ravel() for b in per_rank])
+    counts = np.bincount(seen - 1000, minlength=n)
+    if drop_last:
+        # no donor twice; exactly the last incomplete global batch is dropped
+        assert counts.max() <= 1
+        assert counts.sum() == n - n % (batch * world)
+    else:
+        # every donor at least once; only the padding of the last global batch repeats
+        assert counts.min() >= 1
+        assert counts.sum() - n == steps * batch * world - n
+    # within one global step, no donor appears on two ranks (when the epoch has enough)
+    if n >= batch * world:
+        for step in range(steps):
+            members = np.concatenate([b[step] for b in per_rank])
+            assert len(np.unique(members)) == len(members)
+
+
+@settings(max_examples=50, deadline=None)
+@given(layouts)
+def test_order_deterministic_and_changes_with_epoch(layout):
+    n, batch, world, _, seed, epoch = layout
+    donors = np.arange(n)
+    a = _all_ranks(donors, seed, epoch, batch, world, False)
+    b = _all_ranks(donors, seed, epoch, batch, world, False)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    if n >= 8:
+        other = epoch_permutation(donors, seed, epoch + 1)
+        assert not np.array_equal(epoch_permutation(donors, seed, epoch), other)
+
+
+def test_permutation_is_independent_of_rank_and_world():
+    donors = np.arange(97)
+    one = rank_batches(donors, seed=3, epoch=2, batch_size=4, shard=Shard(0, 1),
+                       drop_last=False)
+    two = _all_ranks(donors, 3, 2, 2, 2, False)
+    # the same global order, dealt differently: step s of 1 rank = steps s of both ranks
+    interleaved = np.concatenate([np.stack(two, axis=1).reshape(-1, 4)]).ravel()
+    assert np.array_equal(one.ravel()[:96], interleaved[:96])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 5), st.integers(0, 59))
+def test_workers_partition_the_steps_in_loader_order(n_steps, n_workers, start):
+    start = min(start, n_steps)
+    per_worker = [list(worker_steps(n_steps, Shard(0, 1, w, n_workers), start))
+                  for w in range(n_workers)]
+    merged = sorted(s for steps in per_worker for s in steps)
+    assert merged == list(range(start, n_steps))
+    # the DataLoader takes one item from each worker in turn: that must be step order
+    round_robin = [steps[i] for i in range(n_steps) for steps in per_worker
+                   if i < len(steps)]
+    assert round_robin == list(range(start, n_steps))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 1200), st.integers(1, 1200), st.integers(0, 2**31))
+def test_views_disjoint_windows_or_with_replacement(n, size_a, size_b, seed):
+    a, b = draw_views(n, size_a, size_b, np.random.default_rng(seed))
+    assert len(a) == size_a and len(b) == size_b
+    assert a.min() >= 0 and b.min() >= 0 and a.max() < n and b.max() < n
+    if n >= size_a + size_b:
+        assert len(np.intersect1d(a, b)) == 0  # disjoint
+        assert len(np.unique(a)) == size_a and len(np.unique(b)) == size_b
+        # each view is a circular window: consecutive offsets modulo n
+        assert np.all(np.diff(a) % n == 1) if size_a > 1 else True
+        assert np.all(np.diff(b) % n == 1) if size_b > 1 else True
+
+
+def test_views_cover_every_cell_uniformly():
+    """Each cell is in view A with probability m/n (no edge effect of windows)."""
+    n, m, trials = 50, 10, 20_000
+    hits = np.zeros(n)
+    rng = np.random.default_rng(0)
+    for _ in range(trials):
+        a, b = draw_views(n, m, m, rng)
+        hits[a] += 1
+        hits[b] += 1
+    expected = trials * 2 * m / n
+    # binomial sd = sqrt(trials * p * (1-p)); 5 sd margin
+    sd = np.sqrt(trials * (2 * m / n) * (1 - 2 * m / n))
+    assert np.abs(hits - expected).max() < 5 * sd
+
+
+def test_views_depend_on_seed_epoch_donor_only():
+    first = draw_views(3000, 1000, 1000, donor_rng(1, 4, 17))
+    again = draw_views(3000, 1000, 1000, donor_rng(1, 4, 17))
+    other_epoch = draw_views(3000, 1000, 1000, donor_rng(1, 5, 17))
+    assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
+    assert not np.array_equal(first[0], other_epoch[0])
+
+
+def test_view_sizes_in_range():
+    rng = np.random.default_rng(0)
+    sizes = np.array([view_sizes(rng, (100, 300)) for _ in range(2000)])
+    assert sizes.min() == 100 and sizes.max() == 300
+    assert view_sizes(rng, (7, 7)) == (7, 7)
+
+
+def test_bad_shards_are_refused():
+    with pytest.raises(InputError, match="rank 2 is outside world size 2"):
+        Shard(2, 2)
+    with pytest.raises(InputError, match="worker 1 is outside 1 workers"):
+        Shard(0, 1, 1, 1)
