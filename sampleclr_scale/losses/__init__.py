@@ -1,0 +1,56 @@
+"""Losses of SampleCLR: X-CLR over the global batch, VICReg, Barlow Twins, task losses.
+
+Pure torch, no I/O. Each loss is a thin ``nn.Module`` over pure term functions that are
+tested separately. The pairwise losses gather the views of all data-parallel ranks with
+:func:`gather_with_grad`, so a DDP run gives the loss and gradients of a 1-process run on
+the concatenated batch.
+"""
+
+from sampleclr_scale.losses.barlow import (
+    BarlowTwinsLoss,
+    barlow_cross_correlation,
+    barlow_invariance,
+    barlow_redundancy,
+)
+from sampleclr_scale.losses.gather import gather_no_grad, gather_with_grad, rank_and_world_size
+from sampleclr_scale.losses.tasks import (
+    MISSING_LABEL,
+    TASK_KINDS,
+    TaskLoss,
+    classification_loss,
+    ordinal_loss,
+    ordinal_predict,
+    regression_loss,
+)
+from sampleclr_scale.losses.vicreg import (
+    VICRegLoss,
+    vicreg_covariance,
+    vicreg_invariance,
+    vicreg_variance,
+)
+from sampleclr_scale.losses.xclr import XCLRLoss, soft_cross_entropy, xclr_loss, xclr_targets
+
+__all__ = [
+    "MISSING_LABEL",
+    "TASK_KINDS",
+    "BarlowTwinsLoss",
+    "TaskLoss",
+    "VICRegLoss",
+    "XCLRLoss",
+    "barlow_cross_correlation",
+    "barlow_invariance",
+    "barlow_redundancy",
+    "classification_loss",
+    "gather_no_grad",
+    "gather_with_grad",
+    "ordinal_loss",
+    "ordinal_predict",
+    "rank_and_world_size",
+    "regression_loss",
+    "soft_cross_entropy",
+    "vicreg_covariance",
+    "vicreg_invariance",
+    "vicreg_variance",
+    "xclr_loss",
+    "xclr_targets",
+]

@@ -1,0 +1,104 @@
+"""Barlow Twins: redundancy reduction between two views, over the global batch.
+
+The views of all ranks are gathered with :func:`gather_with_grad`, so the batch
+standardisation and the cross-correlation use the global batch (as the authors' code does
+with synchronised batch norm), and every rank computes the same loss. The gather's backward
+sums the gradient over ranks and DDP averages, so the gradients equal those of a 1-process
+run on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.losses.gather import gather_with_grad
+from sampleclr_scale.losses.xclr import _upcast_views
+
+
+def barlow_cross_correlation(z_a: Tensor, z_b: Tensor, eps: float = 1e-5) -> Tensor:
+    """Cross-correlation of two batch-standardised views.
+
+    Parameters
+    ----------
+    z_a, z_b : Tensor
+        ``[n, D]`` representations of the two views.
+    eps : float
+        Added to the biased batch variance, as ``BatchNorm1d(affine=False)`` does in the
+        authors' code.
+
+    Returns
+    -------
+    Tensor
+        ``[D, D]`` matrix ``C = A^T B / n``, ``A, B`` the views with each dimension
+        centred and divided by ``sqrt(var + eps)`` over the batch.
+    """
+    return _standardise(z_a, eps).T @ _standardise(z_b, eps) / z_a.shape[0]
+
+
+def barlow_invariance(c: Tensor) -> Tensor:
+    """Invariance term: ``sum_d (1 - C_dd)^2`` of a cross-correlation matrix ``C``."""
+    return (1.0 - c.diagonal()).pow(2).sum()
+
+
+def barlow_redundancy(c: Tensor) -> Tensor:
+    """Redundancy-reduction term: ``sum_{d != e} C_de^2`` of a cross-correlation ``C``."""
+    return c.pow(2).sum() - c.diagonal().pow(2).sum()
+
+
+def _standardise(z: Tensor, eps: float) -> Tensor:
+    return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, correction=0) + eps)
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins loss between two views, over the global batch of all ranks.
+
+    Zbontar, Jing, Misra, LeCun and Deny 2021, "Barlow Twins: Self-Supervised Learning via
+    Redundancy Reduction" (ICML): ``invariance(C) + lambda_ * redundancy(C)`` with ``C``
+    the cross-correlation of the batch-standardised views.
+
+    Parameters
+    ----------
+    lambda_ : float
+        Weight of the redundancy-reduction term.
+    eps : float
+        Stabiliser of the batch standardisation.
+    """
+
+    def __init__(self, lambda_: float = 5e-3, eps: float = 1e-5) -> None:
+        super().__init__()
+        for name, value in (("lambda_", lambda_), ("eps", eps)):
+            if not 0 <= value < float("inf"):
+                raise InputError(
+                    f"Barlow Twins {name} must be a non-negative finite number, got {value!r}",
+                    "use the paper's defaults lambda_=5e-3, eps=1e-5",
+                )
+        self.lambda_, self.eps = lambda_, eps
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """Loss of the global batch.
+
+        Parameters
+        ----------
+        z_a, z_b : Tensor
+            ``[b, D]`` local representations of the two views (same ``b`` on every rank).
+
+        Returns
+        -------
+        Tensor
+            Scalar loss, identical on every rank; float32 (half inputs upcast) or float64.
+        """
+        z_a, z_b = _upcast_views(z_a, z_b, "Barlow Twins")
+        with torch.autocast(device_type=z_a.device.type, enabled=False):
+            Z_a, Z_b = gather_with_grad(z_a), gather_with_grad(z_b)
+            if Z_a.shape[0] < 2:
+                raise InputError(
+                    "Barlow Twins needs at least 2 rows in the global batch to standardise",
+                    "train with more than one bag per step",
+                )
+            c = barlow_cross_correlation(Z_a, Z_b, self.eps)
+            return barlow_invariance(c) + self.lambda_ * barlow_redundancy(c)
+
+    def extra_repr(self) -> str:
+        return f"lambda_={self.lambda_}, eps={self.eps}"

@@ -1,0 +1,97 @@
+"""Gathering tensors from all data-parallel processes, with and without gradients.
+
+A contrastive loss over the *global* batch needs every rank's embeddings as columns. The
+gather must pass gradients back to the rank that produced each row: rank ``r``'s rows are
+used as columns by the losses of all ranks, so their gradient is the sum over ranks of the
+incoming gradient at ``r``'s slice. The backward below does exactly that (sum the full
+incoming gradient over ranks, then take this rank's slice). Three look-alikes give the
+right loss value but wrong gradients (no reduction, select-then-reduce, gathering without
+gradients); ``tests/test_distributed_loss.py`` shows each one failing against a
+1-process run.
+
+All functions use the default process group and are the identity when none is
+initialised or it has a single process, so the same code runs on one CPU and under DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the world size of the default process group.
+
+    Returns
+    -------
+    tuple of int
+        ``(rank, world_size)``; ``(0, 1)`` when no default process group is initialised.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather_cat(x: Tensor, world_size: int) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums gradients over ranks.
+
+    The global-batch gather used by SimCLR-style losses (Chen et al. 2020, "A Simple
+    Framework for Contrastive Learning of Visual Representations"), with the backward of
+    lightly's fix (lightly PR 1531): all_reduce(SUM) the incoming gradient, then return
+    this rank's slice.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        rank, world_size = rank_and_world_size()
+        ctx.rank, ctx.n_local = rank, x.shape[0]
+        return _all_gather_cat(x, world_size)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()  # all_reduce is in place; never touch autograd's buffer
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.n_local
+        return grad[start : start + ctx.n_local]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, differentiably.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[n, ...]`` local tensor. Every rank must pass the same shape (the sampler deals
+        the same number of donors to every rank); a mismatch fails inside the collective.
+
+    Returns
+    -------
+    Tensor
+        ``[world_size * n, ...]``, rank ``r``'s rows at ``r * n : (r + 1) * n``. The
+        gradient reaching ``x`` is the sum over ranks of the gradient at this rank's slice,
+        so a loss that is averaged over ranks by DDP gets exact gradients. ``x`` itself
+        when no process group is initialised or the world size is 1.
+    """
+    if rank_and_world_size()[1] == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, without gradients.
+
+    For tensors that carry no gradient, such as integer donor ids. Same shape rule and
+    layout as :func:`gather_with_grad`; ``x`` itself without a multi-process group.
+    """
+    world_size = rank_and_world_size()[1]
+    if world_size == 1:
+        return x
+    with torch.no_grad():
+        return _all_gather_cat(x, world_size)

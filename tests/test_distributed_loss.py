@@ -1,0 +1,225 @@
+"""Global-batch losses under real 2-process DDP (gloo) against a 1-process run.
+
+Two gloo processes, spawned once for all cases, get different local inputs (rows
+``r*b:(r+1)*b`` of one global batch); for each case a fresh LayerNorm model wrapped in DDP
+runs through the loss, and rank 0 saves both ranks' losses and the DDP-averaged gradients.
+The mean loss and every gradient must equal those of one process on the whole batch.
+Three wrong gathers (negative controls, defined here only) reproduce the loss but not the
+gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sampleclr_scale.losses import (
+    BarlowTwinsLoss,
+    VICRegLoss,
+    gather_no_grad,
+    soft_cross_entropy,
+    xclr_loss,
+    xclr_targets,
+)
+from sampleclr_scale.losses.xclr import _xclr_loss
+
+pytestmark = pytest.mark.distributed
+
+WORLD_SIZE = 2
+B_LOCAL = 3
+N_DONORS = 9
+TAU, TAU_GRAPH = 0.2, 0.5
+ATOL = 1e-10
+
+
+# --- the problem: model, global batch, prior --------------------------------------------
+
+
+def _model() -> nn.Module:
+    """The same initial weights in every process."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4)).double()
+
+
+def _batch() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Two views ``[2b, 5]``, donor ids ``[2b]`` (donor 5 on both ranks) and a prior."""
+    g = torch.Generator().manual_seed(1)
+    n = WORLD_SIZE * B_LOCAL
+    x_a = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    x_b = x_a + 0.3 * torch.randn(n, 5, generator=g, dtype=torch.float64)
+    donors = torch.tensor([0, 5, 2, 7, 5, 3])
+    points = torch.randn(N_DONORS, 3, generator=g, dtype=torch.float64)
+    prior = torch.exp(-torch.cdist(points, points) / 0.5)
+    return x_a, x_b, donors, prior
+
+
+# --- wrong gathers: right loss, wrong gradients (negative controls) ----------------------
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+
+class _GatherNoReduce(_AllGather):
+    """Backward returns this rank's slice of its own gradient (old lightly)."""
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+class _GatherSelectThenReduce(_AllGather):
+    """Backward takes this rank's slice first, then sums it over ranks."""
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        local = grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n].clone()
+        dist.all_reduce(local)
+        return local
+
+
+def _gather_detached(x: Tensor) -> Tensor:
+    """All-gather without gradients, this rank's rows put back with theirs."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+# --- losses by case: (z_a, z_b, donor ids, prior) -> loss --------------------------------
+
+
+def _xclr(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+    return xclr_loss(z_a, z_b, donor_index=donors, prior=prior, tau=TAU, tau_graph=TAU_GRAPH)
+
+
+def _infonce(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+    return xclr_loss(z_a, z_b, tau=TAU)
+
+
+def _xclr_no_reduce(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+    return _xclr_loss(z_a, z_b, donors, prior, TAU, TAU_GRAPH, gather=_GatherNoReduce.apply)
+
+
+def _xclr_select_then_reduce(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+    gather = _GatherSelectThenReduce.apply
+    return _xclr_loss(z_a, z_b, donors, prior, TAU, TAU_GRAPH, gather=gather)
+
+
+def _xclr_detached_all_rows(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+    """Every rank computes the full global-batch loss on a gather without gradients."""
+    Z_a = F.normalize(_gather_detached(z_a), dim=1)
+    Z_b = F.normalize(_gather_detached(z_b), dim=1)
+    ids = gather_no_grad(donors)
+    targets = xclr_targets(prior[ids][:, ids], TAU_GRAPH)
+    return 0.5 * (
+        soft_cross_entropy(Z_a @ Z_b.T / TAU, targets)
+        + soft_cross_entropy(Z_b @ Z_a.T / TAU, targets)
+    )
+
+
+def _vicreg(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+    return VICRegLoss()(z_a, z_b)
+
+
+def _barlow(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+    return BarlowTwinsLoss()(z_a, z_b)
+
+
+LossFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+CASES: dict[str, tuple[LossFn, LossFn]] = {  # name: (DDP loss, 1-process reference)
+    "xclr": (_xclr, _xclr),
+    "xclr_identity_prior": (_infonce, _infonce),
+    "vicreg": (_vicreg, _vicreg),
+    "barlow": (_barlow, _barlow),
+    "wrong_no_reduce": (_xclr_no_reduce, _xclr),
+    "wrong_select_then_reduce": (_xclr_select_then_reduce, _xclr),
+    "wrong_detached_all_rows": (_xclr_detached_all_rows, _xclr),
+}
+
+
+def _loss_and_grads(model: nn.Module, loss_fn: LossFn, rows: slice) -> Tensor:
+    """Forward both views of ``rows`` in one call, backward the loss, return the loss."""
+    x_a, x_b, donors, prior = _batch()
+    z_a, z_b = model(torch.cat([x_a[rows], x_b[rows]])).chunk(2)
+    loss = loss_fn(z_a, z_b, donors[rows], prior)
+    loss.backward()
+    return loss.detach()
+
+
+def _worker(rank: int, init_file: str, out_file: str) -> None:
+    """Run every case in one process group; rank 0 saves losses and averaged gradients."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        results = {}
+        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        for case, (loss_fn, _) in CASES.items():
+            model = _model()
+            loss = _loss_and_grads(DistributedDataParallel(model), loss_fn, rows)
+            losses = [torch.empty_like(loss) for _ in range(WORLD_SIZE)]
+            dist.all_gather(losses, loss)
+            grads = {name: p.grad for name, p in model.named_parameters()}
+            results[case] = {"losses": torch.stack(losses), "grads": grads}
+        if rank == 0:
+            torch.save(results, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Results of all cases from one spawn of two gloo processes (spawning costs seconds)."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    out_file = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(out_file)), nprocs=WORLD_SIZE)
+    return torch.load(out_file)
+
+
+def _compare(case: str, ddp_results: dict[str, dict]) -> tuple[Tensor, Tensor, float]:
+    """(mean DDP loss, 1-process loss, largest gradient difference) of a case."""
+    model = _model()
+    loss = _loss_and_grads(model, CASES[case][1], slice(None))
+    ddp = ddp_results[case]
+    grad_diff = max(
+        (ddp["grads"][name] - p.grad).abs().max().item() for name, p in model.named_parameters()
+    )
+    return ddp["losses"].mean(), loss, grad_diff
+
+
+@pytest.mark.parametrize("case", ["xclr", "xclr_identity_prior", "vicreg", "barlow"])
+def test_ddp_matches_one_process(case: str, ddp_results: dict[str, dict]) -> None:
+    ddp_loss, loss, grad_diff = _compare(case, ddp_results)
+    assert torch.allclose(ddp_loss, loss, rtol=0, atol=ATOL)
+    assert grad_diff < ATOL
+
+
+@pytest.mark.parametrize(
+    "case", ["wrong_no_reduce", "wrong_select_then_reduce", "wrong_detached_all_rows"]
+)
+def test_wrong_gather_has_right_loss_but_wrong_gradients(
+    case: str, ddp_results: dict[str, dict]
+) -> None:
+    ddp_loss, loss, grad_diff = _compare(case, ddp_results)
+    assert torch.allclose(ddp_loss, loss, rtol=0, atol=ATOL)
+    assert grad_diff > 1e-3, f"{case}: gradients off by only {grad_diff:.3g}"

@@ -1,0 +1,439 @@
+"""Loss terms against independent numpy references, on one process (no process group)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.losses import (
+    BarlowTwinsLoss,
+    TaskLoss,
+    VICRegLoss,
+    XCLRLoss,
+    barlow_cross_correlation,
+    barlow_invariance,
+    barlow_redundancy,
+    classification_loss,
+    gather_no_grad,
+    gather_with_grad,
+    ordinal_loss,
+    ordinal_predict,
+    rank_and_world_size,
+    regression_loss,
+    soft_cross_entropy,
+    vicreg_covariance,
+    vicreg_invariance,
+    vicreg_variance,
+    xclr_loss,
+    xclr_targets,
+)
+
+PROPERTY = settings(max_examples=30, deadline=None)
+seeds = st.integers(0, 2**32 - 1)
+batch_sizes = st.integers(1, 8)
+dims = st.integers(1, 6)
+taus = st.floats(0.05, 2.0)
+
+
+# --- numpy references, written with loops --------------------------------------------------
+
+
+def _np_unit_rows(z: np.ndarray) -> np.ndarray:
+    return np.array([row / math.sqrt(sum(v * v for v in row)) for row in z])
+
+
+def _np_xclr(a: np.ndarray, b: np.ndarray, tau: float, targets: np.ndarray) -> float:
+    """Mean over rows of 1/2 [CE(a_i . b_j / tau, t_i) + CE(b_i . a_j / tau, t_i)]."""
+    a, b = _np_unit_rows(a), _np_unit_rows(b)
+    n = len(a)
+    total = 0.0
+    for i in range(n):
+        for q, k in ((a, b), (b, a)):
+            logits = [float(np.dot(q[i], k[j])) / tau for j in range(n)]
+            top = max(logits)
+            log_norm = top + math.log(sum(math.exp(v - top) for v in logits))
+            total += 0.5 * -sum(targets[i][j] * (logits[j] - log_norm) for j in range(n))
+    return total / n
+
+
+def _np_infonce(a: np.ndarray, b: np.ndarray, tau: float) -> float:
+    n = len(a)
+    one_hot = [[1.0 if i == j else 0.0 for j in range(n)] for i in range(n)]
+    return _np_xclr(a, b, tau, np.array(one_hot))
+
+
+def _np_prior_targets(donors: list[int], prior: np.ndarray, tau_graph: float) -> np.ndarray:
+    rows = []
+    for d in donors:
+        weights = [math.exp(prior[d][e] / tau_graph) for e in donors]
+        rows.append([w / sum(weights) for w in weights])
+    return np.array(rows)
+
+
+def _views(seed: int, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, d))
+    return a, a + 0.5 * rng.normal(size=(n, d))
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=np.float64))
+
+
+# --- X-CLR -------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(seed=seeds, n=batch_sizes, d=dims, tau=taus)
+def test_identity_prior_equals_numpy_infonce(seed: int, n: int, d: int, tau: float) -> None:
+    a, b = _views(seed, n, d)
+    loss = xclr_loss(_t(a), _t(b), tau=tau)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(_np_infonce(a, b, tau), rel=1e-10, abs=1e-12)
+
+
+@PROPERTY
+@given(seed=seeds, n=batch_sizes, n_donors=st.integers(1, 6), d=dims, tau=taus, tau_graph=taus)
+def test_prior_equals_numpy_reference(
+    seed: int, n: int, n_donors: int, d: int, tau: float, tau_graph: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = _views(seed, n, d)
+    half = rng.uniform(-1, 1, size=(n_donors, n_donors))
+    prior = (half + half.T) / 2
+    donors = rng.integers(0, n_donors, size=n).tolist()  # repeats allowed
+    donor_index = torch.tensor(donors)
+    loss = xclr_loss(
+        _t(a), _t(b), donor_index=donor_index, prior=_t(prior), tau=tau, tau_graph=tau_graph
+    )
+    expected = _np_xclr(a, b, tau, _np_prior_targets(donors, prior, tau_graph))
+    assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+@PROPERTY
+@given(seed=seeds, n=batch_sizes, m=batch_sizes, tau_graph=taus)
+def test_targets_are_distributions(seed: int, n: int, m: int, tau_graph: float) -> None:
+    rows = _t(np.random.default_rng(seed).normal(size=(n, m)))
+    targets = xclr_targets(rows, tau_graph)
+    assert (targets >= 0).all()
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(n, dtype=torch.float64))
+
+
+@PROPERTY
+@given(n=batch_sizes)
+def test_targets_of_scaled_identity_are_one_hot(n: int) -> None:
+    eye = torch.eye(n, dtype=torch.float64)
+    assert torch.equal(xclr_targets(1e3 * eye, tau_graph=0.1), eye)
+
+
+def test_scaled_identity_prior_approaches_infonce() -> None:
+    a, b = _views(0, 6, 4)
+    donors = torch.tensor([3, 0, 5, 1, 4, 2])
+    infonce = xclr_loss(_t(a), _t(b))
+    gaps = [
+        abs(xclr_loss(_t(a), _t(b), donor_index=donors, prior=scale * torch.eye(7)) - infonce)
+        for scale in (0.5, 1.0, 2.0, 5.0)
+    ]
+    assert all(later < earlier for earlier, later in itertools.pairwise(gaps))
+    assert gaps[-1] < 1e-12
+
+
+def test_soft_cross_entropy_of_one_hot_is_cross_entropy() -> None:
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    one_hot = torch.nn.functional.one_hot(labels, 4).double()
+    torch.testing.assert_close(
+        soft_cross_entropy(logits, one_hot), torch.nn.functional.cross_entropy(logits, labels)
+    )
+
+
+def test_donor_index_without_prior_is_not_used() -> None:
+    a, b = _views(1, 4, 3)
+    torch.testing.assert_close(
+        xclr_loss(_t(a), _t(b), donor_index=torch.tensor([2, 2, 0, 1])), xclr_loss(_t(a), _t(b))
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_loss_dtype(dtype: torch.dtype, expected: torch.dtype) -> None:
+    a, b = _views(2, 5, 3)
+    z_a, z_b = _t(a).to(dtype), _t(b).to(dtype)
+    assert xclr_loss(z_a, z_b).dtype == expected
+    assert VICRegLoss()(z_a, z_b).dtype == expected
+    assert BarlowTwinsLoss()(z_a, z_b).dtype == expected
+
+
+def test_xclr_module_keeps_prior_as_buffer_and_matches_function() -> None:
+    a, b = _views(3, 4, 3)
+    prior = torch.rand(5, 5, dtype=torch.float64)
+    prior = prior + prior.T
+    donors = torch.tensor([4, 0, 2, 0])
+    module = XCLRLoss(tau=0.3, tau_graph=0.2, prior=prior)
+    assert torch.equal(module.state_dict()["prior"], prior)
+    expected = xclr_loss(_t(a), _t(b), donor_index=donors, prior=prior, tau=0.3, tau_graph=0.2)
+    torch.testing.assert_close(module(_t(a), _t(b), donors), expected)
+    torch.testing.assert_close(XCLRLoss(tau=0.3)(_t(a), _t(b)), xclr_loss(_t(a), _t(b), tau=0.3))
+
+
+_Z = torch.randn(4, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"z_b": torch.randn(3, 3)}, "same shape"),
+        ({"z_a": torch.randn(0, 3), "z_b": torch.randn(0, 3)}, "non-empty"),
+        ({"z_a": torch.ones(4, 3, dtype=torch.int64)}, "floating point"),
+        ({"tau": 0.0}, "tau must be"),
+        ({"tau_graph": float("nan")}, "tau_graph must be"),
+        ({"prior": torch.eye(5)}, "needs donor_index"),
+        ({"prior": torch.eye(5), "donor_index": torch.tensor([0, 1, 5, 2])}, r"\[0, 5\)"),
+        ({"prior": torch.eye(5), "donor_index": torch.tensor([0, -1, 2, 3])}, r"\[0, 5\)"),
+        ({"prior": torch.ones(5, 4), "donor_index": torch.arange(4)}, "square"),
+        ({"donor_index": torch.arange(4.0)}, "integer tensor"),
+        ({"donor_index": torch.arange(3)}, r"shape \(4,\)"),
+    ],
+)
+def test_xclr_rejects_bad_input(kwargs: dict, message: str) -> None:
+    args = {"z_a": _Z, "z_b": _Z} | kwargs
+    with pytest.raises(InputError, match=message):
+        xclr_loss(args.pop("z_a"), args.pop("z_b"), **args)
+
+
+def test_xclr_module_rejects_bad_settings() -> None:
+    with pytest.raises(InputError, match="tau must be"):
+        XCLRLoss(tau=-1.0)
+    with pytest.raises(InputError, match="square"):
+        XCLRLoss(prior=torch.ones(3))
+
+
+def test_gathers_are_identity_without_process_group() -> None:
+    assert rank_and_world_size() == (0, 1)
+    x = torch.randn(3, 2, requires_grad=True)
+    assert gather_with_grad(x) is x
+    ids = torch.arange(3)
+    assert gather_no_grad(ids) is ids
+
+
+# --- VICReg and Barlow Twins -----------------------------------------------------------------
+
+
+def _np_vicreg_terms(a: np.ndarray, b: np.ndarray, eps: float) -> tuple[float, float, float]:
+    n, d = a.shape
+    invariance = sum((a[i][k] - b[i][k]) ** 2 for i in range(n) for k in range(d)) / (n * d)
+
+    def variance(z: np.ndarray) -> float:
+        return sum(max(0.0, 1 - math.sqrt(np.var(z[:, k], ddof=1) + eps)) for k in range(d)) / d
+
+    def covariance(z: np.ndarray) -> float:
+        cov = np.cov(z, rowvar=False).reshape(d, d)
+        return sum(cov[k][m] ** 2 for k in range(d) for m in range(d) if k != m) / d
+
+    return invariance, (variance(a) + variance(b)) / 2, covariance(a) + covariance(b)
+
+
+@PROPERTY
+@given(seed=seeds, n=st.integers(2, 8), d=dims)
+def test_vicreg_equals_numpy_reference(seed: int, n: int, d: int) -> None:
+    a, b = _views(seed, n, d)
+    a, b = 0.4 * a, 0.4 * b  # small spread: some variance hinges are active
+    invariance, variance, covariance = _np_vicreg_terms(a, b, eps=1e-4)
+    assert vicreg_invariance(_t(a), _t(b)).item() == pytest.approx(invariance, rel=1e-10)
+    var = (vicreg_variance(_t(a)) + vicreg_variance(_t(b))).item() / 2
+    assert var == pytest.approx(variance, rel=1e-10, abs=1e-14)
+    cov = (vicreg_covariance(_t(a)) + vicreg_covariance(_t(b))).item()
+    assert cov == pytest.approx(covariance, rel=1e-10, abs=1e-14)
+    expected = 25 * invariance + 25 * variance + covariance
+    assert VICRegLoss()(_t(a), _t(b)).item() == pytest.approx(expected, rel=1e-10)
+    weighted = VICRegLoss(lambda_=1.0, mu=2.0, nu=3.0)(_t(a), _t(b)).item()
+    assert weighted == pytest.approx(invariance + 2 * variance + 3 * covariance, rel=1e-10)
+
+
+def _np_barlow_correlation(a: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    n, d = a.shape
+    sa = [(a[:, k] - a[:, k].mean()) / math.sqrt(np.var(a[:, k]) + eps) for k in range(d)]
+    sb = [(b[:, k] - b[:, k].mean()) / math.sqrt(np.var(b[:, k]) + eps) for k in range(d)]
+    return np.array(
+        [[sum(sa[k][i] * sb[m][i] for i in range(n)) / n for m in range(d)] for k in range(d)]
+    )
+
+
+@PROPERTY
+@given(seed=seeds, n=st.integers(2, 8), d=dims)
+def test_barlow_equals_numpy_reference(seed: int, n: int, d: int) -> None:
+    a, b = _views(seed, n, d)
+    c = _np_barlow_correlation(a, b, eps=1e-5)
+    invariance = sum((1 - c[k][k]) ** 2 for k in range(d))
+    redundancy = sum(c[k][m] ** 2 for k in range(d) for m in range(d) if k != m)
+    c_torch = barlow_cross_correlation(_t(a), _t(b))
+    torch.testing.assert_close(c_torch, _t(c), rtol=1e-10, atol=1e-12)
+    assert barlow_invariance(c_torch).item() == pytest.approx(invariance, rel=1e-9, abs=1e-12)
+    assert barlow_redundancy(c_torch).item() == pytest.approx(redundancy, rel=1e-9, abs=1e-12)
+    expected = invariance + 5e-3 * redundancy
+    assert BarlowTwinsLoss()(_t(a), _t(b)).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("loss", [VICRegLoss(), BarlowTwinsLoss()], ids=["vicreg", "barlow"])
+def test_pairwise_losses_reject_bad_input(loss: torch.nn.Module) -> None:
+    with pytest.raises(InputError, match="at least 2 rows"):
+        loss(torch.randn(1, 3), torch.randn(1, 3))
+    with pytest.raises(InputError, match="same shape"):
+        loss(torch.randn(4, 3), torch.randn(4, 2))
+
+
+def test_pairwise_losses_reject_bad_weights() -> None:
+    with pytest.raises(InputError, match="mu"):
+        VICRegLoss(mu=-1.0)
+    with pytest.raises(InputError, match="lambda_"):
+        BarlowTwinsLoss(lambda_=float("inf"))
+
+
+# --- task losses ------------------------------------------------------------------------------
+
+
+def test_classification_loss_by_hand() -> None:
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]], requires_grad=True)
+    labels = torch.tensor([0, -1, 2])
+    expected = (math.log(1 + 2 * math.exp(-2)) + math.log(3)) / 2
+    loss = classification_loss(logits, labels)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert torch.equal(logits.grad[1], torch.zeros(3))  # the unlabelled row gets no gradient
+
+
+def test_ordinal_loss_by_hand() -> None:
+    logits = torch.tensor([[0.0, 0.0], [1.0, -1.0], [3.0, 3.0]], dtype=torch.float64)
+    labels = torch.tensor([1, 2, -1])
+    row_0 = 2 * math.log(2)  # targets (1, 0) at logits (0, 0)
+    row_1 = math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))  # targets (1, 1)
+    assert ordinal_loss(logits, labels).item() == pytest.approx((row_0 + row_1) / 2, rel=1e-12)
+
+
+def test_ordinal_predict_counts_positive_logits() -> None:
+    logits = torch.tensor([[1.0, 1.0, -1.0], [-1.0, -2.0, -3.0], [3.0, 2.0, 1.0]])
+    assert ordinal_predict(logits).tolist() == [2, 0, 3]
+
+
+def test_regression_loss_standardises_and_skips_nan() -> None:
+    predictions = torch.tensor([[0.5], [1.0], [0.0]], dtype=torch.float64)
+    targets = torch.tensor([4.0, math.nan, 2.0], dtype=torch.float64)
+    # standardised targets (1, -, 0): squared errors 0.25 and 0
+    assert regression_loss(predictions, targets, mean=2.0, std=2.0).item() == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "predictions", "labels", "missing"),
+    [
+        (classification_loss, torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0]), -1),
+        (ordinal_loss, torch.randn(5, 3), torch.tensor([0, 3, 1, 2, 2]), -1),
+        (regression_loss, torch.randn(5), torch.randn(5), math.nan),
+    ],
+    ids=["classification", "ordinal", "regression"],
+)
+def test_missing_labels_are_skipped(
+    loss_fn: Callable[[Tensor, Tensor], Tensor], predictions: Tensor, labels: Tensor, missing: float
+) -> None:
+    keep = torch.tensor([True, False, True, False, True])
+    masked = labels.clone()
+    masked[~keep] = missing
+    torch.testing.assert_close(
+        loss_fn(predictions, masked), loss_fn(predictions[keep], labels[keep])
+    )
+
+    predictions = predictions.clone().requires_grad_(True)
+    nothing = torch.full_like(labels, missing)
+    loss = loss_fn(predictions, nothing)
+    assert loss.item() == 0.0
+    assert loss.grad_fn is not None
+    loss.backward()
+    assert torch.equal(predictions.grad, torch.zeros_like(predictions))
+
+
+def test_task_loss_weighted_sum() -> None:
+    predictions = {
+        "disease": torch.randn(4, 3, dtype=torch.float64),
+        "severity": torch.randn(4, 2, dtype=torch.float64),
+        "age": torch.randn(4, 1, dtype=torch.float64),
+        "unused_head": torch.randn(4, 7),
+    }
+    labels = {
+        "disease": torch.tensor([0, 2, -1, 1]),
+        "severity": torch.tensor([-1, -1, -1, -1]),
+        "age": torch.tensor([30.0, 50.0, math.nan, 70.0], dtype=torch.float64),
+    }
+    tasks = {
+        "disease": ("classification", 1.0),
+        "severity": ("ordinal", 0.5),
+        "age": ("regression", 2.0),
+    }
+    total, per_task = TaskLoss(tasks, target_stats={"age": (50.0, 20.0)})(predictions, labels)
+    expected = {
+        "disease": classification_loss(predictions["disease"], labels["disease"]),
+        "severity": ordinal_loss(predictions["severity"], labels["severity"]),
+        "age": regression_loss(predictions["age"], labels["age"], mean=50.0, std=20.0),
+    }
+    assert per_task.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(per_task[name], expected[name])
+    torch.testing.assert_close(total, expected["disease"] + 2 * expected["age"])
+
+
+@pytest.mark.parametrize(
+    ("tasks", "stats", "message"),
+    [
+        ({}, None, "at least one task"),
+        ({"a": ("survival", 1.0)}, None, "unknown kind"),
+        ({"a": ("classification", -1.0)}, None, "weight"),
+        ({"a": ("classification", 1.0)}, {"a": (0.0, 1.0)}, "not regression"),
+    ],
+)
+def test_task_loss_rejects_bad_specs(tasks: dict, stats: dict | None, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        TaskLoss(tasks, target_stats=stats)
+
+
+def test_task_loss_rejects_missing_task() -> None:
+    loss = TaskLoss({"a": ("classification", 1.0), "b": ("regression", 1.0)})
+    with pytest.raises(InputError, match=r"\['b'\]"):
+        loss({"a": torch.randn(2, 3), "b": torch.randn(2)}, {"a": torch.tensor([0, 1])})
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "predictions", "labels", "message"),
+    [
+        (classification_loss, torch.randn(3, 4), torch.tensor([0, 4, 1]), r"0\.\.3"),
+        (classification_loss, torch.randn(3, 4), torch.tensor([0, -2, 1]), r"0\.\.3"),
+        (ordinal_loss, torch.randn(3, 2), torch.tensor([0, 3, 1]), r"0\.\.2"),
+        (classification_loss, torch.randn(3, 4), torch.tensor([0.0, 1.0, 2.0]), "integer"),
+        (ordinal_loss, torch.randn(3, 2), torch.tensor([0, 1]), r"\[b\]"),
+        (regression_loss, torch.randn(3, 2), torch.randn(3), r"\[b, 1\]"),
+        (regression_loss, torch.randn(3), torch.tensor([1, 2, 3]), "floating point"),
+    ],
+)
+def test_task_losses_reject_bad_labels(
+    loss_fn: Callable[[Tensor, Tensor], Tensor], predictions: Tensor, labels: Tensor, message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        loss_fn(predictions, labels)
+
+
+def test_regression_rejects_bad_std() -> None:
+    with pytest.raises(InputError, match="std"):
+        regression_loss(torch.randn(3), torch.randn(3), std=0.0)
