@@ -84,6 +84,35 @@ def _run_ingest(args: argparse.Namespace) -> None:
                       "counts": report.counts}, indent=2))
 
 
+# --- train ------------------------------------------------------------------------------
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train SampleCLR with Ray Train",
+                       description="Train SampleCLR data-parallel on a bag store: Ray Train "
+                       "workers stream their shard of two-view donor bags; one X-CLR loss over "
+                       "the global batch; checkpoints and restarts from failures.")
+    p.add_argument("--store", required=True, help="bag store (from ingest)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, model.pt)")
+    p.add_argument("--config", help="YAML file with TrainConfig keys")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None,
+                   help="one GPU per worker, NCCL")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out from its latest checkpoint")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from sampleclr_scale.config import TrainConfig
+    from sampleclr_scale.train.driver import train
+
+    config = _load(TrainConfig, args, ("workers", "use_gpu"))
+    result = train(args.store, args.out, config, resume=args.resume)
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"run": str(result.run_dir), "model": str(result.model_path),
+                      "epochs": len(result.history), "last_epoch": last}, indent=2))
+
+
 # --- simulate ---------------------------------------------------------------------------
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -172,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_ingest, _add_bench, _add_demo):
+    for add in (_add_simulate, _add_ingest, _add_train, _add_bench, _add_demo):
         add(sub)
     return parser
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -165,3 +165,116 @@ class LoaderConfig(StageConfig):
     def view_range(self) -> tuple[int, int]:
         """Smallest and largest number of cells in a view."""
         return (self.min_cells_per_view or self.cells_per_view, self.cells_per_view)
+
+
+class TaskConfig(StageConfig):
+    """A supervised task on a donor-table column."""
+
+    column: str
+    """Donor-table column holding the labels (also the task's name)."""
+    kind: Literal["classification", "ordinal", "regression"]
+    """Classification (cross-entropy), ordinal regression (C-1 cumulative logits) or
+    regression (MSE on standardised targets)."""
+    weight: float = Field(default=1.0, ge=0.0)
+    """Weight of this task's loss in the supervised loss."""
+
+
+class LossConfig(StageConfig):
+    """The self-supervised objective."""
+
+    kind: Literal["xclr", "vicreg", "barlow"] = "xclr"
+    """X-CLR over the global batch (InfoNCE without a prior), or VICReg / Barlow Twins on
+    the two views, for comparison."""
+    tau: float = Field(default=0.1, gt=0)
+    """Temperature of the representation similarities."""
+    tau_graph: float = Field(default=0.1, gt=0)
+    """Temperature of the prior similarities (X-CLR with a prior)."""
+    prior: Literal["pseudobulk", "gloscope"] | None = None
+    """Donor similarity prior stored in the bag store (``sampleclr-scale prior``); None is
+    the identity prior."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.prior is not None and self.kind != "xclr":
+            raise ValueError(f"a prior needs loss kind xclr, not {self.kind}")
+        return self
+
+
+class OptimConfig(StageConfig):
+    """AdamW with a learning rate scaled to the global batch, warm-up, cosine decay."""
+
+    lr: float = Field(default=1e-3, gt=0)
+    """Learning rate at ``reference_batch`` donors per global step."""
+    reference_batch: int = Field(default=32, ge=1)
+    """Global batch size at which ``lr`` applies."""
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    """How the rate grows with the global batch: square root (good up to ~2048), linear,
+    or not at all."""
+    weight_decay: float = Field(default=1e-2, ge=0)
+    """AdamW weight decay."""
+    warmup_epochs: int = Field(default=2, ge=0)
+    """Linear warm-up at the start of each stage; cosine decay to zero afterwards."""
+
+
+class TrainConfig(StageConfig):
+    """A SampleCLR training run: model, objective, data, schedule, fault tolerance."""
+
+    preset: Literal["auto", "small", "large"] = "auto"
+    """Model size: the paper's small model below 200 donors and large above (auto)."""
+    model: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the preset's ModelConfig fields (e.g. ``n_heads: 4``)."""
+    tasks: list[TaskConfig] = Field(default_factory=list)
+    """Supervised tasks for stage 2; none trains the contrastive stage only."""
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    """Bags per worker batch, cells per view, seed."""
+    loss: LossConfig = Field(default_factory=LossConfig)
+    """The self-supervised objective."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimiser and schedule."""
+    epochs: int = Field(default=30, ge=1)
+    """Epochs of stage 1 (contrastive)."""
+    supervised_epochs: int = Field(default=10, ge=0)
+    """Epochs of stage 2 (contrastive + supervised); skipped without tasks."""
+    freeze_epochs: int = Field(default=3, ge=0)
+    """First epochs of stage 2 that train only the supervised heads."""
+    patience: int | None = Field(default=10, ge=1)
+    """Stop a stage after this many epochs without a better validation loss."""
+    workers: int = Field(default=2, ge=1)
+    """Ray Train workers (one process, and one GPU with use_gpu, each)."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL) instead of CPUs (gloo)."""
+    checkpoint_every: int = Field(default=0, ge=0)
+    """Also checkpoint every this many steps inside an epoch (0: at epoch ends only)."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """Checkpoints kept on storage."""
+    max_failures: int = Field(default=1, ge=-1)
+    """Worker failures recovered from the latest checkpoint (-1: no limit)."""
+    log_every: int = Field(default=10, ge=1)
+    """Steps between progress lines."""
+    seed: int = 0
+    """Seed of the model initialisation (the loader has its own)."""
+    fail_at_step: int | None = Field(default=None, ge=0)
+    """Fault injection for testing recovery: the last worker raises once at this global
+    step (recorded in the run directory so the restarted run goes on)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        columns = [t.column for t in self.tasks]
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"task columns must be unique: {columns}")
+        for key in ("input_dim", "tasks"):
+            if key in self.model:
+                raise ValueError(f"model.{key} is set from the store and the tasks")
+        return self
+
+    @property
+    def global_batch(self) -> int:
+        """Donors per optimisation step over all workers."""
+        return self.workers * self.loader.batch_size
+
+    @property
+    def learning_rate(self) -> float:
+        """``optim.lr`` scaled from the reference batch to the global batch."""
+        ratio = self.global_batch / self.optim.reference_batch
+        factor = {"sqrt": ratio**0.5, "linear": ratio, "none": 1.0}[self.optim.lr_scaling]
+        return self.optim.lr * factor

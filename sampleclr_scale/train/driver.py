@@ -1,0 +1,102 @@
+"""The Ray Train driver of ``sampleclr-scale train``.
+
+Validates the run against its store, starts a ``TorchTrainer`` with one worker per
+process (gloo on CPUs, NCCL on GPUs), restarts failed workers from the latest checkpoint
+(``FailureConfig``), and exports the best weights as ``RUN/model.pt`` with the metrics of
+every epoch (``RUN/metrics.jsonl``). Running the same command with ``--resume`` continues
+an interrupted run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sampleclr_scale.config import TrainConfig
+from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.train import setup
+from sampleclr_scale.train.artifact import save_model
+from sampleclr_scale.train.checkpoint import TrainState
+from sampleclr_scale.train.worker import train_worker
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+RAY_DIR = "ray"
+# settings that may change when a run is resumed: they do not change what is computed
+_RESUMABLE = {"max_failures", "log_every", "fail_at_step", "keep_checkpoints"}
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run put its outputs, and its metrics."""
+
+    run_dir: Path
+    model_path: Path
+    history: list[dict[str, Any]]
+
+
+def _check_run_dir(run: Path, config: TrainConfig, resume: bool) -> None:
+    """Refuse to mix runs: an existing run continues only with ``resume`` and its config."""
+    saved = run / CONFIG_FILE
+    if not saved.exists():
+        if run.exists() and any(run.iterdir()):
+            raise InputError(f"{run} exists and is not a training run",
+                             "choose an empty or new --out")
+        return
+    if not resume:
+        raise InputError(f"run {run} already exists",
+                         "pass --resume to continue it, or choose another --out")
+    before = {k: v for k, v in json.loads(saved.read_text()).items() if k not in _RESUMABLE}
+    now = {k: v for k, v in config.model_dump(mode="json").items() if k not in _RESUMABLE}
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        raise InputError(f"run {run} was started with other settings: {changed}",
+                         "resume with the original config, or train into a new --out")
+
+
+def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = False
+          ) -> TrainResult:
+    """Train SampleCLR on a bag store with Ray Train; see the module docstring."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    store = BagStore(store_path)
+    tasks = setup.check_run(store, config)
+    run = Path(run_dir).resolve()
+    _check_run_dir(run, config, resume)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.model_dump(mode="json"),
+                           "store": str(store.path.resolve()), "run_dir": str(run)},
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        run_config=RunConfig(
+            name=RAY_DIR, storage_path=str(run),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
+    )
+    log.info("training on %s with %d workers (global batch %d donors, lr %.2e)",
+             store.path, config.workers, config.global_batch, config.learning_rate)
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        state = TrainState.load(directory)
+    weights = state.best_model if state.best_model is not None else state.model
+    model_path = save_model(run, model_config=setup.model_config(store, config, tasks),
+                            state_dict=weights, tasks=tasks,
+                            train_config=config.model_dump(mode="json"),
+                            store=str(store.path.resolve()), history=state.history)
+    (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
+    log.info("model written to %s", model_path)
+    return TrainResult(run, model_path, state.history)

@@ -1,0 +1,125 @@
+"""What a run is built from: the store's tasks, the model config, the objective.
+
+Shared by the driver (which validates a run before starting workers and exports the
+model) and the workers (which build the same objects), so both see one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from sampleclr_scale.config import LoaderConfig, TrainConfig
+from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.losses import BarlowTwinsLoss, TaskLoss, VICRegLoss, XCLRLoss
+from sampleclr_scale.model import ModelConfig, TaskSpec, recommended_preset
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A supervised task with what the store says about its labels."""
+
+    column: str
+    kind: str
+    weight: float
+    classes: tuple = ()
+    """Class values in code order (classification, ordinal)."""
+    mean: float = 0.0
+    """Mean of the training donors' targets (regression)."""
+    std: float = 1.0
+    """Standard deviation of the training donors' targets (regression)."""
+
+
+def task_infos(store: BagStore, config: TrainConfig) -> list[TaskInfo]:
+    """The run's tasks with their classes or target statistics from the training donors."""
+    train = store.split_donors("train")
+    infos = []
+    for task in config.tasks:
+        codes, classes = store.labels(task.column, task.kind)
+        if task.kind == "regression":
+            values = codes[train][~np.isnan(codes[train])]
+            if len(values) < 2:
+                raise InputError(f"regression task {task.column!r} has fewer than 2 "
+                                 "training donors with a value", "choose another column")
+            std = float(values.std()) or 1.0
+            infos.append(TaskInfo(task.column, task.kind, task.weight, (), float(values.mean()),
+                                  std))
+        else:
+            if len(classes) < 2:
+                raise InputError(f"{task.kind} task {task.column!r} has {len(classes)} "
+                                 "distinct value(s)", "choose a column with at least 2 values")
+            infos.append(TaskInfo(task.column, task.kind, task.weight, tuple(classes)))
+    return infos
+
+
+def model_config(store: BagStore, config: TrainConfig, tasks: list[TaskInfo]) -> ModelConfig:
+    """The SampleCLR architecture for this store and run."""
+    preset = config.preset
+    if preset == "auto":
+        preset = recommended_preset(store.n_donors)
+    specs = tuple(
+        TaskSpec(name=t.column, kind=t.kind, weight=t.weight,
+                 n_classes=len(t.classes) if t.kind != "regression" else None)
+        for t in tasks
+    )
+    return ModelConfig.preset(preset, input_dim=store.dim, tasks=specs, **config.model)
+
+
+def task_loss(tasks: list[TaskInfo]) -> TaskLoss | None:
+    """The weighted supervised loss, or None without tasks."""
+    if not tasks:
+        return None
+    return TaskLoss({t.column: (t.kind, t.weight) for t in tasks},
+                    {t.column: (t.mean, t.std) for t in tasks if t.kind == "regression"})
+
+
+def contrastive_loss(config: TrainConfig, prior: torch.Tensor | None) -> nn.Module:
+    """The self-supervised objective of the run."""
+    if config.loss.kind == "vicreg":
+        return VICRegLoss()
+    if config.loss.kind == "barlow":
+        return BarlowTwinsLoss()
+    return XCLRLoss(tau=config.loss.tau, tau_graph=config.loss.tau_graph, prior=prior)
+
+
+def load_prior_tensor(store: BagStore, config: TrainConfig) -> torch.Tensor | None:
+    """The dense donor-similarity prior the loss asks for, or None."""
+    if config.loss.prior is None:
+        return None
+    from sampleclr_scale.train.prior import load_prior
+
+    return load_prior(str(store.path), config.loss.prior).to_torch_dense()
+
+
+def validation_loader_config(store: BagStore, config: TrainConfig) -> LoaderConfig | None:
+    """Loader settings for the validation donors (smaller batches if they are few)."""
+    n_val = len(store.split_donors("validation"))
+    if n_val == 0:
+        return None
+    batch = max(1, min(config.loader.batch_size, n_val // config.workers))
+    return config.loader.model_copy(update={"batch_size": batch, "drop_last": False,
+                                            "num_workers": 0})
+
+
+def check_run(store: BagStore, config: TrainConfig) -> list[TaskInfo]:
+    """Validate a run against its store before any worker starts; return its tasks."""
+    tasks = task_infos(store, config)
+    n_train = len(store.split_donors("train"))
+    if n_train < config.global_batch:
+        raise InputError(
+            f"{config.workers} workers x {config.loader.batch_size} donors per batch need "
+            f"{config.global_batch} training donors per step; the store has {n_train}",
+            "use fewer --workers or a smaller loader.batch_size",
+        )
+    largest = int(store.cells_per_donor.max())
+    if config.loader.view_range[0] > largest:
+        raise InputError(
+            f"views of {config.loader.view_range[0]} cells are larger than any donor "
+            f"(largest has {largest} cells)", f"set loader.cells_per_view to at most {largest}")
+    load_prior_tensor(store, config)  # a missing prior fails here, not in every worker
+    model_config(store, config, tasks)
+    return tasks

@@ -1,0 +1,318 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Each worker streams its own shard of two-view donor bags from the bag store, encodes
+them with its DDP replica of SampleCLR and computes the contrastive loss of its rows
+against the global batch of all workers (the loss gathers with gradients, DDP averages
+the gradients). Stage 1 trains the aggregator and encoder on the contrastive loss; stage
+2 adds the supervised heads, training only them for the first ``freeze_epochs``. Every
+epoch ends with a validation pass on held-out donors, early-stopping bookkeeping and a
+checkpoint; a restarted worker continues from the latest checkpoint at the exact step.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from sampleclr_scale.config import TrainConfig
+from sampleclr_scale.data.loader import DonorBagDataset, DonorBatch, make_loader
+from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.losses import ordinal_predict
+from sampleclr_scale.model import SampleCLR, flatten_views, split_views
+from sampleclr_scale.train import setup
+from sampleclr_scale.train.checkpoint import Position, TrainState, cpu_copy
+from sampleclr_scale.train.schedule import warmup_cosine
+
+FAULT_MARKER = "fault_injected"
+DONE_STAGE = 3
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of a Ray Train worker: ``{"config", "store", "run_dir"}``."""
+    import ray.train
+
+    context = ray.train.get_context()
+    _Worker(TrainConfig.model_validate(loop_config["config"]), loop_config["store"],
+            Path(loop_config["run_dir"]), context.get_world_rank(),
+            context.get_world_size()).fit()
+
+
+class _Worker:
+    """One worker's model, data, optimiser and position."""
+
+    def __init__(self, config: TrainConfig, store_path: str, run_dir: Path, rank: int,
+                 world_size: int) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.config, self.run_dir = config, run_dir
+        self.rank, self.world_size = rank, world_size
+        self.device = ray.train.torch.get_device()
+        store = BagStore(store_path)
+        self.tasks = setup.task_infos(store, config)
+        torch.manual_seed(config.seed)
+        self.model = SampleCLR(setup.model_config(store, config, self.tasks)).to(self.device)
+        prior = setup.load_prior_tensor(store, config)
+        self.contrastive = setup.contrastive_loss(config, prior).to(self.device)
+        self.task_loss = setup.task_loss(self.tasks)
+        labels = {t.column: t.kind for t in self.tasks}
+        self.train_data = DonorBagDataset(store_path, config.loader, split="train",
+                                          tasks=labels, rank=rank, world_size=world_size)
+        val_config = setup.validation_loader_config(store, config)
+        self.val_data = None if val_config is None else DonorBagDataset(
+            store_path, val_config, split="validation", tasks=labels, rank=rank,
+            world_size=world_size)
+        self.stages = [(1, config.epochs)]
+        if self.tasks and config.supervised_epochs:
+            self.stages.append((2, config.supervised_epochs))
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            self.state = TrainState(model={}, optimizer={}, scheduler={}, position=Position())
+            self._start_stage()
+        else:
+            with checkpoint.as_directory() as directory:
+                self.state = TrainState.load(directory)
+            self.model.load_state_dict(self.state.model)
+            self._start_stage(restore=True)
+
+    # --- stages ---------------------------------------------------------------------
+
+    def _stage_epochs(self) -> int:
+        return dict(self.stages)[self.state.position.stage]
+
+    def _start_stage(self, restore: bool = False) -> None:
+        """Optimiser and schedule of the current stage (restored from the state if asked)."""
+        position = self.state.position
+        if position.stage == DONE_STAGE:
+            return
+        self._set_trainable()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(),
+                                           lr=self.config.learning_rate,
+                                           weight_decay=self.config.optim.weight_decay)
+        steps = len(self.train_data)
+        warmup = self.config.optim.warmup_epochs * steps
+        total = self._stage_epochs() * steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_cosine(step, warmup, total))
+        if restore:
+            self.optimizer.load_state_dict(self.state.optimizer)
+            self.scheduler.load_state_dict(self.state.scheduler)
+
+    def _set_trainable(self) -> None:
+        """Which parameters learn now, and a DDP wrapper that knows exactly those."""
+        position = self.state.position
+        frozen_backbone = position.stage == 2 and position.stage_epoch < self.config.freeze_epochs
+        for p in self.model.backbone_parameters():
+            p.requires_grad_(not frozen_backbone)
+        for p in self.model.head_parameters():
+            p.requires_grad_(position.stage == 2)
+        self.net = self.model
+        if self.world_size > 1:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _next_stage(self) -> None:
+        """Move on to the next stage from the best weights of this one, or finish."""
+        position = self.state.position
+        if self.state.best_model is not None:
+            self.model.load_state_dict(self.state.best_model)
+        later = [s for s, _ in self.stages if s > position.stage]
+        position.stage = later[0] if later else DONE_STAGE
+        position.stage_epoch = position.step = 0
+        if later:
+            self.state.best_loss, self.state.best_model, self.state.bad_epochs = math.inf, None, 0
+        self._start_stage()
+
+    # --- the loop -------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Run the remaining stages and epochs."""
+        while self.state.position.stage != DONE_STAGE:
+            train = self._train_epoch()
+            val = self._validate()
+            self._end_epoch({**train, **val})
+
+    def _loss(self, batch: DonorBatch, with_heads: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss, contrastive loss and the first view's task outputs of a batch."""
+        cells, mask = flatten_views(batch.cells, batch.mask)
+        out_a, out_b = split_views(self.net(cells, mask, with_heads=with_heads))
+        contrastive = (self.contrastive(out_a.z, out_b.z, batch.donor)
+                       if self.config.loss.kind == "xclr"
+                       else self.contrastive(out_a.z, out_b.z))
+        if not with_heads:
+            return contrastive, contrastive, {}
+        supervised = 0.5 * (self.task_loss(out_a.task_outputs, batch.labels)[0]
+                            + self.task_loss(out_b.task_outputs, batch.labels)[0])
+        return contrastive + supervised, contrastive, out_a.task_outputs
+
+    def _train_epoch(self) -> dict[str, float]:
+        """One epoch (from the current step on) and its training metrics.
+
+        The metrics cover the steps this process ran: after a restart mid-epoch, the
+        steps since the restart.
+        """
+        position = self.state.position
+        self.model.train()
+        self.train_data.set_epoch(position.epoch)
+        self.train_data.set_start_step(position.step)
+        steps = len(self.train_data)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, steps, donors, cells, wait
+        start = tick = time.perf_counter()
+        for batch in make_loader(self.train_data, pin_memory=self.device.type == "cuda"):
+            arrived = time.perf_counter()
+            self._maybe_fail()
+            batch = batch.to(self.device)
+            loss, _, _ = self._loss(batch, with_heads=position.stage == 2)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            position.step += 1
+            position.global_step += 1
+            sums += torch.tensor([loss.item(), 1, len(batch.donor),
+                                  float(batch.mask.sum()), arrived - tick], dtype=torch.float64)
+            tick = time.perf_counter()
+            if self.rank == 0 and (position.step % self.config.log_every == 0
+                                   or position.step == steps):
+                self._progress(sums, tick - start, steps)
+            if (self.config.checkpoint_every and position.step < steps
+                    and position.global_step % self.config.checkpoint_every == 0):
+                self._report({"global_step": position.global_step}, checkpoint=True)
+        seconds = time.perf_counter() - start
+        totals = self._all_reduce(torch.cat([sums, torch.tensor([seconds], dtype=torch.float64)]))
+        n = max(totals[1].item(), 1)
+        return {"train_loss": totals[0].item() / n,
+                "donors_per_s": totals[2].item() / (totals[5].item() / self.world_size),
+                "cells_per_s": totals[3].item() / (totals[5].item() / self.world_size),
+                "wait_fraction": totals[4].item() / max(totals[5].item(), 1e-9),
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def _validate(self) -> dict[str, float]:
+        if self.val_data is None:
+            return {}
+        position = self.state.position
+        supervised = position.stage == 2
+        self.model.eval()
+        self.val_data.set_epoch(0)  # the same validation bags every epoch
+        # per task: correct, count, absolute error; plus loss sums
+        sums = torch.zeros(3 + 3 * len(self.tasks), dtype=torch.float64)
+        for batch in make_loader(self.val_data):
+            batch = batch.to(self.device)
+            loss, contrastive, outputs = self._loss(batch, with_heads=supervised)
+            sums[:3] += torch.tensor([loss.item(), contrastive.item(), 1])
+            if supervised:
+                sums[3:] += self._task_metrics(outputs, batch.labels)
+        totals = self._all_reduce(sums)
+        n = max(totals[2].item(), 1)
+        metrics = {"val_contrastive": totals[1].item() / n, "val_loss": totals[0].item() / n}
+        for i, task in enumerate(self.tasks if supervised else []):
+            correct, count, abs_err = totals[3 + 3 * i: 6 + 3 * i].tolist()
+            if task.kind != "regression":
+                metrics[f"val_{task.column}_accuracy"] = correct / max(count, 1)
+            if task.kind != "classification":
+                metrics[f"val_{task.column}_mae"] = abs_err / max(count, 1)
+        return metrics
+
+    def _task_metrics(self, outputs: dict[str, torch.Tensor],
+                      labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Correct predictions, labelled donors and absolute error, per task."""
+        values = []
+        for task in self.tasks:
+            y, out = labels[task.column], outputs[task.column]
+            if task.kind == "regression":
+                known = ~torch.isnan(y)
+                pred = out.reshape(-1) * task.std + task.mean
+                values += [0.0, known.sum().item(), (pred - y)[known].abs().sum().item()]
+                continue
+            known = y >= 0
+            pred = out.argmax(-1) if task.kind == "classification" else ordinal_predict(out)
+            values += [(pred == y)[known].sum().item(), known.sum().item(),
+                       (pred - y)[known].abs().sum().item()]
+        return torch.tensor(values, dtype=torch.float64)
+
+    def _end_epoch(self, metrics: dict[str, float]) -> None:
+        """Early stopping, history, the next position, and a checkpoint."""
+        state, position = self.state, self.state.position
+        score = metrics.get("val_loss", metrics["train_loss"])
+        if score < state.best_loss:
+            state.best_loss, state.bad_epochs = score, 0
+            state.best_model = cpu_copy(self.model.state_dict())
+        else:
+            state.bad_epochs += 1
+        metrics = {"stage": position.stage, "epoch": position.epoch,
+                   "stage_epoch": position.stage_epoch, "global_step": position.global_step,
+                   **metrics}
+        state.history.append(metrics)
+        if self.rank == 0:
+            _say("epoch " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+        position.epoch += 1
+        position.stage_epoch += 1
+        position.step = 0
+        patience = self.config.patience
+        if position.stage_epoch >= self._stage_epochs() or (
+                patience is not None and state.bad_epochs >= patience):
+            self._next_stage()
+        elif position.stage == 2 and position.stage_epoch == self.config.freeze_epochs:
+            self._set_trainable()  # unfreeze the backbone
+        self._report(metrics, checkpoint=True)
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _maybe_fail(self) -> None:
+        """Fault injection: the last worker raises once at ``fail_at_step``."""
+        marker = self.run_dir / FAULT_MARKER
+        if (self.config.fail_at_step == self.state.position.global_step
+                and self.rank == self.world_size - 1 and not marker.exists()):
+            marker.touch()
+            raise RuntimeError(f"injected failure at step {self.config.fail_at_step}")
+
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return values
+        moved = values.to(self.device)
+        torch.distributed.all_reduce(moved)
+        return moved.cpu()
+
+    def _progress(self, sums: torch.Tensor, seconds: float, steps: int) -> None:
+        position = self.state.position
+        loss, n, donors, cells, wait = sums.tolist()
+        _say(f"stage {position.stage} epoch {position.epoch} step {position.step}/{steps} "
+             f"loss {loss / n:.4f} {donors * self.world_size / seconds:,.0f} donors/s "
+             f"{cells * self.world_size / seconds:,.0f} cells/s "
+             f"waiting {100 * wait / seconds:.0f}%")
+
+    def _report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+        """Report to Ray Train (a barrier); rank 0 attaches the training state."""
+        import ray.train
+
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        self.state.model = self.model.state_dict()
+        self.state.optimizer = self.optimizer.state_dict()
+        self.state.scheduler = self.scheduler.state_dict()
+        with tempfile.TemporaryDirectory() as directory:
+            attached = None
+            if self.rank == 0:
+                self.state.save(directory)
+                attached = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=attached)
+
+
+def _say(line: str) -> None:
+    """A progress line on the console (stderr: Ray Train echoes worker stdout twice)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

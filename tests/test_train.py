@@ -1,0 +1,143 @@
+"""Training with a real local Ray cluster: 2 gloo workers, checkpoints, fault recovery."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sampleclr_scale.config import LoaderConfig, TrainConfig
+from sampleclr_scale.data.loader import DonorBagDataset, make_loader
+from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.model import flatten_views, split_views
+from sampleclr_scale.train.artifact import load_model
+from sampleclr_scale.train.driver import METRICS_FILE, train
+from sampleclr_scale.train.schedule import warmup_cosine
+from sampleclr_scale.train.worker import FAULT_MARKER
+
+RUN = {
+    "preset": "small",
+    "loader": {"batch_size": 4, "cells_per_view": 32, "seed": 1},
+    "epochs": 6,
+    "supervised_epochs": 2,
+    "freeze_epochs": 1,
+    "tasks": [{"column": "severity", "kind": "ordinal"}],
+    "optim": {"lr": 3e-3, "warmup_epochs": 1},
+    "patience": None,
+    "workers": 2,
+    "log_every": 100,
+    "seed": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference_run(store_path, ray_cluster, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "reference"
+    return train(store_path, str(run), TrainConfig.from_mapping(RUN))
+
+
+@pytest.mark.ray
+def test_two_workers_learn_donor_identity(reference_run, store_path):
+    history = reference_run.history
+    stage1 = [h for h in history if h["stage"] == 1]
+    assert len(stage1) == RUN["epochs"] and len(history) == RUN["epochs"] + 2
+    assert stage1[-1]["train_loss"] < 0.8 * stage1[0]["train_loss"]
+    assert [json.loads(line) for line in
+            (reference_run.run_dir / METRICS_FILE).read_text().splitlines()] == history
+    assert "val_severity_accuracy" in history[-1] and "val_severity_accuracy" not in stage1[0]
+
+    # two different subsamples of a donor embed closer to each other than to other donors
+    model, artifact = load_model(reference_run.run_dir)
+    assert artifact["tasks"][0].classes == tuple(sorted(BagStore(store_path).donors
+                                                       ["severity"].unique()))
+    dataset = DonorBagDataset(store_path, LoaderConfig(batch_size=16, cells_per_view=32,
+                                                       seed=99), rank=0, world_size=1)
+    batch = next(iter(make_loader(dataset)))
+    with torch.no_grad():
+        out_a, out_b = split_views(model(*flatten_views(batch.cells, batch.mask)))
+    z_a = torch.nn.functional.normalize(out_a.z, dim=1)
+    z_b = torch.nn.functional.normalize(out_b.z, dim=1)
+    similarity = z_a @ z_b.T
+    own = similarity.diagonal()
+    off = ~torch.eye(len(own), dtype=torch.bool)
+    mean_other = (similarity * off).sum(dim=1) / off.sum(dim=1)
+    nearest_other = similarity.masked_fill(~off, -2).max(dim=1).values
+    assert (own > mean_other).float().mean() >= 0.9
+    assert (own > nearest_other).float().mean() >= 0.5  # top-1 retrieval; chance is 1/16
+
+
+@pytest.mark.ray
+def test_failed_worker_resumes_to_identical_weights(reference_run, store_path, tmp_path):
+    run = tmp_path / "faulty"
+    config = TrainConfig.from_mapping({**RUN, "fail_at_step": 7, "checkpoint_every": 1})
+    result = train(store_path, str(run), config)
+    assert (run / FAULT_MARKER).exists()  # the failure really happened
+    reference, _ = load_model(reference_run.run_dir)
+    recovered, _ = load_model(result.run_dir)
+    for (name, a), (_, b) in zip(reference.state_dict().items(),
+                                 recovered.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    for ours, theirs in zip(result.history, reference_run.history, strict=True):
+        assert ours["val_loss"] == theirs["val_loss"]
+
+
+@pytest.mark.ray
+def test_existing_run_needs_resume(reference_run, store_path):
+    config = TrainConfig.from_mapping(RUN)
+    with pytest.raises(InputError, match=r"(?s)already exists.*--resume"):
+        train(store_path, str(reference_run.run_dir), config)
+    changed = TrainConfig.from_mapping({**RUN, "epochs": 7})
+    with pytest.raises(InputError, match=r"other settings: \['epochs'\]"):
+        train(store_path, str(reference_run.run_dir), changed, resume=True)
+    again = train(store_path, str(reference_run.run_dir), config, resume=True)  # finished
+    assert again.history == reference_run.history
+
+
+def test_store_without_the_label_column(store_path, tmp_path):
+    config = TrainConfig.from_mapping({**RUN, "tasks": [{"column": "bmi", "kind": "regression"}]})
+    with pytest.raises(InputError, match="no donor column 'bmi'"):
+        train(store_path, str(tmp_path / "r"), config)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_prior_and_unknown_keys():
+    with pytest.raises(InputError, match=r"loss\.prior"):
+        TrainConfig.from_mapping({"loss": {"prior": "euclid"}})
+    with pytest.raises(InputError, match=r"epoch.*Extra inputs"):
+        TrainConfig.from_mapping({"epoch": 3})
+    with pytest.raises(InputError, match=r"loader\.batchsize"):
+        TrainConfig.from_mapping({"loader": {"batchsize": 3}})
+
+
+def test_more_workers_than_donors_can_feed(store_path, tmp_path):
+    config = TrainConfig.from_mapping({**RUN, "workers": 8})
+    with pytest.raises(InputError, match="8 workers x 4 donors per batch need 32 training"):
+        train(store_path, str(tmp_path / "r"), config)
+
+
+def test_learning_rate_scales_with_the_global_batch():
+    base = {"optim": {"lr": 1e-3, "reference_batch": 32}}
+    sqrt = TrainConfig.from_mapping({**base, "workers": 4, "loader": {"batch_size": 32}})
+    assert sqrt.global_batch == 128 and np.isclose(sqrt.learning_rate, 2e-3)
+    linear = TrainConfig.from_mapping({"optim": {"lr": 1e-3, "lr_scaling": "linear"},
+                                       "workers": 4, "loader": {"batch_size": 32}})
+    assert np.isclose(linear.learning_rate, 4e-3)
+
+
+def test_warmup_cosine_schedule():
+    values = [warmup_cosine(s, 4, 12) for s in range(12)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == 1.0 and all(a > b for a, b in itertools.pairwise(values[4:]))
+    assert np.isclose(warmup_cosine(12, 4, 12), 0.0)
