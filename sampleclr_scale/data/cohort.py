@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from sampleclr_scale.config import IngestConfig
-from sampleclr_scale.data.sources import CellSource
+from sampleclr_scale.data.sources import CellSource, filter_columns
 from sampleclr_scale.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def select_cohort(source: CellSource, config: IngestConfig) -> Cohort:
     source.check_columns(config.cell_columns, "--cell-columns")
     if config.primary_only:
         source.check_columns(["is_primary_data"], "primary-only selection")
+    if config.obs_filter:
+        source.check_columns(filter_columns(config.obs_filter), "--obs-filter")
     columns = list(dict.fromkeys([*config.donor_key, *config.meta, *config.cell_columns]))
     obs_filter = _effective_filter(config)
     obs = source.read_obs(columns, obs_filter)
@@ -79,27 +81,31 @@ def select_cohort(source: CellSource, config: IngestConfig) -> Cohort:
         )
     obs = obs.sort_values("joinid", kind="stable").reset_index(drop=True)
 
-    keys = obs[config.donor_key].astype(str)
-    special = keys.isin(config.drop_donors).any(axis=1).to_numpy()
-    counts["cells_of_special_donors"] = int(special.sum())
-    donor_name = keys.agg(DONOR_SEPARATOR.join, axis=1)
-    donor_name[special] = None
-
-    sizes = donor_name.value_counts()
-    small = sizes[sizes < config.min_cells]
-    counts["donors_below_min_cells"] = len(small)
-    counts["cells_of_donors_below_min_cells"] = int(small.sum())
-    if len(small):
+    groups = obs.groupby(config.donor_key, observed=True, sort=True, dropna=False)
+    group = groups.ngroup().to_numpy()
+    keys = groups.size().reset_index(name="n_cells")  # one row per group, in group order
+    names = keys[config.donor_key].astype(str).agg(DONOR_SEPARATOR.join, axis=1).to_numpy()
+    special = keys[config.donor_key].astype(str).isin(config.drop_donors).any(axis=1).to_numpy()
+    counts["cells_of_special_donors"] = int(keys["n_cells"][special].sum())
+    small = ~special & (keys["n_cells"].to_numpy() < config.min_cells)
+    counts["donors_below_min_cells"] = int(small.sum())
+    counts["cells_of_donors_below_min_cells"] = int(keys["n_cells"][small].sum())
+    if small.any():
         log.info("dropped %d donors with fewer than %d cells (%d cells)",
-                 len(small), config.min_cells, int(small.sum()))
-    kept_names = np.sort(sizes.index[sizes >= config.min_cells].to_numpy().astype(str))
-    if len(kept_names) == 0:
+                 int(small.sum()), config.min_cells, counts["cells_of_donors_below_min_cells"])
+    kept = ~special & ~small
+    if not kept.any():
+        largest = int(keys["n_cells"][~special].max()) if (~special).any() else 0
         raise InputError(
-            f"all {len(sizes)} donors have fewer than --min-cells {config.min_cells} cells "
-            f"(largest: {int(sizes.max()) if len(sizes) else 0})",
+            f"all {int((~special).sum())} donors have fewer than --min-cells "
+            f"{config.min_cells} cells (largest: {largest})",
             "lower --min-cells or widen the cohort",
         )
-    code = pd.Categorical(donor_name, categories=kept_names).codes.astype(np.int64)
+    order = np.flatnonzero(kept)[np.argsort(names[kept], kind="stable")]
+    position = np.full(len(keys), -1, dtype=np.int64)
+    position[order] = np.arange(len(order))
+    kept_names = names[order]
+    code = position[group]
     keep = code >= 0
     obs, code = obs[keep].reset_index(drop=True), code[keep]
     counts["cells"] = len(obs)
@@ -123,18 +129,19 @@ def _donor_table(
     """One row per donor; a metadata column takes the donor's most frequent value."""
     columns = list(dict.fromkeys([*config.donor_key, *config.meta]))
     table = pd.DataFrame({"donor": names})
-    grouped = obs[columns].groupby(code, observed=True, sort=True)
     mixed = []
     for column in columns:
-        modes = grouped[column].agg(lambda s: s.mode(dropna=True).iloc[0]
-                                    if s.notna().any() else None)
-        n_distinct = grouped[column].nunique(dropna=True)
-        if (n_distinct > 1).any():
-            mixed.append(f"{column} ({int((n_distinct > 1).sum())} donors)")
-        values = modes.to_numpy()
+        pairs = pd.DataFrame({"donor": code, "value": obs[column]})
+        sizes = pairs.groupby(["donor", "value"], observed=True, dropna=True).size()
+        by_count = sizes.sort_values(ascending=False, kind="stable").reset_index()
+        top = by_count.drop_duplicates("donor").set_index("donor")["value"]
+        values = top.reindex(np.arange(len(names)))
         if isinstance(obs[column].dtype, pd.CategoricalDtype):
             values = pd.Categorical(values, categories=obs[column].cat.categories)
         table[column] = values
+        n_distinct = sizes.groupby(level="donor").size()
+        if (n_distinct > 1).any():
+            mixed.append(f"{column} ({int((n_distinct > 1).sum())} donors)")
     if mixed:
         log.warning("donor-level columns vary within donors, most frequent value kept: %s",
                     ", ".join(mixed))

@@ -115,7 +115,19 @@ class CellSource(ABC):
 
 
 def _locate(joinids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions in sorted ``joinids`` of those ``ids`` it contains, and which ids those are."""
+    """Positions in sorted ``joinids`` of those ``ids`` it contains, and which ids those are.
+
+    A lookup table over the span when it is dense (linear time), else binary search.
+    """
+    if _dense_span(joinids):
+        lookup = np.full(int(joinids[-1] - joinids[0]) + 1, -1, dtype=np.int64)
+        lookup[joinids - joinids[0]] = np.arange(len(joinids))
+        offset = ids - joinids[0]
+        inside = (offset >= 0) & (offset < len(lookup))
+        pos = np.full(len(ids), -1, dtype=np.int64)
+        pos[inside] = lookup[offset[inside]]
+        keep = pos >= 0
+        return pos[keep], keep
     pos = np.minimum(np.searchsorted(joinids, ids), len(joinids) - 1)
     keep = joinids[pos] == ids
     return pos[keep], keep

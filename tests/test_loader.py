@@ -1,0 +1,124 @@
+"""The two-view bag loader on a real bag store: content, sharding, determinism, workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sampleclr_scale.config import LoaderConfig
+from sampleclr_scale.data.loader import DonorBagDataset, make_loader
+from sampleclr_scale.data.store import BagStore
+
+
+def _row_ids(store: BagStore, donor: int) -> dict[bytes, int]:
+    """Map each feature row of ``donor`` (as bytes) to its row number."""
+    rows = store.donor_rows(donor)
+    return {r.tobytes(): int(store.donor_ptr[donor]) + i for i, r in enumerate(rows)}
+
+
+def _epoch(dataset: DonorBagDataset, epoch: int = 0):
+    dataset.set_epoch(epoch)
+    return list(make_loader(dataset))
+
+
+def test_batches_hold_two_views_of_the_right_donor(store_path):
+    store = BagStore(store_path)
+    m = 50
+    dataset = DonorBagDataset(store_path, LoaderConfig(batch_size=4, cells_per_view=m),
+                              tasks={"severity": "ordinal", "age": "regression"})
+    batches = _epoch(dataset)
+    assert len(batches) == len(dataset) == -(-len(store.split_donors("train")) // 4)
+    for batch in batches:
+        assert batch.cells.shape == (4, 2, m, store.dim) and batch.cells.dtype == torch.float32
+        assert batch.mask.all()
+        for i, donor in enumerate(batch.donor.tolist()):
+            ids = _row_ids(store, donor)
+            rows = [[ids[r.numpy().tobytes()] for r in batch.cells[i, v]] for v in (0, 1)]
+            a, b = (np.array(r) for r in rows)  # KeyError above = a row of another donor
+            if store.cells_per_donor[donor] >= 2 * m:
+                assert len(np.intersect1d(a, b)) == 0 and len(np.unique(a)) == m
+        severity, _ = store.labels("severity", "ordinal")
+        assert torch.equal(batch.labels["severity"], torch.from_numpy(severity[batch.donor]))
+    seen = torch.cat([b.donor for b in batches]).numpy()
+    assert set(seen) == set(store.split_donors("train"))
+
+
+def test_labels_mark_missing_values(store_path):
+    store = BagStore(store_path)
+    codes, classes = store.labels("disease", "classification")
+    assert classes == sorted(store.donors["disease"].unique())
+    ages, _ = store.labels("age", "regression")
+    assert ages.dtype == np.float32
+    assert np.array_equal(np.isnan(ages), store.donors["age"].isna().to_numpy())
+    assert (codes >= 0).all()
+
+
+def test_same_seed_same_batches_new_epoch_new_batches(store_path):
+    config = LoaderConfig(batch_size=4, cells_per_view=30, seed=5)
+    first = _epoch(DonorBagDataset(store_path, config))
+    again = _epoch(DonorBagDataset(store_path, config))
+    later = _epoch(DonorBagDataset(store_path, config), epoch=1)
+    for x, y in zip(first, again, strict=True):
+        assert torch.equal(x.cells, y.cells) and torch.equal(x.donor, y.donor)
+    assert not torch.equal(torch.cat([b.donor for b in first]),
+                           torch.cat([b.donor for b in later]))
+
+
+def test_ranks_split_the_donors_and_get_equal_batches(store_path):
+    store = BagStore(store_path)
+    config = LoaderConfig(batch_size=3, cells_per_view=30)
+    ranks = [_epoch(DonorBagDataset(store_path, config, rank=r, world_size=2))
+             for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1])
+    donors = [torch.cat([b.donor for b in batches]).numpy() for batches in ranks]
+    train = store.split_donors("train")
+    assert set(donors[0]) | set(donors[1]) == set(train)
+    padding = 2 * 3 * len(ranks[0]) - len(train)
+    assert len(set(donors[0]) & set(donors[1])) <= padding
+
+
+def test_resume_mid_epoch_continues_identically(store_path):
+    config = LoaderConfig(batch_size=2, cells_per_view=30)
+    full = _epoch(DonorBagDataset(store_path, config), epoch=3)
+    dataset = DonorBagDataset(store_path, config)
+    dataset.set_epoch(3)
+    dataset.set_start_step(4)
+    tail = list(make_loader(dataset))
+    assert [b.step for b in tail] == list(range(4, len(full)))
+    for x, y in zip(full[4:], tail, strict=True):
+        assert torch.equal(x.cells, y.cells)
+
+
+def test_spawned_workers_yield_the_same_batches_in_order(store_path):
+    config = LoaderConfig(batch_size=2, cells_per_view=30, seed=2)
+    inline = _epoch(DonorBagDataset(store_path, config), epoch=1)
+    workers = _epoch(DonorBagDataset(store_path, config.model_copy(update={"num_workers": 2})),
+                     epoch=1)
+    assert [b.step for b in workers] == [b.step for b in inline]
+    for x, y in zip(inline, workers, strict=True):
+        assert torch.equal(x.cells, y.cells) and torch.equal(x.donor, y.donor)
+
+
+def test_variable_view_sizes_are_padded_and_masked(store_path):
+    config = LoaderConfig(batch_size=4, cells_per_view=60, min_cells_per_view=20)
+    batch = _epoch(DonorBagDataset(store_path, config))[0]
+    sizes = batch.mask.sum(dim=-1)
+    assert sizes.min() >= 20 and sizes.max() <= 60 and len(torch.unique(sizes)) > 1
+    assert (batch.cells[~batch.mask] == 0).all()
+    # the mask is a prefix: real cells first
+    assert torch.equal(batch.mask, torch.arange(60) < sizes[..., None])
+
+
+def test_small_donors_get_views_with_replacement(store_path):
+    store = BagStore(store_path)
+    m = int(store.cells_per_donor.min())  # 2m exceeds the smallest donor
+    batches = _epoch(DonorBagDataset(store_path, LoaderConfig(batch_size=4, cells_per_view=m)))
+    smallest = int(np.argmin(store.cells_per_donor))
+    if store.donors["split"][smallest] != "train":
+        pytest.skip("smallest donor is in validation for this seed")
+    batch = next(b for b in batches if smallest in b.donor.tolist())
+    i = batch.donor.tolist().index(smallest)
+    ids = _row_ids(store, smallest)
+    for v in (0, 1):
+        assert all(r.numpy().tobytes() in ids for r in batch.cells[i, v])
