@@ -33,6 +33,12 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
         from sampleclr_scale.bench.ingest import bench_ingest
 
         figures = bench_ingest(args.cells, dim=args.dim, workdir=Path(args.workdir))
+    elif kind == "train":
+        from sampleclr_scale.bench.train import bench_train
+
+        figures = bench_train(args.store, workers=[int(w) for w in args.workers.split(",")],
+                              preset=args.preset, batch_size=args.batch_size,
+                              cells_per_view=args.cells_per_view, epochs=args.epochs)
     else:
         raise ValueError(f"unknown benchmark {kind!r}")
     save_figures(figures, args.json)

@@ -1,0 +1,68 @@
+"""Ingest benchmark: cells/s and peak memory of ``ingest`` for growing cohorts.
+
+Each cohort is simulated once into ``workdir`` (a SOMA experiment with a 50-dim obsm
+embedding and few genes) and ingested in a fresh spawned process, which reports its own
+peak RSS, so the figure is the ingest's alone.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+from pathlib import Path
+
+from sampleclr_scale.bench import peak_rss_mb
+from sampleclr_scale.config import IngestConfig
+from sampleclr_scale.data import synthetic
+
+MIN_CELLS, MAX_CELLS = 200, 4000
+# mean of the log-uniform distribution of cells per donor on [MIN_CELLS, MAX_CELLS]
+MEAN_CELLS_PER_DONOR = (MAX_CELLS - MIN_CELLS) / math.log(MAX_CELLS / MIN_CELLS)
+
+
+def _simulated_source(n_cells: int, dim: int, workdir: Path) -> str:
+    """A SOMA experiment of about ``n_cells`` cells, written once and reused."""
+    uri = workdir / f"cohort_{n_cells}_{dim}.soma"
+    if not uri.exists():
+        spec = synthetic.CohortSpec(n_donors=max(1, round(n_cells / MEAN_CELLS_PER_DONOR)),
+                                    min_cells=MIN_CELLS, max_cells=MAX_CELLS, n_genes=8,
+                                    embedding_dim=dim, seed=1)
+        start = time.perf_counter()
+        synthetic.write_soma(spec, uri)
+        print(f"simulated {uri} in {time.perf_counter() - start:.0f} s", flush=True)
+    return str(uri)
+
+
+def _ingest_child(config: IngestConfig, results) -> None:
+    from sampleclr_scale.data.ingest import ingest
+
+    report = ingest(config)
+    results.put({"cells": report.n_cells, "donors": report.n_donors,
+                 "seconds": round(report.seconds, 2),
+                 "cells_per_s": round(report.cells_per_second),
+                 "peak_rss_mb": round(peak_rss_mb(), 1)})
+
+
+def bench_ingest(sizes: list[int], *, dim: int, workdir: Path) -> dict:
+    """Figures for ``sampleclr-scale bench ingest``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    figures: dict = {"dim": dim, "features": "obsm (SOMA sparse array)", "runs": []}
+    for n_cells in sizes:
+        source = _simulated_source(n_cells, dim, workdir)
+        config = IngestConfig(source=source, out=str(workdir / f"store_{n_cells}.zarr"),
+                              features="obsm:scvi", donor_key=["dataset_id", "donor_id"],
+                              meta=["disease", "severity", "age", "sex"],
+                              cell_columns=["cell_type"], overwrite=True)
+        results = context.Queue()
+        child = context.Process(target=_ingest_child, args=(config, results))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"ingest of {source} failed (exit code {child.exitcode})")
+        run = results.get(timeout=30)
+        figures["runs"].append(run)
+        print(f"ingest {run['cells']:,} cells: {run['cells_per_s']:,} cells/s, "
+              f"peak RSS {run['peak_rss_mb']:,} MB", flush=True)
+    return figures

@@ -1,0 +1,761 @@
+"""Synthetic donor cohorts laid out like CELLxGENE Census, with known ground truth.
+
+Used by the tests, the demo and the benchmarks. The biology is chosen so that a method
+that sees cell *distributions* (SampleCLR) can beat one that sees only per-donor means
+(pseudobulk) on disease severity:
+
+- Cell types. About ten blood cell types (``_CELL_TYPES``), each with a baseline
+  proportion and a mean ``mu_k`` in a 16-dimensional latent space.
+- Composition. A donor's log-proportions are the baseline plus
+  ``severity * composition_effect * c_k`` (monocytes and plasmablasts up, T cells and
+  pDCs down) plus donor-level noise.
+- Cell state. In some types (``state=True``) severity splits the cells symmetrically
+  along a type-specific unit direction ``v_k``:
+  ``x = mu_k + noise + sign * severity * state_effect * v_k`` with ``sign = +/-1`` in
+  equal numbers within each donor and type. The within-type mean does not move, the
+  spread along ``v_k`` grows with severity: invisible to a per-type pseudobulk.
+- Weaker donor effects: age shifts every cell a little along one direction, sex along
+  another, and each donor has a small random offset of its own.
+- Technical effects. Each site (Census ``dataset_id``) shifts the embedding by a fixed
+  random vector of scale ``site_effect`` (an imperfectly batch-corrected scVI latent) and
+  scales the library size; the two assays differ in library size. Sites are assigned
+  independently of severity.
+
+Outputs. ``obsm[embedding_name]`` is a near-isometric linear image of the latent state
+plus the site shift and a little noise. ``X`` holds negative-binomial raw counts: a
+softmax over genes of a linear map of the latent state, times the cell's library size.
+
+Census quirks reproduced on request: ``donor_id`` is free text that is only unique within
+a ``dataset_id`` (``"donor-0"`` exists in every site); ``duplicate_fraction`` appends
+exact copies of some of a donor's cells with ``is_primary_data == False`` (right after
+that donor's primary cells); ``special_donor_cells`` adds the pseudo-donors ``"pooled"``
+(first site) and ``"unknown"`` (last site) after all real donors, whose cells follow
+healthy biology and whose covariates are not recorded (``severity == -1``, ``age`` NaN,
+``sex`` and ``development_stage`` ``"unknown"``).
+
+Every donor's cells come from a random generator seeded by ``(seed, donor index)``, so the
+data do not depend on how they are cut into chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import anndata
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import tiledbsoma
+import tiledbsoma.io
+from anndata.experimental import concat_on_disk
+from scipy import sparse
+
+from sampleclr_scale.errors import InputError
+
+__all__ = ["CohortSpec", "simulate_cells", "simulate_donors", "write_h5ad", "write_soma"]
+
+
+class _CellType(NamedTuple):
+    name: str
+    proportion: float  # baseline share of a healthy donor's cells
+    composition: float  # log-proportion change per severity level, times composition_effect
+    state: bool  # whether severity splits the type's cell states (mean preserving)
+
+
+_CELL_TYPES: tuple[_CellType, ...] = (
+    _CellType("CD14 monocyte", 0.20, 1.0, True),
+    _CellType("CD4 T cell", 0.25, -0.6, True),
+    _CellType("CD8 T cell", 0.13, -0.6, True),
+    _CellType("NK cell", 0.10, -0.3, False),
+    _CellType("B cell", 0.10, 0.0, True),
+    _CellType("CD16 monocyte", 0.06, 0.5, False),
+    _CellType("platelet", 0.10, 0.3, False),
+    _CellType("conventional dendritic cell", 0.03, -0.3, False),
+    _CellType("plasmacytoid dendritic cell", 0.02, -0.8, False),
+    _CellType("plasmablast", 0.01, 1.5, False),
+)
+_ASSAYS = ("10x 3' v3", "10x 5' v2")  # site i uses _ASSAYS[i % 2]
+_ASSAY_UMIS = (5000.0, 3000.0)  # mean library size per assay
+_DISEASES = ("normal", "COVID-19")
+_SEXES = ("female", "male", "unknown")
+_SEX_SIGN = (-1.0, 1.0, 0.0)
+_UNKNOWN = "unknown"
+_SPECIAL_DONORS = ("pooled", _UNKNOWN)
+_EXPERIMENT = "homo_sapiens"
+_MEASUREMENT = "RNA"
+_X_LAYER = "raw"
+_OBS_ID, _VAR_ID = "obs_id", "var_id"  # tiledbsoma's columns for the AnnData indexes
+_SOMA_TILE_EXTENT = 2048  # tiledbsoma's default tile extent of a sparse array dimension
+_DONOR_COLUMNS = ("dataset_id", "donor_id", "disease", "severity", "age", "sex", "assay", "n_cells")
+
+_LATENT_DIM = 16
+_TYPE_SPREAD = 1.5  # sd of the cell-type means' coordinates
+_CELL_NOISE = 1.0  # sd of a cell around its type mean, per latent coordinate
+_DONOR_NOISE = 0.2  # sd of a donor's own offset, per latent coordinate
+_PROPORTION_NOISE = 0.3  # sd of a donor's log-proportions around the expected ones
+_AGE_EFFECT = 0.5  # latent shift along the age direction from the youngest to the oldest
+_SEX_EFFECT = 0.25  # latent shift along the sex direction, +/- for male/female
+_EMBED_NOISE = 0.1  # sd of the noise added to the embedding
+_GENE_LOADING = 0.3  # sd of the latent -> gene-logit weights
+_LIBRARY_SD = 0.4  # sd of a cell's log library size
+_SITE_LIBRARY_SD = 0.5  # sd of a site's log library factor, times site_effect
+_NB_SHAPE = 10.0  # gamma shape of the negative binomial (inverse dispersion)
+_AGE_RANGE = (20.0, 85.0)
+# independent random streams: cohort parameters, gene table, donor table, cells
+_COHORT_STREAM, _GENE_STREAM, _DONOR_STREAM, _CELL_STREAM, _SPECIAL_STREAM = range(5)
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """Parameters of a synthetic cohort; see the module docstring for the biology.
+
+    Parameters
+    ----------
+    n_donors
+        Real donors (the ``"pooled"``/``"unknown"`` pseudo-donors are extra).
+    min_cells, max_cells
+        Primary cells per donor, drawn log-uniformly in ``[min_cells, max_cells]``.
+    n_cell_types
+        The first ``n_cell_types`` of the built-in cell types (1 to 10).
+    n_genes
+        Genes in ``X`` (at least 1; a handful is enough when only the embedding matters).
+    embedding_dim, embedding_name
+        Width and ``obsm`` key of the cell embedding. The latent state has 16 dimensions:
+        a narrower embedding is a random projection of it and loses part of the signal.
+    n_sites
+        Technical sites, written as ``dataset_id`` ``"site-0"``, ``"site-1"``, ...
+    severity_levels
+        Ordinal severity ``0 .. severity_levels - 1``; 0 is healthy (``"normal"``).
+    composition_effect, state_effect, site_effect
+        Strengths of the severity -> composition shift, the severity -> within-type state
+        split, and the per-site technical shift of the embedding.
+    duplicate_fraction
+        Extra copies, as a fraction of a donor's cells, with ``is_primary_data == False``.
+    special_donor_cells
+        If positive, this many cells each for the pseudo-donors ``"pooled"`` and ``"unknown"``.
+    seed
+        Seed of every random draw.
+    """
+
+    n_donors: int = 200
+    min_cells: int = 200
+    max_cells: int = 3000
+    n_cell_types: int = 10
+    n_genes: int = 200
+    embedding_dim: int = 32
+    embedding_name: str = "scvi"
+    n_sites: int = 4
+    severity_levels: int = 4
+    composition_effect: float = 0.3
+    state_effect: float = 1.5
+    site_effect: float = 0.5
+    duplicate_fraction: float = 0.0
+    special_donor_cells: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        rules = (
+            ("n_donors", _is_int(self.n_donors, 1), "an integer >= 1"),
+            ("min_cells", _is_int(self.min_cells, 1), "an integer >= 1"),
+            ("max_cells", _is_int(self.max_cells, 1), "an integer >= 1"),
+            (
+                "min_cells",
+                not (_is_int(self.min_cells, 1) and _is_int(self.max_cells, 1))
+                or self.min_cells <= self.max_cells,
+                f"<= max_cells ({self.max_cells})",
+            ),
+            (
+                "n_cell_types",
+                _is_int(self.n_cell_types, 1) and self.n_cell_types <= len(_CELL_TYPES),
+                f"an integer from 1 to {len(_CELL_TYPES)}",
+            ),
+            ("n_genes", _is_int(self.n_genes, 1), "an integer >= 1"),
+            ("embedding_dim", _is_int(self.embedding_dim, 1), "an integer >= 1"),
+            (
+                "embedding_name",
+                isinstance(self.embedding_name, str) and self.embedding_name.isidentifier(),
+                "a non-empty identifier such as 'scvi'",
+            ),
+            ("n_sites", _is_int(self.n_sites, 1), "an integer >= 1"),
+            ("severity_levels", _is_int(self.severity_levels, 2), "an integer >= 2"),
+            ("composition_effect", _is_real(self.composition_effect), "a finite number >= 0"),
+            ("state_effect", _is_real(self.state_effect), "a finite number >= 0"),
+            ("site_effect", _is_real(self.site_effect), "a finite number >= 0"),
+            (
+                "duplicate_fraction",
+                _is_real(self.duplicate_fraction) and self.duplicate_fraction <= 1,
+                "a number in [0, 1]",
+            ),
+            ("special_donor_cells", _is_int(self.special_donor_cells, 0), "an integer >= 0"),
+            ("seed", _is_int(self.seed, 0), "an integer >= 0"),
+        )
+        for name, ok, rule in rules:
+            if not ok:
+                raise InputError(
+                    f"CohortSpec.{name} = {getattr(self, name)!r} is invalid",
+                    f"make {name} {rule}",
+                )
+
+
+def simulate_donors(spec: CohortSpec) -> pd.DataFrame:
+    """Draw the donor table of a cohort.
+
+    Parameters
+    ----------
+    spec
+        The cohort parameters.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per donor, index ``0 .. n_donors - 1``, columns ``dataset_id``,
+        ``donor_id`` (unique only within a ``dataset_id``), ``disease``, ``severity``
+        (balanced over levels), ``age`` (whole years in [20, 85], weakly increasing with
+        severity), ``sex``, ``assay`` (fixed by the site) and ``n_cells`` (primary cells).
+    """
+    rng = np.random.default_rng([spec.seed, _DONOR_STREAM])
+    n = spec.n_donors
+    severity = rng.permutation(np.arange(n) % spec.severity_levels)
+    site = rng.permutation(np.arange(n) % spec.n_sites)
+    within_site = pd.Series(site).groupby(site).cumcount().to_numpy()
+    age_trend = 10.0 * severity / (spec.severity_levels - 1)
+    age = np.clip(np.round(45.0 + age_trend + rng.normal(0.0, 14.0, n)), *_AGE_RANGE)
+    log_cells = rng.uniform(math.log(spec.min_cells), math.log(spec.max_cells), n)
+    n_cells = np.round(np.exp(log_cells))
+    return pd.DataFrame(
+        {
+            "dataset_id": [_site_name(s) for s in site],
+            "donor_id": [f"donor-{j}" for j in within_site],
+            "disease": [_DISEASES[min(int(s), 1)] for s in severity],
+            "severity": severity.astype(np.int64),
+            "age": age.astype(np.float64),
+            "sex": rng.choice(_SEXES[:2], size=n),
+            "assay": [_ASSAYS[s % 2] for s in site],
+            "n_cells": n_cells.astype(np.int64),
+        }
+    )
+
+
+def simulate_cells(
+    spec: CohortSpec, donors: pd.DataFrame, chunk_cells: int = 200_000
+) -> Iterator[anndata.AnnData]:
+    """Simulate the cells of ``donors`` as a stream of AnnData chunks.
+
+    Parameters
+    ----------
+    spec
+        The cohort parameters.
+    donors
+        The donor table, normally ``simulate_donors(spec)`` or a subset of its rows; the
+        index labels seed each donor's random draws.
+    chunk_cells
+        Target cells per chunk. Chunks are cut between donors, so a donor larger than
+        this makes a larger chunk.
+
+    Yields
+    ------
+    anndata.AnnData
+        Cells of whole donors, donors in table order (then the pseudo-donors), each donor's
+        cells contiguous. ``obs`` has Census-like columns with identical categoricals in
+        every chunk, ``X`` is CSR float32 raw counts with Census ``var`` columns, and
+        ``obsm[spec.embedding_name]`` is float32 ``[n, embedding_dim]``.
+    """
+    if not _is_int(chunk_cells, 1):
+        raise InputError(f"chunk_cells = {chunk_cells!r} is invalid", "pass an integer >= 1")
+    missing = [c for c in _DONOR_COLUMNS if c not in donors.columns]
+    labels = donors.index
+    if missing or not pd.api.types.is_integer_dtype(labels) or (labels < 0).any():
+        raise InputError(
+            f"the donor table lacks columns {missing} or has a non-integer or negative index",
+            "pass the output of simulate_donors(spec), or rows of it",
+        )
+    return _chunks(spec, donors, chunk_cells)
+
+
+def _chunks(spec: CohortSpec, donors: pd.DataFrame, chunk_cells: int) -> Iterator[anndata.AnnData]:
+    """The generator behind ``simulate_cells`` (which validates its input eagerly)."""
+    model = _Model.draw(spec)
+    categories = _obs_categories(spec, donors)
+    var = _var_table(spec)
+    pending: list[_Block] = []
+    n_pending = 0
+    for unit in _units(spec, donors, categories):
+        block = _simulate_block(spec, model, unit)
+        if pending and n_pending + block.n > chunk_cells:
+            yield _assemble(spec, pending, categories, var)
+            pending, n_pending = [], 0
+        pending.append(block)
+        n_pending += block.n
+    if pending:
+        yield _assemble(spec, pending, categories, var)
+
+
+def write_h5ad(spec: CohortSpec, path: str | Path, chunk_cells: int = 200_000) -> Path:
+    """Simulate a cohort into a new ``.h5ad`` file with memory bounded by one chunk.
+
+    Chunks are written as separate files beside the target and joined with
+    ``anndata.experimental.concat_on_disk``; the result is renamed into place at the end.
+
+    Parameters
+    ----------
+    spec
+        The cohort parameters.
+    path
+        The file to create; it must not exist.
+    chunk_cells
+        Cells simulated (and held in memory) at a time.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    with _staged_output(path) as staged:
+        parts: list[Path] = []
+        for i, chunk in enumerate(simulate_cells(spec, simulate_donors(spec), chunk_cells)):
+            parts.append(staged.with_name(f"part-{i:05d}.h5ad"))
+            chunk.write_h5ad(parts[-1])
+        if len(parts) == 1:
+            parts[0].rename(staged)
+        else:
+            concat_on_disk(parts, staged, merge="same")
+    return Path(path)
+
+
+def write_soma(
+    spec: CohortSpec,
+    uri: str | Path,
+    *,
+    census_like: bool = False,
+    chunk_cells: int = 200_000,
+) -> str:
+    """Simulate a cohort into a new SOMA Experiment, or a Census-shaped SOMA Collection.
+
+    The experiment has measurement ``"RNA"`` with X layer ``"raw"`` and
+    ``obsm[spec.embedding_name]``; obs ``soma_joinid`` runs ``0 .. n - 1`` in cell order.
+    Chunks are appended with ``tiledbsoma.io`` registration (each chunk registered on its
+    own, joinids shifted past the rows already written), so memory is bounded by one
+    chunk. Everything is written beside ``uri`` and renamed into place at the end.
+
+    Parameters
+    ----------
+    spec
+        The cohort parameters.
+    uri
+        Local directory to create; it must not exist.
+    census_like
+        If true, ``uri`` becomes a Collection laid out like CELLxGENE Census
+        (``census_info/summary``, ``census_info/datasets``, experiment at
+        ``census_data/homo_sapiens``) that ``cellxgene_census.open_soma(uri=...)`` opens.
+    chunk_cells
+        Cells simulated (and held in memory) at a time.
+
+    Returns
+    -------
+    str
+        The URI written: the experiment, or the collection when ``census_like``.
+    """
+    with _staged_output(uri) as staged:
+        if not census_like:
+            _write_experiment(spec, str(staged), chunk_cells)
+        else:
+            with tiledbsoma.Collection.create(str(staged)) as census:
+                census.add_new_collection("census_info")
+                census.add_new_collection("census_data")
+            experiment_uri = str(staged / "census_data" / _EXPERIMENT)
+            counts = _write_experiment(spec, experiment_uri, chunk_cells)
+            with tiledbsoma.Collection.open(str(staged), mode="w") as census:
+                with tiledbsoma.Experiment.open(experiment_uri) as experiment:
+                    census["census_data"].set(_EXPERIMENT, experiment)
+                _write_census_info(census["census_info"], counts, spec.n_donors)
+    return str(Path(uri))
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class _Model:
+    """The cohort-wide parameters: type means, state directions, maps to outputs."""
+
+    type_means: np.ndarray  # [K, L]
+    state_dirs: np.ndarray  # [K, L] unit rows
+    log_proportions: np.ndarray  # [K] baseline
+    composition: np.ndarray  # [K]
+    has_state: np.ndarray  # [K] bool
+    age_dir: np.ndarray  # [L]
+    sex_dir: np.ndarray  # [L]
+    embed_map: np.ndarray  # [L, D], orthonormal rows or columns
+    site_shifts: np.ndarray  # [S, D]
+    site_library: np.ndarray  # [S] multiplicative library factor
+    gene_base: np.ndarray  # [G] baseline log abundance
+    gene_loadings: np.ndarray  # [L, G]
+
+    @classmethod
+    def draw(cls, spec: CohortSpec) -> _Model:
+        rng = np.random.default_rng([spec.seed, _COHORT_STREAM])
+        types = _CELL_TYPES[: spec.n_cell_types]
+        dim = _LATENT_DIM
+        return cls(
+            type_means=rng.normal(0.0, _TYPE_SPREAD, (len(types), dim)),
+            state_dirs=_unit_rows(rng.normal(size=(len(types), dim))),
+            log_proportions=np.log([t.proportion for t in types]),
+            composition=np.array([t.composition for t in types]),
+            has_state=np.array([t.state for t in types]),
+            age_dir=_unit_rows(rng.normal(size=(1, dim)))[0],
+            sex_dir=_unit_rows(rng.normal(size=(1, dim)))[0],
+            embed_map=_orthonormal(dim, spec.embedding_dim, rng),
+            site_shifts=spec.site_effect * rng.normal(size=(spec.n_sites, spec.embedding_dim)),
+            site_library=np.exp(
+                spec.site_effect * _SITE_LIBRARY_SD * rng.normal(size=spec.n_sites)
+            ),
+            gene_base=rng.normal(0.0, 1.0, spec.n_genes),
+            gene_loadings=rng.normal(0.0, _GENE_LOADING, (dim, spec.n_genes)),
+        )
+
+
+class _Unit(NamedTuple):
+    """One donor (or pseudo-donor) to simulate; string columns as category codes."""
+
+    key: tuple[int, ...]  # seed of the unit's random generator
+    prefix: str  # cell ids are f"{prefix}-{j}"
+    n_cells: int
+    severity: int  # -1 = not recorded (simulated as healthy)
+    age: float  # NaN = not recorded
+    codes: dict[str, int]  # obs column -> category code, constant over the donor's cells
+
+
+class _Block(NamedTuple):
+    """The simulated cells of one unit."""
+
+    unit: _Unit
+    cell_types: np.ndarray  # [n] codes
+    is_primary: np.ndarray  # [n] bool
+    X: sparse.csr_matrix
+    embedding: np.ndarray  # [n, D] float32
+
+    @property
+    def n(self) -> int:
+        return len(self.cell_types)
+
+
+def _simulate_block(spec: CohortSpec, model: _Model, unit: _Unit) -> _Block:
+    """Simulate one donor's primary cells, then append its duplicates."""
+    rng = np.random.default_rng(unit.key)
+    n, severity = unit.n_cells, max(unit.severity, 0)
+    logits = model.log_proportions + severity * spec.composition_effect * model.composition
+    logits = logits + rng.normal(0.0, _PROPORTION_NOISE, len(logits))
+    types = rng.choice(len(logits), size=n, p=_softmax(logits))
+
+    age_z = 0.0 if math.isnan(unit.age) else (unit.age - np.mean(_AGE_RANGE)) / np.ptp(_AGE_RANGE)
+    sex_sign = _SEX_SIGN[unit.codes["sex"]]
+    donor_shift = (
+        rng.normal(0.0, _DONOR_NOISE, _LATENT_DIM)
+        + _AGE_EFFECT * age_z * model.age_dir
+        + _SEX_EFFECT * sex_sign * model.sex_dir
+    )
+    latent = model.type_means[types] + donor_shift + rng.normal(0.0, _CELL_NOISE, (n, _LATENT_DIM))
+    for k in np.flatnonzero(model.has_state):
+        members = np.flatnonzero(types == k)
+        signs = np.where(rng.permutation(len(members)) % 2 == 0, 1.0, -1.0)
+        latent[members] += np.outer(signs * severity * spec.state_effect, model.state_dirs[k])
+
+    site = unit.codes["dataset_id"]
+    embedding = latent @ model.embed_map + model.site_shifts[site]
+    embedding += rng.normal(0.0, _EMBED_NOISE, embedding.shape)
+    expression = _softmax(model.gene_base + latent @ model.gene_loadings)
+    library = _ASSAY_UMIS[unit.codes["assay"]] * model.site_library[site]
+    library = library * np.exp(rng.normal(-(_LIBRARY_SD**2) / 2, _LIBRARY_SD, (n, 1)))
+    rate = library * expression * rng.gamma(_NB_SHAPE, 1.0 / _NB_SHAPE, expression.shape)
+    counts = rng.poisson(rate).astype(np.float32)
+
+    n_copies = round(spec.duplicate_fraction * n)
+    rows = np.concatenate([np.arange(n), rng.choice(n, size=n_copies, replace=False)])
+    return _Block(
+        unit=unit,
+        cell_types=types[rows],
+        is_primary=np.arange(len(rows)) < n,
+        X=sparse.csr_matrix(counts[rows]),
+        embedding=embedding[rows].astype(np.float32),
+    )
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _obs_categories(spec: CohortSpec, donors: pd.DataFrame) -> dict[str, list[str]]:
+    """Fixed category lists of the string obs columns (in column order), same in every chunk."""
+    stages = sorted({_stage(a) for a in donors["age"]}, key=lambda s: int(s.split("-")[0]))
+    donor_ids = list(pd.unique(donors["donor_id"].astype(str)))
+    specials = (
+        [d for d in _SPECIAL_DONORS if d not in donor_ids] if spec.special_donor_cells else []
+    )
+    return {
+        "dataset_id": [_site_name(s) for s in range(spec.n_sites)],
+        "donor_id": donor_ids + specials,
+        "cell_type": [t.name for t in _CELL_TYPES[: spec.n_cell_types]],
+        "disease": list(_DISEASES),
+        "tissue": ["blood"],
+        "tissue_general": ["blood"],
+        "assay": list(_ASSAYS),
+        "sex": list(_SEXES),
+        "development_stage": [*stages, _UNKNOWN],
+    }
+
+
+def _units(
+    spec: CohortSpec, donors: pd.DataFrame, categories: dict[str, list[str]]
+) -> Iterator[_Unit]:
+    """The donors to simulate, in order: the table's rows, then the pseudo-donors."""
+    constant = ("dataset_id", "donor_id", "disease", "assay", "sex")
+    table = {c: _codes(donors[c].astype(str), categories[c], c) for c in constant}
+    for row, label in enumerate(donors.index):
+        age = float(donors["age"].iloc[row])
+        codes = {c: int(table[c][row]) for c in constant}
+        codes |= {"tissue": 0, "tissue_general": 0}
+        codes["development_stage"] = categories["development_stage"].index(_stage(age))
+        yield _Unit(
+            key=(spec.seed, _CELL_STREAM, int(label)),
+            prefix=f"d{label}",
+            n_cells=int(donors["n_cells"].iloc[row]),
+            severity=int(donors["severity"].iloc[row]),
+            age=age,
+            codes=codes,
+        )
+    if spec.special_donor_cells:
+        for i, name in enumerate(_SPECIAL_DONORS):
+            site = 0 if i == 0 else spec.n_sites - 1
+            codes = {
+                "dataset_id": site,
+                "donor_id": categories["donor_id"].index(name),
+                "disease": 0,
+                "assay": site % 2,
+                "sex": _SEXES.index(_UNKNOWN),
+                "tissue": 0,
+                "tissue_general": 0,
+                "development_stage": len(categories["development_stage"]) - 1,
+            }
+            yield _Unit(
+                key=(spec.seed, _SPECIAL_STREAM, i),
+                prefix=name,
+                n_cells=spec.special_donor_cells,
+                severity=-1,
+                age=math.nan,
+                codes=codes,
+            )
+
+
+def _assemble(
+    spec: CohortSpec, blocks: list[_Block], categories: dict[str, list[str]], var: pd.DataFrame
+) -> anndata.AnnData:
+    """Join simulated blocks into one AnnData chunk."""
+    sizes = [b.n for b in blocks]
+    obs = {
+        column: pd.Categorical.from_codes(
+            np.concatenate([b.cell_types for b in blocks])
+            if column == "cell_type"
+            else np.repeat([b.unit.codes[column] for b in blocks], sizes),
+            categories=cats,
+        )
+        for column, cats in categories.items()
+    }
+    obs["is_primary_data"] = np.concatenate([b.is_primary for b in blocks])
+    obs["severity"] = np.repeat([b.unit.severity for b in blocks], sizes).astype(np.int64)
+    obs["age"] = np.repeat([b.unit.age for b in blocks], sizes).astype(np.float64)
+    ids = [f"{b.unit.prefix}-{j}" for b in blocks for j in range(b.n)]
+    return anndata.AnnData(
+        X=sparse.vstack([b.X for b in blocks], format="csr", dtype=np.float32),
+        obs=pd.DataFrame(obs, index=pd.Index(ids, dtype=str)),
+        var=var,
+        obsm={spec.embedding_name: np.concatenate([b.embedding for b in blocks])},
+    )
+
+
+def _var_table(spec: CohortSpec) -> pd.DataFrame:
+    """Census-style gene table with synthetic Ensembl-like ids."""
+    rng = np.random.default_rng([spec.seed, _GENE_STREAM])
+    ids = [f"ENSGSYN{g:08d}" for g in range(spec.n_genes)]
+    return pd.DataFrame(
+        {
+            "feature_id": ids,
+            "feature_name": [f"SYN{g}" for g in range(spec.n_genes)],
+            "feature_length": rng.integers(300, 10_000, spec.n_genes, dtype=np.int64),
+        },
+        index=pd.Index(ids, dtype=str),
+    )
+
+
+# ---------------------------------------------------------------------------- writers
+
+
+@contextmanager
+def _staged_output(path: str | Path) -> Iterator[Path]:
+    """Yield a scratch path beside ``path``; rename it to ``path`` if the body succeeds."""
+    if "://" in str(path):
+        raise InputError(f"output {path} is not a local path", "write locally, then upload")
+    target = Path(path)
+    if target.exists():
+        raise InputError(f"output path {target} already exists", "delete it or pick another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    )
+    try:
+        staged = scratch / target.name
+        yield staged
+        staged.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_experiment(spec: CohortSpec, uri: str, chunk_cells: int) -> pd.Series:
+    """Write the cohort chunk by chunk to a new SOMA Experiment.
+
+    Returns the cell counts by ``(dataset_id, is_primary_data)``.
+    """
+    # Cells arrive in joinid order, so the coordinates of every matrix are already in
+    # TileDB's global order when all columns fit in one tile: skip the costly sort then.
+    fits_one_tile = max(spec.n_genes, spec.embedding_dim) <= _SOMA_TILE_EXTENT
+    options = {
+        "X_layer_name": _X_LAYER,
+        "uns_keys": [],
+        "platform_config": {"tiledb": {"write": {"sort_coords": not fits_one_tile}}},
+    }
+    counts: list[pd.Series] = []
+    n_written = 0
+    for chunk in simulate_cells(spec, simulate_donors(spec), chunk_cells):
+        # tiledbsoma sizes its write batches row by row in Python for a csr_matrix, but
+        # from whole slices for other sparse types: csr_array is the fast path.
+        chunk.X = sparse.csr_array(chunk.X)
+        mapping = _registration(uri, chunk, n_written) if n_written else None
+        tiledbsoma.io.from_anndata(
+            uri, chunk, _MEASUREMENT, registration_mapping=mapping, **options
+        )
+        n_written += chunk.n_obs
+        keys = [chunk.obs["dataset_id"].astype(str), chunk.obs["is_primary_data"]]
+        counts.append(chunk.obs.groupby(keys).size())
+    return pd.concat(counts).groupby(level=[0, 1]).sum()
+
+
+def _registration(
+    uri: str, chunk: anndata.AnnData, offset: int
+) -> tiledbsoma.io.ExperimentAmbientLabelMapping:
+    """Register ``chunk`` as obs rows ``offset, offset + 1, ...`` of the experiment at ``uri``.
+
+    ``register_anndatas(uri, chunk)`` would read every obs id written so far, so time and
+    memory would grow with the cohort. Cell ids are unique by construction: register the
+    chunk on its own and shift its joinids past the rows already written.
+    """
+    alone = tiledbsoma.io.register_anndatas(
+        None,
+        chunk,
+        measurement_name=_MEASUREMENT,
+        obs_field_name=_OBS_ID,
+        var_field_name=_VAR_ID,
+        append_obsm_varm=True,
+    )
+    obs = alone.obs_axis
+    shifted = type(obs)(
+        field_name=obs.field_name,
+        joinid_map=obs.joinid_map + offset,
+        enum_values=obs.enum_values,
+        allow_duplicate_ids=obs.allow_duplicate_ids,
+    )
+    mapping = type(alone)(obs_axis=shifted, var_axes=alone.var_axes)
+    mapping.prepare_experiment(uri)
+    return mapping
+
+
+def _write_census_info(info: tiledbsoma.Collection, counts: pd.Series, n_donors: int) -> None:
+    """Write Census-style ``summary`` and ``datasets`` tables from the cell counts."""
+    per_dataset = counts.groupby(level=0).sum()
+    summary = pd.DataFrame(
+        {
+            "label": [
+                "census_schema_version",
+                "dataset_schema_version",
+                "total_cell_count",
+                "unique_cell_count",
+                "number_donors_homo_sapiens",
+            ],
+            "value": [
+                "2.4.0",
+                "synthetic (sampleclr_scale.data.synthetic)",
+                str(counts.sum()),
+                str(counts.xs(True, level=1).sum()),
+                str(n_donors),
+            ],
+        }
+    )
+    datasets = pd.DataFrame(
+        {
+            "collection_name": "sampleclr_scale synthetic cohort",
+            "dataset_id": per_dataset.index.astype(str),
+            "dataset_title": [f"Synthetic blood cohort, {d}" for d in per_dataset.index],
+            "dataset_total_cell_count": per_dataset.to_numpy(dtype=np.int64),
+        }
+    )
+    for key, table in (("summary", summary), ("datasets", datasets)):
+        arrow = pa.Table.from_pandas(
+            table.assign(soma_joinid=np.arange(len(table), dtype=np.int64)), preserve_index=False
+        )
+        domain = [(0, len(table) - 1)]
+        with info.add_new_dataframe(key, schema=arrow.schema, domain=domain) as frame:
+            frame.write(arrow)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    """An integer (not a bool) of at least ``minimum``."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_real(value: object) -> bool:
+    """A finite, non-negative real number."""
+    return isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0
+
+
+def _site_name(site: int) -> str:
+    return f"site-{site}"
+
+
+def _stage(age: float) -> str:
+    return f"{round(age)}-year-old stage"
+
+
+def _codes(values: pd.Series, categories: list[str], column: str) -> np.ndarray:
+    """Category codes of ``values``; unknown values are an InputError."""
+    codes = pd.Categorical(values, categories=categories).codes
+    if (codes < 0).any():
+        bad = sorted(set(values[codes < 0]))
+        raise InputError(
+            f"donor table column {column!r} has unexpected values {bad}",
+            f"use values from {categories}",
+        )
+    return codes
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def _orthonormal(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """A random ``[rows, cols]`` matrix with orthonormal rows or columns (whichever fit)."""
+    q, _ = np.linalg.qr(rng.normal(size=(max(rows, cols), min(rows, cols))))
+    return q if rows >= cols else q.T

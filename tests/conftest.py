@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny simulated cohort written by the real writers (SOMA, h5ad,
+Census-shaped collection) and a bag store ingested from it."""
+
+from __future__ import annotations
+
+import pytest
+
+from sampleclr_scale.config import IngestConfig
+from sampleclr_scale.data import synthetic
+from sampleclr_scale.data.ingest import ingest
+
+META = ["dataset_id", "disease", "severity", "age", "sex", "assay"]
+
+
+@pytest.fixture(scope="session")
+def cohort_spec() -> synthetic.CohortSpec:
+    """24 donors of 60-400 cells, 30 genes, an 8-dim embedding, Census quirks included."""
+    return synthetic.CohortSpec(n_donors=24, min_cells=60, max_cells=400, n_genes=30,
+                                embedding_dim=8, duplicate_fraction=0.05,
+                                special_donor_cells=25, seed=7)
+
+
+@pytest.fixture(scope="session")
+def soma_uri(cohort_spec, tmp_path_factory) -> str:
+    """The cohort as a SOMA experiment."""
+    return str(synthetic.write_soma(cohort_spec, tmp_path_factory.mktemp("soma") / "exp"))
+
+
+@pytest.fixture(scope="session")
+def h5ad_path(cohort_spec, tmp_path_factory) -> str:
+    """The same cohort as an .h5ad file (row i = soma_joinid i)."""
+    return str(synthetic.write_h5ad(cohort_spec, tmp_path_factory.mktemp("h5ad") / "c.h5ad"))
+
+
+@pytest.fixture(scope="session")
+def census_uri(cohort_spec, tmp_path_factory) -> str:
+    """The same cohort as a Census-shaped SOMA collection."""
+    path = tmp_path_factory.mktemp("census") / "census"
+    return str(synthetic.write_soma(cohort_spec, path, census_like=True))
+
+
+def ingest_config(source: str, out, **overrides) -> IngestConfig:
+    """The test cohort's ingest settings, with ``overrides``."""
+    values = dict(source=source, out=str(out), features="obsm:scvi", meta=META,
+                  donor_key=["dataset_id", "donor_id"],
+                  cell_columns=["cell_type"], min_cells=40, stratify="disease",
+                  primary_only=True, seed=3)
+    values.update(overrides)
+    return IngestConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def store_path(soma_uri, tmp_path_factory) -> str:
+    """A bag store ingested from the SOMA experiment."""
+    out = tmp_path_factory.mktemp("store") / "bags.zarr"
+    ingest(ingest_config(soma_uri, out))
+    return str(out)
