@@ -52,12 +52,10 @@ from typing import NamedTuple
 import anndata
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import tiledbsoma
-import tiledbsoma.io
 from anndata.experimental import concat_on_disk
 from scipy import sparse
 
+from sampleclr_scale.data._soma_writer import write_census_collection, write_experiment
 from sampleclr_scale.errors import InputError
 
 __all__ = ["CohortSpec", "simulate_cells", "simulate_donors", "write_h5ad", "write_soma"]
@@ -89,11 +87,6 @@ _SEXES = ("female", "male", "unknown")
 _SEX_SIGN = (-1.0, 1.0, 0.0)
 _UNKNOWN = "unknown"
 _SPECIAL_DONORS = ("pooled", _UNKNOWN)
-_EXPERIMENT = "homo_sapiens"
-_MEASUREMENT = "RNA"
-_X_LAYER = "raw"
-_OBS_ID, _VAR_ID = "obs_id", "var_id"  # tiledbsoma's columns for the AnnData indexes
-_SOMA_TILE_EXTENT = 2048  # tiledbsoma's default tile extent of a sparse array dimension
 _DONOR_COLUMNS = ("dataset_id", "donor_id", "disease", "severity", "age", "sex", "assay", "n_cells")
 
 _LATENT_DIM = 16
@@ -363,19 +356,13 @@ def write_soma(
     str
         The URI written: the experiment, or the collection when ``census_like``.
     """
+    chunks = simulate_cells(spec, simulate_donors(spec), chunk_cells)
+    width = max(spec.n_genes, spec.embedding_dim)
     with _staged_output(uri) as staged:
-        if not census_like:
-            _write_experiment(spec, str(staged), chunk_cells)
+        if census_like:
+            write_census_collection(str(staged), chunks, width, n_donors=spec.n_donors)
         else:
-            with tiledbsoma.Collection.create(str(staged)) as census:
-                census.add_new_collection("census_info")
-                census.add_new_collection("census_data")
-            experiment_uri = str(staged / "census_data" / _EXPERIMENT)
-            counts = _write_experiment(spec, experiment_uri, chunk_cells)
-            with tiledbsoma.Collection.open(str(staged), mode="w") as census:
-                with tiledbsoma.Experiment.open(experiment_uri) as experiment:
-                    census["census_data"].set(_EXPERIMENT, experiment)
-                _write_census_info(census["census_info"], counts, spec.n_donors)
+            write_experiment(str(staged), chunks, width)
     return str(Path(uri))
 
 
@@ -614,102 +601,6 @@ def _staged_output(path: str | Path) -> Iterator[Path]:
         staged.rename(target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _write_experiment(spec: CohortSpec, uri: str, chunk_cells: int) -> pd.Series:
-    """Write the cohort chunk by chunk to a new SOMA Experiment.
-
-    Returns the cell counts by ``(dataset_id, is_primary_data)``.
-    """
-    # Cells arrive in joinid order, so the coordinates of every matrix are already in
-    # TileDB's global order when all columns fit in one tile: skip the costly sort then.
-    fits_one_tile = max(spec.n_genes, spec.embedding_dim) <= _SOMA_TILE_EXTENT
-    options = {
-        "X_layer_name": _X_LAYER,
-        "uns_keys": [],
-        "platform_config": {"tiledb": {"write": {"sort_coords": not fits_one_tile}}},
-    }
-    counts: list[pd.Series] = []
-    n_written = 0
-    for chunk in simulate_cells(spec, simulate_donors(spec), chunk_cells):
-        # tiledbsoma sizes its write batches row by row in Python for a csr_matrix, but
-        # from whole slices for other sparse types: csr_array is the fast path.
-        chunk.X = sparse.csr_array(chunk.X)
-        mapping = _registration(uri, chunk, n_written) if n_written else None
-        tiledbsoma.io.from_anndata(
-            uri, chunk, _MEASUREMENT, registration_mapping=mapping, **options
-        )
-        n_written += chunk.n_obs
-        keys = [chunk.obs["dataset_id"].astype(str), chunk.obs["is_primary_data"]]
-        counts.append(chunk.obs.groupby(keys).size())
-    return pd.concat(counts).groupby(level=[0, 1]).sum()
-
-
-def _registration(
-    uri: str, chunk: anndata.AnnData, offset: int
-) -> tiledbsoma.io.ExperimentAmbientLabelMapping:
-    """Register ``chunk`` as obs rows ``offset, offset + 1, ...`` of the experiment at ``uri``.
-
-    ``register_anndatas(uri, chunk)`` would read every obs id written so far, so time and
-    memory would grow with the cohort. Cell ids are unique by construction: register the
-    chunk on its own and shift its joinids past the rows already written.
-    """
-    alone = tiledbsoma.io.register_anndatas(
-        None,
-        chunk,
-        measurement_name=_MEASUREMENT,
-        obs_field_name=_OBS_ID,
-        var_field_name=_VAR_ID,
-        append_obsm_varm=True,
-    )
-    obs = alone.obs_axis
-    shifted = type(obs)(
-        field_name=obs.field_name,
-        joinid_map=obs.joinid_map + offset,
-        enum_values=obs.enum_values,
-        allow_duplicate_ids=obs.allow_duplicate_ids,
-    )
-    mapping = type(alone)(obs_axis=shifted, var_axes=alone.var_axes)
-    mapping.prepare_experiment(uri)
-    return mapping
-
-
-def _write_census_info(info: tiledbsoma.Collection, counts: pd.Series, n_donors: int) -> None:
-    """Write Census-style ``summary`` and ``datasets`` tables from the cell counts."""
-    per_dataset = counts.groupby(level=0).sum()
-    summary = pd.DataFrame(
-        {
-            "label": [
-                "census_schema_version",
-                "dataset_schema_version",
-                "total_cell_count",
-                "unique_cell_count",
-                "number_donors_homo_sapiens",
-            ],
-            "value": [
-                "2.4.0",
-                "synthetic (sampleclr_scale.data.synthetic)",
-                str(counts.sum()),
-                str(counts.xs(True, level=1).sum()),
-                str(n_donors),
-            ],
-        }
-    )
-    datasets = pd.DataFrame(
-        {
-            "collection_name": "sampleclr_scale synthetic cohort",
-            "dataset_id": per_dataset.index.astype(str),
-            "dataset_title": [f"Synthetic blood cohort, {d}" for d in per_dataset.index],
-            "dataset_total_cell_count": per_dataset.to_numpy(dtype=np.int64),
-        }
-    )
-    for key, table in (("summary", summary), ("datasets", datasets)):
-        arrow = pa.Table.from_pandas(
-            table.assign(soma_joinid=np.arange(len(table), dtype=np.int64)), preserve_index=False
-        )
-        domain = [(0, len(table) - 1)]
-        with info.add_new_dataframe(key, schema=arrow.schema, domain=domain) as frame:
-            frame.write(arrow)
 
 
 # ---------------------------------------------------------------------------- helpers
