@@ -113,6 +113,37 @@ def _run_train(args: argparse.Namespace) -> None:
                       "epochs": len(result.history), "last_epoch": last}, indent=2))
 
 
+# --- prior ------------------------------------------------------------------------------
+
+def _add_prior(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prior", help="build a donor-similarity prior for X-CLR",
+                       description="Compute a donor x donor similarity from a bag store and "
+                       "store it in the store (priors/KIND): pseudobulk cosine, or GloScope "
+                       "(symmetrised kNN KL divergence, exp(-D/scale)); all pairs for small "
+                       "cohorts, each donor's nearest donors for large ones (Ray tasks).")
+    p.add_argument("--store", required=True)
+    p.add_argument("--kind", required=True, choices=["pseudobulk", "gloscope"])
+    p.add_argument("--k", type=int, default=25, help="kNN of the KL estimator")
+    p.add_argument("--cells", type=int, default=300, help="cells per donor (gloscope)")
+    p.add_argument("--pcs", type=int, default=10, help="principal components (gloscope)")
+    p.add_argument("--scale", type=float, default=5.0, help="similarity exp(-D/scale)")
+    p.add_argument("--neighbours", type=int, help="nearest donors per donor (sparse mode)")
+    p.add_argument("--dense-limit", type=int, default=500,
+                   help="all pairs up to this many donors, sparse above")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_prior)
+
+
+def _run_prior(args: argparse.Namespace) -> None:
+    from sampleclr_scale.train.prior import build_prior, prior_summary, save_prior
+
+    prior = build_prior(args.store, args.kind, k=args.k, cells_per_donor=args.cells,
+                        n_pcs=args.pcs, scale=args.scale, neighbours=args.neighbours,
+                        dense_limit=args.dense_limit, seed=args.seed)
+    where = save_prior(args.store, prior)
+    print(json.dumps({"prior": str(where), **prior_summary(prior)}, indent=2))
+
+
 # --- simulate ---------------------------------------------------------------------------
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -163,6 +194,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--workdir", default="bench_out/ingest", help="scratch directory")
     ingest.add_argument("--json", required=True, help="file to save the figures to")
     ingest.set_defaults(run=_run_bench("ingest"))
+    prior = kinds.add_parser("prior", help="prior build time for 100 / 1,000 / 5,000 donors")
+    prior.add_argument("--donors", type=int, nargs="+", default=[100, 1000, 5000])
+    prior.add_argument("--cells", type=int, default=300, help="cells per donor subsample")
+    prior.add_argument("--workdir", default="bench_out/prior", help="scratch directory")
+    prior.add_argument("--json", required=True, help="file to save the figures to")
+    prior.set_defaults(run=_run_bench("prior"))
+    training = kinds.add_parser("train", help="training throughput and 1 -> N worker scaling")
+    training.add_argument("--store", required=True)
+    training.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    training.add_argument("--preset", choices=["small", "large"], default="large")
+    training.add_argument("--batch-size", type=int, default=32)
+    training.add_argument("--cells-per-view", type=int, default=1000)
+    training.add_argument("--epochs", type=int, default=3)
+    training.add_argument("--json", required=True, help="file to save the figures to")
+    training.set_defaults(run=_run_bench("train"))
 
 
 def _run_bench(kind: str) -> Callable[[argparse.Namespace], None]:
@@ -201,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_ingest, _add_train, _add_bench, _add_demo):
+    for add in (_add_simulate, _add_ingest, _add_prior, _add_train, _add_bench, _add_demo):
         add(sub)
     return parser
 

@@ -105,9 +105,9 @@ class IngestConfig(StageConfig):
     """Storage type of the feature matrix."""
     chunk_rows: int = Field(default=4096, ge=64)
     """Rows per Zarr chunk of the feature matrix."""
-    read_block: int = Field(default=131_072, ge=1024)
+    read_block: int = Field(default=65_536, ge=1024)
     """Cells read from the source per sequential block."""
-    bucket_bytes: int = Field(default=256 * 2**20, ge=2**20)
+    bucket_bytes: int = Field(default=128 * 2**20, ge=2**20)
     """Feature bytes held in memory while a block of donors is reordered."""
     overwrite: bool = False
     """Replace an existing store (atomically, after the new one is complete)."""

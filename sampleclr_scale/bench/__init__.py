@@ -33,6 +33,11 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
         from sampleclr_scale.bench.ingest import bench_ingest
 
         figures = bench_ingest(args.cells, dim=args.dim, workdir=Path(args.workdir))
+    elif kind == "prior":
+        from sampleclr_scale.bench.prior import bench_prior
+
+        figures = bench_prior(tuple(args.donors), cells_per_donor=args.cells,
+                              workdir=Path(args.workdir))
     elif kind == "train":
         from sampleclr_scale.bench.train import bench_train
 

@@ -63,11 +63,12 @@ def bench_prior(
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init()
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    ray.get([_warm_up.remote() for _ in range(cpus)])
-    figures: dict = {"cells_per_donor": cells_per_donor, "dim": dim, "ray_cpus": cpus,
-                     "ray_start_seconds": round(time.perf_counter() - start, 2), "runs": []}
     try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        ray.get([_warm_up.remote() for _ in range(cpus)])
+        figures: dict = {"cells_per_donor": cells_per_donor, "dim": dim, "ray_cpus": cpus,
+                         "ray_start_seconds": round(time.perf_counter() - start, 2),
+                         "runs": []}
         for n_donors in sizes:
             mark = time.perf_counter()
             store = workdir / f"prior_bench_{n_donors}.zarr"

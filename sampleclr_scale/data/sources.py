@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from sampleclr_scale.errors import InputError
 
 CENSUS_PREFIX = "census"
+_OBS_BLOCK = 1 << 20  # obs rows read at a time
 
 
 def filter_columns(expr: str) -> list[str]:
@@ -114,18 +115,19 @@ class CellSource(ABC):
             )
 
 
-def _locate(joinids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _locate(joinids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | slice]:
     """Positions in sorted ``joinids`` of those ``ids`` it contains, and which ids those are.
 
-    A lookup table over the span when it is dense (linear time), else binary search.
+    ``ids`` come from a read of the span ``joinids[0]..joinids[-1]`` (dense) or of the
+    points ``joinids`` themselves. A dense span uses a lookup table (linear time), points
+    a binary search.
     """
     if _dense_span(joinids):
         lookup = np.full(int(joinids[-1] - joinids[0]) + 1, -1, dtype=np.int64)
         lookup[joinids - joinids[0]] = np.arange(len(joinids))
-        offset = ids - joinids[0]
-        inside = (offset >= 0) & (offset < len(lookup))
-        pos = np.full(len(ids), -1, dtype=np.int64)
-        pos[inside] = lookup[offset[inside]]
+        pos = lookup[ids - joinids[0]]
+        if len(lookup) == len(joinids):  # every id of the span is wanted
+            return pos, slice(None)
         keep = pos >= 0
         return pos[keep], keep
     pos = np.minimum(np.searchsorted(joinids, ids), len(joinids) - 1)
@@ -199,16 +201,27 @@ class SomaSource(CellSource):
         import tiledbsoma
 
         try:
-            table = self._exp.obs.read(
-                column_names=["soma_joinid", *columns], value_filter=obs_filter
-            ).concat()
+            # batch by batch, so only the compact pandas form (categorical codes) of all
+            # cells is ever held, not the Arrow tables as well
+            frames = [
+                table.to_pandas()
+                for lo in range(0, self._max_joinid() + 1, _OBS_BLOCK)
+                for table in self._exp.obs.read(
+                    coords=(slice(lo, lo + _OBS_BLOCK - 1),),
+                    column_names=["soma_joinid", *columns], value_filter=obs_filter)
+            ]
         except (tiledbsoma.SOMAError, ValueError) as err:
             raise InputError(
                 f"obs filter {obs_filter!r} was refused by {self.uri}: {err}",
                 "use the SOMA value-filter syntax on existing obs columns",
             ) from None
-        frame = table.to_pandas()
+        frame = pd.concat(frames, ignore_index=True) if len(frames) != 1 else frames[0]
         return frame.rename(columns={"soma_joinid": "joinid"})
+
+    def _max_joinid(self) -> int:
+        """The largest obs ``soma_joinid`` in use (from the array's non-empty domain)."""
+        domain = self._exp.obs.non_empty_domain()
+        return int(domain[0][1]) if domain and domain[0] else -1
 
     def embedding_names(self) -> list[str]:
         return sorted(self._ms.obsm.keys()) if "obsm" in self._ms else []

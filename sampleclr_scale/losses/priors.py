@@ -4,13 +4,13 @@ Pure numpy, no I/O: ``sampleclr_scale.train.prior`` reads the cells from a bag s
 runs these functions in parallel and stores the result.
 
 - Pseudobulk: the cosine similarity of the donors' mean cell features.
-- GloScope (Wang et al., "GloScope: representing patient-level single-cell data...",
-  Genome Biology 2024): the symmetrised Kullback-Leibler divergence between two donors'
-  cell densities on a few principal components, estimated from samples by the
-  k-nearest-neighbour estimator of Wang, Kulkarni & Verdu, "Divergence estimation for
-  multidimensional densities via k-nearest-neighbor distances", IEEE Trans. Inf. Theory
-  55(5), 2392-2405, 2009. SampleCLR turns divergences into similarities by
-  ``exp(-D / 5)``.
+- GloScope (Wang, Torous, Gong & Purdom, "Visualizing scRNA-Seq data at population
+  scale with GloScope", Genome Biology 2024): the symmetrised Kullback-Leibler
+  divergence between two donors' cell densities on a few principal components,
+  estimated from samples by the k-nearest-neighbour estimator of Wang, Kulkarni & Verdu,
+  "Divergence estimation for multidimensional densities via k-nearest-neighbor
+  distances", IEEE Trans. Inf. Theory 55(5), 2392-2405, 2009. SampleCLR turns the
+  divergences into similarities ``exp(-D / 5)``.
 
 Distances are brute force (a donor's subsample is a few hundred cells): squared
 Euclidean distances from one matrix product, the k-th smallest by ``np.partition``.
