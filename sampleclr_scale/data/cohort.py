@@ -56,7 +56,11 @@ def _effective_filter(config: IngestConfig) -> str | None:
 
 
 def select_cohort(source: CellSource, config: IngestConfig) -> Cohort:
-    """Read the obs columns a cohort needs and group its cells into donors.
+    """Read the obs columns a cohort needs, block by block, and group its cells into donors.
+
+    Per cell only a compact index is kept (source id, donor, the cell-level columns as
+    categorical codes); donor-level columns are reduced to value counts per donor as the
+    blocks stream by.
 
     Raises
     ------
@@ -72,81 +76,121 @@ def select_cohort(source: CellSource, config: IngestConfig) -> Cohort:
         source.check_columns(filter_columns(config.obs_filter), "--obs-filter")
     columns = list(dict.fromkeys([*config.donor_key, *config.meta, *config.cell_columns]))
     obs_filter = _effective_filter(config)
-    obs = source.read_obs(columns, obs_filter)
-    counts = {"cells_matching_filter": len(obs)}
-    if obs.empty:
+    index = _ObsIndex(config)
+    for block in source.iter_obs(columns, obs_filter):
+        index.add(block)
+    if index.n_cells == 0:
         raise InputError(
             f"no cell of {source.uri} passes the obs filter {obs_filter!r}",
             "loosen --obs-filter (check the values with the source's obs table)",
         )
-    obs = obs.sort_values("joinid", kind="stable").reset_index(drop=True)
-
-    groups = obs.groupby(config.donor_key, observed=True, sort=True, dropna=False)
-    group = groups.ngroup().to_numpy()
-    keys = groups.size().reset_index(name="n_cells")  # one row per group, in group order
-    names = keys[config.donor_key].astype(str).agg(DONOR_SEPARATOR.join, axis=1).to_numpy()
-    special = keys[config.donor_key].astype(str).isin(config.drop_donors).any(axis=1).to_numpy()
-    counts["cells_of_special_donors"] = int(keys["n_cells"][special].sum())
-    small = ~special & (keys["n_cells"].to_numpy() < config.min_cells)
-    counts["donors_below_min_cells"] = int(small.sum())
-    counts["cells_of_donors_below_min_cells"] = int(keys["n_cells"][small].sum())
-    if small.any():
-        log.info("dropped %d donors with fewer than %d cells (%d cells)",
-                 int(small.sum()), config.min_cells, counts["cells_of_donors_below_min_cells"])
-    kept = ~special & ~small
-    if not kept.any():
-        largest = int(keys["n_cells"][~special].max()) if (~special).any() else 0
-        raise InputError(
-            f"all {int((~special).sum())} donors have fewer than --min-cells "
-            f"{config.min_cells} cells (largest: {largest})",
-            "lower --min-cells or widen the cohort",
-        )
-    order = np.flatnonzero(kept)[np.argsort(names[kept], kind="stable")]
-    position = np.full(len(keys), -1, dtype=np.int64)
-    position[order] = np.arange(len(order))
-    kept_names = names[order]
-    code = position[group]
-    keep = code >= 0
-    obs, code = obs[keep].reset_index(drop=True), code[keep]
-    counts["cells"] = len(obs)
-    counts["donors"] = len(kept_names)
-
-    donors = _donor_table(obs, code, kept_names, config)
-    donors["split"] = split_donors(donors, config.val_fraction, config.stratify,
-                                   config.group_by, config.seed)
-    return Cohort(
-        joinid=obs["joinid"].to_numpy(np.int64),
-        donor=code,
-        donors=donors,
-        cells=obs[config.cell_columns].reset_index(drop=True),
-        counts=counts,
-    )
+    return index.cohort()
 
 
-def _donor_table(
-    obs: pd.DataFrame, code: np.ndarray, names: np.ndarray, config: IngestConfig
-) -> pd.DataFrame:
-    """One row per donor; a metadata column takes the donor's most frequent value."""
-    columns = list(dict.fromkeys([*config.donor_key, *config.meta]))
-    table = pd.DataFrame({"donor": names})
-    mixed = []
-    for column in columns:
-        pairs = pd.DataFrame({"donor": code, "value": obs[column]})
-        sizes = pairs.groupby(["donor", "value"], observed=True, dropna=True).size()
-        by_count = sizes.sort_values(ascending=False, kind="stable").reset_index()
-        top = by_count.drop_duplicates("donor").set_index("donor")["value"]
-        values = top.reindex(np.arange(len(names)))
-        if isinstance(obs[column].dtype, pd.CategoricalDtype):
-            values = pd.Categorical(values, categories=obs[column].cat.categories)
-        table[column] = values
-        n_distinct = sizes.groupby(level="donor").size()
-        if (n_distinct > 1).any():
-            mixed.append(f"{column} ({int((n_distinct > 1).sum())} donors)")
-    if mixed:
-        log.warning("donor-level columns vary within donors, most frequent value kept: %s",
-                    ", ".join(mixed))
-    table["n_cells"] = np.bincount(code, minlength=len(names)).astype(np.int64)
-    return table
+class _ObsIndex:
+    """Accumulates obs blocks into a compact per-cell index and per-donor value counts."""
+
+    def __init__(self, config: IngestConfig) -> None:
+        self.config = config
+        self.keys: dict[tuple, int] = {}  # donor key values -> group id
+        self.joinid: list[np.ndarray] = []
+        self.group: list[np.ndarray] = []
+        self.cells: list[pd.DataFrame] = []
+        self.value_counts: dict[str, list[pd.Series]] = {c: [] for c in self._meta_columns}
+        self.n_cells = 0
+
+    @property
+    def _meta_columns(self) -> list[str]:
+        return list(dict.fromkeys([*self.config.donor_key, *self.config.meta]))
+
+    def add(self, block: pd.DataFrame) -> None:
+        """Index one block of obs rows (with a ``joinid`` column)."""
+        if block.empty:
+            return
+        groups = block.groupby(self.config.donor_key, observed=True, sort=False, dropna=False)
+        local = groups.ngroup().to_numpy()
+        first = groups.size().index  # key tuples in local group order
+        first = first if isinstance(first, pd.MultiIndex) else [(k,) for k in first]
+        ids = np.array([self.keys.setdefault(tuple(k), len(self.keys)) for k in first],
+                       dtype=np.int32)
+        group = ids[local]
+        self.joinid.append(block["joinid"].to_numpy(np.int64))
+        self.group.append(group)
+        self.cells.append(block[self.config.cell_columns])
+        for column in self._meta_columns:
+            pairs = pd.DataFrame({"group": group, "value": block[column].to_numpy()})
+            self.value_counts[column].append(
+                pairs.groupby(["group", "value"], dropna=True).size())
+        self.n_cells += len(block)
+
+    def cohort(self) -> Cohort:
+        """Drop special and small donors, order donors by name, split them."""
+        config = self.config
+        joinid = np.concatenate(self.joinid)
+        group = np.concatenate(self.group)
+        cells = pd.concat(self.cells, ignore_index=True) if len(self.cells) > 1 else self.cells[0]
+        self.joinid = self.group = self.cells = []
+        if not np.all(joinid[1:] > joinid[:-1]):
+            order = np.argsort(joinid, kind="stable")
+            joinid, group, cells = joinid[order], group[order], cells.iloc[order]
+        counts = {"cells_matching_filter": len(joinid)}
+
+        key_values = np.array(list(self.keys), dtype=object).reshape(len(self.keys), -1)
+        sizes = np.bincount(group, minlength=len(self.keys))
+        names = np.array([DONOR_SEPARATOR.join(map(str, k)) for k in key_values])
+        special = np.isin(key_values.astype(str), config.drop_donors).any(axis=1)
+        small = ~special & (sizes < config.min_cells)
+        counts["cells_of_special_donors"] = int(sizes[special].sum())
+        counts["donors_below_min_cells"] = int(small.sum())
+        counts["cells_of_donors_below_min_cells"] = int(sizes[small].sum())
+        if small.any():
+            log.info("dropped %d donors with fewer than %d cells (%d cells)",
+                     int(small.sum()), config.min_cells,
+                     counts["cells_of_donors_below_min_cells"])
+        kept = ~special & ~small
+        if not kept.any():
+            largest = int(sizes[~special].max()) if (~special).any() else 0
+            raise InputError(
+                f"all {int((~special).sum())} donors have fewer than --min-cells "
+                f"{config.min_cells} cells (largest: {largest})",
+                "lower --min-cells or widen the cohort",
+            )
+        order = np.flatnonzero(kept)[np.argsort(names[kept], kind="stable")]
+        position = np.full(len(names), -1, dtype=np.int32)
+        position[order] = np.arange(len(order), dtype=np.int32)
+        donor = position[group]
+        keep = donor >= 0
+        if not keep.all():
+            joinid, donor = joinid[keep], donor[keep]
+            cells = cells[keep]
+        counts["cells"] = len(joinid)
+        counts["donors"] = len(order)
+
+        donors = self._donor_table(names[order], order, position, sizes[order])
+        donors["split"] = split_donors(donors, config.val_fraction, config.stratify,
+                                       config.group_by, config.seed)
+        return Cohort(joinid=joinid, donor=donor, donors=donors,
+                      cells=cells.reset_index(drop=True), counts=counts)
+
+    def _donor_table(self, names: np.ndarray, groups: np.ndarray, position: np.ndarray,
+                     sizes: np.ndarray) -> pd.DataFrame:
+        """One row per kept donor; a metadata column takes the donor's most frequent value."""
+        table = pd.DataFrame({"donor": names})
+        mixed = []
+        for column in self._meta_columns:
+            counts = pd.concat(self.value_counts[column]).groupby(level=[0, 1]).sum()
+            counts = counts[position[counts.index.get_level_values(0)] >= 0]
+            by_count = counts.sort_values(ascending=False, kind="stable").reset_index()
+            top = by_count.drop_duplicates("group").set_index("group")["value"]
+            table[column] = top.reindex(groups).to_numpy()
+            n_distinct = counts.groupby(level=0).size()
+            if (n_distinct > 1).any():
+                mixed.append(f"{column} ({int((n_distinct > 1).sum())} donors)")
+        if mixed:
+            log.warning("donor-level columns vary within donors, most frequent value kept: %s",
+                        ", ".join(mixed))
+        table["n_cells"] = sizes.astype(np.int64)
+        return table
 
 
 def split_donors(

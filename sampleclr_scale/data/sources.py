@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -63,8 +64,9 @@ class CellSource(ABC):
         """Names of the obs columns."""
 
     @abstractmethod
-    def read_obs(self, columns: list[str], obs_filter: str | None) -> pd.DataFrame:
-        """Obs rows passing ``obs_filter`` with ``columns`` plus an int64 ``joinid`` column."""
+    def iter_obs(self, columns: list[str], obs_filter: str | None) -> Iterator[pd.DataFrame]:
+        """Blocks of the obs rows passing ``obs_filter``, in increasing ``joinid`` order, with
+        ``columns`` plus an int64 ``joinid`` column."""
 
     @abstractmethod
     def embedding_names(self) -> list[str]:
@@ -197,26 +199,21 @@ class SomaSource(CellSource):
     def obs_columns(self) -> list[str]:
         return self._obs_columns
 
-    def read_obs(self, columns: list[str], obs_filter: str | None) -> pd.DataFrame:
+    def iter_obs(self, columns: list[str], obs_filter: str | None) -> Iterator[pd.DataFrame]:
         import tiledbsoma
 
-        try:
-            # batch by batch, so only the compact pandas form (categorical codes) of all
-            # cells is ever held, not the Arrow tables as well
-            frames = [
-                table.to_pandas()
-                for lo in range(0, self._max_joinid() + 1, _OBS_BLOCK)
-                for table in self._exp.obs.read(
+        for lo in range(0, self._max_joinid() + 1, _OBS_BLOCK):
+            try:
+                tables = list(self._exp.obs.read(
                     coords=(slice(lo, lo + _OBS_BLOCK - 1),),
-                    column_names=["soma_joinid", *columns], value_filter=obs_filter)
-            ]
-        except (tiledbsoma.SOMAError, ValueError) as err:
-            raise InputError(
-                f"obs filter {obs_filter!r} was refused by {self.uri}: {err}",
-                "use the SOMA value-filter syntax on existing obs columns",
-            ) from None
-        frame = pd.concat(frames, ignore_index=True) if len(frames) != 1 else frames[0]
-        return frame.rename(columns={"soma_joinid": "joinid"})
+                    column_names=["soma_joinid", *columns], value_filter=obs_filter))
+            except (tiledbsoma.SOMAError, ValueError) as err:
+                raise InputError(
+                    f"obs filter {obs_filter!r} was refused by {self.uri}: {err}",
+                    "use the SOMA value-filter syntax on existing obs columns",
+                ) from None
+            for table in tables:
+                yield table.to_pandas().rename(columns={"soma_joinid": "joinid"})
 
     def _max_joinid(self) -> int:
         """The largest obs ``soma_joinid`` in use (from the array's non-empty domain)."""
@@ -322,23 +319,26 @@ class H5adSource(CellSource):
     def obs_columns(self) -> list[str]:
         return self._obs_columns
 
-    def read_obs(self, columns: list[str], obs_filter: str | None) -> pd.DataFrame:
+    def iter_obs(self, columns: list[str], obs_filter: str | None) -> Iterator[pd.DataFrame]:
         from anndata.io import read_elem
 
         in_filter = filter_columns(obs_filter) if obs_filter else []
         needed = list(dict.fromkeys([*columns, *in_filter]))
         self.check_columns(needed, "the obs filter or cohort")
-        frame = pd.DataFrame({c: read_elem(self._file["obs"][c]) for c in needed})
-        frame.insert(0, "joinid", np.arange(self._n_obs, dtype=np.int64))
-        if obs_filter:
-            try:
-                frame = frame.query(obs_filter, engine="python")
-            except Exception as err:  # pandas raises many types for a bad expression
-                raise InputError(
-                    f"obs filter {obs_filter!r} failed on {self.uri}: {err}",
-                    "use the SOMA value-filter syntax on existing obs columns",
-                ) from None
-        return frame[["joinid", *columns]].reset_index(drop=True)
+        for lo in range(0, self._n_obs, _OBS_BLOCK):
+            hi = min(lo + _OBS_BLOCK, self._n_obs)
+            frame = pd.DataFrame({c: _read_rows(self._file["obs"][c], lo, hi, read_elem)
+                                  for c in needed})
+            frame.insert(0, "joinid", np.arange(lo, hi, dtype=np.int64))
+            if obs_filter:
+                try:
+                    frame = frame.query(obs_filter, engine="python")
+                except Exception as err:  # pandas raises many types for a bad expression
+                    raise InputError(
+                        f"obs filter {obs_filter!r} failed on {self.uri}: {err}",
+                        "use the SOMA value-filter syntax on existing obs columns",
+                    ) from None
+            yield frame[["joinid", *columns]]
 
     def embedding_names(self) -> list[str]:
         return sorted(self._file["obsm"].keys()) if "obsm" in self._file else []
@@ -387,6 +387,20 @@ class H5adSource(CellSource):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._file.close()
+
+
+def _read_rows(elem, lo: int, hi: int, read_elem) -> pd.Series | np.ndarray:
+    """Rows ``lo:hi`` of an h5ad obs column: a plain dataset, or a categorical group
+    (codes + categories) read without loading the other rows."""
+    if hasattr(elem, "shape"):  # an HDF5 dataset
+        import h5py
+
+        return (elem.asstr() if h5py.check_string_dtype(elem.dtype) else elem)[lo:hi]
+    if "codes" in elem and "categories" in elem:
+        categories = read_elem(elem["categories"])
+        return pd.Categorical.from_codes(elem["codes"][lo:hi], categories=categories,
+                                         ordered=bool(elem.attrs.get("ordered", False)))
+    return read_elem(elem)[lo:hi]  # other encodings (nullable arrays): read, then slice
 
 
 def open_source(spec: str, measurement: str = "RNA", organism: str = "homo_sapiens") -> CellSource:
