@@ -144,6 +144,33 @@ def _run_prior(args: argparse.Namespace) -> None:
     print(json.dumps({"prior": str(where), **prior_summary(prior)}, indent=2))
 
 
+# --- evaluate ---------------------------------------------------------------------------
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="SPARE metrics against baselines, report with plots",
+                       description="Score donor embeddings with the SPARE metrics (kNN "
+                       "information retention, batch mixing, trajectory, replicates) next to "
+                       "pseudobulk, cell-type composition, random vectors and GloScope.")
+    p.add_argument("--embeddings", nargs="+", required=True,
+                   help="embedding directories (from embed); NAME=PATH to name one; "
+                   "NAME_seedN runs are averaged")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--config", help="YAML file with EvaluateConfig keys (covariates)")
+    p.add_argument("--runs", nargs="*", default=None,
+                   help="training runs whose curves to draw (default: from provenance)")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from sampleclr_scale.evaluate import EvaluateConfig, evaluate, headline
+
+    config = EvaluateConfig.from_yaml(args.config) if args.config else EvaluateConfig()
+    metrics = evaluate(args.embeddings, args.store, args.out, config, run_dirs=args.runs)
+    print(headline(metrics))
+    print(f"report: {Path(args.out) / 'report.md'}")
+
+
 # --- simulate ---------------------------------------------------------------------------
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -247,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_ingest, _add_prior, _add_train, _add_bench, _add_demo):
+    for add in (_add_simulate, _add_ingest, _add_prior, _add_train, _add_evaluate, _add_bench,
+                _add_demo):
         add(sub)
     return parser
 

@@ -1,0 +1,153 @@
+"""Baseline donor representations computed from a bag store, for comparison with SampleCLR.
+
+- Pseudobulk: each donor's mean cell features (read in blocks of whole donors, so memory
+  is bounded by the block size, not by the store).
+- Cell-type composition: each donor's fractions of cell types, from the cell table.
+- Random vectors: the floor every method should clear.
+- GloScope (Wang et al. 2024): the divergences behind the store's ``gloscope`` prior,
+  when one was built with all pairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.errors import InputError
+
+_BLOCK_ROWS = 1 << 18  # feature rows read per block when averaging
+
+
+def pseudobulk(store: BagStore, block_rows: int = _BLOCK_ROWS) -> np.ndarray:
+    """Mean cell features of every donor.
+
+    Parameters
+    ----------
+    store : BagStore
+        The bag store.
+    block_rows : int
+        Rows read at once: consecutive donors are grouped until a group would exceed this
+        (a larger donor is read alone).
+
+    Returns
+    -------
+    np.ndarray
+        ``[n_donors, d]`` float64 means (zeros for a donor without cells).
+    """
+    ptr = store.donor_ptr
+    means = np.zeros((store.n_donors, store.dim))
+    for first, stop in _donor_blocks(ptr, block_rows):
+        a, b = int(ptr[first]), int(ptr[stop])
+        rows = np.asarray(store.features[a:b], dtype=np.float64)
+        cumulative = np.vstack([np.zeros((1, store.dim)), np.cumsum(rows, axis=0)])
+        local = ptr[first : stop + 1] - a
+        counts = np.diff(local)[:, None]
+        sums = cumulative[local[1:]] - cumulative[local[:-1]]
+        means[first:stop] = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    return means
+
+
+def composition(store: BagStore, column: str = "cell_type") -> np.ndarray:
+    """Cell-type fractions of every donor, from the store's cell table.
+
+    Parameters
+    ----------
+    store : BagStore
+        The bag store (with a cell table).
+    column : str
+        Cell-table column holding the cell type.
+
+    Returns
+    -------
+    np.ndarray
+        ``[n_donors, n_types]`` fractions over the donor's annotated cells (rows sum to
+        1; zeros for a donor without annotated cells); columns are the sorted distinct
+        types, as :func:`cell_types` returns them.
+    """
+    codes, types = cell_types(store, column)
+    donor = np.repeat(np.arange(store.n_donors), store.cells_per_donor)
+    annotated = codes >= 0
+    counts = np.bincount(donor[annotated] * len(types) + codes[annotated],
+                         minlength=store.n_donors * len(types))
+    counts = counts.reshape(store.n_donors, len(types)).astype(np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def cell_types(store: BagStore, column: str = "cell_type") -> tuple[np.ndarray, list[str]]:
+    """Cell-type code of every store row (-1 where missing) and the sorted type names.
+
+    Raises
+    ------
+    InputError
+        If the store has no cell table or the table lacks ``column``.
+    """
+    try:
+        values = store.cell_table([column])[column]
+    except pa.ArrowInvalid:
+        raise InputError(f"the cell table of bag store {store.path} has no column {column!r}",
+                         f"re-ingest with --cell-columns {column}") from None
+    codes, uniques = pd.factorize(values)  # fast on the categorical column
+    names = np.array([str(u) for u in uniques], dtype=object)
+    order = np.argsort(names, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return np.where(codes >= 0, rank[codes], -1), names[order].tolist()
+
+
+def random_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    """Standard normal ``[n, dim]`` vectors from ``seed``: the chance-level representation."""
+    return np.random.default_rng(seed).standard_normal((n, dim))
+
+
+def gloscope_distances(store_path: str) -> np.ndarray | None:
+    """GloScope divergences between all donors, from the store's ``gloscope`` prior.
+
+    The prior stores similarities ``S = exp(-D / scale)`` (Wang et al. 2024, as SampleCLR
+    uses them); this inverts them to ``D = -scale * log(S)``. Pairs whose similarity
+    underflowed to 0 get twice the largest finite divergence.
+
+    Parameters
+    ----------
+    store_path : str
+        The bag store.
+
+    Returns
+    -------
+    np.ndarray or None
+        ``[n_donors, n_donors]`` float64 divergences; None when the prior module is not
+        importable, no gloscope prior is stored, or the prior holds only nearest pairs
+        (sparse mode).
+    """
+    try:
+        from sampleclr_scale.train.prior import available_priors, load_prior
+    except ImportError:
+        return None
+    if "gloscope" not in available_priors(store_path):
+        return None
+    prior = load_prior(store_path, "gloscope")
+    if prior.params.get("mode", "dense") != "dense":
+        return None
+    similarity = prior.to_dense().astype(np.float64)
+    with np.errstate(divide="ignore"):
+        D = -float(prior.params["scale"]) * np.log(similarity)
+    finite = np.isfinite(D)
+    D[~finite] = 2.0 * D[finite].max() if finite.any() else 1.0
+    D = np.maximum(D, 0.0)
+    np.fill_diagonal(D, 0.0)
+    return D
+
+
+def _donor_blocks(ptr: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
+    """Runs ``[first, stop)`` of consecutive donors with at most ``block_rows`` rows each
+    (a single larger donor forms its own run)."""
+    blocks, first = [], 0
+    n_donors = len(ptr) - 1
+    while first < n_donors:
+        stop = int(np.searchsorted(ptr, ptr[first] + block_rows, side="right")) - 1
+        stop = min(max(stop, first + 1), n_donors)
+        blocks.append((first, stop))
+        first = stop
+    return blocks

@@ -1,0 +1,424 @@
+"""The evaluation stage: SPARE scores of SampleCLR embeddings and baselines, and a report.
+
+Reads (contracts of the embed and train stages):
+
+- ``EMB/donor_embeddings.parquet``: ``donor_index`` (int64, the donor's position in the
+  store's donor table), ``donor`` (str) and ``z`` (fixed_size_list<float32>[D]);
+- ``EMB/cell_weights.parquet`` (optional): ``donor_index``, ``store_row`` (int64) and
+  ``head_0 .. head_{H-1}`` (float32), the weight of each chosen cell per head;
+- ``EMB/provenance.json`` (optional): ``checkpoint``, the training run directory;
+- ``RUN/metrics.jsonl``: one JSON object per epoch (``stage``, ``epoch``, ``train_loss``,
+  ``val_loss``, ...).
+
+Writes ``OUT/metrics.json`` (every number), ``OUT/report.md`` and ``OUT/figures/*.png``.
+
+Method names: an embedding directory is named by its directory name, or by ``NAME`` when
+given as ``NAME=PATH``. Runs named ``<method>_seed<N>`` belong to ``<method>``; a method's
+scores are the mean and sample standard deviation (ddof = 1) over its runs. The random
+baseline is the method ``random`` with runs ``random_seed0 ..``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.evaluate import baselines, report
+from sampleclr_scale.evaluate.config import EvaluateConfig
+from sampleclr_scale.evaluate.spare import cosine_distances, root_donor, spare_scores
+
+EMBEDDINGS_FILE = "donor_embeddings.parquet"
+WEIGHTS_FILE = "cell_weights.parquet"
+PROVENANCE_FILE = "provenance.json"
+RUN_METRICS_FILE = "metrics.jsonl"
+CELL_TYPE_COLUMN = "cell_type"
+BASELINES = ("pseudobulk", "composition", "gloscope", "random")
+_SEED_SUFFIX = re.compile(r"^(?P<method>.+)_seed\d+$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class _Run:
+    """One representation: its method, run name, distances, and vectors if any."""
+
+    method: str
+    name: str
+    kind: str  # "sampleclr" or "baseline"
+    D: np.ndarray
+    Z: np.ndarray | None = None
+    source: str | None = None
+
+
+def read_embeddings(emb_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Donor positions and vectors of an embedding directory.
+
+    Parameters
+    ----------
+    emb_dir : str or Path
+        Directory written by the embed stage.
+
+    Returns
+    -------
+    donor_index, Z
+        Int64 ``[n]`` positions in the store's donor table and float32 ``[n, D]`` vectors.
+
+    Raises
+    ------
+    InputError
+        If the file is missing or ``z`` is not a fixed-size list without nulls.
+    """
+    table = _embedding_table(emb_dir, ["donor_index", "z"])
+    z = table.column("z").combine_chunks()
+    if not pa.types.is_fixed_size_list(z.type) or z.null_count or z.values.null_count:
+        raise InputError(f"column z of {Path(emb_dir) / EMBEDDINGS_FILE} is {z.type} with "
+                         f"{z.null_count} nulls, not fixed_size_list<float32>[D] without nulls",
+                         "re-run `sampleclr-scale embed`")
+    Z = z.values.to_numpy(zero_copy_only=False).astype(np.float32)
+    donor_index = table.column("donor_index").to_numpy().astype(np.int64)
+    return donor_index, Z.reshape(len(z), z.type.list_size)
+
+
+def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig,
+             run_dirs: list[str] | None = None) -> dict[str, Any]:
+    """Score SampleCLR embeddings and the baselines with SPARE and write the report.
+
+    Parameters
+    ----------
+    embeddings : list of str
+        Embedding directories, each ``PATH`` (named by the directory) or ``NAME=PATH``;
+        ``<method>_seed<N>`` names are aggregated per method.
+    store : str
+        The bag store the embeddings were made from.
+    out : str
+        Report directory (created; files in it are overwritten).
+    config : EvaluateConfig
+        Covariates and settings.
+    run_dirs : list of str, optional
+        Training run directories whose curves are drawn; by default the ``checkpoint``
+        directories named in the embeddings' provenance, where they hold metrics.
+
+    Returns
+    -------
+    dict
+        What ``OUT/metrics.json`` holds: ``methods`` (name -> ``kind``, ``n_runs``,
+        ``runs`` with nested scores, flat ``mean`` and ``std``), ``columns`` (the flat
+        score keys), ``skipped`` baselines with the reason, ``cell_weights``,
+        ``training``, ``figures`` and the settings.
+    """
+    if not embeddings:
+        raise InputError("no embeddings to evaluate", "pass --embeddings EMB [EMB ...]")
+    bag = BagStore(store)
+    config.check_columns(bag.donors, str(bag.path))
+    selected = _selected_donors(bag, config.split)
+    donors = bag.donors.iloc[selected].reset_index(drop=True)
+    root = _trajectory_root(donors, config, str(bag.path))
+    named = _name_embeddings(embeddings)
+    logs = _training_logs(run_dirs, named)
+    runs = []
+    for name, path in named:
+        Z = _aligned(path, bag, selected)
+        runs.append(_Run(_method_of(name), name, "sampleclr", cosine_distances(Z), Z, str(path)))
+    skipped: dict[str, str] = {}
+    runs += _baseline_runs(bag, selected, config, runs[0].Z.shape[1], skipped)
+    methods = _score(runs, donors, config)
+    out_dir = Path(out)
+    fig_dir = out_dir / report.FIGURES_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    first: dict[str, _Run] = {}  # each SampleCLR method's first run
+    for run in runs:
+        if run.kind == "sampleclr":
+            first.setdefault(run.method, run)
+    method = report.map_method(len(selected))
+    map_paths = _map_figures(first, runs, donors, config, fig_dir, method)
+    weight_paths, weights = _cell_weight_figures(first, bag, selected, fig_dir, skipped)
+    curve_paths, training = _training_figures(logs, fig_dir)
+    metrics = {
+        "store": str(bag.path),
+        "n_donors": len(selected),
+        "config": config.model_dump(mode="json"),
+        "trajectory_root": None if root is None else str(donors["donor"].iloc[root]),
+        "map_method": method,
+        "columns": _score_keys(config),
+        "methods": methods,
+        "skipped": skipped,
+        "cell_weights": weights,
+        "training": training,
+        "figures": {kind: {name: str(p.relative_to(out_dir)) for name, p in paths.items()}
+                    for kind, paths in (("maps", map_paths), ("cell_weights", weight_paths),
+                                        ("training", curve_paths))},
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    report.write_report(metrics, out_dir)
+    return metrics
+
+
+# ---- inputs ------------------------------------------------------------------------
+
+
+def _embedding_table(emb_dir: str | Path, columns: list[str]) -> pa.Table:
+    path = Path(emb_dir) / EMBEDDINGS_FILE
+    if not path.is_file():
+        raise InputError(f"{emb_dir} has no {EMBEDDINGS_FILE}",
+                         "pass a directory written by `sampleclr-scale embed`")
+    try:
+        return pq.read_table(path, columns=columns)
+    except pa.ArrowInvalid as err:
+        raise InputError(f"cannot read {columns} from {path}: {err}",
+                         "re-run `sampleclr-scale embed`") from None
+
+
+def _name_embeddings(entries: list[str]) -> list[tuple[str, Path]]:
+    """``(run name, directory)`` of each ``PATH`` or ``NAME=PATH`` entry."""
+    named = []
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or "/" in name:
+            name, path = Path(entry).resolve().name, entry
+        if not _NAME.match(name) or _method_of(name) in BASELINES:
+            raise InputError(f"bad method name {name!r} for embeddings {path}",
+                             f"use NAME=PATH with letters, digits, '_', '.', '-', not one of "
+                             f"the baselines {list(BASELINES)}")
+        named.append((name, Path(path)))
+    names = [name for name, _ in named]
+    if len(set(names)) != len(names):
+        raise InputError(f"embedding names repeat: {names}",
+                         "name them apart with NAME=PATH, e.g. sup_seed0=runs/a/emb")
+    return named
+
+
+def _method_of(name: str) -> str:
+    match = _SEED_SUFFIX.match(name)
+    return match["method"] if match else name
+
+
+def _selected_donors(bag: BagStore, split: str) -> np.ndarray:
+    selected = (np.arange(bag.n_donors) if split == "all" else bag.split_donors("validation"))
+    if len(selected) < 3:
+        raise InputError(f"split {split!r} of bag store {bag.path} has {len(selected)} donors; "
+                         f"SPARE needs at least 3", "evaluate split: all, or a larger store")
+    return selected
+
+
+def _trajectory_root(donors: pd.DataFrame, config: EvaluateConfig, where: str) -> int | None:
+    if config.trajectory is None:
+        return None
+    if donors[config.trajectory].notna().sum() < 2:
+        raise InputError(f"fewer than 2 scored donors of {where} have a "
+                         f"{config.trajectory!r} value for the trajectory",
+                         "set trajectory to another column, or null")
+    return root_donor(donors[config.trajectory], config.trajectory_root)
+
+
+def _aligned(emb_dir: Path, bag: BagStore, selected: np.ndarray) -> np.ndarray:
+    """The embedding's vectors of the selected donors, in store order, checked against the
+    store's donor table."""
+    donor_index, Z = read_embeddings(emb_dir)
+    n = bag.n_donors
+    if len(donor_index) and (donor_index.min() < 0 or donor_index.max() >= n
+                             or len(np.unique(donor_index)) != len(donor_index)):
+        raise InputError(f"donor_index of {emb_dir} is not a set of positions below {n}",
+                         "embed with the same bag store")
+    names = _embedding_table(emb_dir, ["donor"]).column("donor").to_pylist()
+    expected = bag.donors["donor"].to_numpy()[donor_index].tolist()
+    if names != expected:
+        raise InputError(f"the donors of {emb_dir} are not those of bag store {bag.path} "
+                         f"at the same positions", "embed with the same bag store")
+    row = np.full(n, -1)
+    row[donor_index] = np.arange(len(donor_index))
+    absent = selected[row[selected] < 0]
+    if len(absent):
+        raise InputError(f"{emb_dir} lacks {len(absent)} scored donors, e.g. "
+                         f"{bag.donors['donor'].iloc[absent[:3]].tolist()}",
+                         "embed every donor of the store")
+    return Z[row[selected]]
+
+
+# ---- scores ------------------------------------------------------------------------
+
+
+def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, dim: int,
+                   skipped: dict[str, str]) -> list[_Run]:
+    pb = baselines.pseudobulk(bag)[selected]
+    runs = [_Run("pseudobulk", "pseudobulk", "baseline", cosine_distances(pb), pb)]
+    try:
+        comp = baselines.composition(bag, CELL_TYPE_COLUMN)[selected]
+        runs.append(_Run("composition", "composition", "baseline", cosine_distances(comp), comp))
+    except InputError as err:
+        skipped["composition"] = err.problem
+    gloscope = baselines.gloscope_distances(str(bag.path))
+    if gloscope is None:
+        skipped["gloscope"] = "no dense gloscope prior in the store (`sampleclr-scale prior`)"
+    else:
+        runs.append(_Run("gloscope", "gloscope", "baseline", gloscope[np.ix_(selected, selected)]))
+    for seed in range(config.seeds):
+        Z = baselines.random_vectors(len(selected), dim, seed)
+        runs.append(_Run("random", f"random_seed{seed}", "baseline", cosine_distances(Z), Z))
+    return runs
+
+
+def _score(runs: list[_Run], donors: pd.DataFrame, config: EvaluateConfig) -> dict[str, Any]:
+    methods: dict[str, Any] = {}
+    for run in runs:
+        entry = methods.setdefault(run.method, {"kind": run.kind, "runs": {}})
+        entry["runs"][run.name] = {"source": run.source,
+                                   "scores": spare_scores(run.D, donors, config)}
+    keys = _score_keys(config)
+    for entry in methods.values():
+        flat = [_flatten(r["scores"], keys) for r in entry["runs"].values()]
+        entry["n_runs"] = len(flat)
+        entry["mean"], entry["std"] = _aggregate(flat)
+    return methods
+
+
+def _score_keys(config: EvaluateConfig) -> list[str]:
+    keys = [f"information/{c}" for c in config.relevant]
+    keys += ["information"] if config.relevant else []
+    keys += [f"batch/{c}" for c in config.technical]
+    keys += ["batch"] if config.technical else []
+    keys += ["trajectory"] if config.trajectory else []
+    keys += ["replicate"] if config.replicate_column else []
+    return [*keys, "total"]
+
+
+def _flatten(scores: dict[str, Any], keys: list[str]) -> dict[str, float | None]:
+    """The nested scores of :func:`spare_scores` under the flat ``keys``."""
+    flat: dict[str, float | None] = {}
+    for part in ("information", "batch"):
+        flat.update({f"{part}/{col}": v for col, v in scores[part].items()})
+        flat[part] = scores[f"{part}_mean"]
+    for key in ("trajectory", "replicate", "total"):
+        flat[key] = scores[key]
+    return {key: flat[key] for key in keys}
+
+
+def _aggregate(flat: list[dict[str, float | None]]) -> tuple[dict, dict | None]:
+    """Mean and sample std (ddof = 1) of each score over runs; no std for a single run."""
+    mean, std = {}, {}
+    for key in flat[0]:
+        values = [f[key] for f in flat if f[key] is not None]
+        mean[key] = float(np.mean(values)) if values else None
+        std[key] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return mean, (std if len(flat) > 1 else None)
+
+
+# ---- figures -----------------------------------------------------------------------
+
+
+def _map_figures(first: dict[str, _Run], runs: list[_Run], donors: pd.DataFrame,
+                 config: EvaluateConfig, fig_dir: Path, method: str) -> dict[str, Path]:
+    """Donor maps of each SampleCLR method and pseudobulk, one PNG per covariate."""
+    pseudobulk_run = next(r for r in runs if r.method == "pseudobulk")
+    maps = {name: run.Z for name, run in first.items()} | {"pseudobulk": pseudobulk_run.Z}
+    covariates = {**config.relevant, **config.technical}
+    if config.trajectory is not None:
+        covariates.setdefault(config.trajectory, "ordinal")
+    return report.plot_donor_maps(maps, donors, covariates, fig_dir, method)
+
+
+def _cell_weight_figures(first: dict[str, _Run], bag: BagStore, selected: np.ndarray,
+                         fig_dir: Path, skipped: dict[str, str]
+                         ) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Heatmap and table of mean normalised weight per cell type and head, per method."""
+    with_weights = {m: r for m, r in first.items() if (Path(r.source) / WEIGHTS_FILE).is_file()}
+    if not with_weights:
+        return {}, {}
+    try:
+        codes, types = baselines.cell_types(bag, CELL_TYPE_COLUMN)
+    except InputError as err:
+        skipped["cell weights"] = err.problem
+        return {}, {}
+    paths, tables = {}, {}
+    for method, run in with_weights.items():
+        table, counts = _weight_table(Path(run.source) / WEIGHTS_FILE, bag, selected, codes,
+                                      types)
+        tables[method] = {"cells": counts.to_dict(), "mean_weight": table.to_dict()}
+        paths[method] = report.plot_cell_weights(
+            table, counts, f"{run.name}: cell weights",
+            fig_dir / f"cell_weights_{report.slug(method)}.png")
+    return paths, tables
+
+
+def _weight_table(path: Path, bag: BagStore, selected: np.ndarray, codes: np.ndarray,
+                  types: list[str]) -> tuple[pd.DataFrame, pd.Series]:
+    """Cell types x heads mean of each cell's weight over its donor's mean weight."""
+    weights = pq.read_table(path).to_pandas()
+    heads = sorted((c for c in weights.columns if re.fullmatch(r"head_\d+", c)),
+                   key=lambda c: int(c.split("_")[1]))
+    if not heads or not {"donor_index", "store_row"} <= set(weights.columns):
+        raise InputError(f"{path} needs columns donor_index, store_row, head_0 ..",
+                         "re-run `sampleclr-scale embed`")
+    weights = weights[weights["donor_index"].isin(selected)]
+    if weights.empty:
+        raise InputError(f"{path} has no cell weights of the scored donors",
+                         "re-run `sampleclr-scale embed` on this store")
+    rows = weights["store_row"].to_numpy()
+    owner = np.searchsorted(bag.donor_ptr, rows, side="right") - 1
+    if len(rows) and (rows.min() < 0 or rows.max() >= bag.n_cells
+                      or not np.array_equal(owner, weights["donor_index"].to_numpy())):
+        raise InputError(f"store_row of {path} points outside the rows of its donors in "
+                         f"{bag.path}", "embed with the same bag store")
+    normalised = weights[heads] / weights.groupby("donor_index")[heads].transform("mean")
+    # code -1 (no cell type) picks the last name, "unannotated"
+    cell_type = np.asarray([*types, "unannotated"], dtype=object)[codes[rows]]
+    table = normalised.groupby(cell_type).mean()
+    counts = pd.Series(cell_type).value_counts().reindex(table.index)
+    return table, counts
+
+
+def _training_logs(run_dirs: list[str] | None, named: list[tuple[str, Path]]
+                   ) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """Name -> (directory, epoch records) of each training run; by default the runs named
+    as ``checkpoint`` in the embeddings' provenance that hold metrics."""
+    if run_dirs is None:
+        run_dirs = list(dict.fromkeys(
+            c for _, p in named if (c := _provenance_checkpoint(p))
+            and (Path(c) / RUN_METRICS_FILE).is_file()))
+    logs = {}
+    for run_dir in run_dirs:
+        name = Path(run_dir).resolve().name
+        name = name if name not in logs else f"{name}_{len(logs)}"
+        logs[name] = (str(run_dir), _read_training(Path(run_dir)))
+    return logs
+
+
+def _training_figures(logs: dict[str, tuple[str, list[dict[str, Any]]]], fig_dir: Path
+                      ) -> tuple[dict[str, Path], dict[str, Any]]:
+    """A loss plot and a summary per training run."""
+    paths, summaries = {}, {}
+    for name, (source, records) in logs.items():
+        paths[name] = report.plot_training(records, name,
+                                           fig_dir / f"training_{report.slug(name)}.png")
+        val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+        summaries[name] = {"source": source, "epochs": len(records),
+                           "last_train_loss": records[-1].get("train_loss"),
+                           "last_val_loss": records[-1].get("val_loss"),
+                           "best_val_loss": min(val) if val else None}
+    return paths, summaries
+
+
+def _provenance_checkpoint(emb_dir: Path) -> str | None:
+    path = emb_dir / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("checkpoint")
+
+
+def _read_training(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / RUN_METRICS_FILE
+    if not path.is_file():
+        raise InputError(f"{run_dir} has no {RUN_METRICS_FILE}",
+                         "pass a training run directory (`sampleclr-scale train --out RUN`)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise InputError(f"{path} is empty", "pass a run that trained at least one epoch")
+    return records
