@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def bench_loader(store_path: str, *, source: str | None, batch_size: int,
     store = BagStore(store_path)
     config = LoaderConfig(batch_size=batch_size, cells_per_view=cells_per_view)
     figures: dict = {
-        "store": store_path, "n_cells": store.n_cells, "n_donors": store.n_donors,
+        "store": Path(store_path).name, "n_cells": store.n_cells, "n_donors": store.n_donors,
         "dim": store.dim, "batch_size": batch_size, "cells_per_view": cells_per_view,
     }
     for workers in (0, 2):

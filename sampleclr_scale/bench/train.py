@@ -19,7 +19,7 @@ from sampleclr_scale.train.driver import train
 def bench_train(store: str, *, workers: list[int], preset: str, batch_size: int,
                 cells_per_view: int, epochs: int) -> dict:
     """Figures for ``sampleclr-scale bench train``."""
-    figures: dict = {"store": store, "preset": preset, "batch_size": batch_size,
+    figures: dict = {"store": Path(store).name, "preset": preset, "batch_size": batch_size,
                      "cells_per_view": cells_per_view, "epochs": epochs, "runs": []}
     for n in workers:
         config = TrainConfig.from_mapping({
