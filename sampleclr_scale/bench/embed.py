@@ -16,47 +16,56 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.embedder import run_embedding
 from sampleclr_scale.embed.selection import eigenvector_centrality, knn_graph, lowest
+from sampleclr_scale.model import SampleCLR
 from sampleclr_scale.train.artifact import load_model
 
 
 def _breakdown(store: BagStore, run_dir: str, config: EmbedConfig, n_donors: int) -> dict:
-    """Milliseconds per donor of each step, one thread, over the first ``n_donors``."""
+    """Milliseconds per donor of each step, one thread (as in an actor), first donors."""
     model, _ = load_model(run_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     seconds = dict.fromkeys(("read", "knn_graph", "centrality", "forward"), 0.0)
     donors = range(min(n_donors, store.n_donors))
     try:
-        for donor in donors:
-            t0 = time.perf_counter()
-            x = np.asarray(store.donor_rows(donor), dtype=np.float32)[: config.graph_cells]
-            t1 = time.perf_counter()
-            chosen = np.arange(len(x))
-            if len(x) > config.cells:
-                graph = knn_graph(x, config.k)
-                t2 = time.perf_counter()
-                chosen = lowest(eigenvector_centrality(graph), config.cells)
-                seconds["knn_graph"] += t2 - t1
-                seconds["centrality"] += time.perf_counter() - t2
-            t3 = time.perf_counter()
-            with torch.no_grad():
-                model(torch.from_numpy(x[chosen])[None],
-                      torch.ones((1, len(chosen)), dtype=torch.bool))
-            seconds["read"] += t1 - t0
-            seconds["forward"] += time.perf_counter() - t3
+        with threadpool_limits(1):
+            for donor in donors:
+                _time_donor(store, model, donor, config, seconds)
     finally:
         torch.set_num_threads(threads)
     return {f"{step}_ms_per_donor": round(1000 * s / len(donors), 2)
             for step, s in seconds.items()}
 
 
+def _time_donor(store: BagStore, model: SampleCLR, donor: int, config: EmbedConfig,
+                seconds: dict[str, float]) -> None:
+    """Add one donor's read, graph, centrality and forward times to ``seconds``."""
+    t0 = time.perf_counter()
+    x = np.asarray(store.donor_rows(donor), dtype=np.float32)[: config.graph_cells]
+    t1 = time.perf_counter()
+    seconds["read"] += t1 - t0
+    chosen = np.arange(len(x))
+    if len(x) > config.cells:
+        graph = knn_graph(x, config.k)
+        t2 = time.perf_counter()
+        chosen = lowest(eigenvector_centrality(graph), config.cells)
+        seconds["knn_graph"] += t2 - t1
+        seconds["centrality"] += time.perf_counter() - t2
+    t3 = time.perf_counter()
+    with torch.no_grad():
+        model(torch.from_numpy(x[chosen])[None], torch.ones((1, len(chosen)), dtype=torch.bool))
+    seconds["forward"] += time.perf_counter() - t3
+
+
 def bench_embed(store: str, run_dir: str, workers: tuple[int, ...] | list[int] = (1, 2),
-                cells: int = 1000, batch_donors: int = 64) -> dict:
+                cells: int = 1000, batch_donors: int = 16, graph_cells: int | None = 20_000
+                ) -> dict:
     """Figures for ``sampleclr-scale bench embed``.
 
     Parameters
@@ -70,7 +79,10 @@ def bench_embed(store: str, run_dir: str, workers: tuple[int, ...] | list[int] =
     cells
         Cells per donor ``m`` (lowest-centrality selection).
     batch_donors
-        Donors per task.
+        Donors per task (small enough that a demo cohort of a few hundred donors keeps
+        every actor busy to the end).
+    graph_cells
+        Largest centrality graph per donor (see :class:`EmbedConfig`).
 
     Returns
     -------
@@ -80,11 +92,13 @@ def bench_embed(store: str, run_dir: str, workers: tuple[int, ...] | list[int] =
     """
     bags = BagStore(store)
     sizes = bags.cells_per_donor
-    config = EmbedConfig(cells=cells, batch_donors=batch_donors)
+    config = EmbedConfig(cells=cells, batch_donors=batch_donors, graph_cells=graph_cells)
+    graphs = np.minimum(sizes[sizes > cells], graph_cells or sizes.max())
     figures: dict = {
         "store": store, "n_donors": bags.n_donors, "n_cells": bags.n_cells, "dim": bags.dim,
-        "cells": cells, "k": config.k, "batch_donors": batch_donors,
-        "donors_needing_a_graph": int((sizes > cells).sum()),
+        "cells": cells, "k": config.k, "batch_donors": batch_donors, "graph_cells": graph_cells,
+        "donors_needing_a_graph": len(graphs),
+        "mean_graph_cells": round(float(graphs.mean()), 1) if len(graphs) else 0.0,
         "median_cells_per_donor": float(np.median(sizes)),
         "single_thread_breakdown": _breakdown(bags, run_dir, config, n_donors=64),
         "runs": [],

@@ -1,0 +1,78 @@
+"""Configuration of the embedding stage: settings, run names, output file names."""
+
+from __future__ import annotations
+
+import re
+from typing import Self
+
+from pydantic import Field, model_validator
+
+from sampleclr_scale.config import StageConfig
+from sampleclr_scale.embed.selection import SelectionMode
+from sampleclr_scale.errors import InputError
+
+DONORS_PARQUET = "donor_embeddings.parquet"
+DONORS_H5AD = "donor_embeddings.h5ad"
+CELLS_PARQUET = "cell_weights.parquet"
+PROVENANCE_FILE = "provenance.json"
+"""The files of an embedding output directory (see :mod:`sampleclr_scale.embed.embedder`)."""
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+STAGING_MARK = ".tmp-"
+"""Part of the names of results still being written; refused in run names."""
+
+
+_RUN_NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit, no '.tmp-'"
+
+
+def valid_run_name(name: str) -> bool:
+    """Whether ``name`` can name results (a SOMA collection member and a folder)."""
+    return bool(_RUN_NAME.match(name)) and STAGING_MARK not in name
+
+
+def check_run_name(name: str) -> str:
+    """Return ``name``, or raise :class:`InputError` unless :func:`valid_run_name`."""
+    if not valid_run_name(name):
+        raise InputError(f"{name!r} cannot name embedding results",
+                         f"set run_name to {_RUN_NAME_RULE}, e.g. sampleclr-v1")
+    return name
+
+
+class EmbedConfig(StageConfig):
+    """How every donor of a store is embedded with a trained model."""
+
+    cells: int = Field(default=1000, ge=1)
+    """Cells per donor ``m`` (SampleCLR infers from 1000); donors with fewer cells keep
+    every cell and fill the bag by drawing with replacement. Ignored by ``mode: all``."""
+    mode: SelectionMode = "centrality"
+    """``centrality``: the ``m`` cells of lowest eigenvector centrality in the donor's
+    k-nearest-neighbour graph (SampleCLR's inference rule); ``random``: ``m`` cells drawn
+    uniformly (seeded); ``all``: every cell."""
+    k: int = Field(default=15, ge=1)
+    """Neighbours per cell in the centrality graph."""
+    graph_cells: int | None = Field(default=20_000, ge=1)
+    """Largest number of a donor's cells in its centrality graph (exact kNN costs
+    ``n^2``): larger donors use their first ``graph_cells`` store rows, a uniform random
+    subset because rows are in random order within each donor. None: every cell."""
+    seed: int = 0
+    """Seed of the random draws; the donor's position is mixed in."""
+    workers: int = Field(default=2, ge=1)
+    """Ray actors, each holding the model once (one CPU, or one GPU with use_gpu)."""
+    batch_donors: int = Field(default=64, ge=1)
+    """Donors per task (and per forward pass)."""
+    use_gpu: bool = False
+    """Run the model on one GPU per actor."""
+    run_name: str | None = None
+    """Name of the results where they are written back (``sampleclr/<run>`` in a SOMA
+    experiment, ``embeddings/<run>`` in the store); default: the run directory's name."""
+    overwrite: bool = False
+    """Replace an existing output directory (atomically, after the new one is complete)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.graph_cells is not None and self.graph_cells < self.cells:
+            raise ValueError(f"graph_cells ({self.graph_cells}) must be at least cells "
+                             f"({self.cells})")
+        if self.run_name is not None and not valid_run_name(self.run_name):
+            raise ValueError(f"run_name {self.run_name!r} must be {_RUN_NAME_RULE}")
+        return self

@@ -1,0 +1,382 @@
+"""Embed every donor of a bag store with a trained SampleCLR model, on Ray actors.
+
+Each donor is represented by a deterministic set of its cells
+(:func:`~sampleclr_scale.embed.selection.select_cells`, SampleCLR's lowest-centrality rule
+by default) and embedded by the model in eval mode: no dropout, no sampling noise, so the
+same store, model and config always give the same vectors.
+
+Parallelism: a ``ray.util.ActorPool`` of ``workers`` actors, each loading the model once
+in its constructor and holding the store open. A task is a run of consecutive donor
+positions (``batch_donors`` of them): the actor reads each donor's rows with one range
+read, selects the cells, runs one padded forward pass and returns ``z``, every head's
+weight of every chosen cell, and the chosen rows. An actor pool rather than Ray Data:
+the model is loaded once per actor, results are small (a few vectors per donor) and come
+back in task order (so the output files are deterministic and written as a stream),
+and there is no dataset planning or object spilling to pay for.
+
+Outputs, in ``out`` (built in a temporary sibling and published atomically):
+
+- ``donor_embeddings.parquet``: ``donor_index`` (int64, the store's donor position), the
+  store's donor table (``donor``, key and metadata columns, ``n_cells``, ``split``) and
+  ``z`` (``fixed_size_list<float32>[D]``).
+- ``donor_embeddings.h5ad``: AnnData with donors as rows, ``X = z``, ``obs`` = the donor
+  table (``obs_names`` = ``donor``); ``uns["sampleclr_provenance"]`` is the provenance
+  as JSON text.
+- ``cell_weights.parquet``: one row per chosen cell (repeats kept for donors with fewer
+  than ``m`` cells): ``donor_index``, ``store_row``, ``source_joinid`` (int64) and
+  ``head_0 .. head_{H-1}`` (float32, the cell's weight in the donor's bag per head).
+- ``provenance.json``: checkpoint, store, source, config, model config, versions, time.
+
+:func:`embed` then writes the results back (:mod:`~sampleclr_scale.embed.writeback`);
+:func:`run_embedding` computes the outputs only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sampleclr_scale.data.store import BagStore, staged_directory
+from sampleclr_scale.embed import writeback
+from sampleclr_scale.embed.config import (
+    CELLS_PARQUET,
+    DONORS_H5AD,
+    DONORS_PARQUET,
+    PROVENANCE_FILE,
+    EmbedConfig,
+    check_run_name,
+)
+from sampleclr_scale.embed.selection import select_cells
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.model import SampleCLR
+from sampleclr_scale.train.artifact import load_model
+
+log = logging.getLogger(__name__)
+
+_CELL_BUDGET = 1 << 20
+"""Most cells (bags x padded bag length) in one forward pass (``mode: all``)."""
+_PROGRESS_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class EmbeddedBatch:
+    """What one task returns: the results of a run of donors."""
+
+    donors: np.ndarray
+    """Int64 ``[B]`` donor positions."""
+    z: np.ndarray
+    """Float32 ``[B, D]`` representations."""
+    counts: np.ndarray
+    """Int64 ``[B]`` chosen cells per donor (rows of the arrays below, donor by donor)."""
+    store_rows: np.ndarray
+    """Int64 ``[sum(counts)]`` store rows of the chosen cells."""
+    source_joinids: np.ndarray
+    """Int64 ``[sum(counts)]`` their ids in the source."""
+    weights: np.ndarray
+    """Float32 ``[sum(counts), H]`` their weights per head."""
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Where the embedding stage wrote what, and how fast it ran."""
+
+    out: Path
+    donor_embeddings: Path
+    h5ad: Path
+    cell_weights: Path
+    provenance: Path
+    n_donors: int
+    n_cells: int
+    """Rows of ``cell_weights.parquet``."""
+    startup_seconds: float
+    """Ray start and actor construction (model loading)."""
+    seconds: float
+    """From the first task to the last result (selection, reads, forward passes)."""
+    donors_per_s: float
+    write_back: dict[str, str] = field(default_factory=dict)
+    """Where the results were written back: ``store`` and/or ``soma`` -> location."""
+
+
+def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: EmbedConfig,
+                 device: str = "cpu") -> EmbeddedBatch:
+    """Select cells and embed a run of donors (the body of one task).
+
+    Parameters
+    ----------
+    store
+        The bag store.
+    model
+        The model, in eval mode, on ``device``.
+    donors
+        Donor positions, ascending (consecutive, as the tasks are: their source ids are
+        read in one range).
+    config
+        Selection settings (``cells``, ``mode``, ``k``, ``graph_cells``, ``seed``).
+    device
+        Torch device of the model.
+
+    Returns
+    -------
+    EmbeddedBatch
+        The donors' representations and their chosen cells' weights.
+    """
+    first = int(store.donor_ptr[donors[0]])
+    ids = store.source_joinid(first, int(store.donor_ptr[donors[-1] + 1]))
+    bags, rows = [], []
+    for donor in donors:
+        start, stop = int(store.donor_ptr[donor]), int(store.donor_ptr[donor + 1])
+        if config.mode == "centrality" and config.graph_cells is not None:
+            stop = min(stop, start + config.graph_cells)
+        x = np.asarray(store.features[start:stop], dtype=np.float32)
+        chosen = select_cells(x, config.cells, config.mode, config.k, config.seed, donor)
+        bags.append(x[chosen])
+        rows.append(start + chosen)
+    store_rows = np.concatenate(rows)
+    z, weights = _forward(model, bags, device)
+    return EmbeddedBatch(np.asarray(donors, dtype=np.int64), z,
+                         np.array([len(b) for b in bags], dtype=np.int64), store_rows,
+                         ids[store_rows - first], weights)
+
+
+def _forward(model: SampleCLR, bags: list[np.ndarray], device: str
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``z`` ``[B, D]`` and the real cells' weights ``[sum(n_b), H]`` of padded batches."""
+    zs, weights = [], []
+    for group in _groups([len(b) for b in bags]):
+        length = max(len(bags[i]) for i in group)
+        cells = np.zeros((len(group), length, bags[group[0]].shape[1]), dtype=np.float32)
+        mask = np.zeros((len(group), length), dtype=bool)
+        for row, i in enumerate(group):
+            cells[row, : len(bags[i])] = bags[i]
+            mask[row, : len(bags[i])] = True
+        with torch.no_grad():
+            out = model(torch.from_numpy(cells).to(device), torch.from_numpy(mask).to(device))
+        zs.append(out.z.float().cpu().numpy())
+        w = out.weights.float().cpu().numpy()
+        weights.extend(w[row, : len(bags[i])] for row, i in enumerate(group))
+    return np.concatenate(zs), np.concatenate(weights)
+
+
+def _groups(lengths: list[int]) -> list[list[int]]:
+    """Consecutive bags grouped so that each padded forward pass fits the cell budget."""
+    groups: list[list[int]] = [[]]
+    longest = 0
+    for i, n in enumerate(lengths):
+        if groups[-1] and (len(groups[-1]) + 1) * max(longest, n) > _CELL_BUDGET:
+            groups.append([])
+            longest = 0
+        groups[-1].append(i)
+        longest = max(longest, n)
+    return groups
+
+
+class EmbedWorker:
+    """A Ray actor: the model, loaded once, and the store, opened once.
+
+    Parameters
+    ----------
+    store_path, run_dir
+        The bag store and the training run (``RUN/model.pt``).
+    config
+        The embedding config as a mapping.
+    """
+
+    def __init__(self, store_path: str, run_dir: str, config: dict[str, Any]) -> None:
+        self.config = EmbedConfig.model_validate(config)
+        self.device = "cuda" if self.config.use_gpu else "cpu"
+        if not self.config.use_gpu:
+            torch.set_num_threads(1)
+        self.store = BagStore(store_path)
+        model, _ = load_model(run_dir)
+        self.model = model.to(self.device)
+
+    def ready(self) -> bool:
+        """True once constructed (the driver waits on it before starting the clock)."""
+        return True
+
+    def embed(self, donors: list[int]) -> EmbeddedBatch:
+        """Embed a run of donors (see :func:`embed_donors`)."""
+        return embed_donors(self.store, self.model, donors, self.config, self.device)
+
+
+def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: EmbedConfig,
+          write_back: str | None = None) -> EmbedResult:
+    """Embed every donor, write the outputs to ``out``, then write the results back.
+
+    Parameters
+    ----------
+    store_path
+        The bag store.
+    run_dir
+        The training run whose ``model.pt`` embeds the donors.
+    out
+        Output directory (see the module docstring); published atomically.
+    config
+        Selection, parallelism and naming.
+    write_back
+        SOMA experiment URI to write the results into (see
+        :func:`~sampleclr_scale.embed.writeback.soma_target` for the default). The results
+        are always also written into the store, under ``embeddings/<run>``.
+
+    Returns
+    -------
+    EmbedResult
+        Paths, timing and the write-back locations.
+
+    Raises
+    ------
+    InputError
+        For a Census-sourced store without ``write_back`` (Census is read-only), before
+        any work is done; for a model that does not fit the store.
+    """
+    store = BagStore(store_path)
+    run = check_run_name(config.run_name or Path(run_dir).resolve().name)
+    target = writeback.soma_target(store, write_back)
+    result = run_embedding(store_path, run_dir, out, config)
+    locations = {"store": str(writeback.write_back_store(result.out, store.path, run))}
+    if target is not None:
+        locations["soma"] = writeback.write_back_soma(result.out, target, run)
+    log.info("results %r written back to %s", run, ", ".join(locations.values()))
+    return replace(result, write_back=locations)
+
+
+def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
+                  config: EmbedConfig) -> EmbedResult:
+    """Embed every donor and write the outputs to ``out``, without writing back."""
+    import ray
+    from ray.util import ActorPool
+
+    store = BagStore(store_path)
+    model, artifact = load_model(run_dir)
+    if model.config.input_dim != store.dim:
+        raise InputError(
+            f"the model in {run_dir} takes {model.config.input_dim} features per cell, the "
+            f"store {store.path} has {store.dim}",
+            "embed with a model trained on this store's features",
+        )
+    tasks = [list(range(a, min(a + config.batch_donors, store.n_donors)))
+             for a in range(0, store.n_donors, config.batch_donors)]
+    begin = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    actor = ray.remote(EmbedWorker).options(num_cpus=1, num_gpus=int(config.use_gpu))
+    actors = [actor.remote(str(store.path.resolve()), str(Path(run_dir).resolve()),
+                           config.model_dump(mode="json"))
+              for _ in range(min(config.workers, len(tasks)))]
+    try:
+        ray.get([a.ready.remote() for a in actors])
+        startup = time.perf_counter() - begin
+        log.info("embedding %d donors with %d actors (%s, %d cells per donor)",
+                 store.n_donors, len(actors), config.mode, config.cells)
+        with staged_directory(Path(out), config.overwrite) as staging:
+            staging.mkdir()
+            start = time.perf_counter()
+            results = ActorPool(actors).map(lambda a, donors: a.embed.remote(donors), tasks)
+            z = np.zeros((store.n_donors, model.config.output_dim), dtype=np.float32)
+            n_cells = _write_cells(results, z, staging / CELLS_PARQUET, start)
+            seconds = time.perf_counter() - start
+            provenance = _provenance(store, run_dir, config, artifact, n_cells, seconds)
+            _write_donors(staging, store, z, provenance)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    out = Path(out)
+    rate = store.n_donors / seconds
+    log.info("embedded %d donors in %.1f s (%.1f donors/s) into %s", store.n_donors, seconds,
+             rate, out)
+    return EmbedResult(out, out / DONORS_PARQUET, out / DONORS_H5AD, out / CELLS_PARQUET,
+                       out / PROVENANCE_FILE, store.n_donors, n_cells, round(startup, 3),
+                       round(seconds, 3), round(rate, 1))
+
+
+def _write_cells(results: Iterator[EmbeddedBatch], z: np.ndarray, path: Path, start: float
+                 ) -> int:
+    """Stream the cell weights to Parquet in task order, fill ``z``; return the row count."""
+    writer: pq.ParquetWriter | None = None
+    done = n_cells = 0
+    last = start
+    try:
+        for batch in results:
+            z[batch.donors] = batch.z
+            table = _cell_table(batch)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+            done += len(batch.donors)
+            n_cells += table.num_rows
+            now = time.perf_counter()
+            if now - last >= _PROGRESS_SECONDS or done == len(z):
+                log.info("embedded %d / %d donors (%.1f donors/s)", done, len(z),
+                         done / (now - start))
+                last = now
+    finally:
+        if writer is not None:
+            writer.close()
+    return n_cells
+
+
+def _cell_table(batch: EmbeddedBatch) -> pa.Table:
+    """One row per chosen cell: donor, store row, source id, weight per head."""
+    columns = {
+        "donor_index": pa.array(np.repeat(batch.donors, batch.counts), pa.int64()),
+        "store_row": pa.array(batch.store_rows, pa.int64()),
+        "source_joinid": pa.array(batch.source_joinids, pa.int64()),
+    }
+    for h in range(batch.weights.shape[1]):
+        columns[f"head_{h}"] = pa.array(batch.weights[:, h], pa.float32())
+    return pa.table(columns)
+
+
+def _write_donors(directory: Path, store: BagStore, z: np.ndarray,
+                  provenance: dict[str, Any]) -> None:
+    """The donor table with ``z`` as Parquet and as h5ad, and the provenance."""
+    import anndata
+
+    donors = store.donors.reset_index(drop=True)
+    donors.insert(0, "donor_index", np.arange(store.n_donors, dtype=np.int64))
+    table = pa.Table.from_pandas(donors, preserve_index=False)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), z.shape[1])
+    pq.write_table(table.append_column("z", vectors), directory / DONORS_PARQUET)
+    text = json.dumps(provenance, indent=2)
+    obs = donors.set_axis(pd.Index(donors["donor"].astype(str).to_numpy()), axis=0)
+    adata = anndata.AnnData(X=z, obs=obs, uns={"sampleclr_provenance": text})
+    adata.write_h5ad(directory / DONORS_H5AD)
+    (directory / PROVENANCE_FILE).write_text(text + "\n")
+
+
+def _provenance(store: BagStore, run_dir: str | Path, config: EmbedConfig,
+                artifact: dict[str, Any], n_cells: int, seconds: float) -> dict[str, Any]:
+    """Where the embeddings come from: model, store, source, settings, versions."""
+    import ray
+
+    return {
+        "checkpoint": str(Path(run_dir).resolve()),
+        "run_name": config.run_name or Path(run_dir).resolve().name,
+        "store": str(store.path.resolve()),
+        "store_source": store.attrs.get("source"),
+        "store_source_kind": store.attrs.get("source_kind"),
+        "donor_key": list(store.attrs.get("donor_key", [])),
+        "features": store.attrs.get("features"),
+        "config": config.model_dump(mode="json"),
+        "model_config": artifact["model_config"],
+        "trained_on": artifact.get("store"),
+        "n_donors": store.n_donors,
+        "n_cells": n_cells,
+        "seconds": round(seconds, 3),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "ray": ray.__version__, "numpy": np.__version__},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
