@@ -144,6 +144,45 @@ def _run_prior(args: argparse.Namespace) -> None:
     print(json.dumps({"prior": str(where), **prior_summary(prior)}, indent=2))
 
 
+# --- embed ------------------------------------------------------------------------------
+
+_EMBED_OPTIONS = ("workers", "cells", "mode", "run_name", "overwrite")
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed every donor with a trained model, write back",
+                       description="Embed all donors of a bag store with a pool of Ray actors "
+                       "(each loads the model once), on a fixed, deterministic set of cells per "
+                       "donor; write donor embeddings and cell weights to EMB and back into the "
+                       "store and a SOMA experiment.")
+    p.add_argument("--store", required=True)
+    p.add_argument("--checkpoint", required=True, help="training run directory (model.pt)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--write-back", dest="write_back",
+                   help="SOMA experiment to write into (default: the store's source "
+                   "experiment; required for Census stores)")
+    p.add_argument("--config", help="YAML file with EmbedConfig keys")
+    p.add_argument("--workers", type=int, help="Ray actors (default 2)")
+    p.add_argument("--cells", type=int, help="cells per donor (default 1000)")
+    p.add_argument("--mode", choices=["random", "centrality", "all"],
+                   help="cell choice (default random)")
+    p.add_argument("--run-name", dest="run_name", help="name of the written-back results")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing --out")
+    p.set_defaults(run=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> None:
+    from sampleclr_scale.embed.config import EmbedConfig
+    from sampleclr_scale.embed.embedder import embed
+
+    config = _load(EmbedConfig, args, _EMBED_OPTIONS)
+    result = embed(args.store, args.checkpoint, args.out, config, write_back=args.write_back)
+    print(json.dumps({"out": str(result.out), "donors": result.n_donors,
+                      "donors_per_s": result.donors_per_s, "write_back": result.write_back},
+                     indent=2))
+
+
 # --- evaluate ---------------------------------------------------------------------------
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -227,6 +266,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     prior.add_argument("--workdir", default="bench_out/prior", help="scratch directory")
     prior.add_argument("--json", required=True, help="file to save the figures to")
     prior.set_defaults(run=_run_bench("prior"))
+    embedding = kinds.add_parser("embed", help="donors/s of batch embedding, 1 and 2 actors")
+    embedding.add_argument("--store", required=True)
+    embedding.add_argument("--checkpoint", required=True, help="training run directory")
+    embedding.add_argument("--workers", default="1,2", help="comma-separated actor counts")
+    embedding.add_argument("--cells", type=int, default=1000)
+    embedding.add_argument("--mode", choices=["random", "centrality", "all"],
+                           default="centrality")
+    embedding.add_argument("--batch-donors", type=int, default=16)
+    embedding.add_argument("--graph-cells", type=int, default=20_000)
+    embedding.add_argument("--json", required=True, help="file to save the figures to")
+    embedding.set_defaults(run=_run_bench("embed"))
     training = kinds.add_parser("train", help="training throughput and 1 -> N worker scaling")
     training.add_argument("--store", required=True)
     training.add_argument("--workers", default="1,2", help="comma-separated worker counts")
@@ -252,10 +302,13 @@ def _run_bench(kind: str) -> Callable[[argparse.Namespace], None]:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in simulated cohort",
                        description="Simulate a cohort, write it as a SOMA experiment, ingest "
-                       "it and stream two-view donor bags from the store.")
+                       "it, build the GloScope prior, train SampleCLR (unsupervised; supervised "
+                       "on severity with the prior), embed every donor, write back, evaluate "
+                       "against the baselines and write a report. Local Ray, CPU only.")
     p.add_argument("--out", required=True, help="directory for everything the demo writes")
     p.add_argument("--donors", type=int, default=200)
-    p.add_argument("--workers", type=int, default=2, help="training workers (Ray)")
+    p.add_argument("--workers", type=int, default=2, help="Ray training workers and actors")
+    p.add_argument("--epochs", type=int, default=30, help="contrastive epochs per model")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_demo)
 
@@ -263,7 +316,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     from sampleclr_scale.demo import run_demo
 
-    run_demo(Path(args.out), n_donors=args.donors, workers=args.workers, seed=args.seed)
+    run_demo(Path(args.out), n_donors=args.donors, workers=args.workers, epochs=args.epochs,
+             seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_ingest, _add_prior, _add_train, _add_evaluate, _add_bench,
-                _add_demo):
+    for add in (_add_simulate, _add_ingest, _add_prior, _add_train, _add_embed, _add_evaluate,
+                _add_bench, _add_demo):
         add(sub)
     return parser
 

@@ -38,6 +38,13 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
 
         figures = bench_prior(tuple(args.donors), cells_per_donor=args.cells,
                               workdir=Path(args.workdir))
+    elif kind == "embed":
+        from sampleclr_scale.bench.embed import bench_embed
+
+        figures = bench_embed(args.store, args.checkpoint,
+                              workers=[int(w) for w in args.workers.split(",")],
+                              cells=args.cells, mode=args.mode,
+                              batch_donors=args.batch_donors, graph_cells=args.graph_cells)
     elif kind == "train":
         from sampleclr_scale.bench.train import bench_train
 

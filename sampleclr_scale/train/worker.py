@@ -11,8 +11,8 @@ checkpoint; a restarted worker continues from the latest checkpoint at the exact
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +30,8 @@ from sampleclr_scale.train import setup
 from sampleclr_scale.train.checkpoint import Position, TrainState, cpu_copy
 from sampleclr_scale.train.schedule import warmup_cosine
 
+log = logging.getLogger(__name__)
+
 FAULT_MARKER = "fault_injected"
 DONE_STAGE = 3
 
@@ -38,6 +40,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of a Ray Train worker: ``{"config", "store", "run_dir"}``."""
     import ray.train
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report chatter
+    log.setLevel(logging.INFO)
     context = ray.train.get_context()
     _Worker(TrainConfig.model_validate(loop_config["config"]), loop_config["store"],
             Path(loop_config["run_dir"]), context.get_world_rank(),
@@ -310,8 +314,9 @@ class _Worker:
 
 
 def _say(line: str) -> None:
-    """A progress line on the console (stderr: Ray Train echoes worker stdout twice)."""
-    print(line, file=sys.stderr, flush=True)
+    """A progress line on the driver's console (through logging: Ray Train echoes a
+    worker's ``print`` twice)."""
+    log.info(line)
 
 
 def _fmt(value: Any) -> str:
