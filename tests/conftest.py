@@ -50,6 +50,16 @@ def ingest_config(source: str, out, **overrides) -> IngestConfig:
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray instance (2 CPUs) for every test that needs it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def store_path(soma_uri, tmp_path_factory) -> str:
     """A bag store ingested from the SOMA experiment."""
     out = tmp_path_factory.mktemp("store") / "bags.zarr"

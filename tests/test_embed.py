@@ -139,14 +139,6 @@ def _snapshot(uri: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(store_path, soma_uri, tmp_path_factory):
     """A copy of the store and of the SOMA experiment, and an untrained 2-head model."""
     root = tmp_path_factory.mktemp("embed")

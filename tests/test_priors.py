@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import ray
 import zarr
 from scipy.spatial.distance import cdist
 
@@ -139,14 +138,7 @@ def test_k_must_be_below_the_smallest_subsample(store_path):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def dense_priors(store_path, local_ray) -> dict[str, PriorGraph]:
+def dense_priors(store_path, ray_cluster) -> dict[str, PriorGraph]:
     return {"pseudobulk": build_prior(store_path, "pseudobulk"),
             "gloscope": build_prior(store_path, "gloscope", k=10, n_pcs=5)}
 

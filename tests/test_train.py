@@ -35,14 +35,6 @@ RUN = {
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference_run(store_path, ray_cluster, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "reference"
     return train(store_path, str(run), TrainConfig.from_mapping(RUN))

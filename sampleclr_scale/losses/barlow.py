@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses.gather import gather_with_grad
-from sampleclr_scale.losses.xclr import _upcast_views
+from sampleclr_scale.losses.gather import global_views, upcast_views
 
 
 def barlow_cross_correlation(z_a: Tensor, z_b: Tensor, eps: float = 1e-5) -> Tensor:
@@ -89,14 +88,9 @@ class BarlowTwinsLoss(nn.Module):
         Tensor
             Scalar loss, identical on every rank; float32 (half inputs upcast) or float64.
         """
-        z_a, z_b = _upcast_views(z_a, z_b, "Barlow Twins")
+        z_a, z_b = upcast_views(z_a, z_b, "Barlow Twins")
         with torch.autocast(device_type=z_a.device.type, enabled=False):
-            Z_a, Z_b = gather_with_grad(z_a), gather_with_grad(z_b)
-            if Z_a.shape[0] < 2:
-                raise InputError(
-                    "Barlow Twins needs at least 2 rows in the global batch to standardise",
-                    "train with more than one bag per step",
-                )
+            Z_a, Z_b = global_views(z_a, z_b, "Barlow Twins", "to standardise")
             c = barlow_cross_correlation(Z_a, Z_b, self.eps)
             return barlow_invariance(c) + self.lambda_ * barlow_redundancy(c)
 

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sampleclr_scale.errors import InputError
+
 
 def rank_and_world_size() -> tuple[int, int]:
     """This process's rank and the world size of the default process group.
@@ -95,3 +97,30 @@ def gather_no_grad(x: Tensor) -> Tensor:
         return x
     with torch.no_grad():
         return _all_gather_cat(x, world_size)
+
+
+def upcast_views(z_a: Tensor, z_b: Tensor, loss: str) -> tuple[Tensor, Tensor]:
+    """Check two views of a pairwise loss and cast them to float32, or float64 if given."""
+    if z_a.ndim != 2 or z_a.shape != z_b.shape or z_a.shape[0] == 0:
+        raise InputError(
+            f"{loss} views must be two non-empty [b, D] tensors of the same shape, got "
+            f"{tuple(z_a.shape)} and {tuple(z_b.shape)}",
+            "pass the representations of the two views of the same b bags, row i of both "
+            "from the same donor",
+        )
+    if not (z_a.is_floating_point() and z_b.is_floating_point()):
+        raise InputError(
+            f"{loss} views must be floating point, got {z_a.dtype} and {z_b.dtype}",
+            "pass the encoder outputs, not labels or ids",
+        )
+    dtype = torch.promote_types(torch.promote_types(z_a.dtype, z_b.dtype), torch.float32)
+    return z_a.to(dtype), z_b.to(dtype)
+
+
+def global_views(z_a: Tensor, z_b: Tensor, loss: str, purpose: str) -> tuple[Tensor, Tensor]:
+    """Both views of the global batch, gathered with gradients; at least 2 rows."""
+    Z_a, Z_b = gather_with_grad(z_a), gather_with_grad(z_b)
+    if Z_a.shape[0] < 2:
+        raise InputError(f"{loss} needs at least 2 rows in the global batch {purpose}",
+                         "train with more than one bag per step")
+    return Z_a, Z_b

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses.gather import gather_with_grad
-from sampleclr_scale.losses.xclr import _upcast_views
+from sampleclr_scale.losses.gather import global_views, upcast_views
 
 
 def vicreg_invariance(z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -115,14 +114,9 @@ class VICRegLoss(nn.Module):
         Tensor
             Scalar loss, identical on every rank; float32 (half inputs upcast) or float64.
         """
-        z_a, z_b = _upcast_views(z_a, z_b, "VICReg")
+        z_a, z_b = upcast_views(z_a, z_b, "VICReg")
         with torch.autocast(device_type=z_a.device.type, enabled=False):
-            Z_a, Z_b = gather_with_grad(z_a), gather_with_grad(z_b)
-            if Z_a.shape[0] < 2:
-                raise InputError(
-                    "VICReg needs at least 2 rows in the global batch for its variance terms",
-                    "train with more than one bag per step",
-                )
+            Z_a, Z_b = global_views(z_a, z_b, "VICReg", "for its variance terms")
             variance = (vicreg_variance(Z_a, self.eps) + vicreg_variance(Z_b, self.eps)) / 2
             covariance = vicreg_covariance(Z_a) + vicreg_covariance(Z_b)
             return (

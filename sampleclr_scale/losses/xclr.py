@@ -26,7 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses.gather import gather_no_grad, gather_with_grad, rank_and_world_size
+from sampleclr_scale.losses.gather import (
+    gather_no_grad,
+    gather_with_grad,
+    rank_and_world_size,
+    upcast_views,
+)
 
 
 def xclr_targets(prior_rows: Tensor, tau_graph: float) -> Tensor:
@@ -111,7 +116,7 @@ def xclr_loss(
         donor ids, or donor ids outside the prior.
     """
     _check_temperatures(tau, tau_graph)
-    z_a, z_b = _upcast_views(z_a, z_b, "X-CLR")
+    z_a, z_b = upcast_views(z_a, z_b, "X-CLR")
     if donor_index is not None:
         _check_donor_index(donor_index, z_a.shape[0])
     if prior is not None:
@@ -210,24 +215,6 @@ def _check_temperatures(tau: float, tau_graph: float) -> None:
                 f"X-CLR {name} must be a positive finite number, got {value!r}",
                 f"set {name} to a value like 0.1 (SampleCLR uses tau=0.1, tau_graph=0.1-0.2)",
             )
-
-
-def _upcast_views(z_a: Tensor, z_b: Tensor, loss: str) -> tuple[Tensor, Tensor]:
-    """Check two views of a pairwise loss and cast them to float32, or float64 if given."""
-    if z_a.ndim != 2 or z_a.shape != z_b.shape or z_a.shape[0] == 0:
-        raise InputError(
-            f"{loss} views must be two non-empty [b, D] tensors of the same shape, got "
-            f"{tuple(z_a.shape)} and {tuple(z_b.shape)}",
-            "pass the representations of the two views of the same b bags, row i of both "
-            "from the same donor",
-        )
-    if not (z_a.is_floating_point() and z_b.is_floating_point()):
-        raise InputError(
-            f"{loss} views must be floating point, got {z_a.dtype} and {z_b.dtype}",
-            "pass the encoder outputs, not labels or ids",
-        )
-    dtype = torch.promote_types(torch.promote_types(z_a.dtype, z_b.dtype), torch.float32)
-    return z_a.to(dtype), z_b.to(dtype)
 
 
 def _check_donor_index(donor_index: Tensor, n_local: int) -> None:
