@@ -1,7 +1,7 @@
 # The README's two quick-start commands: `make demo` and `make test`.
 # Each creates the virtual environment if needed (torch's local CPU build first,
 # so the `torch>=2.4` requirement installs nothing more), then runs.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= demo_out

@@ -100,5 +100,9 @@ def run_demo(out: Path, *, n_donors: int = 200, workers: int = 2, epochs: int = 
 
     _stage(7, "done")
     print(headline(metrics))
+    severity = {name: method["mean"]["information/severity"]
+                for name, method in metrics["methods"].items()}
+    print("\nseverity (partly invisible to pseudobulk), information retention: "
+          + ", ".join(f"{name} {value:.3f}" for name, value in severity.items()))
     print(f"\nreport: {report / 'report.md'}   ({time.perf_counter() - begin:.0f} s in all)")
     return metrics
