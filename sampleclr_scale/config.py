@@ -243,6 +243,9 @@ class TrainConfig(StageConfig):
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps the checkpoints: a local path or a URI (``s3://``, ``gs://``,
+    ``file://``); default ``RUN/ray``. Multi-node runs need shared storage here."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Also checkpoint every this many steps inside an epoch (0: at epoch ends only)."""
     keep_checkpoints: int = Field(default=2, ge=1)

@@ -73,9 +73,12 @@ def test_two_workers_learn_donor_identity(reference_run, store_path):
 @pytest.mark.ray
 def test_failed_worker_resumes_to_identical_weights(reference_run, store_path, tmp_path):
     run = tmp_path / "faulty"
-    config = TrainConfig.from_mapping({**RUN, "fail_at_step": 7, "checkpoint_every": 1})
+    storage = tmp_path / "checkpoints"  # checkpoints go through a URI (pyarrow file system)
+    config = TrainConfig.from_mapping({**RUN, "fail_at_step": 7, "checkpoint_every": 1,
+                                       "storage_path": storage.as_uri()})
     result = train(store_path, str(run), config)
     assert (run / FAULT_MARKER).exists()  # the failure really happened
+    assert list((storage / "faulty").glob("checkpoint_*"))
     reference, _ = load_model(reference_run.run_dir)
     recovered, _ = load_model(result.run_dir)
     for (name, a), (_, b) in zip(reference.state_dict().items(),

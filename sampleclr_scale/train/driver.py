@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
-RAY_DIR = "ray"
+RAY_DIR = "ray"  # Ray's checkpoints inside the run directory, unless storage_path is set
 # settings that may change when a run is resumed: they do not change what is computed
 _RESUMABLE = {"max_failures", "log_every", "fail_at_step", "keep_checkpoints"}
 
@@ -83,7 +83,8 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
         run_config=RunConfig(
-            name=RAY_DIR, storage_path=str(run),
+            name=RAY_DIR if config.storage_path is None else run.name,
+            storage_path=config.storage_path or str(run),
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
     )
