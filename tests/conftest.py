@@ -51,10 +51,12 @@ def ingest_config(source: str, out, **overrides) -> IngestConfig:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray instance (2 CPUs) for every test that needs it."""
+    """One real local Ray instance (2 CPUs) for every test that needs it (a test that
+    started one itself, like the demo's, leaves it running for the others)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
