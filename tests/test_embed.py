@@ -30,7 +30,7 @@ from sampleclr_scale.train.artifact import load_model, save_model
 from tests.conftest import ingest_config
 
 RUN = "run-a"
-CONFIG = EmbedConfig(cells=100, batch_donors=5, workers=2, run_name=RUN)
+CONFIG = EmbedConfig(cells=100, mode="centrality", batch_donors=5, workers=2, run_name=RUN)
 
 
 def _graph(n: int, edges: list[tuple[int, int]]) -> sp.csr_array:
