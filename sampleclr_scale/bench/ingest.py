@@ -16,18 +16,18 @@ from sampleclr_scale.bench import peak_rss_mb
 from sampleclr_scale.config import IngestConfig
 from sampleclr_scale.data import synthetic
 
-MIN_CELLS, MAX_CELLS = 200, 4000
-# mean of the log-uniform distribution of cells per donor on [MIN_CELLS, MAX_CELLS]
-MEAN_CELLS_PER_DONOR = (MAX_CELLS - MIN_CELLS) / math.log(MAX_CELLS / MIN_CELLS)
+CELLS_PER_DONOR = (200, 4000)  # log-uniform range of the simulated cohorts
 
 
-def _simulated_source(n_cells: int, dim: int, workdir: Path) -> str:
+def simulated_source(n_cells: int, dim: int, workdir: Path,
+                     cells_per_donor: tuple[int, int] = CELLS_PER_DONOR) -> str:
     """A SOMA experiment of about ``n_cells`` cells, written once and reused."""
-    uri = workdir / f"cohort_{n_cells}_{dim}.soma"
+    lo, hi = cells_per_donor
+    mean = (hi - lo) / math.log(hi / lo)  # mean of the log-uniform distribution
+    uri = workdir / f"cohort_{n_cells}_{dim}_{lo}-{hi}.soma"
     if not uri.exists():
-        spec = synthetic.CohortSpec(n_donors=max(1, round(n_cells / MEAN_CELLS_PER_DONOR)),
-                                    min_cells=MIN_CELLS, max_cells=MAX_CELLS, n_genes=8,
-                                    embedding_dim=dim, seed=1)
+        spec = synthetic.CohortSpec(n_donors=max(1, round(n_cells / mean)), min_cells=lo,
+                                    max_cells=hi, n_genes=8, embedding_dim=dim, seed=1)
         start = time.perf_counter()
         synthetic.write_soma(spec, uri)
         print(f"simulated {uri} in {time.perf_counter() - start:.0f} s", flush=True)
@@ -44,24 +44,29 @@ def _ingest_child(config: IngestConfig, results) -> None:
                  "peak_rss_mb": round(peak_rss_mb(), 1)})
 
 
+def ingest_in_child(source: str, out: Path) -> dict:
+    """Ingest ``source`` into ``out`` in a fresh spawned process; its figures and peak RSS."""
+    config = IngestConfig(source=source, out=str(out), features="obsm:scvi",
+                          donor_key=["dataset_id", "donor_id"],
+                          meta=["disease", "severity", "age", "sex"],
+                          cell_columns=["cell_type"], overwrite=True)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_ingest_child, args=(config, results))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"ingest of {source} failed (exit code {child.exitcode})")
+    return results.get(timeout=30)
+
+
 def bench_ingest(sizes: list[int], *, dim: int, workdir: Path) -> dict:
     """Figures for ``sampleclr-scale bench ingest``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")
     figures: dict = {"dim": dim, "features": "obsm (SOMA sparse array)", "runs": []}
     for n_cells in sizes:
-        source = _simulated_source(n_cells, dim, workdir)
-        config = IngestConfig(source=source, out=str(workdir / f"store_{n_cells}.zarr"),
-                              features="obsm:scvi", donor_key=["dataset_id", "donor_id"],
-                              meta=["disease", "severity", "age", "sex"],
-                              cell_columns=["cell_type"], overwrite=True)
-        results = context.Queue()
-        child = context.Process(target=_ingest_child, args=(config, results))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"ingest of {source} failed (exit code {child.exitcode})")
-        run = results.get(timeout=30)
+        run = ingest_in_child(simulated_source(n_cells, dim, workdir),
+                              workdir / f"store_{n_cells}.zarr")
         figures["runs"].append(run)
         print(f"ingest {run['cells']:,} cells: {run['cells_per_s']:,} cells/s, "
               f"peak RSS {run['peak_rss_mb']:,} MB", flush=True)
