@@ -197,3 +197,39 @@ def test_existing_store_is_replaced_only_when_complete(store_path, soma_uri, tmp
     ingest(ingest_config(soma_uri, out, overwrite=True, seed=11))  # re-run is safe
     after = BagStore(out)
     assert after.n_cells == len(before) and not np.array_equal(after.features[:], before)
+
+
+def test_split_keeps_groups_together_and_classes_balanced():
+    from sampleclr_scale.data.cohort import split_donors
+
+    rng = np.random.default_rng(0)
+    donors = pd.DataFrame({"site": rng.integers(0, 10, 200).astype(str),
+                           "disease": rng.choice(["a", "b"], 200)})
+    split = split_donors(donors, 0.2, "disease", "site", seed=1)
+    assert set(split) == {"train", "validation"}
+    sides = pd.DataFrame({"site": donors["site"], "split": split}).groupby("site")["split"]
+    assert (sides.nunique() == 1).all()  # no site on both sides
+    grouped = split_donors(donors, 0.2, None, "site", seed=1)
+    assert (pd.DataFrame({"s": donors["site"], "x": grouped}).groupby("s")["x"].nunique()
+            == 1).all()
+    plain = split_donors(donors, 0.25, "disease", None, seed=1)
+    assert (plain == "validation").sum() == 50
+    by_class = pd.crosstab(donors["disease"], plain, normalize="index")["validation"]
+    assert np.allclose(by_class, 0.25, atol=0.02)
+    assert np.array_equal(plain, split_donors(donors, 0.25, "disease", None, seed=1))
+
+
+def test_features_from_a_separately_hosted_embedding_array(soma_uri, store_path, tmp_path):
+    """obsm:URI reads a SOMA sparse array keyed by soma_joinid, as Census hosts embeddings."""
+    import pyarrow as pa
+
+    with tiledbsoma.Experiment.open(soma_uri) as exp:
+        source = exp.ms["RNA"].obsm["scvi"]
+        table = source.read().tables().concat()
+        shape = source.shape
+    uri = str(tmp_path / "hosted_scvi")
+    with tiledbsoma.SparseNDArray.create(uri, type=pa.float32(), shape=shape) as hosted:
+        hosted.write(table)
+    out = tmp_path / "hosted.zarr"
+    ingest(ingest_config(soma_uri, out, features=f"obsm:{uri}"))
+    assert np.array_equal(BagStore(out).features[:], BagStore(store_path).features[:])
