@@ -1,4 +1,5 @@
-"""The ``sampleclr-scale`` command: one subcommand per stage, plus ``demo`` and ``bench``."""
+"""The ``sampleclr-scale`` command: one subcommand per stage, plus ``pipeline``, ``demo``
+and ``bench``."""
 
 from __future__ import annotations
 
@@ -277,6 +278,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     embedding.add_argument("--graph-cells", type=int, default=20_000)
     embedding.add_argument("--json", required=True, help="file to save the figures to")
     embedding.set_defaults(run=_run_bench("embed"))
+    scale = kinds.add_parser("scale", help="every stage on one simulated ~10M-cell cohort")
+    scale.add_argument("--cells", type=int, default=10_000_000)
+    scale.add_argument("--dim", type=int, default=50)
+    scale.add_argument("--workers", type=int, default=2)
+    scale.add_argument("--workdir", default="bench_out/scale", help="scratch directory")
+    scale.add_argument("--json", required=True, help="file to save the figures to")
+    scale.set_defaults(run=_run_bench("scale"))
     training = kinds.add_parser("train", help="training throughput and 1 -> N worker scaling")
     training.add_argument("--store", required=True)
     training.add_argument("--workers", default="1,2", help="comma-separated worker counts")
@@ -320,6 +328,31 @@ def _run_demo(args: argparse.Namespace) -> None:
              seed=args.seed)
 
 
+# --- pipeline ---------------------------------------------------------------------------
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="run a recipe: every stage on one cohort",
+                       description="Run a recipe (YAML, keys of PipelineConfig; see pipelines/) "
+                       "into OUT: ingest, prior, train, embed every donor, write back, "
+                       "evaluate. Stages whose output is complete are kept, so a re-run "
+                       "resumes.")
+    p.add_argument("recipe", help="recipe YAML file, e.g. pipelines/census_pbmc_covid.yaml")
+    p.add_argument("--out", required=True, help="directory for everything the run writes")
+    p.add_argument("--source",
+                   help="source instead of the recipe's (e.g. census:PATH for a local copy)")
+    p.add_argument("--workers", type=int, help="Ray training workers and embedding actors")
+    p.add_argument("--epochs", type=int,
+                   help="epochs of each training stage (contrastive and supervised)")
+    p.set_defaults(run=_run_pipeline)
+
+
+def _run_pipeline(args: argparse.Namespace) -> None:
+    from sampleclr_scale.pipeline import PipelineConfig, run_pipeline
+
+    run_pipeline(PipelineConfig.from_yaml(args.recipe), Path(args.out), source=args.source,
+                 workers=args.workers, epochs=args.epochs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sampleclr-scale``."""
     parser = argparse.ArgumentParser(
@@ -329,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_ingest, _add_prior, _add_train, _add_embed, _add_evaluate,
-                _add_bench, _add_demo):
+                _add_bench, _add_pipeline, _add_demo):
         add(sub)
     return parser
 

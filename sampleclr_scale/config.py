@@ -27,11 +27,8 @@ class StageConfig(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors()
-            )
             raise InputError(
-                f"{where} is not a valid {cls.__name__}: {problems}",
+                f"{where} is not a valid {cls.__name__}: {describe_errors(err)}",
                 f"valid keys: {sorted(cls.model_fields)}",
             ) from None
 
@@ -39,6 +36,13 @@ class StageConfig(BaseModel):
     def from_yaml(cls, path: str | Path) -> Self:
         """Load and validate a YAML file."""
         return cls.from_mapping(read_yaml(path), where=str(path))
+
+
+def describe_errors(err: ValidationError) -> str:
+    """Pydantic's report as one line: ``location: message; ...``."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors()
+    )
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -51,6 +55,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise InputError(f"config {path} is not a mapping", "write key: value pairs")
     return values
+
+
+def is_census(source: str) -> bool:
+    """Whether ``source`` names CELLxGENE Census (``census``, ``census:VERSION_OR_URI``)."""
+    return source == "census" or source.startswith("census:")
 
 
 _FEATURES = re.compile(r"^(obsm:.+|pca:[1-9][0-9]*)$")
@@ -119,7 +128,7 @@ class IngestConfig(StageConfig):
         if not isinstance(values, dict):
             return values
         source = str(values.get("source", ""))
-        if source == "census" or source.startswith("census:"):
+        if is_census(source):
             values = {"donor_key": ["dataset_id", "donor_id"], "primary_only": True, **values}
         elif source.endswith(".h5ad"):
             values = {"layer": "X", **values}
@@ -243,6 +252,9 @@ class TrainConfig(StageConfig):
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
+    placement: Literal["PACK", "SPREAD"] = "PACK"
+    """How Ray places the workers: PACK fills a node first, SPREAD puts them on different
+    nodes (one worker per node on a multi-node cluster)."""
     storage_path: str | None = None
     """Where Ray Train keeps the checkpoints: a local path or a URI (``s3://``, ``gs://``,
     ``file://``); default ``RUN/ray``. Multi-node runs need shared storage here."""

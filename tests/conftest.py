@@ -55,8 +55,8 @@ def ray_cluster():
     started one itself, like the demo's, leaves it running for the others)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+    if not ray.is_initialized():  # "local": never join another cluster on the machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

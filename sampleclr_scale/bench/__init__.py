@@ -45,6 +45,11 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
                               workers=[int(w) for w in args.workers.split(",")],
                               cells=args.cells, mode=args.mode,
                               batch_donors=args.batch_donors, graph_cells=args.graph_cells)
+    elif kind == "scale":
+        from sampleclr_scale.bench.scale import bench_scale
+
+        figures = bench_scale(args.cells, dim=args.dim, workers=args.workers,
+                              workdir=Path(args.workdir))
     elif kind == "train":
         from sampleclr_scale.bench.train import bench_train
 

@@ -29,7 +29,7 @@ CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 RAY_DIR = "ray"  # Ray's checkpoints inside the run directory, unless storage_path is set
 # settings that may change when a run is resumed: they do not change what is computed
-_RESUMABLE = {"max_failures", "log_every", "fail_at_step", "keep_checkpoints"}
+_RESUMABLE = {"max_failures", "log_every", "fail_at_step", "keep_checkpoints", "placement"}
 
 
 @dataclass
@@ -81,7 +81,8 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
         train_loop_config={"config": config.model_dump(mode="json"),
                            "store": str(store.path.resolve()), "run_dir": str(run)},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+                                     placement_strategy=config.placement),
         run_config=RunConfig(
             name=RAY_DIR if config.storage_path is None else run.name,
             storage_path=config.storage_path or str(run),
