@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sampleclr_scale.data import synthetic
 from sampleclr_scale.pipeline import Headers, ModelRecipe, PipelineConfig, run_pipeline
+from sampleclr_scale.train.cluster import ensure_ray
 
 DEMO_META = ["disease", "severity", "age", "sex", "assay"]
 SOMA_DIR = "cohort.soma"
@@ -61,10 +62,7 @@ def run_demo(out: Path, *, n_donors: int = 200, workers: int = 2, epochs: int = 
     if not soma.exists():
         synthetic.write_soma(synthetic.CohortSpec(n_donors=n_donors, n_genes=100, seed=seed),
                              soma)
-    import ray
-
-    if not ray.is_initialized():  # its own local Ray, even if a cluster runs on this machine
-        ray.init(address="local", include_dashboard=False)
+    ensure_ray()
     metrics = run_pipeline(demo_recipe(soma, workers=workers, epochs=epochs, seed=seed), out,
                            headers=headers)
     severity = {name: method["mean"]["information/severity"]

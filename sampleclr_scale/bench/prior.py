@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import ray
 
 from sampleclr_scale.data.store import DONORS_FILE, create_arrays, finish_arrays, staged_directory
+from sampleclr_scale.train.cluster import ensure_ray
 from sampleclr_scale.train.prior import PriorGraph, build_prior
 
 _CELLS_RANGE = (200, 400)  # cells per donor, uniform
@@ -61,8 +62,7 @@ def bench_prior(
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init()
+    ensure_ray()
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         ray.get([_warm_up.remote() for _ in range(cpus)])

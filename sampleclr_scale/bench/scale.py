@@ -18,6 +18,7 @@ from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.embedder import run_embedding
+from sampleclr_scale.train.cluster import ensure_ray
 from sampleclr_scale.train.driver import train
 from sampleclr_scale.train.prior import build_prior, prior_summary, save_prior
 
@@ -33,6 +34,7 @@ def bench_scale(n_cells: int, *, dim: int, workers: int, workdir: Path) -> dict:
             simulated_source(size, dim, workdir, CELLS_PER_DONOR),
             workdir / f"scale_store_{size}.zarr"))
         print("ingest", figures["ingest"][-1], flush=True)
+    ensure_ray()
     store_path = str(workdir / f"scale_store_{n_cells}.zarr")
     store = BagStore(store_path)
     figures["cohort"] = {"cells": store.n_cells, "donors": store.n_donors,

@@ -63,6 +63,7 @@ from sampleclr_scale.embed.selection import select_cells
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import SampleCLR
 from sampleclr_scale.train.artifact import load_model
+from sampleclr_scale.train.cluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +271,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
     tasks = [list(range(a, min(a + config.batch_donors, store.n_donors)))
              for a in range(0, store.n_donors, config.batch_donors)]
     begin = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    ensure_ray()
     actor = ray.remote(EmbedWorker).options(num_cpus=1, num_gpus=int(config.use_gpu))
     actors = [actor.remote(str(store.path.resolve()), str(Path(run_dir).resolve()),
                            config.model_dump(mode="json"))

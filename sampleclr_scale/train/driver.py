@@ -21,6 +21,7 @@ from sampleclr_scale.errors import InputError
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
+from sampleclr_scale.train.cluster import ensure_ray
 from sampleclr_scale.train.worker import train_worker
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ def _check_run_dir(run: Path, config: TrainConfig, resume: bool) -> None:
 def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = False
           ) -> TrainResult:
     """Train SampleCLR on a bag store with Ray Train; see the module docstring."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -74,8 +74,7 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
     run.mkdir(parents=True, exist_ok=True)
     (run / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    ensure_ray()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"),

@@ -52,6 +52,7 @@ from sampleclr_scale.losses.priors import (
     similarity_from_divergence,
     symmetric_kl,
 )
+from sampleclr_scale.train.cluster import ensure_ray
 
 KINDS = ("pseudobulk", "gloscope")
 PRIORS_GROUP = "priors"
@@ -421,8 +422,7 @@ def _pair_divergences(projected: np.ndarray, offsets: np.ndarray, a: np.ndarray,
     """
     if not len(a):
         return np.zeros(0)
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     cells_ref, offsets_ref = ray.put(projected), ray.put(offsets)
     donors = np.arange(len(offsets) - 1)
     rho = np.concatenate(ray.get([

@@ -1,0 +1,162 @@
+"""Training across a real 2-node Ray cluster on this machine, surviving the loss of a node.
+
+``ray.cluster_utils.Cluster`` starts a head and a worker node as separate raylets (each
+with its own object store and worker processes), so the two Ray Train workers really run
+on different Ray nodes; their checkpoints go to one shared ``file://`` path (both nodes
+see this machine's disk, which stands in for shared storage such as S3). While training
+runs, the worker node is killed and a fresh node joins: Ray Train restarts the worker
+group from the latest checkpoint and the run finishes with the same weights as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sampleclr_scale.config import TrainConfig
+from sampleclr_scale.train.artifact import load_model
+from sampleclr_scale.train.driver import train
+
+RUN = {
+    "preset": "small",
+    "loader": {"batch_size": 4, "cells_per_view": 32, "seed": 1},
+    "epochs": 3,
+    "supervised_epochs": 1,
+    "freeze_epochs": 0,
+    "tasks": [{"column": "severity", "kind": "ordinal"}],
+    "optim": {"lr": 3e-3, "warmup_epochs": 1},
+    "patience": None,
+    "workers": 2,
+    "placement": "SPREAD",
+    "checkpoint_every": 1,
+    "max_failures": 3,
+    "log_every": 100,
+    "seed": 4,
+}
+# a dead node is noticed after ~1 s instead of the default ~30 s
+FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200,
+                   "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+WORKER_CPUS = 2  # room for both workers on the worker node: only SPREAD separates them
+
+
+@pytest.fixture
+def two_nodes():
+    """A head node (1 CPU, the driver's) and a worker node (2 CPUs), this process
+    connected to them and to no other Ray instance."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # e.g. the session's single-node instance
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                      "_system_config": FAST_NODE_DEATH})
+    cluster.add_node(num_cpus=WORKER_CPUS)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _train_groups() -> list[dict]:
+    """Ray Train's worker-group placement groups (one per attempt): bundle -> node."""
+    import ray.util
+
+    return [pg for pg in ray.util.placement_group_table().values()
+            if len(pg["bundles"]) == RUN["workers"] and pg["strategy"] == "SPREAD"]
+
+
+def _pack_would_share_a_node() -> bool:
+    """Whether a PACK group of two 1-CPU bundles lands on one node of this cluster."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"CPU": 1}] * RUN["workers"], strategy="PACK")
+    ray.get(group.ready(), timeout=60)
+    nodes = set(ray.util.placement_group_table(group)["bundles_to_node_id"].values())
+    remove_placement_group(group)
+    return len(nodes) == 1
+
+
+class _Training(threading.Thread):
+    """``train(...)`` in the background (Ray starts nodes only from the main thread, so
+    the test swaps nodes there)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(daemon=True)
+        self.args = args
+        self.result = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = train(*self.args)
+        except BaseException as err:  # reported by the test
+            self.error = err
+
+
+def _wait_for_checkpoint(checkpoints: Path, training: _Training) -> None:
+    deadline = time.monotonic() + 150
+    while not list(checkpoints.glob("checkpoint_*")):
+        assert training.is_alive(), training.error
+        assert time.monotonic() < deadline, f"no checkpoint in {checkpoints}"
+        time.sleep(0.2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_nodes_spread_and_survive_losing_one(two_nodes, store_path, tmp_path):
+    import ray
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    assert _pack_would_share_a_node()
+    head = two_nodes.head_node.node_id
+    storage = tmp_path / "shared"  # one path that every node reads and writes
+    config = TrainConfig.from_mapping({**RUN, "storage_path": storage.as_uri()})
+
+    # an uninterrupted run is the reference for the recovered one
+    reference = train(store_path, str(tmp_path / "reference"), config)
+    groups = _train_groups()
+    assert len(groups) == 1
+    assert set(groups[0]["bundles_to_node_id"].values()) == {
+        head, next(iter(two_nodes.worker_nodes)).node_id}  # one worker on each node
+
+    training = _Training(store_path, str(tmp_path / "interrupted"), config)
+    start = time.monotonic()
+    training.start()
+    _wait_for_checkpoint(storage / "interrupted", training)
+    created = [pg for pg in _train_groups() if pg["state"] == "CREATED"]
+    assert len(created) == 1, created
+    node = next(iter(two_nodes.worker_nodes))
+    assert set(created[0]["bundles_to_node_id"].values()) == {head, node.node_id}
+    two_nodes.remove_node(node, allow_graceful=False)  # the node dies mid-training
+    two_nodes.add_node(num_cpus=WORKER_CPUS)  # and a fresh one joins
+    training.join(timeout=150)
+    print(f"interrupted run: {time.monotonic() - start:.1f} s")
+    assert not training.is_alive() and training.error is None, training.error
+    result = training.result
+
+    # the workers were restarted on the surviving head and the fresh node
+    new_node = next(iter(two_nodes.worker_nodes)).node_id
+    retries = [pg for pg in _train_groups()
+               if set(pg["bundles_to_node_id"].values()) == {head, new_node}]
+    assert retries, _train_groups()
+    assert result.model_path.exists()
+    epochs = RUN["epochs"] + RUN["supervised_epochs"]
+    assert [h["epoch"] for h in result.history] == list(range(epochs))
+    # resumed from the checkpoint at the exact step: the same weights as without the loss
+    ours, _ = load_model(result.run_dir)
+    theirs, _ = load_model(reference.run_dir)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    assert [h["val_loss"] for h in result.history] == [h["val_loss"] for h in
+                                                       reference.history]
