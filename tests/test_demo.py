@@ -4,6 +4,7 @@ embed, write back, evaluate, report; and a re-run that resumes instead of redoin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +13,9 @@ from sampleclr_scale.cli import main
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_demo_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
+def test_tiny_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("demo")  # relative, as in the README's `make demo`
     assert main(["demo", "--out", str(out), "--donors", "24", "--epochs", "2",
                  "--workers", "2"]) == 0
     printed = capsys.readouterr().out

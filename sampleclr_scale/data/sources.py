@@ -418,7 +418,10 @@ def open_source(spec: str, measurement: str = "RNA", organism: str = "homo_sapie
         Census organism (``homo_sapiens``, ``mus_musculus``, ...).
     """
     if spec == CENSUS_PREFIX or spec.startswith(CENSUS_PREFIX + ":"):
-        return _open_census(spec.partition(":")[2] or "stable", measurement, organism)
+        return _open_census(_absolute(spec.partition(":")[2]) or "stable", measurement,
+                            organism)
+    if "://" not in spec:  # the store records where its cells came from: absolute paths
+        spec = str(Path(spec).resolve())
     if spec.endswith(".h5ad"):
         return H5adSource(spec)
     if "://" not in spec and not Path(spec).exists():
@@ -427,6 +430,15 @@ def open_source(spec: str, measurement: str = "RNA", organism: str = "homo_sapie
             "pass an existing .h5ad file, a SOMA experiment URI, or census[:VERSION]",
         )
     return SomaSource.open(spec, measurement)
+
+
+def _absolute(location: str) -> str:
+    """A Census location with a local path made absolute; URIs, versions (``2025-11-08``,
+    ``stable``) and the empty string unchanged."""
+    is_path = location.startswith(".") or "/" in location
+    if "://" in location or not is_path:
+        return location
+    return str(Path(location).resolve())
 
 
 def _open_census(where: str, measurement: str, organism: str) -> SomaSource:

@@ -176,6 +176,8 @@ def write_back_soma(embeddings: str | Path, uri: str, run: str) -> str:
         URI of the run's collection.
     """
     check_run_name(run)
+    if "://" not in uri:  # tiledbsoma relates member URIs to absolute paths only
+        uri = str(Path(uri).resolve())
     results = _Results(embeddings)
     home, n_obs = _prepare(uri, results.max_joinid())
     staging = _stage(home, run, results, n_obs)
