@@ -21,23 +21,11 @@ import torch
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.driver import train
+from tests.test_train import RUN as SINGLE_NODE_RUN
 
-RUN = {
-    "preset": "small",
-    "loader": {"batch_size": 4, "cells_per_view": 32, "seed": 1},
-    "epochs": 3,
-    "supervised_epochs": 1,
-    "freeze_epochs": 0,
-    "tasks": [{"column": "severity", "kind": "ordinal"}],
-    "optim": {"lr": 3e-3, "warmup_epochs": 1},
-    "patience": None,
-    "workers": 2,
-    "placement": "SPREAD",
-    "checkpoint_every": 1,
-    "max_failures": 3,
-    "log_every": 100,
-    "seed": 4,
-}
+# the single-node test run, shortened, spread over the nodes, checkpointing every step
+RUN = {**SINGLE_NODE_RUN, "epochs": 3, "supervised_epochs": 1, "freeze_epochs": 0,
+       "placement": "SPREAD", "checkpoint_every": 1, "max_failures": 3}
 # a dead node is noticed after ~1 s instead of the default ~30 s
 FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200,
                    "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
