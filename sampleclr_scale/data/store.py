@@ -176,11 +176,11 @@ def finish_arrays(group: zarr.Group, donor_ptr: np.ndarray, attrs: dict[str, Any
 
 @contextmanager
 def staged_directory(final: Path, overwrite: bool) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and publish it atomically on success.
+    """Build a directory (or a file) in a temporary sibling and publish it atomically.
 
     An existing ``final`` is only replaced when ``overwrite`` is set, and only after the
-    new directory is complete: it is renamed aside, the new one renamed in, the old one
-    deleted. On any error the temporary directory is removed and ``final`` is untouched.
+    new one is complete: it is renamed aside, the new one renamed in, the old one
+    deleted. On any error the temporary path is removed and ``final`` is untouched.
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -194,9 +194,17 @@ def staged_directory(final: Path, overwrite: bool) -> Iterator[Path]:
             aside = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(final, aside)
             os.rename(staging, final)
-            shutil.rmtree(aside)
+            _remove(aside)
         else:
             os.rename(staging, final)
     finally:
         if staging.exists():
-            shutil.rmtree(staging)
+            _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import math
 import numbers
-import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -56,6 +55,7 @@ from anndata.experimental import concat_on_disk
 from scipy import sparse
 
 from sampleclr_scale.data._soma_writer import write_census_collection, write_experiment
+from sampleclr_scale.data.store import staged_directory
 from sampleclr_scale.errors import InputError
 
 __all__ = ["CohortSpec", "simulate_cells", "simulate_donors", "write_h5ad", "write_soma"]
@@ -311,15 +311,16 @@ def write_h5ad(spec: CohortSpec, path: str | Path, chunk_cells: int = 200_000) -
     pathlib.Path
         ``path``.
     """
-    with _staged_output(path) as staged:
+    with _new_output(path) as staged, tempfile.TemporaryDirectory(
+            prefix=f".{staged.name}.parts-", dir=staged.parent) as scratch:
         parts: list[Path] = []
         for i, chunk in enumerate(simulate_cells(spec, simulate_donors(spec), chunk_cells)):
-            parts.append(staged.with_name(f"part-{i:05d}.h5ad"))
+            parts.append(Path(scratch) / f"part-{i:05d}.h5ad")
             chunk.write_h5ad(parts[-1])
-        if len(parts) == 1:
-            parts[0].rename(staged)
-        else:
-            concat_on_disk(parts, staged, merge="same")
+        joined = parts[0] if len(parts) == 1 else Path(scratch) / "joined.h5ad"
+        if len(parts) > 1:  # the .h5ad suffix tells concat_on_disk the format
+            concat_on_disk(parts, joined, merge="same")
+        joined.rename(staged)
     return Path(path)
 
 
@@ -358,7 +359,7 @@ def write_soma(
     """
     chunks = simulate_cells(spec, simulate_donors(spec), chunk_cells)
     width = max(spec.n_genes, spec.embedding_dim)
-    with _staged_output(uri) as staged:
+    with _new_output(uri) as staged:
         if census_like:
             write_census_collection(str(staged), chunks, width, n_donors=spec.n_donors)
         else:
@@ -583,27 +584,16 @@ def _var_table(spec: CohortSpec) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- writers
 
 
-@contextmanager
-def _staged_output(path: str | Path) -> Iterator[Path]:
-    """Yield a scratch path beside ``path``; rename it to ``path`` if the body succeeds."""
+# ---------------------------------------------------------------------------- helpers
+
+
+def _new_output(path: str | Path) -> AbstractContextManager[Path]:
+    """Stage a new local output beside ``path`` and publish it atomically at the end."""
     if "://" in str(path):
         raise InputError(f"output {path} is not a local path", "write locally, then upload")
-    target = Path(path)
-    if target.exists():
-        raise InputError(f"output path {target} already exists", "delete it or pick another path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    )
-    try:
-        staged = scratch / target.name
-        yield staged
-        staged.rename(target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------- helpers
+    if Path(path).exists():
+        raise InputError(f"output path {path} already exists", "delete it or pick another path")
+    return staged_directory(Path(path), overwrite=False)
 
 
 def _is_int(value: object, minimum: int) -> bool:
