@@ -169,11 +169,15 @@ class _Worker:
         self.train_data.set_epoch(position.epoch)
         self.train_data.set_start_step(position.step)
         steps = len(self.train_data)
+        # the loss stays on the device (no host sync per step); the counts are host-side
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         sums = torch.zeros(5, dtype=torch.float64)  # loss, steps, donors, cells, wait
         start = tick = time.perf_counter()
         for batch in make_loader(self.train_data, pin_memory=self.device.type == "cuda"):
             arrived = time.perf_counter()
             self._maybe_fail()
+            sums[1:] += torch.tensor([1, len(batch.donor), float(batch.mask.sum()),
+                                      arrived - tick], dtype=torch.float64)
             batch = batch.to(self.device)
             loss, _, _ = self._loss(batch, with_heads=position.stage == 2)
             self.optimizer.zero_grad(set_to_none=True)
@@ -182,16 +186,17 @@ class _Worker:
             self.scheduler.step()
             position.step += 1
             position.global_step += 1
-            sums += torch.tensor([loss.item(), 1, len(batch.donor),
-                                  float(batch.mask.sum()), arrived - tick], dtype=torch.float64)
+            loss_sum += loss.detach()
             tick = time.perf_counter()
             if self.rank == 0 and (position.step % self.config.log_every == 0
                                    or position.step == steps):
+                sums[0] = loss_sum.item()
                 self._progress(sums, tick - start, steps)
             if (self.config.checkpoint_every and position.step < steps
                     and position.global_step % self.config.checkpoint_every == 0):
                 self._report({"global_step": position.global_step}, checkpoint=True)
         seconds = time.perf_counter() - start
+        sums[0] = loss_sum.item()
         totals = self._all_reduce(torch.cat([sums, torch.tensor([seconds], dtype=torch.float64)]))
         n = max(totals[1].item(), 1)
         return {"train_loss": totals[0].item() / n,
