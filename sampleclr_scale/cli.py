@@ -46,7 +46,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                        description="Select a cohort from a SOMA experiment, an .h5ad file or "
                        "CELLxGENE Census and write it as a bag store (out of core).")
     p.add_argument("source", help="SOMA experiment URI, .h5ad path, census[:VERSION|:PATH]")
-    p.add_argument("--out", required=True, help="bag store to create")
+    p.add_argument("--out", required=True,
+                   help="bag store to create: a path or URI (built locally, then uploaded)")
     p.add_argument("--config", help="YAML file with IngestConfig keys")
     p.add_argument("--features", help="obsm:NAME (an embedding) or pca:N (default obsm:scvi)")
     p.add_argument("--layer", help="X layer for pca:N (default raw; X for .h5ad)")
@@ -92,8 +93,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train SampleCLR data-parallel on a bag store: Ray Train "
                        "workers stream their shard of two-view donor bags; one X-CLR loss over "
                        "the global batch; checkpoints and restarts from failures.")
-    p.add_argument("--store", required=True, help="bag store (from ingest)")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, model.pt)")
+    p.add_argument("--store", required=True, help="bag store (from ingest): a path or URI")
+    p.add_argument("--out", required=True,
+                   help="run directory (model.pt, metrics, checkpoints): a path or URI")
     p.add_argument("--config", help="YAML file with TrainConfig keys")
     p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
     p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None,
@@ -158,7 +160,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                        "store and a SOMA experiment.")
     p.add_argument("--store", required=True)
     p.add_argument("--checkpoint", required=True, help="training run directory (model.pt)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory: a path or URI")
     p.add_argument("--write-back", dest="write_back",
                    help="SOMA experiment to write into (default: the store's source "
                    "experiment; required for Census stores)")
@@ -195,7 +197,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="embedding directories (from embed); NAME=PATH to name one; "
                    "NAME_seedN runs are averaged")
     p.add_argument("--store", required=True)
-    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--out", required=True, help="report directory: a path or URI")
     p.add_argument("--config", help="YAML file with EvaluateConfig keys (covariates)")
     p.add_argument("--runs", nargs="*", default=None,
                    help="training runs whose curves to draw (default: from provenance)")
@@ -358,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sampleclr-scale",
         description="Atlas-scale SampleCLR: one vector per donor from millions of cells.",
+        epilog="Stores (--store), run directories (--out, --checkpoint), embeddings and "
+        "reports are local paths or URIs (s3://BUCKET/..., gs://...), so one command runs on a "
+        "laptop and on a cluster whose nodes share a bucket; credentials come from the usual "
+        "environment (AWS_*, ~/.aws, an IAM role).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)

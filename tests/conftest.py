@@ -49,6 +49,49 @@ def ingest_config(source: str, out, **overrides) -> IngestConfig:
     return IngestConfig(**values)
 
 
+S3_SETTINGS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def s3_endpoint():
+    """A local S3 server for the whole session, its address in ``AWS_ENDPOINT_URL``.
+
+    moto's server speaks the S3 REST API over HTTP (s3fs's own tests run against it), so
+    s3fs, pyarrow and Ray reach it exactly as they reach AWS. It starts before any Ray
+    instance, so every Ray worker inherits the settings, and it keeps all tests away from
+    real cloud storage.
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**S3_SETTINGS, "AWS_ENDPOINT_URL": endpoint}.items():
+            patch.setenv(name, value)
+        yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def bucket(request) -> str:
+    """A new, empty S3 bucket on the session's server: ``s3://<name>``."""
+    import re
+    import uuid
+
+    import fsspec
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray instance (2 CPUs) for every test that needs it (a test that

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from sampleclr_scale.data.store import DONORS_FILE, create_arrays, finish_arrays, staged_directory
+from sampleclr_scale.data.store import DONORS_FILE, create_arrays, finish_arrays
+from sampleclr_scale.storage import staged_output
 from sampleclr_scale.train.cluster import ensure_ray
 from sampleclr_scale.train.prior import PriorGraph, build_prior
 
@@ -115,7 +116,7 @@ def _write_store(path: Path, n_donors: int, dim: int, seed: int) -> tuple[np.nda
     groups = rng.integers(_GROUPS, size=n_donors)
     sizes = rng.integers(_CELLS_RANGE[0], _CELLS_RANGE[1] + 1, size=n_donors)
     donor_ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    with staged_directory(path, overwrite=True) as staging:
+    with staged_output(path, overwrite=True) as staging:
         group = create_arrays(staging, n_cells=int(donor_ptr[-1]), dim=dim, dtype="float32",
                               chunk_rows=4096)
         for lo in range(0, n_donors, _DONOR_BLOCK):

@@ -35,9 +35,9 @@ from sampleclr_scale.data.store import (
     DONORS_FILE,
     create_arrays,
     finish_arrays,
-    staged_directory,
 )
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,12 @@ class _Spill:
 def ingest(config: IngestConfig) -> IngestReport:
     """Build a bag store from ``config.source`` at ``config.out`` (atomically)."""
     start = time.perf_counter()
-    if "://" in config.out:
-        raise InputError(f"ingest writes local stores; {config.out!r} is a URI",
-                         "ingest to a local path, then copy the store to object storage")
     with open_source(config.source, config.measurement, config.organism) as source:
         cohort = select_cohort(source, config)
         log.info("cohort: %d cells of %d donors (%s)", cohort.counts["cells"],
                  cohort.counts["donors"], source.uri)
         features = make_features(source, config, cohort.joinid)
-        with staged_directory(Path(config.out), config.overwrite) as staging:
+        with staged_output(config.out, config.overwrite) as staging:
             group = create_arrays(staging, n_cells=len(cohort.joinid), dim=features.dim,
                                   dtype=config.dtype, chunk_rows=config.chunk_rows)
             with tempfile.TemporaryDirectory(dir=staging.parent,

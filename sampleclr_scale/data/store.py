@@ -19,21 +19,16 @@ uniform random subset of its cells: one range read instead of hundreds of point 
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import zarr
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage import Location
 
 SCHEMA_VERSION = 1
 DONORS_FILE = "donors.parquet"
@@ -46,23 +41,23 @@ class BagStore:
 
     Parameters
     ----------
-    path
-        Location of the store (a local path).
+    location
+        Where the store is: a local path or a URI (``s3://``, ``gs://`` ...).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
+    def __init__(self, location: str | Path | Location) -> None:
+        self.location = Location(location)
+        if not self.location.is_zarr_group():
             raise InputError(
-                f"{self.path} is not a bag store (no zarr.json)",
+                f"{self.location} is not a bag store (no zarr.json)",
                 "build one with `sampleclr-scale ingest SOURCE --out STORE`",
             )
-        self._group = zarr.open_group(str(self.path), mode="r")
+        self._group = self.location.open_group("r")
         self.attrs: dict[str, Any] = dict(self._group.attrs)
         version = self.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise InputError(
-                f"bag store {self.path} has schema version {version}, this sampleclr-scale "
+                f"bag store {self.location} has schema version {version}, this sampleclr-scale "
                 f"reads version {SCHEMA_VERSION}",
                 "re-run `sampleclr-scale ingest` with this version to rebuild the store",
             )
@@ -92,7 +87,7 @@ class BagStore:
     @cached_property
     def donors(self) -> pd.DataFrame:
         """The donor table, indexed by donor position 0..n_donors-1."""
-        return pq.read_table(self.path / DONORS_FILE).to_pandas()
+        return (self.location / DONORS_FILE).read_parquet().to_pandas()
 
     def split_donors(self, split: str) -> np.ndarray:
         """Sorted positions of the donors in ``split`` (``train`` or ``validation``)."""
@@ -106,11 +101,11 @@ class BagStore:
 
     def cell_table(self, columns: list[str] | None = None) -> pd.DataFrame:
         """Cell-level columns, one row per store row."""
-        path = self.path / CELLS_FILE
-        if not path.exists():
-            raise InputError(f"bag store {self.path} has no cell table",
+        cells = self.location / CELLS_FILE
+        if not cells.is_file():
+            raise InputError(f"bag store {self.location} has no cell table",
                              "re-ingest with --cell-columns COL ...")
-        return pq.read_table(path, columns=columns).to_pandas()
+        return cells.read_parquet(columns).to_pandas()
 
     def donor_rows(self, donor: int) -> np.ndarray:
         """All feature rows of one donor."""
@@ -136,7 +131,7 @@ class BagStore:
         """
         if column not in self.donors.columns:
             raise InputError(
-                f"bag store {self.path} has no donor column {column!r} for a {kind} task",
+                f"bag store {self.location} has no donor column {column!r} for a {kind} task",
                 f"use one of {sorted(self.donors.columns)} or re-ingest with --meta {column}",
             )
         values = self.donors[column]
@@ -172,39 +167,3 @@ def finish_arrays(group: zarr.Group, donor_ptr: np.ndarray, attrs: dict[str, Any
     group["source_joinid"].resize((n_cells,))
     group.create_array("donor_ptr", data=donor_ptr.astype(np.int64))
     group.attrs.update({"schema_version": SCHEMA_VERSION, **attrs})
-
-
-@contextmanager
-def staged_directory(final: Path, overwrite: bool) -> Iterator[Path]:
-    """Build a directory (or a file) in a temporary sibling and publish it atomically.
-
-    An existing ``final`` is only replaced when ``overwrite`` is set, and only after the
-    new one is complete: it is renamed aside, the new one renamed in, the old one
-    deleted. On any error the temporary path is removed and ``final`` is untouched.
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise InputError(f"{final} already exists",
-                         "pass --overwrite to replace it, or choose another --out")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield staging
-        if final.exists():
-            aside = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(final, aside)
-            os.rename(staging, final)
-            _remove(aside)
-        else:
-            os.rename(staging, final)
-    finally:
-        if staging.exists():
-            _remove(staging)
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or a directory tree."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()

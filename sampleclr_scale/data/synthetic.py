@@ -55,8 +55,8 @@ from anndata.experimental import concat_on_disk
 from scipy import sparse
 
 from sampleclr_scale.data._soma_writer import write_census_collection, write_experiment
-from sampleclr_scale.data.store import staged_directory
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage import Location, staged_output
 
 __all__ = ["CohortSpec", "simulate_cells", "simulate_donors", "write_h5ad", "write_soma"]
 
@@ -588,12 +588,10 @@ def _var_table(spec: CohortSpec) -> pd.DataFrame:
 
 
 def _new_output(path: str | Path) -> AbstractContextManager[Path]:
-    """Stage a new local output beside ``path`` and publish it atomically at the end."""
-    if "://" in str(path):
-        raise InputError(f"output {path} is not a local path", "write locally, then upload")
-    if Path(path).exists():
+    """Stage a new output and publish it atomically at the end (local path or URI)."""
+    if Location(path).exists():
         raise InputError(f"output path {path} already exists", "delete it or pick another path")
-    return staged_directory(Path(path), overwrite=False)
+    return staged_output(path, overwrite=False, commit=None)
 
 
 def _is_int(value: object, minimum: int) -> bool:

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sampleclr_scale.data.store import BagStore, staged_directory
+from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import (
     CELLS_PARQUET,
@@ -62,6 +62,7 @@ from sampleclr_scale.embed.config import (
 from sampleclr_scale.embed.selection import select_cells
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import SampleCLR
+from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.cluster import ensure_ray
 
@@ -94,11 +95,11 @@ class EmbeddedBatch:
 class EmbedResult:
     """Where the embedding stage wrote what, and how fast it ran."""
 
-    out: Path
-    donor_embeddings: Path
-    h5ad: Path
-    cell_weights: Path
-    provenance: Path
+    out: Location
+    donor_embeddings: Location
+    h5ad: Location
+    cell_weights: Location
+    provenance: Location
     n_donors: int
     n_cells: int
     """Rows of ``cell_weights.parquet``."""
@@ -244,10 +245,10 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
         any work is done; for a model that does not fit the store.
     """
     store = BagStore(store_path)
-    run = check_run_name(config.run_name or Path(run_dir).resolve().name)
+    run = check_run_name(config.run_name or Location(run_dir).name)
     target = writeback.soma_target(store, write_back)
     result = run_embedding(store_path, run_dir, out, config)
-    locations = {"store": str(writeback.write_back_store(result.out, store.path, run))}
+    locations = {"store": str(writeback.write_back_store(result.out, store.location, run))}
     if target is not None:
         locations["soma"] = writeback.write_back_soma(result.out, target, run)
     log.info("results %r written back to %s", run, ", ".join(locations.values()))
@@ -265,7 +266,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
     if model.config.input_dim != store.dim:
         raise InputError(
             f"the model in {run_dir} takes {model.config.input_dim} features per cell, the "
-            f"store {store.path} has {store.dim}",
+            f"store {store.location} has {store.dim}",
             "embed with a model trained on this store's features",
         )
     tasks = [list(range(a, min(a + config.batch_donors, store.n_donors)))
@@ -273,7 +274,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
     begin = time.perf_counter()
     ensure_ray()
     actor = ray.remote(EmbedWorker).options(num_cpus=1, num_gpus=int(config.use_gpu))
-    actors = [actor.remote(str(store.path.resolve()), str(Path(run_dir).resolve()),
+    actors = [actor.remote(store.location.uri, Location(run_dir).uri,
                            config.model_dump(mode="json"))
               for _ in range(min(config.workers, len(tasks)))]
     try:
@@ -281,7 +282,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
         startup = time.perf_counter() - begin
         log.info("embedding %d donors with %d actors (%s, %d cells per donor)",
                  store.n_donors, len(actors), config.mode, config.cells)
-        with staged_directory(Path(out), config.overwrite) as staging:
+        with staged_output(out, config.overwrite, commit=PROVENANCE_FILE) as staging:
             staging.mkdir()
             start = time.perf_counter()
             results = ActorPool(actors).map(lambda a, donors: a.embed.remote(donors), tasks)
@@ -293,7 +294,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
     finally:
         for a in actors:
             ray.kill(a)
-    out = Path(out)
+    out = Location(out)
     rate = store.n_donors / seconds
     log.info("embedded %d donors in %.1f s (%.1f donors/s) into %s", store.n_donors, seconds,
              rate, out)
@@ -363,9 +364,9 @@ def _provenance(store: BagStore, run_dir: str | Path, config: EmbedConfig,
     import ray
 
     return {
-        "checkpoint": str(Path(run_dir).resolve()),
-        "run_name": config.run_name or Path(run_dir).resolve().name,
-        "store": str(store.path.resolve()),
+        "checkpoint": Location(run_dir).uri,
+        "run_name": config.run_name or Location(run_dir).name,
+        "store": store.location.uri,
         "store_source": store.attrs.get("source"),
         "store_source_kind": store.attrs.get("source_kind"),
         "donor_key": list(store.attrs.get("donor_key", [])),

@@ -32,7 +32,8 @@ results go to a separate SOMA experiment named by ``write_back`` (required; crea
 empty, if missing), with ``cell_weights`` keyed by Census ``soma_joinid`` — join it with
 Census's obs of the same release.
 
-Store layout (a Zarr v3 group per run, published by an atomic directory rename)::
+Store layout (a Zarr v3 group per run, published atomically by
+:func:`~sampleclr_scale.storage.staged_output`, also into a store behind a URI)::
 
     STORE/embeddings/<run>/          attrs: run, dim, n_heads, provenance
       z                              float32 [n_donors, D], row i = donor position i
@@ -56,11 +57,10 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 import zarr
 
-from sampleclr_scale.data.store import BagStore, staged_directory
+from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import (
     CELLS_PARQUET,
     DONORS_PARQUET,
@@ -69,6 +69,7 @@ from sampleclr_scale.embed.config import (
     check_run_name,
 )
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage import Location, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,13 @@ _READ_ROWS = 1 << 20
 class _Results:
     """An embedding output directory: donors with ``z``, provenance, cell weights."""
 
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: str | Path | Location) -> None:
+        self.directory = Location(directory)
         try:
             self.provenance: dict[str, Any] = json.loads(
                 (self.directory / PROVENANCE_FILE).read_text())
-            donors = pq.read_table(self.directory / DONORS_PARQUET)
-            self._cells = pq.ParquetFile(self.directory / CELLS_PARQUET)
+            donors = (self.directory / DONORS_PARQUET).read_parquet()
+            self._cells = (self.directory / CELLS_PARQUET).parquet_file()
         except (OSError, ValueError) as err:
             raise InputError(f"{self.directory} is not a complete embedding output: {err}",
                              "run `sampleclr-scale embed` to create it") from None
@@ -151,14 +152,14 @@ def soma_target(store: BagStore, write_back: str | None) -> str | None:
     source = str(store.attrs.get("source", ""))
     if source == "census" or source.startswith("census:"):
         raise InputError(
-            f"the store {store.path} was built from Census ({source}), which is read-only",
+            f"the store {store.location} was built from Census ({source}), which is read-only",
             "pass --write-back URI of a local SOMA experiment to receive the results "
             "(created if missing; cells keyed by Census soma_joinid)",
         )
     return source if store.attrs.get("source_kind") == "soma" else None
 
 
-def write_back_soma(embeddings: str | Path, uri: str, run: str) -> str:
+def write_back_soma(embeddings: str | Path | Location, uri: str, run: str) -> str:
     """Write results into ``uri``'s ``sampleclr/<run>``, replacing a previous run of that name.
 
     Parameters
@@ -299,7 +300,8 @@ def _remove_folder(uri: str) -> None:
         log.warning("removed %s from its collection; delete its folder by hand", uri)
 
 
-def write_back_store(embeddings: str | Path, store_path: str | Path, run: str) -> Path:
+def write_back_store(embeddings: str | Path | Location, store_path: str | Path | Location,
+                     run: str) -> Location:
     """Write results into ``STORE/embeddings/<run>``, replacing a previous run of that name.
 
     Parameters
@@ -313,18 +315,18 @@ def write_back_store(embeddings: str | Path, store_path: str | Path, run: str) -
 
     Returns
     -------
-    pathlib.Path
+    Location
         The run's Zarr group.
     """
     check_run_name(run)
     results = _Results(embeddings)
     store = BagStore(store_path)
     if results.donors["donor"].astype(str).tolist() != store.donors["donor"].astype(str).tolist():
-        raise InputError(f"{results.directory} holds other donors than the store {store.path}",
-                         "write back into the store that was embedded")
-    parent = store.path / STORE_FOLDER
-    zarr.open_group(str(parent), mode="a")
-    with staged_directory(parent / run, overwrite=True) as staging:
+        raise InputError(f"{results.directory} holds other donors than the store "
+                         f"{store.location}", "write back into the store that was embedded")
+    parent = store.location / STORE_FOLDER
+    parent.open_group("a")
+    with staged_output(parent / run, overwrite=True) as staging:
         group = zarr.open_group(str(staging), mode="w-")
         group.create_array("z", data=results.z)
         n = results.n_cells
@@ -371,9 +373,11 @@ def read_back(uri: str | Path, run: str) -> tuple[pd.DataFrame, sp.coo_array]:
     InputError
         If the run does not exist or was not completely written.
     """
-    if (Path(str(uri)) / "zarr.json").is_file():
-        return _read_store(Path(str(uri)), run)
-    return _read_soma(str(uri), run)
+    try:
+        store = Location(uri)
+    except InputError:  # a URI scheme only TileDB knows, e.g. tiledb://
+        return _read_soma(str(uri), run)
+    return _read_store(store, run) if store.is_zarr_group() else _read_soma(str(uri), run)
 
 
 def _read_soma(uri: str, run: str) -> tuple[pd.DataFrame, sp.coo_array]:
@@ -400,15 +404,15 @@ def _read_soma(uri: str, run: str) -> tuple[pd.DataFrame, sp.coo_array]:
     return donors.sort_values("donor_index", ignore_index=True), sp.coo_array(weights)
 
 
-def _read_store(path: Path, run: str) -> tuple[pd.DataFrame, sp.coo_array]:
-    store = BagStore(path)
-    folder = path / STORE_FOLDER / run
-    if not (folder / "zarr.json").is_file():
-        runs = sorted(p.name for p in (path / STORE_FOLDER).glob("*")
-                      if (p / "zarr.json").is_file()) if (path / STORE_FOLDER).is_dir() else []
-        raise InputError(f"the store {path} has no embeddings named {run!r}",
+def _read_store(location: Location, run: str) -> tuple[pd.DataFrame, sp.coo_array]:
+    store = BagStore(location)
+    folder = location / STORE_FOLDER / run
+    if not folder.is_zarr_group():
+        runs = [name for name in (location / STORE_FOLDER).children()
+                if not name.startswith(".") and (location / STORE_FOLDER / name).is_zarr_group()]
+        raise InputError(f"the store {location} has no embeddings named {run!r}",
                          f"use one of {runs}")
-    group = zarr.open_group(str(folder), mode="r")
+    group = folder.open_group("r")
     z = group["z"][:]
     key_columns = dict.fromkeys(["donor", *group.attrs["provenance"]["donor_key"], "split"])
     donors = pd.DataFrame({"donor_index": np.arange(store.n_donors, dtype=np.int64)})

@@ -87,7 +87,7 @@ def cell_types(store: BagStore, column: str = "cell_type") -> tuple[np.ndarray, 
     try:
         values = store.cell_table([column])[column]
     except pa.ArrowInvalid:
-        raise InputError(f"the cell table of bag store {store.path} has no column {column!r}",
+        raise InputError(f"the cell table of bag store {store.location} has no column {column!r}",
                          f"re-ingest with --cell-columns {column}") from None
     codes, uniques = pd.factorize(values)  # fast on the categorical column
     names = np.array([str(u) for u in uniques], dtype=object)

@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import baselines, report
 from sampleclr_scale.evaluate.config import EvaluateConfig
 from sampleclr_scale.evaluate.spare import cosine_distances, root_donor, spare_scores
+from sampleclr_scale.storage import Location, local_directory
 
 EMBEDDINGS_FILE = "donor_embeddings.parquet"
 WEIGHTS_FILE = "cell_weights.parquet"
@@ -59,13 +59,13 @@ class _Run:
     source: str | None = None
 
 
-def read_embeddings(emb_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_embeddings(emb_dir: str | Path | Location) -> tuple[np.ndarray, np.ndarray]:
     """Donor positions and vectors of an embedding directory.
 
     Parameters
     ----------
-    emb_dir : str or Path
-        Directory written by the embed stage.
+    emb_dir : str, Path or Location
+        Directory written by the embed stage (a local path or a URI).
 
     Returns
     -------
@@ -80,7 +80,7 @@ def read_embeddings(emb_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     table = _embedding_table(emb_dir, ["donor_index", "z"])
     z = table.column("z").combine_chunks()
     if not pa.types.is_fixed_size_list(z.type) or z.null_count or z.values.null_count:
-        raise InputError(f"column z of {Path(emb_dir) / EMBEDDINGS_FILE} is {z.type} with "
+        raise InputError(f"column z of {Location(emb_dir) / EMBEDDINGS_FILE} is {z.type} with "
                          f"{z.null_count} nulls, not fixed_size_list<float32>[D] without nulls",
                          "re-run `sampleclr-scale embed`")
     Z = z.values.to_numpy(zero_copy_only=False).astype(np.float32)
@@ -96,11 +96,11 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
     ----------
     embeddings : list of str
         Embedding directories, each ``PATH`` (named by the directory) or ``NAME=PATH``;
-        ``<method>_seed<N>`` names are aggregated per method.
+        ``<method>_seed<N>`` names are aggregated per method. Paths may be URIs.
     store : str
-        The bag store the embeddings were made from.
+        The bag store the embeddings were made from (a local path or a URI).
     out : str
-        Report directory (created; files in it are overwritten).
+        Report directory, a local path or a URI (created; files in it are overwritten).
     config : EvaluateConfig
         Covariates and settings.
     run_dirs : list of str, optional
@@ -118,77 +118,77 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
     if not embeddings:
         raise InputError("no embeddings to evaluate", "pass --embeddings EMB [EMB ...]")
     bag = BagStore(store)
-    config.check_columns(bag.donors, str(bag.path))
+    config.check_columns(bag.donors, str(bag.location))
     selected = _selected_donors(bag, config.split)
     donors = bag.donors.iloc[selected].reset_index(drop=True)
-    root = _trajectory_root(donors, config, str(bag.path))
+    root = _trajectory_root(donors, config, str(bag.location))
     named = _name_embeddings(embeddings)
     logs = _training_logs(run_dirs, named)
     runs = []
     for name, path in named:
         Z = _aligned(path, bag, selected)
-        runs.append(_Run(_method_of(name), name, "sampleclr", cosine_distances(Z), Z, str(path)))
+        runs.append(_Run(_method_of(name), name, "sampleclr", cosine_distances(Z), Z, path.uri))
     skipped: dict[str, str] = {}
     runs += _baseline_runs(bag, selected, config, runs[0].Z.shape[1], skipped)
     methods = _score(runs, donors, config)
-    out_dir = Path(out)
-    fig_dir = out_dir / report.FIGURES_DIR
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    first: dict[str, _Run] = {}  # each SampleCLR method's first run
-    for run in runs:
-        if run.kind == "sampleclr":
-            first.setdefault(run.method, run)
-    method = report.map_method(len(selected))
-    map_paths = _map_figures(first, runs, donors, config, fig_dir, method)
-    weight_paths, weights = _cell_weight_figures(first, bag, selected, fig_dir, skipped)
-    curve_paths, training = _training_figures(logs, fig_dir)
-    metrics = {
-        "store": str(bag.path),
-        "n_donors": len(selected),
-        "config": config.model_dump(mode="json"),
-        "trajectory_root": None if root is None else str(donors["donor"].iloc[root]),
-        "map_method": method,
-        "columns": _score_keys(config),
-        "methods": methods,
-        "skipped": skipped,
-        "cell_weights": weights,
-        "training": training,
-        "figures": {kind: {name: str(p.relative_to(out_dir)) for name, p in paths.items()}
-                    for kind, paths in (("maps", map_paths), ("cell_weights", weight_paths),
-                                        ("training", curve_paths))},
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    report.write_report(metrics, out_dir)
+    with local_directory(out) as out_dir:  # a URI: written locally, then uploaded
+        fig_dir = out_dir / report.FIGURES_DIR
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        first: dict[str, _Run] = {}  # each SampleCLR method's first run
+        for run in runs:
+            if run.kind == "sampleclr":
+                first.setdefault(run.method, run)
+        method = report.map_method(len(selected))
+        map_paths = _map_figures(first, runs, donors, config, fig_dir, method)
+        weight_paths, weights = _cell_weight_figures(first, bag, selected, fig_dir, skipped)
+        curve_paths, training = _training_figures(logs, fig_dir)
+        metrics = {
+            "store": bag.location.uri,
+            "n_donors": len(selected),
+            "config": config.model_dump(mode="json"),
+            "trajectory_root": None if root is None else str(donors["donor"].iloc[root]),
+            "map_method": method,
+            "columns": _score_keys(config),
+            "methods": methods,
+            "skipped": skipped,
+            "cell_weights": weights,
+            "training": training,
+            "figures": {kind: {name: str(p.relative_to(out_dir)) for name, p in paths.items()}
+                        for kind, paths in (("maps", map_paths), ("cell_weights", weight_paths),
+                                            ("training", curve_paths))},
+        }
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        report.write_report(metrics, out_dir)
     return metrics
 
 
 # ---- inputs ------------------------------------------------------------------------
 
 
-def _embedding_table(emb_dir: str | Path, columns: list[str]) -> pa.Table:
-    path = Path(emb_dir) / EMBEDDINGS_FILE
+def _embedding_table(emb_dir: str | Path | Location, columns: list[str]) -> pa.Table:
+    path = Location(emb_dir) / EMBEDDINGS_FILE
     if not path.is_file():
         raise InputError(f"{emb_dir} has no {EMBEDDINGS_FILE}",
                          "pass a directory written by `sampleclr-scale embed`")
     try:
-        return pq.read_table(path, columns=columns)
+        return path.read_parquet(columns)
     except pa.ArrowInvalid as err:
         raise InputError(f"cannot read {columns} from {path}: {err}",
                          "re-run `sampleclr-scale embed`") from None
 
 
-def _name_embeddings(entries: list[str]) -> list[tuple[str, Path]]:
+def _name_embeddings(entries: list[str]) -> list[tuple[str, Location]]:
     """``(run name, directory)`` of each ``PATH`` or ``NAME=PATH`` entry."""
     named = []
     for entry in entries:
         name, sep, path = entry.partition("=")
         if not sep or "/" in name:
-            name, path = Path(entry).resolve().name, entry
+            name, path = Location(entry).name, entry
         if not _NAME.match(name) or _method_of(name) in BASELINES:
             raise InputError(f"bad method name {name!r} for embeddings {path}",
                              f"use NAME=PATH with letters, digits, '_', '.', '-', not one of "
                              f"the baselines {list(BASELINES)}")
-        named.append((name, Path(path)))
+        named.append((name, Location(path)))
     names = [name for name, _ in named]
     if len(set(names)) != len(names):
         raise InputError(f"embedding names repeat: {names}",
@@ -204,7 +204,7 @@ def _method_of(name: str) -> str:
 def _selected_donors(bag: BagStore, split: str) -> np.ndarray:
     selected = (np.arange(bag.n_donors) if split == "all" else bag.split_donors("validation"))
     if len(selected) < 3:
-        raise InputError(f"split {split!r} of bag store {bag.path} has {len(selected)} donors; "
+        raise InputError(f"split {split!r} of bag store {bag.location} has {len(selected)} donors; "
                          f"SPARE needs at least 3", "evaluate split: all, or a larger store")
     return selected
 
@@ -219,7 +219,7 @@ def _trajectory_root(donors: pd.DataFrame, config: EvaluateConfig, where: str) -
     return root_donor(donors[config.trajectory], config.trajectory_root)
 
 
-def _aligned(emb_dir: Path, bag: BagStore, selected: np.ndarray) -> np.ndarray:
+def _aligned(emb_dir: Location, bag: BagStore, selected: np.ndarray) -> np.ndarray:
     """The embedding's vectors of the selected donors, in store order, checked against the
     store's donor table."""
     donor_index, Z = read_embeddings(emb_dir)
@@ -231,7 +231,7 @@ def _aligned(emb_dir: Path, bag: BagStore, selected: np.ndarray) -> np.ndarray:
     names = _embedding_table(emb_dir, ["donor"]).column("donor").to_pylist()
     expected = bag.donors["donor"].to_numpy()[donor_index].tolist()
     if names != expected:
-        raise InputError(f"the donors of {emb_dir} are not those of bag store {bag.path} "
+        raise InputError(f"the donors of {emb_dir} are not those of bag store {bag.location} "
                          f"at the same positions", "embed with the same bag store")
     row = np.full(n, -1)
     row[donor_index] = np.arange(len(donor_index))
@@ -255,7 +255,7 @@ def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, 
         runs.append(_Run("composition", "composition", "baseline", cosine_distances(comp), comp))
     except InputError as err:
         skipped["composition"] = err.problem
-    gloscope = baselines.gloscope_distances(str(bag.path))
+    gloscope = baselines.gloscope_distances(bag.location.uri)
     if gloscope is None:
         skipped["gloscope"] = "no dense gloscope prior in the store (`sampleclr-scale prior`)"
     else:
@@ -329,7 +329,8 @@ def _cell_weight_figures(first: dict[str, _Run], bag: BagStore, selected: np.nda
                          fig_dir: Path, skipped: dict[str, str]
                          ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Heatmap and table of mean normalised weight per cell type and head, per method."""
-    with_weights = {m: r for m, r in first.items() if (Path(r.source) / WEIGHTS_FILE).is_file()}
+    with_weights = {m: r for m, r in first.items()
+                    if (Location(r.source) / WEIGHTS_FILE).is_file()}
     if not with_weights:
         return {}, {}
     try:
@@ -339,8 +340,8 @@ def _cell_weight_figures(first: dict[str, _Run], bag: BagStore, selected: np.nda
         return {}, {}
     paths, tables = {}, {}
     for method, run in with_weights.items():
-        table, counts = _weight_table(Path(run.source) / WEIGHTS_FILE, bag, selected, codes,
-                                      types)
+        table, counts = _weight_table(Location(run.source) / WEIGHTS_FILE, bag, selected,
+                                      codes, types)
         tables[method] = {"cells": counts.to_dict(), "mean_weight": table.to_dict()}
         paths[method] = report.plot_cell_weights(
             table, counts, f"{run.name}: cell weights",
@@ -348,10 +349,10 @@ def _cell_weight_figures(first: dict[str, _Run], bag: BagStore, selected: np.nda
     return paths, tables
 
 
-def _weight_table(path: Path, bag: BagStore, selected: np.ndarray, codes: np.ndarray,
+def _weight_table(path: Location, bag: BagStore, selected: np.ndarray, codes: np.ndarray,
                   types: list[str]) -> tuple[pd.DataFrame, pd.Series]:
     """Cell types x heads mean of each cell's weight over its donor's mean weight."""
-    weights = pq.read_table(path).to_pandas()
+    weights = path.read_parquet().to_pandas()
     heads = sorted((c for c in weights.columns if re.fullmatch(r"head_\d+", c)),
                    key=lambda c: int(c.split("_")[1]))
     if not heads or not {"donor_index", "store_row"} <= set(weights.columns):
@@ -366,7 +367,7 @@ def _weight_table(path: Path, bag: BagStore, selected: np.ndarray, codes: np.nda
     if len(rows) and (rows.min() < 0 or rows.max() >= bag.n_cells
                       or not np.array_equal(owner, weights["donor_index"].to_numpy())):
         raise InputError(f"store_row of {path} points outside the rows of its donors in "
-                         f"{bag.path}", "embed with the same bag store")
+                         f"{bag.location}", "embed with the same bag store")
     normalised = weights[heads] / weights.groupby("donor_index")[heads].transform("mean")
     # code -1 (no cell type) picks the last name, "unannotated"
     cell_type = np.asarray([*types, "unannotated"], dtype=object)[codes[rows]]
@@ -375,19 +376,19 @@ def _weight_table(path: Path, bag: BagStore, selected: np.ndarray, codes: np.nda
     return table, counts
 
 
-def _training_logs(run_dirs: list[str] | None, named: list[tuple[str, Path]]
+def _training_logs(run_dirs: list[str] | None, named: list[tuple[str, Location]]
                    ) -> dict[str, tuple[str, list[dict[str, Any]]]]:
     """Name -> (directory, epoch records) of each training run; by default the runs named
     as ``checkpoint`` in the embeddings' provenance that hold metrics."""
     if run_dirs is None:
         run_dirs = list(dict.fromkeys(
             c for _, p in named if (c := _provenance_checkpoint(p))
-            and (Path(c) / RUN_METRICS_FILE).is_file()))
+            and (Location(c) / RUN_METRICS_FILE).is_file()))
     logs = {}
     for run_dir in run_dirs:
-        name = Path(run_dir).resolve().name
+        name = Location(run_dir).name
         name = name if name not in logs else f"{name}_{len(logs)}"
-        logs[name] = (str(run_dir), _read_training(Path(run_dir)))
+        logs[name] = (str(run_dir), _read_training(Location(run_dir)))
     return logs
 
 
@@ -406,14 +407,14 @@ def _training_figures(logs: dict[str, tuple[str, list[dict[str, Any]]]], fig_dir
     return paths, summaries
 
 
-def _provenance_checkpoint(emb_dir: Path) -> str | None:
+def _provenance_checkpoint(emb_dir: Location) -> str | None:
     path = emb_dir / PROVENANCE_FILE
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get("checkpoint")
 
 
-def _read_training(run_dir: Path) -> list[dict[str, Any]]:
+def _read_training(run_dir: Location) -> list[dict[str, Any]]:
     path = run_dir / RUN_METRICS_FILE
     if not path.is_file():
         raise InputError(f"{run_dir} has no {RUN_METRICS_FILE}",

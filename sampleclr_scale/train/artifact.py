@@ -11,35 +11,32 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import ModelConfig, SampleCLR
+from sampleclr_scale.storage import Location
 from sampleclr_scale.train.setup import TaskInfo
 
 MODEL_FILE = "model.pt"
 
 
-def save_model(run_dir: Path, *, model_config: ModelConfig, state_dict: dict[str, Any],
-               tasks: list[TaskInfo], train_config: dict[str, Any], store: str,
-               history: list[dict[str, Any]]) -> Path:
-    """Write ``run_dir/model.pt`` atomically (temporary file, then rename)."""
-    path = Path(run_dir) / MODEL_FILE
-    partial = path.with_suffix(".pt.tmp")
-    torch.save({"model_config": model_config.model_dump(mode="json"),
-                "state_dict": state_dict, "tasks": [asdict(t) for t in tasks],
-                "train_config": train_config, "store": store, "history": history}, partial)
-    partial.replace(path)
+def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
+               state_dict: dict[str, Any], tasks: list[TaskInfo], train_config: dict[str, Any],
+               store: str, history: list[dict[str, Any]]) -> Location:
+    """Write ``run_dir/model.pt`` atomically (a local path or a URI)."""
+    path = Location(run_dir) / MODEL_FILE
+    path.write_torch({"model_config": model_config.model_dump(mode="json"),
+                      "state_dict": state_dict, "tasks": [asdict(t) for t in tasks],
+                      "train_config": train_config, "store": store, "history": history})
     return path
 
 
-def load_model(run_dir: str | Path) -> tuple[SampleCLR, dict[str, Any]]:
+def load_model(run_dir: str | Path | Location) -> tuple[SampleCLR, dict[str, Any]]:
     """The trained model in eval mode, and the rest of the artifact."""
-    path = Path(run_dir) / MODEL_FILE
+    path = Location(run_dir) / MODEL_FILE
     if not path.is_file():
         raise InputError(f"{run_dir} has no trained model ({MODEL_FILE})",
                          "train one with `sampleclr-scale train --store STORE --out RUN`")
-    artifact = torch.load(path, map_location="cpu", weights_only=False)
+    artifact = path.read_torch()
     model = SampleCLR(ModelConfig.model_validate(artifact["model_config"]))
     model.load_state_dict(artifact["state_dict"])
     artifact["tasks"] = [TaskInfo(**t) for t in artifact["tasks"]]

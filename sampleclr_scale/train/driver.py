@@ -5,6 +5,10 @@ process (gloo on CPUs, NCCL on GPUs), restarts failed workers from the latest ch
 (``FailureConfig``), and exports the best weights as ``RUN/model.pt`` with the metrics of
 every epoch (``RUN/metrics.jsonl``). Running the same command with ``--resume`` continues
 an interrupted run from its latest checkpoint.
+
+The store and the run directory may be local paths or URIs (``s3://``, ``gs://`` ...):
+on a multi-node cluster both live on storage every node reaches, and Ray Train writes
+its checkpoints under ``RUN/ray`` through the same URI unless ``storage_path`` is set.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage import Location
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
@@ -37,16 +41,16 @@ _RESUMABLE = {"max_failures", "log_every", "fail_at_step", "keep_checkpoints", "
 class TrainResult:
     """Where a finished run put its outputs, and its metrics."""
 
-    run_dir: Path
-    model_path: Path
+    run_dir: Location
+    model_path: Location
     history: list[dict[str, Any]]
 
 
-def _check_run_dir(run: Path, config: TrainConfig, resume: bool) -> None:
+def _check_run_dir(run: Location, config: TrainConfig, resume: bool) -> None:
     """Refuse to mix runs: an existing run continues only with ``resume`` and its config."""
     saved = run / CONFIG_FILE
-    if not saved.exists():
-        if run.exists() and any(run.iterdir()):
+    if not saved.is_file():
+        if run.children():
             raise InputError(f"{run} exists and is not a training run",
                              "choose an empty or new --out")
         return
@@ -69,27 +73,26 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
 
     store = BagStore(store_path)
     tasks = setup.check_run(store, config)
-    run = Path(run_dir).resolve()
+    run = Location(run_dir)
     _check_run_dir(run, config, resume)
-    run.mkdir(parents=True, exist_ok=True)
     (run / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
 
     ensure_ray()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"),
-                           "store": str(store.path.resolve()), "run_dir": str(run)},
+                           "store": store.location.uri, "run_dir": run.uri},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      placement_strategy=config.placement),
         run_config=RunConfig(
             name=RAY_DIR if config.storage_path is None else run.name,
-            storage_path=config.storage_path or str(run),
+            storage_path=config.storage_path or run.uri,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
     )
     log.info("training on %s with %d workers (global batch %d donors, lr %.2e)",
-             store.path, config.workers, config.global_batch, config.learning_rate)
+             store.location, config.workers, config.global_batch, config.learning_rate)
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:
         state = TrainState.load(directory)
@@ -97,7 +100,7 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
     model_path = save_model(run, model_config=setup.model_config(store, config, tasks),
                             state_dict=weights, tasks=tasks,
                             train_config=config.model_dump(mode="json"),
-                            store=str(store.path.resolve()), history=state.history)
+                            store=store.location.uri, history=state.history)
     (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
     log.info("model written to %s", model_path)
     return TrainResult(run, model_path, state.history)

@@ -34,7 +34,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -43,7 +42,7 @@ import torch
 import zarr
 
 from sampleclr_scale import __version__
-from sampleclr_scale.data.store import BagStore, staged_directory
+from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.losses.priors import (
     kth_neighbour_distances,
@@ -52,6 +51,7 @@ from sampleclr_scale.losses.priors import (
     similarity_from_divergence,
     symmetric_kl,
 )
+from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.train.cluster import ensure_ray
 
 KINDS = ("pseudobulk", "gloscope")
@@ -197,7 +197,7 @@ def build_prior(
     return _symmetric_graph(n, a, b, values, kind, params, timings)
 
 
-def save_prior(store_path: str, prior: PriorGraph) -> Path:
+def save_prior(store_path: str, prior: PriorGraph) -> Location:
     """Store ``prior`` in the bag store under ``priors/<kind>/``, replacing one atomically.
 
     Parameters
@@ -209,22 +209,22 @@ def save_prior(store_path: str, prior: PriorGraph) -> Path:
 
     Returns
     -------
-    Path
-        The prior's directory.
+    Location
+        The prior's Zarr group.
     """
     store = BagStore(store_path)
     _check_kind(prior.kind)
     if prior.n_donors != store.n_donors:
         raise InputError(
-            f"a prior of {prior.n_donors} donors does not fit bag store {store.path} "
+            f"a prior of {prior.n_donors} donors does not fit bag store {store.location} "
             f"of {store.n_donors} donors",
-            f"build it from this store: `sampleclr-scale prior --store {store.path} "
+            f"build it from this store: `sampleclr-scale prior --store {store.location} "
             f"--kind {prior.kind}`",
         )
-    priors_dir = store.path / PRIORS_GROUP
-    zarr.open_group(str(priors_dir), mode="a")  # a Zarr group, so the store lists it
+    priors_dir = store.location / PRIORS_GROUP
+    priors_dir.open_group("a")  # a Zarr group, so the store lists it
     final = priors_dir / prior.kind
-    with staged_directory(final, overwrite=True) as staging:
+    with staged_output(final, overwrite=True) as staging:
         group = zarr.open_group(str(staging), mode="w-")
         group.create_array("rows", data=np.asarray(prior.rows, dtype=np.int64))
         group.create_array("cols", data=np.asarray(prior.cols, dtype=np.int64))
@@ -257,16 +257,16 @@ def load_prior(store_path: str, kind: str) -> PriorGraph:
     """
     store = BagStore(store_path)
     _check_kind(kind)
-    path = store.path / PRIORS_GROUP / kind
-    rebuild = f"`sampleclr-scale prior --store {store.path} --kind {kind}`"
-    if not (path / "zarr.json").is_file():
-        raise InputError(f"bag store {store.path} has no {kind} prior",
+    location = store.location / PRIORS_GROUP / kind
+    rebuild = f"`sampleclr-scale prior --store {store.location} --kind {kind}`"
+    if not location.is_zarr_group():
+        raise InputError(f"bag store {store.location} has no {kind} prior",
                          f"build it with {rebuild}")
-    group = zarr.open_group(str(path), mode="r")
+    group = location.open_group("r")
     attrs = dict(group.attrs)
     if attrs["n_donors"] != store.n_donors:
         raise InputError(
-            f"the {kind} prior in {store.path} has {attrs['n_donors']} donors, the store "
+            f"the {kind} prior in {store.location} has {attrs['n_donors']} donors, the store "
             f"{store.n_donors} (the store was rebuilt after the prior)",
             f"rebuild the prior with {rebuild}",
         )
@@ -277,8 +277,8 @@ def load_prior(store_path: str, kind: str) -> PriorGraph:
 
 def available_priors(store_path: str) -> list[str]:
     """Kinds of the priors stored in a bag store, sorted."""
-    priors_dir = BagStore(store_path).path / PRIORS_GROUP
-    return [kind for kind in sorted(KINDS) if (priors_dir / kind / "zarr.json").is_file()]
+    priors_dir = BagStore(store_path).location / PRIORS_GROUP
+    return [kind for kind in sorted(KINDS) if (priors_dir / kind).is_zarr_group()]
 
 
 def prior_summary(prior: PriorGraph) -> dict[str, Any]:

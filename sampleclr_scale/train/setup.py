@@ -92,7 +92,7 @@ def load_prior_tensor(store: BagStore, config: TrainConfig) -> torch.Tensor | No
         return None
     from sampleclr_scale.train.prior import load_prior
 
-    return load_prior(str(store.path), config.loss.prior).to_torch_dense()
+    return load_prior(store.location.uri, config.loss.prior).to_torch_dense()
 
 
 def validation_loader_config(store: BagStore, config: TrainConfig) -> LoaderConfig | None:

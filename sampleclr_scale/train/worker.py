@@ -15,7 +15,6 @@ import logging
 import math
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from sampleclr_scale.data.loader import DonorBagDataset, DonorBatch, make_loader
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.losses import ordinal_predict
 from sampleclr_scale.model import SampleCLR, flatten_views, split_views
+from sampleclr_scale.storage import Location
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.checkpoint import Position, TrainState, cpu_copy
 from sampleclr_scale.train.schedule import warmup_cosine
@@ -44,14 +44,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     log.setLevel(logging.INFO)
     context = ray.train.get_context()
     _Worker(TrainConfig.model_validate(loop_config["config"]), loop_config["store"],
-            Path(loop_config["run_dir"]), context.get_world_rank(),
+            Location(loop_config["run_dir"]), context.get_world_rank(),
             context.get_world_size()).fit()
 
 
 class _Worker:
     """One worker's model, data, optimiser and position."""
 
-    def __init__(self, config: TrainConfig, store_path: str, run_dir: Path, rank: int,
+    def __init__(self, config: TrainConfig, store_path: str, run_dir: Location, rank: int,
                  world_size: int) -> None:
         import ray.train
         import ray.train.torch
@@ -282,7 +282,7 @@ class _Worker:
         marker = self.run_dir / FAULT_MARKER
         if (self.config.fail_at_step == self.state.position.global_step
                 and self.rank == self.world_size - 1 and not marker.exists()):
-            marker.touch()
+            marker.write_text("")
             raise RuntimeError(f"injected failure at step {self.config.fail_at_step}")
 
     def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:

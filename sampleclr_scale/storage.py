@@ -1,0 +1,316 @@
+"""Where the stages read and write: local paths and URIs alike.
+
+Every stage names its inputs and outputs by a :class:`Location`: a local path, or a URI
+(``s3://``, ``gs://``, ``az://``, ``file://`` ...) resolved by fsspec. A remote file system
+takes its credentials and endpoint from its usual settings (``AWS_*`` variables or
+``~/.aws`` for S3 through s3fs, ``GOOGLE_APPLICATION_CREDENTIALS`` for GCS through gcsfs),
+so the same command line runs on a laptop and on a cluster whose nodes share a bucket.
+
+Outputs are published so that a reader never sees half of one (see :func:`staged_output`):
+a local output is built in a temporary sibling and renamed into place; object stores have
+no rename, so a remote output is built in a local temporary directory and uploaded with
+its *commit file* last (``zarr.json`` for a Zarr group): readers check that file, so a
+partial upload is never taken for a complete output.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+
+from sampleclr_scale.errors import InputError
+
+ZARR_COMMIT = "zarr.json"
+"""Commit file of a Zarr group: written last, checked by readers."""
+_REMOTE_OPTIONS = {"use_listings_cache": False}
+"""fsspec options of every remote file system: other processes (Ray workers, other nodes)
+write the same prefixes, so a cached directory listing would go stale."""
+
+
+class Location:
+    """A file or directory on the local file system or behind a URI.
+
+    Parameters
+    ----------
+    where
+        A local path (made absolute), a ``file://`` URI (taken as a local path) or any
+        URI fsspec resolves, e.g. ``s3://bucket/cohort.store``.
+    """
+
+    __slots__ = ("fs", "path", "uri")
+
+    def __init__(self, where: str | os.PathLike | Location) -> None:
+        if isinstance(where, Location):
+            self.fs, self.path, self.uri = where.fs, where.path, where.uri
+            return
+        text = os.fspath(where)
+        if "://" not in text or text.startswith("file://"):
+            local = Path(text.removeprefix("file://")).expanduser().absolute()
+            self.fs: fsspec.AbstractFileSystem = LocalFileSystem()
+            self.path = self.uri = str(local)
+            return
+        protocol = text.split("://", 1)[0]
+        try:
+            self.fs, path = fsspec.core.url_to_fs(text, **_REMOTE_OPTIONS)
+        except (ImportError, ValueError) as err:
+            raise InputError(f"cannot open {text}: {err}",
+                             f"install the fsspec file system for {protocol}:// (s3fs for "
+                             "s3:// comes with sampleclr-scale; `pip install "
+                             "sampleclr-scale[gcs]` for gs://, adlfs for az://)") from None
+        self.path = path.rstrip("/")
+        self.uri = f"{protocol}://{self.path}"
+
+    # naming -----------------------------------------------------------------------------
+
+    @property
+    def is_local(self) -> bool:
+        """True for a path on this machine's file system."""
+        return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def local(self) -> Path:
+        """The local path; an error for a remote location."""
+        if not self.is_local:
+            raise InputError(f"{self.uri} is not a local path",
+                             "this step needs a local path: copy the data locally first")
+        return Path(self.path)
+
+    @property
+    def name(self) -> str:
+        """Last component of the path."""
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def __fspath__(self) -> str:
+        """The local path, so a local location can be passed to ``open``, pyarrow, anndata;
+        a TypeError for a remote one, which must be read through its methods or fsspec."""
+        if not self.is_local:
+            raise TypeError(f"{self.uri} is remote, not a local path: read it through "
+                            "Location methods or fsspec")
+        return self.path
+
+    def __truediv__(self, name: str) -> Location:
+        return Location(os.path.join(self.uri, name) if self.is_local else f"{self.uri}/{name}")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"Location({self.uri!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    # queries ----------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        """True if a file or directory (a key prefix on object stores) is there."""
+        return self.fs.exists(self.path)
+
+    def is_file(self) -> bool:
+        """True if a file (an object) is there."""
+        return self.fs.isfile(self.path)
+
+    def children(self) -> list[str]:
+        """Names of the entries directly inside this directory (empty if there is none)."""
+        if not self.fs.isdir(self.path):
+            return []
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1]
+                      for entry in self.fs.ls(self.path, detail=False))
+
+    # files ------------------------------------------------------------------------------
+
+    def read_bytes(self) -> bytes:
+        """The whole file."""
+        return self.fs.cat_file(self.path)
+
+    def read_text(self) -> str:
+        """The whole file as UTF-8 text."""
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        """Replace the file with ``data`` atomically.
+
+        Locally: a temporary sibling, then a rename. Object stores publish an object only
+        once it is completely uploaded.
+        """
+        if self.is_local:
+            path = Path(self.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+            partial.write_bytes(data)
+            partial.replace(path)
+        else:
+            self.fs.pipe_file(self.path, data)
+
+    def write_text(self, text: str) -> None:
+        """Replace the file with UTF-8 ``text`` atomically."""
+        self.write_bytes(text.encode())
+
+    def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
+        """A Parquet file as an Arrow table."""
+        return pq.read_table(self.path, columns=columns, filesystem=self.fs)
+
+    def parquet_file(self) -> pq.ParquetFile:
+        """A Parquet file opened for reading in batches."""
+        return pq.ParquetFile(self.path, filesystem=self.fs)
+
+    def write_torch(self, obj: Any) -> None:
+        """``torch.save`` ``obj`` to this file atomically."""
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        self.write_bytes(buffer.getvalue())
+
+    def read_torch(self) -> Any:
+        """``torch.load`` this file onto the CPU."""
+        import torch
+
+        return torch.load(io.BytesIO(self.read_bytes()), map_location="cpu", weights_only=False)
+
+    def remove(self) -> None:
+        """Delete the file or directory tree (nothing if absent)."""
+        if self.exists():
+            self.fs.rm(self.path, recursive=True)
+
+    # Zarr -------------------------------------------------------------------------------
+
+    def zarr_store(self, read_only: bool) -> zarr.abc.store.Store:
+        """A Zarr store rooted here: a ``LocalStore`` or an ``FsspecStore``."""
+        if self.is_local:
+            return zarr.storage.LocalStore(self.path, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(self.uri, storage_options=_REMOTE_OPTIONS,
+                                                 read_only=read_only)
+
+    def open_group(self, mode: str = "r") -> zarr.Group:
+        """The Zarr group rooted here (``mode`` as for :func:`zarr.open_group`)."""
+        return zarr.open_group(store=self.zarr_store(read_only=mode == "r"), mode=mode)
+
+    def is_zarr_group(self) -> bool:
+        """True if a complete Zarr group is here (its commit file exists)."""
+        return (self / ZARR_COMMIT).is_file()
+
+
+@contextmanager
+def staged_output(final: str | os.PathLike | Location, overwrite: bool,
+                  commit: str | None = ZARR_COMMIT) -> Iterator[Path]:
+    """Build an output (a directory or a file) in a local staging path, then publish it.
+
+    Yields a local path that does not exist yet; the caller creates the output there.
+    An existing ``final`` is refused before any work unless ``overwrite`` is set. On
+    any error ``final`` is untouched and the staging path removed.
+
+    - **Local** ``final``: staged in a temporary sibling, published by renames (the old
+      output aside, the new one in, the old one deleted), so it is replaced atomically.
+    - **Remote** ``final``: staged in a local temporary directory, then uploaded. The
+      ``commit`` file (relative to the output directory) is uploaded last and an existing
+      output's commit file is deleted first, so a reader that checks it never takes a
+      partial output for a complete one. An interrupted overwrite leaves no complete
+      output (object stores cannot swap a whole prefix); running the stage again
+      repairs it.
+
+    Parameters
+    ----------
+    final
+        Where the output goes.
+    overwrite
+        Replace an existing output.
+    commit
+        The file of a directory output that marks it complete (``zarr.json`` for a Zarr
+        group; None when the readers need none).
+    """
+    final = Location(final)
+    if final.exists() and not overwrite:
+        raise InputError(f"{final} already exists",
+                         "pass --overwrite to replace it, or choose another --out")
+    if final.is_local:
+        with _staged_local(final.local) as staging:
+            yield staging
+        return
+    with tempfile.TemporaryDirectory(prefix="sampleclr-stage-") as scratch:
+        staging = Path(scratch) / final.name
+        yield staging
+        _upload(staging, final, commit)
+
+
+@contextmanager
+def _staged_local(final: Path) -> Iterator[Path]:
+    """A temporary sibling of ``final``, renamed into place when the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield staging
+        if final.exists():
+            aside = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(final, aside)
+            os.rename(staging, final)
+            _remove_local(aside)
+        else:
+            os.rename(staging, final)
+    finally:
+        if staging.exists():
+            _remove_local(staging)
+
+
+@contextmanager
+def local_directory(where: str | os.PathLike | Location) -> Iterator[Path]:
+    """A local directory whose files end up in ``where`` (created if missing).
+
+    ``where`` itself when it is local; otherwise a temporary directory whose files are
+    uploaded when the block succeeds, each replacing the file of its name. For outputs
+    that add to a directory (a report) rather than replace it.
+    """
+    where = Location(where)
+    if where.is_local:
+        where.local.mkdir(parents=True, exist_ok=True)
+        yield where.local
+        return
+    with tempfile.TemporaryDirectory(prefix="sampleclr-out-") as scratch:
+        yield Path(scratch)
+        _put_tree(Path(scratch), where, commit=None)
+
+
+def _upload(staging: Path, final: Location, commit: str | None) -> None:
+    """Upload a staged output to a remote ``final`` in place of what was there."""
+    if staging.is_file():
+        final.write_bytes(staging.read_bytes())
+        return
+    if final.exists():
+        if commit is not None:
+            (final / commit).remove()
+        final.remove()
+    _put_tree(staging, final, commit)
+
+
+def _put_tree(local: Path, remote: Location, commit: str | None) -> None:
+    """Upload the files under ``local`` into ``remote``, the ``commit`` file last."""
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    first = [f for f in files if f != commit]
+    if first:
+        remote.fs.put([str(local / f) for f in first], [f"{remote.path}/{f}" for f in first])
+    if commit in files:
+        remote.fs.put_file(str(local / commit), f"{remote.path}/{commit}")
+
+
+def _remove_local(path: Path) -> None:
+    """Delete a local file or directory tree."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
