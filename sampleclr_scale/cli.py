@@ -254,6 +254,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     loader.add_argument("--batch-size", type=int, default=32)
     loader.add_argument("--cells-per-view", type=int, default=1000)
     loader.add_argument("--batches", type=int, default=60, help="batches per measurement")
+    loader.add_argument("--read-threads", dest="read_threads", type=int, nargs="*",
+                        help="also measure with these numbers of donors read at once")
     loader.add_argument("--json", required=True, help="file to save the figures to")
     loader.set_defaults(run=_run_bench("loader"))
     ingest = kinds.add_parser("ingest", help="ingest throughput and peak memory")

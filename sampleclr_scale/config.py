@@ -163,6 +163,10 @@ class LoaderConfig(StageConfig):
     """Batches read ahead by the background thread."""
     num_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes (spawned); 0 reads in a thread of the main process."""
+    read_threads: int | None = Field(default=None, ge=1)
+    """Donors of a batch read at once by each reading process. On object storage every
+    read waits for a network round trip, so many reads in flight hide the latency; a
+    local disk gains nothing. Default: 1 for a local store, 16 for a store behind a URI."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:

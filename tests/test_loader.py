@@ -100,6 +100,16 @@ def test_spawned_workers_yield_the_same_batches_in_order(store_path):
         assert torch.equal(x.cells, y.cells) and torch.equal(x.donor, y.donor)
 
 
+def test_concurrent_reads_yield_the_same_batches(store_path):
+    config = LoaderConfig(batch_size=6, cells_per_view=30, min_cells_per_view=10, seed=2)
+    one = _epoch(DonorBagDataset(store_path, config))
+    many = _epoch(DonorBagDataset(store_path, config.model_copy(update={"read_threads": 4})))
+    assert len(one) == len(many) > 1
+    for x, y in zip(one, many, strict=True):
+        assert torch.equal(x.cells, y.cells) and torch.equal(x.mask, y.mask)
+        assert torch.equal(x.donor, y.donor)
+
+
 def test_variable_view_sizes_are_padded_and_masked(store_path):
     config = LoaderConfig(batch_size=4, cells_per_view=60, min_cells_per_view=20)
     batch = _epoch(DonorBagDataset(store_path, config))[0]

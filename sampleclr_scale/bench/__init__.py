@@ -28,7 +28,8 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
         from sampleclr_scale.bench.loader import bench_loader
 
         figures = bench_loader(args.store, source=args.source, batch_size=args.batch_size,
-                               cells_per_view=args.cells_per_view, n_batches=args.batches)
+                               cells_per_view=args.cells_per_view, n_batches=args.batches,
+                               read_threads=args.read_threads)
     elif kind == "ingest":
         from sampleclr_scale.bench.ingest import bench_ingest
 

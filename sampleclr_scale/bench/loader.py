@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -76,17 +75,27 @@ def _naive_soma(store: BagStore, source: str, m: int, n_donors: int) -> dict[str
 
 
 def bench_loader(store_path: str, *, source: str | None, batch_size: int,
-                 cells_per_view: int, n_batches: int) -> dict:
-    """Figures for ``sampleclr-scale bench loader``."""
+                 cells_per_view: int, n_batches: int, read_threads: list[int] | None = None,
+                 ) -> dict:
+    """Figures for ``sampleclr-scale bench loader``.
+
+    The store may be behind a URI; ``read_threads`` adds in-process measurements with
+    that many donors read at once (``LoaderConfig.read_threads``).
+    """
     store = BagStore(store_path)
     config = LoaderConfig(batch_size=batch_size, cells_per_view=cells_per_view)
     figures: dict = {
-        "store": Path(store_path).name, "n_cells": store.n_cells, "n_donors": store.n_donors,
-        "dim": store.dim, "batch_size": batch_size, "cells_per_view": cells_per_view,
+        "store": store.location.name, "remote": not store.location.is_local,
+        "n_cells": store.n_cells, "n_donors": store.n_donors, "dim": store.dim,
+        "chunk_rows": int(store.features.chunks[0]), "batch_size": batch_size,
+        "cells_per_view": cells_per_view,
     }
     for workers in (0, 2):
         dataset = DonorBagDataset(store_path, config.model_copy(update={"num_workers": workers}))
         figures[f"store_{workers}_loader_workers"] = _throughput(dataset, n_batches)
+    for threads in read_threads or []:
+        dataset = DonorBagDataset(store_path, config.model_copy(update={"read_threads": threads}))
+        figures[f"store_{threads}_read_threads"] = _throughput(dataset, n_batches)
     if source:
         naive = _naive_soma(store, source, cells_per_view, n_donors=batch_size)
         figures["naive_soma"] = naive

@@ -5,14 +5,18 @@
 mask for padded cells, the donors' store positions and their task labels. Which donors
 and which cells come from :mod:`sampleclr_scale.data.sampler`; this module only reads
 them, in a background thread that stays ``prefetch`` batches ahead. Each donor costs one
-range read of the store (two to four for donors much larger than the views).
+range read of the store (two to four for donors much larger than the views); for a store
+on object storage ``read_threads`` donors are read at once, to keep many round trips in
+flight.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +36,10 @@ from sampleclr_scale.data.sampler import (
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 
+REMOTE_READ_THREADS = 16
+"""Default donors read at once from a store behind a URI (``LoaderConfig.read_threads``)."""
+_Mapper = Callable[[Callable[[np.ndarray], np.ndarray], list[np.ndarray]], Iterator[np.ndarray]]
+"""``map``, or a thread pool's ``map``."""
 
 @dataclass
 class DonorBatch:
@@ -187,23 +195,32 @@ class DonorBagDataset(IterableDataset):
     def _read_steps(self, batches: np.ndarray, steps: range) -> Iterator[DonorBatch]:
         store = BagStore(self.store_path)
         labels = {c: store.labels(c, kind)[0] for c, kind in self.tasks.items()}
-        for step in steps:
-            yield self._read_batch(store, batches[step], labels, step)
+        threads = self.config.read_threads or (
+            1 if store.location.is_local else REMOTE_READ_THREADS)
+        with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+            read = map if pool is None else pool.map
+            for step in steps:
+                yield self._read_batch(store, batches[step], labels, step, read)
 
     def _read_batch(self, store: BagStore, donors: np.ndarray,
-                    labels: dict[str, np.ndarray], step: int) -> DonorBatch:
+                    labels: dict[str, np.ndarray], step: int, read: _Mapper = map
+                    ) -> DonorBatch:
+        """One batch; ``read`` maps the row reads over the donors (``map`` or a pool's)."""
         m = self.config.view_range[1]
         cells = np.zeros((len(donors), 2, m, store.dim), dtype=np.float32)
         mask = np.zeros((len(donors), 2, m), dtype=bool)
-        for i, donor in enumerate(donors):
+        views = []
+        for donor in donors:
             first, n = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
             rng = donor_rng(self.config.seed, self.epoch, donor)
             a, b = draw_views(n, *view_sizes(rng, self.config.view_range), rng)
-            rows = read_rows(store, first + np.concatenate([a, b]))
-            cells[i, 0, : len(a)] = rows[: len(a)]
-            cells[i, 1, : len(b)] = rows[len(a) :]
-            mask[i, 0, : len(a)] = True
-            mask[i, 1, : len(b)] = True
+            views.append((len(a), len(b), first + np.concatenate([a, b])))
+        blocks = read(lambda rows: read_rows(store, rows), [v[2] for v in views])
+        for i, ((n_a, n_b, _), rows) in enumerate(zip(views, blocks, strict=True)):
+            cells[i, 0, :n_a] = rows[:n_a]
+            cells[i, 1, :n_b] = rows[n_a:]
+            mask[i, 0, :n_a] = True
+            mask[i, 1, :n_b] = True
         return DonorBatch(
             cells=torch.from_numpy(cells),
             mask=torch.from_numpy(mask),
