@@ -19,6 +19,9 @@ CONTAINER_ROOT = "/app/"  # where the images put the repository's deploy/ files
 SHELL_OPERATORS = {"&&", "||", "|", ";", ">", ">>", "<", "&", "(", ")"}
 CONFIG_CLASSES = {"train": TrainConfig, "evaluate": EvaluateConfig}
 YAML_FILES = sorted(DEPLOY.glob("*.yaml")) + sorted(DEPLOY.glob("*.yml"))
+# options naming data (stores, runs, embeddings, reports, SOMA targets): URIs in the guide
+LOCATION_OPTIONS = ("store", "out", "checkpoint", "embeddings", "write_back")
+AWS_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def load(name: str) -> dict:
@@ -70,6 +73,41 @@ def fenced_commands(markdown: str) -> list[str]:
     return lines
 
 
+def comment_commands(text: str) -> list[list[str]]:
+    """``sampleclr-scale`` commands shown in a YAML file's comments: indented comment lines
+    (``#`` and two or more spaces, prose has one) that start with ``sampleclr-scale`` or
+    ``ray job submit``, after an optional ``$`` prompt; backslash continuations joined."""
+    comments = [re.sub(r"^\s*#\s*(\$ )?", "", line)
+                for line in text.splitlines() if re.match(r"\s*#\s\s", line)]
+    lines = "\n".join(comments).replace("\\\n", " ").splitlines()
+    return [argv for line in lines if line.startswith(("sampleclr-scale ", "ray job submit "))
+            and (argv := command_argv(line))]
+
+
+def readme_commands() -> list[list[str]]:
+    lines = fenced_commands((DEPLOY / "README.md").read_text())
+    return [argv for line in lines if (argv := command_argv(line))]
+
+
+def ray_cluster_commands() -> list[list[str]]:
+    text = (DEPLOY / "ray-cluster.yaml").read_text()
+    lines = yaml_strings(yaml.safe_load(text))
+    return [argv for line in lines if (argv := command_argv(line))] + comment_commands(text)
+
+
+def locations(argv: list[str]) -> list[str]:
+    """The stores, run directories, embeddings ... a command names (NAME= prefixes dropped)."""
+    args = build_parser().parse_args(argv[1:])
+    found = []
+    for option in LOCATION_OPTIONS:
+        value = getattr(args, option, None)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                name, sep, path = item.partition("=")
+                found.append(path if sep and "://" not in name else item)
+    return found
+
+
 def yaml_strings(node: object) -> list[str]:
     if isinstance(node, dict):
         return [s for value in node.values() for s in yaml_strings(value)]
@@ -82,8 +120,25 @@ def yaml_strings(node: object) -> list[str]:
 
 def test_deploy_has_the_expected_files():
     for name in ("Dockerfile.cpu", "Dockerfile.cuda", "ray-cluster.yaml", "rayjob.yaml",
-                 "train-census.yaml", "README.md"):
+                 "train-census.yaml", "evaluate-census.yaml", "README.md"):
         assert (DEPLOY / name).is_file(), name
+    assert not (DEPLOY / "pvc.yaml").exists(), "no shared volume: everything is on S3"
+
+
+def test_readme_file_table_lists_the_deploy_files():
+    text = (DEPLOY / "README.md").read_text()
+    table = re.findall(r"^\| `([^`]+)` \|", text.split("\n## ", 1)[0], flags=re.M)
+    files = {p.name for p in DEPLOY.iterdir()
+             if p.is_file() and p.name != "README.md" and not p.name.endswith(".dockerignore")}
+    assert sorted(table) == sorted(files)
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.name)
+def test_yaml_comment_commands_parse(path):
+    for argv in comment_commands(path.read_text()):
+        check_command(argv, f"{path.name} comment")
+        for where in locations(argv):
+            assert where.startswith("s3://BUCKET/"), (path.name, shlex.join(argv))
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.name)
@@ -94,7 +149,7 @@ def test_yaml_parses(path):
 def test_train_config_validates():
     config = TrainConfig.from_yaml(DEPLOY / "train-census.yaml")
     assert config.use_gpu
-    assert config.storage_path and config.storage_path.startswith("s3://")
+    assert config.storage_path is None  # checkpoints go to RUN/ray, next to the run on S3
     assert config.loader.num_workers >= 1
     assert config.global_batch == config.workers * config.loader.batch_size
 
@@ -140,20 +195,22 @@ def test_rayjob_entrypoint_is_a_valid_training_command():
     assert (args.workers or config.workers) <= replicas
 
 
-def test_rayjob_mounts_the_run_directory_on_every_pod():
+def test_rayjob_uses_s3_with_the_secrets_credentials_on_every_pod():
     job = load("rayjob.yaml")
     args = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
+    assert args.store.startswith("s3://") and args.out.startswith("s3://")
     cluster = job["spec"]["rayClusterSpec"]
     pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
     for pod in pods:
         spec = pod["template"]["spec"]
-        claims = {v["name"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
-        mounts = [m["mountPath"] for c in spec["containers"]
-                  for m in c.get("volumeMounts", []) if m["name"] in claims]
-        for path in (args.out, args.store):
-            assert any(path.startswith(m.rstrip("/") + "/") for m in mounts), (pod, path)
-        env = {e["name"]: e for c in spec["containers"] for e in c.get("env", [])}
-        assert "secretKeyRef" in env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]
+        assert not [v for v in spec.get("volumes", []) if "persistentVolumeClaim" in v], pod
+        for container in spec["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            for name in AWS_SECRET_ENV:
+                ref = env[name]["valueFrom"]["secretKeyRef"]
+                assert ref == {"name": "aws-credentials", "key": name}, (container["name"], ref)
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert "/dev/shm" in mounts, container["name"]
 
 
 # --- ray up cluster ---------------------------------------------------------------------
@@ -172,13 +229,15 @@ def test_ray_cluster_config_validates_against_rays_schema():
                for t in workers)
     # ray up runs `docker run ... IMAGE bash`: the sampleclr-scale ENTRYPOINT must be cleared.
     assert any(o.replace("'", '"') == '--entrypoint=""' for o in config["docker"]["run_options"])
+    # no shared filesystem: nothing mounted on the hosts or bind-mounted into the container
+    assert not config.get("initialization_commands")
+    assert not [o for o in config["docker"]["run_options"] if o.startswith(("-v ", "--volume"))]
+    for node_type in config["available_node_types"].values():
+        assert node_type["node_config"]["IamInstanceProfile"]["Arn"]
 
 
 def test_ray_cluster_commands_parse():
-    text = (DEPLOY / "ray-cluster.yaml").read_text()
-    lines = yaml_strings(yaml.safe_load(text))
-    lines += [m.group(1) for m in re.finditer(r"^\s*#\s*\$ (.*)$", text, flags=re.M)]
-    commands = [argv for line in lines if (argv := command_argv(line))]
+    commands = ray_cluster_commands()
     assert commands, "ray-cluster.yaml shows no sampleclr-scale command"
     for argv in commands:
         check_command(argv, "ray-cluster.yaml")
@@ -187,12 +246,25 @@ def test_ray_cluster_commands_parse():
 # --- README ---------------------------------------------------------------------------------
 
 def test_readme_commands_parse():
-    lines = fenced_commands((DEPLOY / "README.md").read_text())
-    commands = [argv for line in lines if (argv := command_argv(line))]
+    commands = readme_commands()
     names = {argv[1] for argv in commands}
     assert {"ingest", "prior", "train", "embed", "evaluate"} <= names, names
     for argv in commands:
         check_command(argv, "deploy/README.md")
+
+
+def test_commands_name_s3_uris():
+    """The guide's stores, runs, embeddings and reports are on S3, not local paths."""
+    commands = [("deploy/README.md", argv) for argv in readme_commands()]
+    commands += [("ray-cluster.yaml", argv) for argv in ray_cluster_commands()]
+    job = load("rayjob.yaml")
+    commands.append(("rayjob.yaml", shlex.split(job["spec"]["entrypoint"])))
+    checked = 0
+    for where, argv in commands:
+        for location in locations(argv):
+            assert location.startswith("s3://BUCKET/"), (where, shlex.join(argv))
+            checked += 1
+    assert checked >= 10, checked
 
 
 def test_readme_shows_both_ways_to_submit():
