@@ -2,10 +2,10 @@
 
 ``ray.cluster_utils.Cluster`` starts a head and a worker node as separate raylets (each
 with its own object store and worker processes), so the two Ray Train workers really run
-on different Ray nodes; their checkpoints go to one shared ``file://`` path (both nodes
-see this machine's disk, which stands in for shared storage such as S3). While training
-runs, the worker node is killed and a fresh node joins: Ray Train restarts the worker
-group from the latest checkpoint and the run finishes with the same weights as an
+on different Ray nodes. The bag store, the run directories and their checkpoints are on
+S3 (the session's local S3 server), the storage every node shares. While training runs,
+the worker node is killed and a fresh node joins: Ray Train restarts the worker group
+from the latest checkpoint on S3 and the run finishes with the same weights as an
 uninterrupted run.
 """
 
@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from sampleclr_scale.config import TrainConfig
+from sampleclr_scale.storage import Location
 from sampleclr_scale.train.artifact import load_model
-from sampleclr_scale.train.driver import train
+from sampleclr_scale.train.driver import RAY_DIR, train
+from tests.test_storage import upload_store
 from tests.test_train import RUN as SINGLE_NODE_RUN
 
 # the single-node test run, shortened, spread over the nodes, checkpointing every step
@@ -91,9 +92,9 @@ class _Training(threading.Thread):
             self.error = err
 
 
-def _wait_for_checkpoint(checkpoints: Path, training: _Training) -> None:
+def _wait_for_checkpoint(checkpoints: Location, training: _Training) -> None:
     deadline = time.monotonic() + 150
-    while not list(checkpoints.glob("checkpoint_*")):
+    while not [name for name in checkpoints.children() if name.startswith("checkpoint_")]:
         assert training.is_alive(), training.error
         assert time.monotonic() < deadline, f"no checkpoint in {checkpoints}"
         time.sleep(0.2)
@@ -101,26 +102,28 @@ def _wait_for_checkpoint(checkpoints: Path, training: _Training) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_nodes_spread_and_survive_losing_one(two_nodes, store_path, tmp_path):
+def test_two_nodes_spread_and_survive_losing_one(two_nodes, store_path, bucket):
     import ray
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     assert _pack_would_share_a_node()
     head = two_nodes.head_node.node_id
-    storage = tmp_path / "shared"  # one path that every node reads and writes
-    config = TrainConfig.from_mapping({**RUN, "storage_path": storage.as_uri()})
+    store = f"{bucket}/bags.zarr"  # everything every node reads and writes is on S3
+    upload_store(store_path, store)
+    config = TrainConfig.from_mapping(RUN)
 
     # an uninterrupted run is the reference for the recovered one
-    reference = train(store_path, str(tmp_path / "reference"), config)
+    reference = train(store, f"{bucket}/reference", config)
     groups = _train_groups()
     assert len(groups) == 1
     assert set(groups[0]["bundles_to_node_id"].values()) == {
         head, next(iter(two_nodes.worker_nodes)).node_id}  # one worker on each node
 
-    training = _Training(store_path, str(tmp_path / "interrupted"), config)
+    interrupted = Location(f"{bucket}/interrupted")
+    training = _Training(store, interrupted.uri, config)
     start = time.monotonic()
     training.start()
-    _wait_for_checkpoint(storage / "interrupted", training)
+    _wait_for_checkpoint(interrupted / RAY_DIR, training)
     created = [pg for pg in _train_groups() if pg["state"] == "CREATED"]
     assert len(created) == 1, created
     node = next(iter(two_nodes.worker_nodes))

@@ -27,7 +27,7 @@ from sampleclr_scale.train.artifact import load_model
 from tests.conftest import ingest_config
 
 
-def _upload_store(store_path: str, uri: str) -> None:
+def upload_store(store_path: str, uri: str) -> None:
     """Publish a copy of a local store at ``uri`` (commit file last)."""
     with staged_output(uri, overwrite=False) as staging:
         fsspec.filesystem("file").cp(store_path, str(staging), recursive=True)
@@ -128,7 +128,7 @@ def test_an_interrupted_upload_is_not_a_store_and_a_rerun_repairs_it(
 
     monkeypatch.setattr(fs, "put_file", fail_on_commit)
     with pytest.raises(ConnectionError):
-        _upload_store(store_path, uri)
+        upload_store(store_path, uri)
     monkeypatch.undo()
     assert (Location(uri) / "features" / "zarr.json").is_file()  # the data went up ...
     with pytest.raises(InputError, match="is not a bag store"):
@@ -153,7 +153,7 @@ def test_local_directory_adds_files_to_a_remote_prefix(bucket) -> None:
 
 def test_a_store_on_s3_reads_like_the_local_one(store_path, bucket) -> None:
     uri = f"{bucket}/cohort/bags.zarr"
-    _upload_store(store_path, uri)
+    upload_store(store_path, uri)
     local, remote = BagStore(store_path), BagStore(uri)
     assert remote.attrs == local.attrs and remote.location.uri == uri
     np.testing.assert_array_equal(remote.donor_ptr, local.donor_ptr)
