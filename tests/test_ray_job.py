@@ -75,10 +75,16 @@ def _submit(address: str, working_dir: Path, *command: str) -> str:
     """Run ``sampleclr-scale COMMAND`` as a Ray job; return the job's log."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token"}  # the client presents the head's token
-    done = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir",
-         str(working_dir), "--", "sampleclr-scale", *command],
-        env=env, capture_output=True, text=True, timeout=600)
+    deadline = time.monotonic() + 90
+    while True:
+        done = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir",
+             str(working_dir), "--", "sampleclr-scale", *command],
+            env=env, capture_output=True, text=True, timeout=600)
+        # the job server answers a few seconds before the head's job agent is up
+        if "No available agent" not in done.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done.stdout
 

@@ -213,6 +213,12 @@ def test_every_stage_reads_and_writes_s3(soma_uri, bucket, ray_cluster, tmp_path
     assert artifact["store"] == store and len(artifact["history"]) == 4
     assert main(["train", "--store", store, "--out", run, "--workers", "2",
                  "--config", str(tmp_path / "train.yaml")]) == 2  # refused: the run exists
+    checkpoints = Location(f"{run}/ray").fs.find(f"{run}/ray".removeprefix("s3://"))
+    assert main(["train", "--store", store, "--out", run, "--workers", "2", "--resume",
+                 "--config", str(tmp_path / "train.yaml")]) == 0
+    # resumed from its last checkpoint on S3, where it had finished: nothing trained again
+    assert Location(f"{run}/ray").fs.find(f"{run}/ray".removeprefix("s3://")) == checkpoints
+    assert load_model(run)[1]["history"] == artifact["history"]
 
     results = tmp_path / "results_exp"  # the SOMA write-back target (local)
     assert main(["embed", "--store", store, "--checkpoint", run, "--out", emb,
