@@ -10,6 +10,8 @@ gradients.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -182,7 +184,9 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
             grads = {name: p.grad for name, p in model.named_parameters()}
             results[case] = {"losses": torch.stack(losses), "grads": grads}
         if rank == 0:
-            torch.save(results, out_file)
+            torch.save(results, f"{out_file}.partial")
+            os.replace(f"{out_file}.partial", out_file)
+        dist.barrier()  # both ranks done communicating before either tears down
     finally:
         dist.destroy_process_group()
 
@@ -192,7 +196,16 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Results of all cases from one spawn of two gloo processes (spawning costs seconds)."""
     tmp_path = tmp_path_factory.mktemp("ddp")
     out_file = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(out_file)), nprocs=WORLD_SIZE)
+    try:
+        mp.spawn(_worker, args=(str(tmp_path / "store"), str(out_file)), nprocs=WORLD_SIZE)
+    except mp.ProcessExitedException as err:
+        # rank 0 saves only after every collective has completed, so a saved file holds
+        # complete results; gloo occasionally aborts a process while tearing down (seen
+        # on loaded 2-core machines), after that point
+        if not out_file.exists():
+            raise
+        warnings.warn(f"a gloo process aborted after the results were saved: {err}",
+                      stacklevel=1)
     return torch.load(out_file)
 
 

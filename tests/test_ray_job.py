@@ -42,12 +42,20 @@ def _free_port() -> int:
 
 @pytest.fixture
 def head(tmp_path):
-    """A Ray head in its own process group; yields the job server's address."""
+    """A Ray head in its own process group; yields the job server's address.
+
+    Every service gets a free port of its own: the session's local Ray (other tests) holds
+    the default ports, and a job agent that cannot bind its port leaves the job server
+    without an agent.
+    """
     dashboard = _free_port()
+    ports = [f"--{name}-port={_free_port()}" for name in (
+        "dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export", "runtime-env-agent",
+        "ray-client-server", "node-manager", "object-manager")]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     process = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", *ports, "--dashboard-host=127.0.0.1",
          "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "ray_start.log", "w"))  # noqa: SIM115 (closed with the process)
