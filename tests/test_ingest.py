@@ -199,6 +199,48 @@ def test_existing_store_is_replaced_only_when_complete(store_path, soma_uri, tmp
     assert after.n_cells == len(before) and not np.array_equal(after.features[:], before)
 
 
+def _cell_index(tmp_path):
+    """Two obs blocks of five cells over three donor groups; group 1 is dropped."""
+    from sampleclr_scale.data.cohort import CellIndex
+
+    index = CellIndex(tmp_path, ["cell_type"])
+    index.append(np.array([0, 2, 5]), np.array([0, 1, 0]),
+                 pd.DataFrame({"cell_type": ["a", None, "b"]}))
+    index.append(np.array([9, 7]), np.array([1, 2]),
+                 pd.DataFrame({"cell_type": ["c", "b"]}))
+    index.keep(np.array([1, -1, 0], dtype=np.int32), n_kept=3)
+    return index
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    # block size -> (joinid, donor, cell_type) of the kept cells, block by block
+    (2, [([0], [1], ["a"]), ([5], [1], ["b"]), ([7], [0], ["b"])]),
+    (3, [([0, 5], [1, 1], ["a", "b"]), ([7], [0], ["b"])]),
+    (5, [([0, 5, 7], [1, 1, 0], ["a", "b", "b"])]),
+])
+def test_cell_index_reads_back_kept_cells_in_sorted_blocks(tmp_path, size, expected):
+    index = _cell_index(tmp_path)
+    blocks = list(index.blocks(size))
+    assert [(list(j), list(d), list(index.cell_table(c)["cell_type"].astype(str)))
+            for j, d, c in blocks] == expected
+    assert index.n_cells == 5 and index.n_kept == 3
+
+
+def test_cell_index_keeps_missing_values_and_samples_kept_cells(tmp_path):
+    index = _cell_index(tmp_path)
+    codes = np.concatenate([c for _, _, c in index.blocks(2)] +
+                           [np.fromfile(tmp_path / "codes", np.int32).reshape(-1, 1)])
+    table = index.cell_table(codes)["cell_type"]
+    assert list(table.cat.categories) == ["a", "b", "c"]
+    assert table.isna().sum() == 1  # the None of cell 2
+    for seed in range(5):
+        sample = index.sample(2, seed)
+        assert len(sample) == 2 and set(sample) <= {0, 5, 7}
+        assert np.all(np.diff(sample) > 0)
+        assert np.array_equal(sample, index.sample(2, seed))
+    assert list(index.sample(10, 0)) == [0, 5, 7]
+
+
 def test_split_keeps_groups_together_and_classes_balanced():
     from sampleclr_scale.data.cohort import split_donors
 

@@ -1,12 +1,17 @@
 """Cohort selection: which cells, grouped into which donors, split how.
 
-Works on obs columns only (a few bytes per cell); features are read later, in blocks.
+Works on obs columns only; features are read later, in blocks. The per-cell index (source
+id, donor, cell-level columns as codes) is appended to files on disk as the obs blocks
+stream by, and read back in blocks, so memory holds per-donor tables and one block, not
+the cells: the same at 1M and 100M cells.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,29 +25,102 @@ log = logging.getLogger(__name__)
 DONOR_SEPARATOR = "/"
 
 
+class CellIndex:
+    """The cohort's cells on disk: source id, donor group and cell-column codes per cell.
+
+    Written once, in source order, by :func:`select_cohort`; read back in blocks of kept
+    cells by :meth:`blocks`. Cell-level columns are stored as int32 codes into per-column
+    value lists (-1 for missing) that stay in memory: they grow with the distinct values,
+    not the cells.
+    """
+
+    def __init__(self, directory: Path, columns: list[str]) -> None:
+        self.directory = directory
+        self.columns = columns
+        self.values: dict[str, dict] = {c: {} for c in columns}  # value -> code
+        self.n_cells = 0
+        self.n_kept = 0
+        self._donor_of_group = np.zeros(0, dtype=np.int32)
+        self._files = {name: open(directory / name, "wb")  # noqa: SIM115
+                       for name in ("joinid", "group", "codes")}
+
+    def append(self, joinid: np.ndarray, group: np.ndarray, cells: pd.DataFrame) -> None:
+        """Add one obs block: int64 source ids, int32 donor groups, the cell columns."""
+        codes = np.empty((len(joinid), len(self.columns)), dtype=np.int32)
+        for j, column in enumerate(self.columns):
+            categorical = pd.Categorical(cells[column])
+            lookup = self.values[column]
+            known = np.array([lookup.setdefault(v, len(lookup)) for v in categorical.categories]
+                             + [-1], dtype=np.int32)
+            codes[:, j] = known[categorical.codes]  # code -1 (missing) takes the last entry
+        self._files["joinid"].write(joinid.astype(np.int64).tobytes())
+        self._files["group"].write(group.astype(np.int32).tobytes())
+        self._files["codes"].write(codes.tobytes())
+        self.n_cells += len(joinid)
+
+    def keep(self, donor_of_group: np.ndarray, n_kept: int) -> None:
+        """Close the files; cells of group ``g`` belong to donor ``donor_of_group[g]``
+        (-1: dropped), ``n_kept`` cells in all."""
+        for file in self._files.values():
+            file.close()
+        self._donor_of_group = donor_of_group
+        self.n_kept = n_kept
+
+    def blocks(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Kept cells in blocks of about ``size`` source rows, each sorted by source id.
+
+        Yields
+        ------
+        joinid, donor, codes
+            Int64 source ids, int32 donor positions, int32 codes ``[n, n_columns]``.
+        """
+        width = len(self.columns)
+        for lo in range(0, self.n_cells, size):
+            count = min(size, self.n_cells - lo)
+            joinid = np.fromfile(self.directory / "joinid", np.int64, count, offset=8 * lo)
+            group = np.fromfile(self.directory / "group", np.int32, count, offset=4 * lo)
+            codes = np.fromfile(self.directory / "codes", np.int32, count * width,
+                                offset=4 * width * lo).reshape(count, width)
+            donor = self._donor_of_group[group]
+            keep = np.flatnonzero(donor >= 0)
+            keep = keep[np.argsort(joinid[keep], kind="stable")]
+            yield joinid[keep], donor[keep], codes[keep]
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        """Sorted source ids of a uniform random subsample of ``n`` kept cells."""
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(self.n_kept, size=min(n, self.n_kept), replace=False))
+        found, seen = [], 0
+        for joinid, _, _ in self.blocks(1 << 20):
+            inside = pick[(pick >= seen) & (pick < seen + len(joinid))]
+            found.append(joinid[inside - seen])
+            seen += len(joinid)
+        return np.sort(np.concatenate(found))
+
+    def cell_table(self, codes: np.ndarray) -> pd.DataFrame:
+        """The cell columns of rows with ``codes``, as categoricals over all their values."""
+        return pd.DataFrame({
+            column: pd.Categorical.from_codes(codes[:, j], categories=list(self.values[column]))
+            for j, column in enumerate(self.columns)})
+
+
 @dataclass
 class Cohort:
     """The cells and donors of a cohort, before features are read.
 
     Attributes
     ----------
-    joinid
-        Int64 ``[n]`` sorted source ids of the cohort's cells.
-    donor
-        Int64 ``[n]`` donor position of each cell.
+    cells
+        The per-cell index on disk (source ids, donor positions, cell-level columns).
     donors
         One row per donor: ``donor`` (the key, columns joined by ``/``), the key columns,
         the metadata columns, ``n_cells`` and ``split``.
-    cells
-        Cell-level columns aligned with ``joinid`` (may have no columns).
     counts
         What the selection dropped and kept, for the log and the store's attributes.
     """
 
-    joinid: np.ndarray
-    donor: np.ndarray
+    cells: CellIndex
     donors: pd.DataFrame
-    cells: pd.DataFrame
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -55,12 +133,11 @@ def _effective_filter(config: IngestConfig) -> str | None:
     return joined or None
 
 
-def select_cohort(source: CellSource, config: IngestConfig) -> Cohort:
+def select_cohort(source: CellSource, config: IngestConfig, workdir: Path) -> Cohort:
     """Read the obs columns a cohort needs, block by block, and group its cells into donors.
 
-    Per cell only a compact index is kept (source id, donor, the cell-level columns as
-    categorical codes); donor-level columns are reduced to value counts per donor as the
-    blocks stream by.
+    The per-cell index goes to files in ``workdir`` (which must outlive the cohort);
+    donor-level columns are reduced to value counts per donor as the blocks stream by.
 
     Raises
     ------
@@ -76,10 +153,10 @@ def select_cohort(source: CellSource, config: IngestConfig) -> Cohort:
         source.check_columns(filter_columns(config.obs_filter), "--obs-filter")
     columns = list(dict.fromkeys([*config.donor_key, *config.meta, *config.cell_columns]))
     obs_filter = _effective_filter(config)
-    index = _ObsIndex(config)
+    index = _ObsIndex(config, CellIndex(workdir, config.cell_columns))
     for block in source.iter_obs(columns, obs_filter):
         index.add(block)
-    if index.n_cells == 0:
+    if index.cells.n_cells == 0:
         raise InputError(
             f"no cell of {source.uri} passes the obs filter {obs_filter!r}",
             "loosen --obs-filter (check the values with the source's obs table)",
@@ -88,16 +165,14 @@ def select_cohort(source: CellSource, config: IngestConfig) -> Cohort:
 
 
 class _ObsIndex:
-    """Accumulates obs blocks into a compact per-cell index and per-donor value counts."""
+    """Streams obs blocks into the on-disk cell index, per-donor sizes and value counts."""
 
-    def __init__(self, config: IngestConfig) -> None:
+    def __init__(self, config: IngestConfig, cells: CellIndex) -> None:
         self.config = config
+        self.cells = cells
         self.keys: dict[tuple, int] = {}  # donor key values -> group id
-        self.joinid: list[np.ndarray] = []
-        self.group: list[np.ndarray] = []
-        self.cells: list[pd.DataFrame] = []
+        self.sizes = np.zeros(0, dtype=np.int64)  # cells per group
         self.value_counts: dict[str, list[pd.Series]] = {c: [] for c in self._meta_columns}
-        self.n_cells = 0
 
     @property
     def _meta_columns(self) -> list[str]:
@@ -114,29 +189,22 @@ class _ObsIndex:
         ids = np.array([self.keys.setdefault(tuple(k), len(self.keys)) for k in first],
                        dtype=np.int32)
         group = ids[local]
-        self.joinid.append(block["joinid"].to_numpy(np.int64))
-        self.group.append(group)
-        self.cells.append(block[self.config.cell_columns])
+        self.cells.append(block["joinid"].to_numpy(np.int64), group,
+                          block[self.config.cell_columns])
+        sizes = np.bincount(group, minlength=len(self.keys))
+        sizes[: len(self.sizes)] += self.sizes
+        self.sizes = sizes
         for column in self._meta_columns:
             pairs = pd.DataFrame({"group": group, "value": block[column].to_numpy()})
             self.value_counts[column].append(
                 pairs.groupby(["group", "value"], dropna=True).size())
-        self.n_cells += len(block)
 
     def cohort(self) -> Cohort:
         """Drop special and small donors, order donors by name, split them."""
-        config = self.config
-        joinid = np.concatenate(self.joinid)
-        group = np.concatenate(self.group)
-        cells = pd.concat(self.cells, ignore_index=True) if len(self.cells) > 1 else self.cells[0]
-        self.joinid = self.group = self.cells = []
-        if not np.all(joinid[1:] > joinid[:-1]):
-            order = np.argsort(joinid, kind="stable")
-            joinid, group, cells = joinid[order], group[order], cells.iloc[order]
-        counts = {"cells_matching_filter": len(joinid)}
+        config, sizes = self.config, self.sizes
+        counts = {"cells_matching_filter": self.cells.n_cells}
 
         key_values = np.array(list(self.keys), dtype=object).reshape(len(self.keys), -1)
-        sizes = np.bincount(group, minlength=len(self.keys))
         names = np.array([DONOR_SEPARATOR.join(map(str, k)) for k in key_values])
         special = np.isin(key_values.astype(str), config.drop_donors).any(axis=1)
         small = ~special & (sizes < config.min_cells)
@@ -158,19 +226,14 @@ class _ObsIndex:
         order = np.flatnonzero(kept)[np.argsort(names[kept], kind="stable")]
         position = np.full(len(names), -1, dtype=np.int32)
         position[order] = np.arange(len(order), dtype=np.int32)
-        donor = position[group]
-        keep = donor >= 0
-        if not keep.all():
-            joinid, donor = joinid[keep], donor[keep]
-            cells = cells[keep]
-        counts["cells"] = len(joinid)
+        self.cells.keep(position, int(sizes[kept].sum()))
+        counts["cells"] = self.cells.n_kept
         counts["donors"] = len(order)
 
         donors = self._donor_table(names[order], order, position, sizes[order])
         donors["split"] = split_donors(donors, config.val_fraction, config.stratify,
                                        config.group_by, config.seed)
-        return Cohort(joinid=joinid, donor=donor, donors=donors,
-                      cells=cells.reset_index(drop=True), counts=counts)
+        return Cohort(cells=self.cells, donors=donors, counts=counts)
 
     def _donor_table(self, names: np.ndarray, groups: np.ndarray, position: np.ndarray,
                      sizes: np.ndarray) -> pd.DataFrame:

@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sampleclr_scale.config import IngestConfig
+from sampleclr_scale.data.cohort import CellIndex
 from sampleclr_scale.data.sources import CellSource
 
 log = logging.getLogger(__name__)
@@ -80,19 +81,17 @@ class PCAModel:
 
 
 def fit_pca(
-    source: CellSource, layer: str, joinids: np.ndarray, n_components: int,
-    n_fit: int, n_genes: int, seed: int,
+    source: CellSource, layer: str, joinids: np.ndarray, n_components: int, n_genes: int,
+    seed: int,
 ) -> PCAModel:
-    """Fit PCA on a random subsample of ``n_fit`` cells among sorted ``joinids``.
+    """Fit PCA on the cells with sorted source ids ``joinids`` (a random subsample).
 
     The ``n_genes`` most variable genes of the subsample (after normalisation and log1p)
     are kept; the subsample is read in one sorted query.
     """
     from sklearn.decomposition import PCA
 
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(joinids), size=min(n_fit, len(joinids)), replace=False))
-    x = normalise_log1p(source.read_counts(layer, joinids[pick]))
+    x = normalise_log1p(source.read_counts(layer, joinids))
     mean = np.asarray(x.mean(axis=0)).ravel()
     var = np.asarray(x.multiply(x).mean(axis=0)).ravel() - mean**2
     genes = np.sort(np.argsort(var)[::-1][: min(n_genes, x.shape[1])])
@@ -126,12 +125,12 @@ class PCAFeatures:
 
 
 def make_features(
-    source: CellSource, config: IngestConfig, joinids: np.ndarray
+    source: CellSource, config: IngestConfig, cells: CellIndex
 ) -> EmbeddingFeatures | PCAFeatures:
-    """The feature reader that ``config.features`` asks for."""
+    """The feature reader that ``config.features`` asks for (PCA: fitted on ``cells``)."""
     kind, _, arg = config.features.partition(":")
     if kind == "obsm":
         return EmbeddingFeatures(source, arg)
-    model = fit_pca(source, config.layer, joinids, int(arg), config.pca_fit_cells,
-                    config.pca_genes, config.seed)
+    model = fit_pca(source, config.layer, cells.sample(config.pca_fit_cells, config.seed),
+                    int(arg), config.pca_genes, config.seed)
     return PCAFeatures(source, config.layer, model)

@@ -1,11 +1,13 @@
 """Ingest: source -> cohort -> features -> donor-sorted bag store, out of core.
 
-The source is read once, in large sequential blocks of cells (sorted source ids). Each
-block's rows are appended to spill files, one per *bucket* of consecutive donors holding
-about ``bucket_bytes`` of features. A second pass loads one bucket at a time, orders its
+The cohort's obs columns are read first, into a per-cell index on disk
+(:class:`~sampleclr_scale.data.cohort.CellIndex`). The features are then read once, in
+large sequential blocks of cells (sorted source ids). Each block's rows are appended to
+spill files, one per *bucket* of consecutive donors holding about ``bucket_bytes`` of
+features. A second pass loads one bucket at a time, orders its
 rows by (donor, a keyed hash of the source id) and writes them to the store in sequence.
 Peak memory is one read block plus one bucket, whatever the number of cells; disk
-traffic is one extra write and read of the features.
+traffic is one extra write and read of the features and of the cell index.
 
 The within-donor order is a hash of ``(seed, source id)``, so the store is the same for
 any block or bucket size.
@@ -84,64 +86,70 @@ class IngestReport:
 
 
 class _Spill:
-    """Append-only spill files, two per bucket: cohort positions and feature rows."""
+    """Append-only spill files per bucket: source ids, donors, cell-column codes, features."""
 
-    def __init__(self, directory: Path, n_buckets: int, dim: int) -> None:
+    PARTS = (("id", np.int64), ("donor", np.int32), ("codes", np.int32), ("x", np.float32))
+
+    def __init__(self, directory: Path, n_buckets: int, dim: int, n_columns: int) -> None:
         self._dir = directory
-        self._dim = dim
-        self._files = [
-            (open(directory / f"{b}.pos", "wb"), open(directory / f"{b}.x", "wb"))  # noqa: SIM115
-            for b in range(n_buckets)
-        ]
+        self._width = {"codes": n_columns, "x": dim}
+        self._files = [{part: open(directory / f"{b}.{part}", "wb")  # noqa: SIM115
+                        for part, _ in self.PARTS} for b in range(n_buckets)]
 
-    def append(self, bucket: int, positions: np.ndarray, rows: np.ndarray) -> None:
-        pos_file, x_file = self._files[bucket]
-        pos_file.write(positions.astype(np.int64).tobytes())
-        x_file.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+    def append(self, bucket: int, **arrays: np.ndarray) -> None:
+        """Append rows (``id``, ``donor``, ``codes``, ``x``) to ``bucket``."""
+        for part, dtype in self.PARTS:
+            self._files[bucket][part].write(np.ascontiguousarray(arrays[part], dtype).tobytes())
 
     def close(self) -> None:
-        for pos_file, x_file in self._files:
-            pos_file.close()
-            x_file.close()
+        for files in self._files:
+            for file in files.values():
+                file.close()
 
-    def load(self, bucket: int) -> tuple[np.ndarray, np.ndarray]:
-        positions = np.fromfile(self._dir / f"{bucket}.pos", dtype=np.int64)
-        rows = np.fromfile(self._dir / f"{bucket}.x", dtype=np.float32).reshape(-1, self._dim)
-        (self._dir / f"{bucket}.pos").unlink()
-        (self._dir / f"{bucket}.x").unlink()
-        return positions, rows
+    def load(self, bucket: int) -> dict[str, np.ndarray]:
+        """The bucket's rows, part by part (its files are deleted)."""
+        arrays = {}
+        for part, dtype in self.PARTS:
+            path = self._dir / f"{bucket}.{part}"
+            arrays[part] = np.fromfile(path, dtype=dtype)
+            path.unlink()
+        rows = len(arrays["id"])
+        for part in ("codes", "x"):  # [rows, width]; the width may be 0 (no cell columns)
+            arrays[part] = arrays[part].reshape(rows, self._width[part])
+        return arrays
 
 
 def ingest(config: IngestConfig) -> IngestReport:
     """Build a bag store from ``config.source`` at ``config.out`` (atomically)."""
     start = time.perf_counter()
-    with open_source(config.source, config.measurement, config.organism) as source:
-        cohort = select_cohort(source, config)
+    with (open_source(config.source, config.measurement, config.organism) as source,
+          staged_output(config.out, config.overwrite) as staging,
+          tempfile.TemporaryDirectory(dir=staging.parent,
+                                      prefix=f".{staging.name}.spill-") as spill):
+        (Path(spill) / "cells").mkdir()
+        cohort = select_cohort(source, config, Path(spill) / "cells")
         log.info("cohort: %d cells of %d donors (%s)", cohort.counts["cells"],
                  cohort.counts["donors"], source.uri)
-        features = make_features(source, config, cohort.joinid)
-        with staged_output(config.out, config.overwrite) as staging:
-            group = create_arrays(staging, n_cells=len(cohort.joinid), dim=features.dim,
-                                  dtype=config.dtype, chunk_rows=config.chunk_rows)
-            with tempfile.TemporaryDirectory(dir=staging.parent,
-                                             prefix=f".{staging.name}.spill-") as spill_dir:
-                donor_ptr, donors = _write_sorted(cohort, features, group, staging,
-                                                  Path(spill_dir), config)
-            attrs = {
-                "created_by": f"sampleclr-scale {__version__}",
-                "source": source.uri,
-                "source_kind": source.kind,
-                "features": features.describe(),
-                "donor_key": config.donor_key,
-                "ingest": config.model_dump(mode="json", exclude={"overwrite"}),
-                "counts": cohort.counts,
-                "n_cells": int(donor_ptr[-1]),
-                "n_donors": len(donors),
-                "dim": features.dim,
-            }
-            finish_arrays(group, donor_ptr, attrs)
-            pq.write_table(pa.Table.from_pandas(donors, preserve_index=False),
-                           staging / DONORS_FILE)
+        features = make_features(source, config, cohort.cells)
+        group = create_arrays(staging, n_cells=cohort.cells.n_kept, dim=features.dim,
+                              dtype=config.dtype, chunk_rows=config.chunk_rows)
+        donor_ptr, donors = _write_sorted(cohort, features, group, staging, Path(spill),
+                                          config)
+        attrs = {
+            "created_by": f"sampleclr-scale {__version__}",
+            "source": source.uri,
+            "source_kind": source.kind,
+            "features": features.describe(),
+            "donor_key": config.donor_key,
+            "ingest": config.model_dump(mode="json", exclude={"overwrite"}),
+            "counts": cohort.counts,
+            "n_cells": int(donor_ptr[-1]),
+            "n_donors": len(donors),
+            "dim": features.dim,
+        }
+        finish_arrays(group, donor_ptr, attrs)
+        pq.write_table(pa.Table.from_pandas(donors, preserve_index=False),
+                       staging / DONORS_FILE)
     report = IngestReport(config.out, int(donor_ptr[-1]), len(donors), features.dim,
                           time.perf_counter() - start, cohort.counts)
     log.info("wrote %s: %d cells, %d donors, d=%d in %.1f s (%.0f cells/s)", config.out,
@@ -162,23 +170,23 @@ def _write_sorted(
     bucket_cells = max(1, config.bucket_bytes // (4 * features.dim + 8))
     bucket_of_donor = plan_buckets(n_cells_per_donor, bucket_cells)
     n_buckets = int(bucket_of_donor[-1]) + 1
-    spill = _Spill(spill_dir, n_buckets, features.dim)
+    spill = _Spill(spill_dir, n_buckets, features.dim, len(cohort.cells.columns))
 
-    non_finite = 0
-    t0, n = time.perf_counter(), len(cohort.joinid)
-    for lo in range(0, n, config.read_block):
-        positions = np.arange(lo, min(lo + config.read_block, n))
-        rows = features.read(cohort.joinid[positions])
+    non_finite, done = 0, 0
+    t0, n = time.perf_counter(), cohort.cells.n_kept
+    for joinid, donor, codes in cohort.cells.blocks(config.read_block):
+        rows = features.read(joinid)
         finite = np.isfinite(rows).all(axis=1)
         non_finite += int((~finite).sum())
-        positions, rows = positions[finite], rows[finite]
-        buckets = bucket_of_donor[cohort.donor[positions]]
+        done += len(joinid)
+        joinid, donor, codes, rows = joinid[finite], donor[finite], codes[finite], rows[finite]
+        buckets = bucket_of_donor[donor]
         order = np.argsort(buckets, kind="stable")
         bounds = np.flatnonzero(np.diff(buckets[order])) + 1
         for part in np.split(order, bounds):
             if len(part):
-                spill.append(int(buckets[part[0]]), positions[part], rows[part])
-        done = lo + len(finite)
+                spill.append(int(buckets[part[0]]), id=joinid[part], donor=donor[part],
+                             codes=codes[part], x=rows[part])
         log.info("read %d / %d cells (%.0f cells/s)", done, n,
                  done / max(time.perf_counter() - t0, 1e-9))
     spill.close()
@@ -190,18 +198,18 @@ def _write_sorted(
     written = np.zeros(len(n_cells_per_donor), dtype=np.int64)
     offset = 0
     for bucket in range(n_buckets):
-        positions, rows = spill.load(bucket)
-        donor = cohort.donor[positions]
-        keep = np.bincount(donor, minlength=len(written))[donor] >= config.min_cells
-        order = np.lexsort((hash_order_keys(cohort.joinid[positions[keep]], config.seed),
-                            donor[keep]))
-        positions, rows = positions[keep][order], rows[keep][order]
-        stop = offset + len(positions)
-        group["features"][offset:stop] = rows.astype(config.dtype)
-        group["source_joinid"][offset:stop] = cohort.joinid[positions]
-        written += np.bincount(cohort.donor[positions], minlength=len(written))
-        if len(cohort.cells.columns):
-            table = pa.Table.from_pandas(cohort.cells.iloc[positions], preserve_index=False)
+        part = spill.load(bucket)
+        keep = np.bincount(part["donor"], minlength=len(written))[part["donor"]] \
+            >= config.min_cells
+        order = np.flatnonzero(keep)[np.lexsort((
+            hash_order_keys(part["id"][keep], config.seed), part["donor"][keep]))]
+        stop = offset + len(order)
+        group["features"][offset:stop] = part["x"][order].astype(config.dtype, copy=False)
+        group["source_joinid"][offset:stop] = part["id"][order]
+        written += np.bincount(part["donor"][order], minlength=len(written))
+        if cohort.cells.columns:
+            table = pa.Table.from_pandas(cohort.cells.cell_table(part["codes"][order]),
+                                         preserve_index=False)
             if cell_writer is None:
                 cell_writer = pq.ParquetWriter(staging / CELLS_FILE, table.schema)
             cell_writer.write_table(table)
