@@ -183,6 +183,7 @@ def build_prior(
             _segment_means(cells, offsets), n_neighbours)
         mark = time.perf_counter()
         projected = _principal_components(cells, min(n_pcs, store.dim))
+        del cells  # the pairs need only the projection: memory is cells' or pairs', not both
         timings["pca"] = time.perf_counter() - mark
         mark = time.perf_counter()
         values = similarity_from_divergence(_pair_divergences(projected, offsets, a, b, k),
@@ -372,7 +373,7 @@ def _read_subsamples(store: BagStore, cells_per_donor: int,
 
 def _segment_means(cells: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Float64 mean of each donor's subsample."""
-    sums = np.add.reduceat(cells.astype(np.float64), offsets[:-1], axis=0)
+    sums = np.add.reduceat(cells, offsets[:-1], axis=0, dtype=np.float64)
     return sums / np.diff(offsets)[:, None]
 
 
