@@ -4,14 +4,50 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import multiprocessing
+import os
+import queue
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MB.
+
+    Read from ``VmHWM`` rather than ``getrusage``: Linux carries ``ru_maxrss`` across
+    ``execve``, so a spawned child would report at least its parent's size at the fork.
+    """
+    from sampleclr_scale.bench.memory import peak_rss_kb
+
+    return (peak_rss_kb(os.getpid()) or 0) / 1024
+
+
+def _child(fn: Callable[..., Any], args: tuple, env: dict[str, str], results: Any) -> None:
+    os.environ.update(env)
+    results.put(fn(*args))
+
+
+def run_in_child(fn: Callable[..., Any], *args: Any, env: dict[str, str] | None = None) -> Any:
+    """``fn(*args)`` in a fresh spawned process, so its memory is its own; its result.
+
+    ``env`` is added to the child's environment (e.g. ``RAY_ADDRESS`` to join a cluster).
+    ``fn`` and its result must pickle.
+    """
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_child, args=(fn, args, env or {}, results))
+    child.start()
+    while True:  # read before joining: a large result would keep the child from exiting
+        try:
+            result = results.get(timeout=1)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"{fn.__name__} failed in its own process "
+                                   f"(exit code {child.exitcode})") from None
+    child.join()
+    return result
 
 
 def save_figures(figures: dict[str, Any], path: str | Path) -> None:

@@ -8,11 +8,10 @@ peak RSS, so the figure is the ingest's alone.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import time
 from pathlib import Path
 
-from sampleclr_scale.bench import peak_rss_mb
+from sampleclr_scale.bench import peak_rss_mb, run_in_child
 from sampleclr_scale.config import IngestConfig
 from sampleclr_scale.data import synthetic
 
@@ -34,30 +33,23 @@ def simulated_source(n_cells: int, dim: int, workdir: Path,
     return str(uri)
 
 
-def _ingest_child(config: IngestConfig, results) -> None:
+def bench_config(source: str, out: Path) -> IngestConfig:
+    """The ingest of a simulated cohort: its obsm embedding, donors, metadata, cell type."""
+    return IngestConfig(source=source, out=str(out), features="obsm:scvi",
+                        donor_key=["dataset_id", "donor_id"],
+                        meta=["disease", "severity", "age", "sex"],
+                        cell_columns=["cell_type"], overwrite=True)
+
+
+def ingest_figures(config: IngestConfig) -> dict:
+    """Run ``config`` in this process; its counts, time and this process's peak RSS."""
     from sampleclr_scale.data.ingest import ingest
 
     report = ingest(config)
-    results.put({"cells": report.n_cells, "donors": report.n_donors,
-                 "seconds": round(report.seconds, 2),
-                 "cells_per_s": round(report.cells_per_second),
-                 "peak_rss_mb": round(peak_rss_mb(), 1)})
-
-
-def ingest_in_child(source: str, out: Path) -> dict:
-    """Ingest ``source`` into ``out`` in a fresh spawned process; its figures and peak RSS."""
-    config = IngestConfig(source=source, out=str(out), features="obsm:scvi",
-                          donor_key=["dataset_id", "donor_id"],
-                          meta=["disease", "severity", "age", "sex"],
-                          cell_columns=["cell_type"], overwrite=True)
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    child = context.Process(target=_ingest_child, args=(config, results))
-    child.start()
-    child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"ingest of {source} failed (exit code {child.exitcode})")
-    return results.get(timeout=30)
+    return {"cells": report.n_cells, "donors": report.n_donors,
+            "seconds": round(report.seconds, 2),
+            "cells_per_s": round(report.cells_per_second),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def bench_ingest(sizes: list[int], *, dim: int, workdir: Path) -> dict:
@@ -65,8 +57,8 @@ def bench_ingest(sizes: list[int], *, dim: int, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     figures: dict = {"dim": dim, "features": "obsm (SOMA sparse array)", "runs": []}
     for n_cells in sizes:
-        run = ingest_in_child(simulated_source(n_cells, dim, workdir),
-                              workdir / f"store_{n_cells}.zarr")
+        source = simulated_source(n_cells, dim, workdir)
+        run = run_in_child(ingest_figures, bench_config(source, workdir / f"store_{n_cells}.zarr"))
         figures["runs"].append(run)
         print(f"ingest {run['cells']:,} cells: {run['cells_per_s']:,} cells/s, "
               f"peak RSS {run['peak_rss_mb']:,} MB", flush=True)

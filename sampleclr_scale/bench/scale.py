@@ -1,19 +1,27 @@
-"""Scale benchmark: every stage on one simulated atlas-sized cohort, with its figures.
+"""Scale benchmark: every stage on simulated atlas-sized cohorts, with its figures.
 
-Simulates (once) a SOMA experiment of about ``n_cells`` cells, then measures, on this
-machine: ingest (time, peak RSS of the ingest process, also for a cohort a tenth the
-size to show memory does not grow with the cells), the GloScope prior (sparse: each
-donor's nearest donors), one training epoch with ``workers`` Ray Train workers, and the
-embedding of every donor.
+Simulates (once) SOMA experiments of about ``n_cells / 10`` and ``n_cells`` cells with
+the same donor-size distribution, then runs on each, on this machine: ingest, the
+GloScope prior (sparse: each donor's nearest donors), one training epoch with
+``workers`` Ray Train workers, and the embedding of every donor. Each stage is driven by
+a fresh process that joins the bench's Ray (as ``ray job submit`` runs a driver), and
+reports its time and the peak RSS of every process it ran: its driver, Ray workers and
+actors. The two sizes show which memory grows with the number of cells; the small
+cohort also trains for as many steps as one epoch of the large, since a worker's memory
+depends on how long it has run.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from sampleclr_scale.bench.ingest import ingest_in_child, simulated_source
+from sampleclr_scale.bench import run_in_child
+from sampleclr_scale.bench.ingest import bench_config, ingest_figures, simulated_source
+from sampleclr_scale.bench.memory import ProcessPeaks
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import EmbedConfig
@@ -23,45 +31,82 @@ from sampleclr_scale.train.driver import train
 from sampleclr_scale.train.prior import build_prior, prior_summary, save_prior
 
 CELLS_PER_DONOR = (500, 5000)  # about 2,000 cells per donor: 10M cells ~ 5,000 donors
+BATCH_DONORS = 32  # donors per worker batch
+MIN_REPORTED_MB = 50  # processes below this (Ray's log monitor, idle helpers) are left out
 
 
 def bench_scale(n_cells: int, *, dim: int, workers: int, workdir: Path) -> dict:
     """Figures for ``sampleclr-scale bench scale``."""
+    import ray
+
     workdir.mkdir(parents=True, exist_ok=True)
-    figures: dict = {"dim": dim, "workers": workers, "ingest": []}
-    for size in (n_cells // 10, n_cells):
-        figures["ingest"].append(ingest_in_child(
-            simulated_source(size, dim, workdir, CELLS_PER_DONOR),
-            workdir / f"scale_store_{size}.zarr"))
-        print("ingest", figures["ingest"][-1], flush=True)
+    sources = [simulated_source(size, dim, workdir, CELLS_PER_DONOR)
+               for size in (n_cells // 10, n_cells)]
     ensure_ray()
-    store_path = str(workdir / f"scale_store_{n_cells}.zarr")
-    store = BagStore(store_path)
-    figures["cohort"] = {"cells": store.n_cells, "donors": store.n_donors,
-                         "train_donors": len(store.split_donors("train"))}
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    small, large = (_cohort(source, workers, workdir, env) for source in sources)
+    # The same number of training steps on the small cohort as one epoch of the large:
+    # a worker's memory after as much work on a tenth of the cells.
+    steps = [c["cohort"]["train_donors"] // (workers * BATCH_DONORS) for c in (small, large)]
+    epochs = max(1, round(steps[1] / steps[0]))
+    name = Path(sources[0]).stem
+    small["train_same_steps"] = _measured(
+        "train (same steps)", env, train_stage, str(workdir / f"{name}.zarr"),
+        str(workdir / f"{name}_run_same_steps"), workers, epochs)
+    return {"dim": dim, "workers": workers, "cohorts": [small, large]}
 
-    prior = build_prior(store_path, "gloscope")
-    save_prior(store_path, prior)
-    figures["prior"] = prior_summary(prior)
-    print("prior", figures["prior"], flush=True)
 
-    run = workdir / "scale_run"
+def _cohort(source: str, workers: int, workdir: Path, env: dict[str, str]) -> dict:
+    """Every stage on one simulated cohort, each driven by its own process."""
+    name = Path(source).stem
+    store, run = str(workdir / f"{name}.zarr"), str(workdir / f"{name}_run")
+    figures = {"ingest": _measured("ingest", env, ingest_figures,
+                                   bench_config(source, Path(store)))}
+    opened = BagStore(store)
+    figures["cohort"] = {"cells": opened.n_cells, "donors": opened.n_donors,
+                         "train_donors": len(opened.split_donors("train"))}
+    figures["prior"] = _measured("prior", env, prior_stage, store)
+    figures["train_one_epoch"] = _measured("train", env, train_stage, store, run, workers)
+    figures["embed_all_donors"] = _measured("embed", env, embed_stage, store, run,
+                                            str(workdir / f"{name}_embeddings"), workers)
+    return figures
+
+
+def _measured(name: str, env: dict[str, str], stage: Callable[..., dict], *args: Any) -> dict:
+    """Run ``stage(*args)`` (which returns its figures) as the driver of a fresh process
+    that joins the bench's Ray, and add the peak RSS of every process it ran."""
+    with ProcessPeaks() as peaks:
+        figures = run_in_child(stage, *args, env=env)
+    roles = {"driver": "bench (idle)", "spawned worker": "stage driver"}
+    figures["peak_rss_mb"] = {roles.get(role, role): row
+                              for role, row in peaks.summary(MIN_REPORTED_MB).items()}
+    print(name, figures, flush=True)
+    return figures
+
+
+def prior_stage(store: str) -> dict:
+    """Build and store the sparse GloScope prior."""
+    graph = build_prior(store, "gloscope")
+    save_prior(store, graph)
+    return prior_summary(graph)
+
+
+def train_stage(store: str, run: str, workers: int, epochs: int = 1) -> dict:
+    """Train the large preset (identity prior) on ``workers`` Ray Train workers; the
+    figures of its first epoch."""
     shutil.rmtree(run, ignore_errors=True)
     config = TrainConfig.from_mapping({
-        "preset": "large", "workers": workers, "epochs": 1, "patience": None,
-        "loader": {"batch_size": 32, "cells_per_view": 1000}, "log_every": 20})
+        "preset": "large", "workers": workers, "epochs": epochs, "patience": None,
+        "loader": {"batch_size": BATCH_DONORS, "cells_per_view": 1000}, "log_every": 20})
     start = time.perf_counter()
-    epoch = train(store_path, str(run), config).history[0]
-    figures["train_one_epoch"] = {
-        "seconds_with_startup": round(time.perf_counter() - start, 1),
-        **{k: round(epoch[k], 3) for k in ("donors_per_s", "cells_per_s", "wait_fraction")},
-    }
-    print("train", figures["train_one_epoch"], flush=True)
+    history = train(store, run, config).history
+    return {"epochs": epochs, "seconds_with_startup": round(time.perf_counter() - start, 1),
+            **{k: round(history[0][k], 3)
+               for k in ("donors_per_s", "cells_per_s", "wait_fraction")}}
 
-    result = run_embedding(store_path, str(run), workdir / "scale_embeddings",
-                           EmbedConfig(workers=workers, overwrite=True))
-    figures["embed_all_donors"] = {"donors": result.n_donors, "seconds": result.seconds,
-                                   "donors_per_s": result.donors_per_s,
-                                   "startup_seconds": result.startup_seconds}
-    print("embed", figures["embed_all_donors"], flush=True)
-    return figures
+
+def embed_stage(store: str, run: str, out: str, workers: int) -> dict:
+    """Embed every donor with ``workers`` actors (random cells)."""
+    result = run_embedding(store, run, Path(out), EmbedConfig(workers=workers, overwrite=True))
+    return {"donors": result.n_donors, "seconds": result.seconds,
+            "donors_per_s": result.donors_per_s, "startup_seconds": result.startup_seconds}
