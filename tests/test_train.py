@@ -136,3 +136,26 @@ def test_warmup_cosine_schedule():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert values[4] == 1.0 and all(a > b for a, b in itertools.pairwise(values[4:]))
     assert np.isclose(warmup_cosine(12, 4, 12), 0.0)
+
+
+def _local_worker_env() -> str | None:
+    import os
+
+    import ray
+
+    from sampleclr_scale.train.cluster import ensure_ray
+
+    ensure_ray()
+    try:
+        return ray.get(ray.remote(lambda: os.environ.get("MALLOC_ARENA_MAX")).remote())
+    finally:
+        ray.shutdown()
+
+
+def test_a_local_ray_gives_its_processes_two_malloc_arenas(monkeypatch):
+    """With glibc's default a worker's memory grows with the epochs (see train/cluster.py)."""
+    from sampleclr_scale.bench import run_in_child
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert run_in_child(_local_worker_env) == "2"
