@@ -1,4 +1,5 @@
-# The README's two quick-start commands: `make demo` and `make test`.
+# The README's two quick-start commands: `make demo` and `make test` (`make test-all` adds
+# the slow end-to-end tests).
 # Each creates the virtual environment if needed (torch's local CPU build first,
 # so the `torch>=2.4` requirement installs nothing more), then runs.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -6,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= demo_out
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-all lint
 
 $(BIN)/sampleclr-scale: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: setup
 	$(BIN)/sampleclr-scale demo --out $(OUT)
 
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup

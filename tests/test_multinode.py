@@ -101,7 +101,6 @@ def _wait_for_checkpoint(checkpoints: Location, training: _Training) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_two_nodes_spread_and_survive_losing_one(two_nodes, store_path, bucket):
     import ray
 

@@ -74,7 +74,6 @@ def test_model_settings_merge_over_shared_ones():
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_census_recipe_offline_end_to_end(census_uri, ray_cluster, tmp_path, capsys):
     # the real recipe, shrunk to the 24-donor test cohort (60-400 cells per donor)
     values = read_yaml(PBMC)
