@@ -221,15 +221,16 @@ def _cell_index(tmp_path):
 def test_cell_index_reads_back_kept_cells_in_sorted_blocks(tmp_path, size, expected):
     index = _cell_index(tmp_path)
     blocks = list(index.blocks(size))
-    assert [(list(j), list(d), list(index.cell_table(c)["cell_type"].astype(str)))
-            for j, d, c in blocks] == expected
+    assert [(list(b["joinid"]), list(b["donor"]),
+             list(index.cell_table(b["codes"])["cell_type"].astype(str)))
+            for b in blocks] == expected
     assert index.n_cells == 5 and index.n_kept == 3
 
 
 def test_cell_index_keeps_missing_values_and_samples_kept_cells(tmp_path):
     index = _cell_index(tmp_path)
-    codes = np.concatenate([c for _, _, c in index.blocks(2)] +
-                           [np.fromfile(tmp_path / "codes", np.int32).reshape(-1, 1)])
+    codes = np.concatenate([b["codes"] for b in index.blocks(2)] +
+                           [np.fromfile(index.path, index.dtype)["codes"]])
     table = index.cell_table(codes)["cell_type"]
     assert list(table.cat.categories) == ["a", "b", "c"]
     assert table.isna().sum() == 1  # the None of cell 2

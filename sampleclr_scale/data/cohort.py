@@ -25,76 +25,74 @@ log = logging.getLogger(__name__)
 DONOR_SEPARATOR = "/"
 
 
-class CellIndex:
-    """The cohort's cells on disk: source id, donor group and cell-column codes per cell.
+def cell_records(n_columns: int) -> np.dtype:
+    """One cell of the index: int64 ``joinid``, int32 ``donor``, int32 ``codes[n_columns]``.
 
-    Written once, in source order, by :func:`select_cohort`; read back in blocks of kept
-    cells by :meth:`blocks`. Cell-level columns are stored as int32 codes into per-column
-    value lists (-1 for missing) that stay in memory: they grow with the distinct values,
-    not the cells.
+    The same record travels from the on-disk index (:class:`CellIndex`) through ingest's
+    spill files into the store.
+    """
+    return np.dtype([("joinid", "<i8"), ("donor", "<i4"), ("codes", "<i4", (n_columns,))])
+
+
+class CellIndex:
+    """The cohort's cells on disk: one :func:`cell_records` record per cell.
+
+    Written once, in source order, by :func:`select_cohort` (``donor`` then holds the
+    donor *group* of the obs block), and read back by :meth:`blocks`, which keeps the cells
+    of selected donors and gives their donor positions. Cell-level columns are int32 codes
+    into per-column value lists (-1 for missing) that stay in memory: they grow with the
+    distinct values, not the cells.
     """
 
     def __init__(self, directory: Path, columns: list[str]) -> None:
-        self.directory = directory
+        self.path = directory / "cells.bin"
+        self.path.touch()
         self.columns = columns
+        self.dtype = cell_records(len(columns))
         self.values: dict[str, dict] = {c: {} for c in columns}  # value -> code
         self.n_cells = 0
         self.n_kept = 0
         self._donor_of_group = np.zeros(0, dtype=np.int32)
-        self._files = {name: open(directory / name, "wb")  # noqa: SIM115
-                       for name in ("joinid", "group", "codes")}
 
     def append(self, joinid: np.ndarray, group: np.ndarray, cells: pd.DataFrame) -> None:
         """Add one obs block: int64 source ids, int32 donor groups, the cell columns."""
-        codes = np.empty((len(joinid), len(self.columns)), dtype=np.int32)
+        records = np.empty(len(joinid), dtype=self.dtype)
+        records["joinid"], records["donor"] = joinid, group
         for j, column in enumerate(self.columns):
             categorical = pd.Categorical(cells[column])
             lookup = self.values[column]
             known = np.array([lookup.setdefault(v, len(lookup)) for v in categorical.categories]
                              + [-1], dtype=np.int32)
-            codes[:, j] = known[categorical.codes]  # code -1 (missing) takes the last entry
-        self._files["joinid"].write(joinid.astype(np.int64).tobytes())
-        self._files["group"].write(group.astype(np.int32).tobytes())
-        self._files["codes"].write(codes.tobytes())
+            records["codes"][:, j] = known[categorical.codes]  # -1 (missing) takes the last
+        with open(self.path, "ab") as file:
+            file.write(records.tobytes())
         self.n_cells += len(joinid)
 
     def keep(self, donor_of_group: np.ndarray, n_kept: int) -> None:
-        """Close the files; cells of group ``g`` belong to donor ``donor_of_group[g]``
-        (-1: dropped), ``n_kept`` cells in all."""
-        for file in self._files.values():
-            file.close()
+        """Cells of group ``g`` belong to donor ``donor_of_group[g]`` (-1: dropped),
+        ``n_kept`` cells in all."""
         self._donor_of_group = donor_of_group
         self.n_kept = n_kept
 
-    def blocks(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Kept cells in blocks of about ``size`` source rows, each sorted by source id.
-
-        Yields
-        ------
-        joinid, donor, codes
-            Int64 source ids, int32 donor positions, int32 codes ``[n, n_columns]``.
-        """
-        width = len(self.columns)
+    def blocks(self, size: int) -> Iterator[np.ndarray]:
+        """Records of the kept cells, with donor positions, in blocks of about ``size``
+        source rows, each sorted by source id."""
         for lo in range(0, self.n_cells, size):
-            count = min(size, self.n_cells - lo)
-            joinid = np.fromfile(self.directory / "joinid", np.int64, count, offset=8 * lo)
-            group = np.fromfile(self.directory / "group", np.int32, count, offset=4 * lo)
-            codes = np.fromfile(self.directory / "codes", np.int32, count * width,
-                                offset=4 * width * lo).reshape(count, width)
-            donor = self._donor_of_group[group]
-            keep = np.flatnonzero(donor >= 0)
-            keep = keep[np.argsort(joinid[keep], kind="stable")]
-            yield joinid[keep], donor[keep], codes[keep]
+            records = np.fromfile(self.path, self.dtype, min(size, self.n_cells - lo),
+                                  offset=lo * self.dtype.itemsize)
+            records["donor"] = self._donor_of_group[records["donor"]]
+            kept = records[records["donor"] >= 0]
+            yield kept[np.argsort(kept["joinid"], kind="stable")]
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """Sorted source ids of a uniform random subsample of ``n`` kept cells."""
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(self.n_kept, size=min(n, self.n_kept), replace=False))
         found, seen = [], 0
-        for joinid, _, _ in self.blocks(1 << 20):
-            inside = pick[(pick >= seen) & (pick < seen + len(joinid))]
-            found.append(joinid[inside - seen])
-            seen += len(joinid)
+        for records in self.blocks(1 << 20):
+            inside = pick[(pick >= seen) & (pick < seen + len(records))]
+            found.append(records["joinid"][inside - seen])
+            seen += len(records)
         return np.sort(np.concatenate(found))
 
     def cell_table(self, codes: np.ndarray) -> pd.DataFrame:
@@ -111,7 +109,7 @@ class Cohort:
     Attributes
     ----------
     cells
-        The per-cell index on disk (source ids, donor positions, cell-level columns).
+        The per-cell index on disk (source ids, donors, cell-level columns).
     donors
         One row per donor: ``donor`` (the key, columns joined by ``/``), the key columns,
         the metadata columns, ``n_cells`` and ``split``.

@@ -2,10 +2,11 @@
 
 The cohort's obs columns are read first, into a per-cell index on disk
 (:class:`~sampleclr_scale.data.cohort.CellIndex`). The features are then read once, in
-large sequential blocks of cells (sorted source ids). Each block's rows are appended to
-spill files, one per *bucket* of consecutive donors holding about ``bucket_bytes`` of
-features. A second pass loads one bucket at a time, orders its
-rows by (donor, a keyed hash of the source id) and writes them to the store in sequence.
+large sequential blocks of cells (sorted source ids). Each block's cell records and
+feature rows are appended to spill files, one pair per *bucket* of consecutive donors
+holding about ``bucket_bytes`` of them. A second pass loads one bucket at a time, orders
+its rows by (donor, a keyed hash of the source id) and writes them to the store in
+sequence.
 Peak memory is one read block plus one bucket, whatever the number of cells; disk
 traffic is one extra write and read of the features and of the cell index.
 
@@ -86,37 +87,34 @@ class IngestReport:
 
 
 class _Spill:
-    """Append-only spill files per bucket: source ids, donors, cell-column codes, features."""
+    """Append-only spill files, two per bucket: cell records and feature rows."""
 
-    PARTS = (("id", np.int64), ("donor", np.int32), ("codes", np.int32), ("x", np.float32))
-
-    def __init__(self, directory: Path, n_buckets: int, dim: int, n_columns: int) -> None:
+    def __init__(self, directory: Path, n_buckets: int, dim: int, records: np.dtype) -> None:
         self._dir = directory
-        self._width = {"codes": n_columns, "x": dim}
-        self._files = [{part: open(directory / f"{b}.{part}", "wb")  # noqa: SIM115
-                        for part, _ in self.PARTS} for b in range(n_buckets)]
+        self._dim = dim
+        self._records = records
+        self._files = [
+            (open(directory / f"{b}.cells", "wb"), open(directory / f"{b}.x", "wb"))  # noqa: SIM115
+            for b in range(n_buckets)
+        ]
 
-    def append(self, bucket: int, **arrays: np.ndarray) -> None:
-        """Append rows (``id``, ``donor``, ``codes``, ``x``) to ``bucket``."""
-        for part, dtype in self.PARTS:
-            self._files[bucket][part].write(np.ascontiguousarray(arrays[part], dtype).tobytes())
+    def append(self, bucket: int, cells: np.ndarray, rows: np.ndarray) -> None:
+        cells_file, x_file = self._files[bucket]
+        cells_file.write(cells.tobytes())
+        x_file.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
 
     def close(self) -> None:
-        for files in self._files:
-            for file in files.values():
-                file.close()
+        for cells_file, x_file in self._files:
+            cells_file.close()
+            x_file.close()
 
-    def load(self, bucket: int) -> dict[str, np.ndarray]:
-        """The bucket's rows, part by part (its files are deleted)."""
-        arrays = {}
-        for part, dtype in self.PARTS:
-            path = self._dir / f"{bucket}.{part}"
-            arrays[part] = np.fromfile(path, dtype=dtype)
-            path.unlink()
-        rows = len(arrays["id"])
-        for part in ("codes", "x"):  # [rows, width]; the width may be 0 (no cell columns)
-            arrays[part] = arrays[part].reshape(rows, self._width[part])
-        return arrays
+    def load(self, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bucket's cell records and feature rows (its files are deleted)."""
+        cells = np.fromfile(self._dir / f"{bucket}.cells", dtype=self._records)
+        rows = np.fromfile(self._dir / f"{bucket}.x", dtype=np.float32).reshape(-1, self._dim)
+        (self._dir / f"{bucket}.cells").unlink()
+        (self._dir / f"{bucket}.x").unlink()
+        return cells, rows
 
 
 def ingest(config: IngestConfig) -> IngestReport:
@@ -126,8 +124,7 @@ def ingest(config: IngestConfig) -> IngestReport:
           staged_output(config.out, config.overwrite) as staging,
           tempfile.TemporaryDirectory(dir=staging.parent,
                                       prefix=f".{staging.name}.spill-") as spill):
-        (Path(spill) / "cells").mkdir()
-        cohort = select_cohort(source, config, Path(spill) / "cells")
+        cohort = select_cohort(source, config, Path(spill))
         log.info("cohort: %d cells of %d donors (%s)", cohort.counts["cells"],
                  cohort.counts["donors"], source.uri)
         features = make_features(source, config, cohort.cells)
@@ -167,26 +164,26 @@ def _write_sorted(
     Returns the donor pointers and the donor table of the donors that were written.
     """
     n_cells_per_donor = cohort.donors["n_cells"].to_numpy()
-    bucket_cells = max(1, config.bucket_bytes // (4 * features.dim + 8))
+    records = cohort.cells.dtype
+    bucket_cells = max(1, config.bucket_bytes // (4 * features.dim + records.itemsize))
     bucket_of_donor = plan_buckets(n_cells_per_donor, bucket_cells)
     n_buckets = int(bucket_of_donor[-1]) + 1
-    spill = _Spill(spill_dir, n_buckets, features.dim, len(cohort.cells.columns))
+    spill = _Spill(spill_dir, n_buckets, features.dim, records)
 
     non_finite, done = 0, 0
     t0, n = time.perf_counter(), cohort.cells.n_kept
-    for joinid, donor, codes in cohort.cells.blocks(config.read_block):
-        rows = features.read(joinid)
+    for cells in cohort.cells.blocks(config.read_block):
+        rows = features.read(cells["joinid"])
         finite = np.isfinite(rows).all(axis=1)
         non_finite += int((~finite).sum())
-        done += len(joinid)
-        joinid, donor, codes, rows = joinid[finite], donor[finite], codes[finite], rows[finite]
-        buckets = bucket_of_donor[donor]
+        done += len(cells)
+        cells, rows = cells[finite], rows[finite]
+        buckets = bucket_of_donor[cells["donor"]]
         order = np.argsort(buckets, kind="stable")
         bounds = np.flatnonzero(np.diff(buckets[order])) + 1
         for part in np.split(order, bounds):
             if len(part):
-                spill.append(int(buckets[part[0]]), id=joinid[part], donor=donor[part],
-                             codes=codes[part], x=rows[part])
+                spill.append(int(buckets[part[0]]), cells[part], rows[part])
         log.info("read %d / %d cells (%.0f cells/s)", done, n,
                  done / max(time.perf_counter() - t0, 1e-9))
     spill.close()
@@ -198,17 +195,18 @@ def _write_sorted(
     written = np.zeros(len(n_cells_per_donor), dtype=np.int64)
     offset = 0
     for bucket in range(n_buckets):
-        part = spill.load(bucket)
-        keep = np.bincount(part["donor"], minlength=len(written))[part["donor"]] \
+        cells, rows = spill.load(bucket)
+        keep = np.bincount(cells["donor"], minlength=len(written))[cells["donor"]] \
             >= config.min_cells
-        order = np.flatnonzero(keep)[np.lexsort((
-            hash_order_keys(part["id"][keep], config.seed), part["donor"][keep]))]
-        stop = offset + len(order)
-        group["features"][offset:stop] = part["x"][order].astype(config.dtype, copy=False)
-        group["source_joinid"][offset:stop] = part["id"][order]
-        written += np.bincount(part["donor"][order], minlength=len(written))
+        cells, rows = cells[keep], rows[keep]
+        order = np.lexsort((hash_order_keys(cells["joinid"], config.seed), cells["donor"]))
+        cells, rows = cells[order], rows[order]
+        stop = offset + len(cells)
+        group["features"][offset:stop] = rows.astype(config.dtype, copy=False)
+        group["source_joinid"][offset:stop] = cells["joinid"]
+        written += np.bincount(cells["donor"], minlength=len(written))
         if cohort.cells.columns:
-            table = pa.Table.from_pandas(cohort.cells.cell_table(part["codes"][order]),
+            table = pa.Table.from_pandas(cohort.cells.cell_table(cells["codes"]),
                                          preserve_index=False)
             if cell_writer is None:
                 cell_writer = pq.ParquetWriter(staging / CELLS_FILE, table.schema)
