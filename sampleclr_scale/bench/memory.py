@@ -106,7 +106,9 @@ class ProcessPeaks:
 
         with ProcessPeaks() as peaks:
             train(...)
-        peaks.summary()  # {"driver": 812.0, "ray::RayTrainWorker": 1450.3, ...}
+        peaks.summary()
+        # {"ray::RayTrainWorker": {"peak_rss_mb": 1217.9, "processes": 2},
+        #  "driver": {"peak_rss_mb": 544.0, "processes": 1}, ...}
     """
 
     def __init__(self, interval: float = 0.1) -> None:
