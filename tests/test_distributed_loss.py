@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,12 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 from sampleclr_scale.losses import (
     BarlowTwinsLoss,
     VICRegLoss,
+    XCLRLoss,
     gather_no_grad,
     soft_cross_entropy,
     xclr_loss,
     xclr_targets,
 )
 from sampleclr_scale.losses.xclr import _xclr_loss
+from tests.test_losses import _loop_xclr, _np_one_hot, _np_prior_targets, _np_same_batch
 
 pytestmark = pytest.mark.distributed
 
@@ -52,16 +55,18 @@ def _model() -> nn.Module:
         return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4)).double()
 
 
-def _batch() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Two views ``[2b, 5]``, donor ids ``[2b]`` (donor 5 on both ranks) and a prior."""
+def _batch() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Two views ``[2b, 5]``, donor ids ``[2b]`` (donor 5 on both ranks), batch codes and a
+    prior. Batch 1 spans both ranks; donor 5 on rank 1 is alone in batch 2."""
     g = torch.Generator().manual_seed(1)
     n = WORLD_SIZE * B_LOCAL
     x_a = torch.randn(n, 5, generator=g, dtype=torch.float64)
     x_b = x_a + 0.3 * torch.randn(n, 5, generator=g, dtype=torch.float64)
     donors = torch.tensor([0, 5, 2, 7, 5, 3])
+    batches = torch.tensor([0, 1, 0, 1, 2, 0])
     points = torch.randn(N_DONORS, 3, generator=g, dtype=torch.float64)
     prior = torch.exp(-torch.cdist(points, points) / 0.5)
-    return x_a, x_b, donors, prior
+    return x_a, x_b, donors, batches, prior
 
 
 # --- wrong gathers: right loss, wrong gradients (negative controls) ----------------------
@@ -102,27 +107,46 @@ def _gather_detached(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-# --- losses by case: (z_a, z_b, donor ids, prior) -> loss --------------------------------
+# --- losses by case: (z_a, z_b, donor ids, batch codes, prior) -> loss -------------------
 
 
-def _xclr(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+def _xclr(z_a: Tensor, z_b: Tensor, donors: Tensor, batches: Tensor, prior: Tensor) -> Tensor:
     return xclr_loss(z_a, z_b, donor_index=donors, prior=prior, tau=TAU, tau_graph=TAU_GRAPH)
 
 
-def _infonce(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+def _infonce(z_a: Tensor, z_b: Tensor, donors: Tensor, batches: Tensor, prior: Tensor) -> Tensor:
     return xclr_loss(z_a, z_b, tau=TAU)
 
 
-def _xclr_no_reduce(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+def _xclr_same_batch(
+    z_a: Tensor, z_b: Tensor, donors: Tensor, batches: Tensor, prior: Tensor
+) -> Tensor:
+    return xclr_loss(z_a, z_b, donor_index=donors, prior=prior, tau=TAU, tau_graph=TAU_GRAPH,
+                     batch_index=batches, negatives="same_batch")
+
+
+def _infonce_same_batch(
+    z_a: Tensor, z_b: Tensor, donors: Tensor, batches: Tensor, prior: Tensor
+) -> Tensor:
+    return XCLRLoss(tau=TAU, negatives="same_batch")(z_a, z_b, donors, batches)
+
+
+def _xclr_no_reduce(
+    z_a: Tensor, z_b: Tensor, donors: Tensor, batches: Tensor, prior: Tensor
+) -> Tensor:
     return _xclr_loss(z_a, z_b, donors, prior, TAU, TAU_GRAPH, gather=_GatherNoReduce.apply)
 
 
-def _xclr_select_then_reduce(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+def _xclr_select_then_reduce(
+    z_a: Tensor, z_b: Tensor, donors: Tensor, batches: Tensor, prior: Tensor
+) -> Tensor:
     gather = _GatherSelectThenReduce.apply
     return _xclr_loss(z_a, z_b, donors, prior, TAU, TAU_GRAPH, gather=gather)
 
 
-def _xclr_detached_all_rows(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
+def _xclr_detached_all_rows(
+    z_a: Tensor, z_b: Tensor, donors: Tensor, batches: Tensor, prior: Tensor
+) -> Tensor:
     """Every rank computes the full global-batch loss on a gather without gradients."""
     Z_a = F.normalize(_gather_detached(z_a), dim=1)
     Z_b = F.normalize(_gather_detached(z_b), dim=1)
@@ -134,18 +158,20 @@ def _xclr_detached_all_rows(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Ten
     )
 
 
-def _vicreg(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
-    return VICRegLoss()(z_a, z_b)
+def _vicreg(z_a: Tensor, z_b: Tensor, donors: Tensor, batches: Tensor, prior: Tensor) -> Tensor:
+    return VICRegLoss()(z_a, z_b, donors, batches)
 
 
-def _barlow(z_a: Tensor, z_b: Tensor, donors: Tensor, prior: Tensor) -> Tensor:
-    return BarlowTwinsLoss()(z_a, z_b)
+def _barlow(z_a: Tensor, z_b: Tensor, donors: Tensor, batches: Tensor, prior: Tensor) -> Tensor:
+    return BarlowTwinsLoss()(z_a, z_b, donors, batches)
 
 
-LossFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+LossFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 CASES: dict[str, tuple[LossFn, LossFn]] = {  # name: (DDP loss, 1-process reference)
     "xclr": (_xclr, _xclr),
     "xclr_identity_prior": (_infonce, _infonce),
+    "xclr_same_batch": (_xclr_same_batch, _xclr_same_batch),
+    "xclr_same_batch_identity_prior": (_infonce_same_batch, _infonce_same_batch),
     "vicreg": (_vicreg, _vicreg),
     "barlow": (_barlow, _barlow),
     "wrong_no_reduce": (_xclr_no_reduce, _xclr),
@@ -156,9 +182,9 @@ CASES: dict[str, tuple[LossFn, LossFn]] = {  # name: (DDP loss, 1-process refere
 
 def _loss_and_grads(model: nn.Module, loss_fn: LossFn, rows: slice) -> Tensor:
     """Forward both views of ``rows`` in one call, backward the loss, return the loss."""
-    x_a, x_b, donors, prior = _batch()
+    x_a, x_b, donors, batches, prior = _batch()
     z_a, z_b = model(torch.cat([x_a[rows], x_b[rows]])).chunk(2)
-    loss = loss_fn(z_a, z_b, donors[rows], prior)
+    loss = loss_fn(z_a, z_b, donors[rows], batches[rows], prior)
     loss.backward()
     return loss.detach()
 
@@ -220,7 +246,8 @@ def _compare(case: str, ddp_results: dict[str, dict]) -> tuple[Tensor, Tensor, f
     return ddp["losses"].mean(), loss, grad_diff
 
 
-@pytest.mark.parametrize("case", ["xclr", "xclr_identity_prior", "vicreg", "barlow"])
+@pytest.mark.parametrize("case", ["xclr", "xclr_identity_prior", "xclr_same_batch",
+                                  "xclr_same_batch_identity_prior", "vicreg", "barlow"])
 def test_ddp_matches_one_process(case: str, ddp_results: dict[str, dict]) -> None:
     ddp_loss, loss, grad_diff = _compare(case, ddp_results)
     assert torch.allclose(ddp_loss, loss, rtol=0, atol=ATOL)
@@ -236,3 +263,22 @@ def test_wrong_gather_has_right_loss_but_wrong_gradients(
     ddp_loss, loss, grad_diff = _compare(case, ddp_results)
     assert torch.allclose(ddp_loss, loss, rtol=0, atol=ATOL)
     assert grad_diff > 1e-3, f"{case}: gradients off by only {grad_diff:.3g}"
+
+
+@pytest.mark.parametrize("with_prior", [True, False], ids=["prior", "identity_prior"])
+def test_ddp_same_batch_matches_loop_reference(with_prior: bool, ddp_results: dict) -> None:
+    """Loss and parameter gradients of 2 processes with same-batch negatives equal those
+    of the plain-loop reference: its gradients w.r.t. the views, back through the model."""
+    x_a, x_b, donors, batches, prior = _batch()
+    model = _model()
+    z_a, z_b = model(torch.cat([x_a, x_b])).chunk(2)
+    a, b = z_a.detach().numpy(), z_b.detach().numpy()
+    ids, codes = donors.tolist(), batches.tolist()
+    targets = (_np_prior_targets(ids, prior.numpy(), TAU_GRAPH, codes) if with_prior
+               else _np_one_hot(len(ids)))
+    loss, grad_a, grad_b = _loop_xclr(a, b, TAU, targets, _np_same_batch(codes))
+    torch.cat([z_a, z_b]).backward(torch.from_numpy(np.concatenate([grad_a, grad_b])))
+    ddp = ddp_results["xclr_same_batch" if with_prior else "xclr_same_batch_identity_prior"]
+    assert ddp["losses"].mean().item() == pytest.approx(loss, rel=0, abs=ATOL)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=0, atol=ATOL)

@@ -3,43 +3,75 @@
 Pure torch, no I/O. Each loss is a thin ``nn.Module`` over pure term functions that are
 tested separately. The pairwise losses gather the views of all data-parallel ranks with
 :func:`gather_with_grad`, so a DDP run gives the loss and gradients of a 1-process run on
-the concatenated batch.
+the concatenated batch. The self-supervised objectives are registered, with their
+configs, in :mod:`sampleclr_scale.losses.registry`.
+
+The names below are imported on first use, so that the registry (which the stage
+configs import) does not import torch.
 """
 
-from sampleclr_scale.losses.barlow import (
-    BarlowTwinsLoss,
-    barlow_cross_correlation,
-    barlow_invariance,
-    barlow_redundancy,
-)
-from sampleclr_scale.losses.gather import gather_no_grad, gather_with_grad, rank_and_world_size
-from sampleclr_scale.losses.tasks import (
-    MISSING_LABEL,
-    TASK_KINDS,
-    TaskLoss,
-    classification_loss,
-    ordinal_loss,
-    ordinal_predict,
-    regression_loss,
-)
-from sampleclr_scale.losses.vicreg import (
-    VICRegLoss,
-    vicreg_covariance,
-    vicreg_invariance,
-    vicreg_variance,
-)
-from sampleclr_scale.losses.xclr import XCLRLoss, soft_cross_entropy, xclr_loss, xclr_targets
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sampleclr_scale.losses.barlow import (
+        BarlowTwinsLoss,
+        barlow_cross_correlation,
+        barlow_invariance,
+        barlow_redundancy,
+    )
+    from sampleclr_scale.losses.gather import (
+        gather_no_grad,
+        gather_with_grad,
+        rank_and_world_size,
+    )
+    from sampleclr_scale.losses.registry import (
+        BarlowConfig,
+        ObjectiveConfig,
+        VICRegConfig,
+        XCLRConfig,
+        build_objective,
+    )
+    from sampleclr_scale.losses.tasks import (
+        MISSING_LABEL,
+        TASK_KINDS,
+        TaskLoss,
+        classification_loss,
+        ordinal_loss,
+        ordinal_predict,
+        regression_loss,
+    )
+    from sampleclr_scale.losses.vicreg import (
+        VICRegLoss,
+        vicreg_covariance,
+        vicreg_invariance,
+        vicreg_variance,
+    )
+    from sampleclr_scale.losses.xclr import (
+        XCLRLoss,
+        same_batch_mask,
+        soft_cross_entropy,
+        xclr_loss,
+        xclr_targets,
+    )
 
 __all__ = [
     "MISSING_LABEL",
     "TASK_KINDS",
+    "BarlowConfig",
     "BarlowTwinsLoss",
+    "ObjectiveConfig",
     "TaskLoss",
+    "VICRegConfig",
     "VICRegLoss",
+    "XCLRConfig",
     "XCLRLoss",
     "barlow_cross_correlation",
     "barlow_invariance",
     "barlow_redundancy",
+    "build_objective",
     "classification_loss",
     "gather_no_grad",
     "gather_with_grad",
@@ -47,6 +79,7 @@ __all__ = [
     "ordinal_predict",
     "rank_and_world_size",
     "regression_loss",
+    "same_batch_mask",
     "soft_cross_entropy",
     "vicreg_covariance",
     "vicreg_invariance",
@@ -54,3 +87,20 @@ __all__ = [
     "xclr_loss",
     "xclr_targets",
 ]
+
+_SUBMODULES = ("gather", "registry", "tasks", "vicreg", "barlow", "xclr")
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name`` from its submodule on first use."""
+    if name in __all__:
+        for module in _SUBMODULES:
+            namespace = vars(importlib.import_module(f"{__name__}.{module}"))
+            if name in namespace:
+                globals()[name] = namespace[name]
+                return namespace[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

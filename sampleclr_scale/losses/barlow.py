@@ -1,19 +1,17 @@
 """Barlow Twins: redundancy reduction between two views, over the global batch.
 
-The views of all ranks are gathered with :func:`gather_with_grad`, so the batch
+The views of all ranks are gathered (:class:`GlobalBatchLoss`), so the batch
 standardisation and the cross-correlation use the global batch (as the authors' code does
-with synchronised batch norm), and every rank computes the same loss. The gather's backward
-sums the gradient over ranks and DDP averages, so the gradients equal those of a 1-process
-run on the concatenated batch.
+with synchronised batch norm), every rank computes the same loss, and DDP's averaged
+gradients equal those of a 1-process run on the concatenated batch.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses.gather import global_views, upcast_views
+from sampleclr_scale.losses.pairwise import GlobalBatchLoss
 
 
 def barlow_cross_correlation(z_a: Tensor, z_b: Tensor, eps: float = 1e-5) -> Tensor:
@@ -50,12 +48,13 @@ def _standardise(z: Tensor, eps: float) -> Tensor:
     return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, correction=0) + eps)
 
 
-class BarlowTwinsLoss(nn.Module):
+class BarlowTwinsLoss(GlobalBatchLoss):
     """Barlow Twins loss between two views, over the global batch of all ranks.
 
     Zbontar, Jing, Misra, LeCun and Deny 2021, "Barlow Twins: Self-Supervised Learning via
     Redundancy Reduction" (ICML): ``invariance(C) + lambda_ * redundancy(C)`` with ``C``
-    the cross-correlation of the batch-standardised views.
+    the cross-correlation of the batch-standardised views. Called as every objective,
+    ``loss(z_a, z_b, donor_index, batch_index=None)``; the ids are not used.
 
     Parameters
     ----------
@@ -65,34 +64,13 @@ class BarlowTwinsLoss(nn.Module):
         Stabiliser of the batch standardisation.
     """
 
+    name = "Barlow Twins"
+    needs = "to standardise"
+
     def __init__(self, lambda_: float = 5e-3, eps: float = 1e-5) -> None:
-        super().__init__()
-        for name, value in (("lambda_", lambda_), ("eps", eps)):
-            if not 0 <= value < float("inf"):
-                raise InputError(
-                    f"Barlow Twins {name} must be a non-negative finite number, got {value!r}",
-                    "use the paper's defaults lambda_=5e-3, eps=1e-5",
-                )
-        self.lambda_, self.eps = lambda_, eps
+        super().__init__("lambda_=5e-3, eps=1e-5", lambda_=lambda_, eps=eps)
 
-    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
-        """Loss of the global batch.
-
-        Parameters
-        ----------
-        z_a, z_b : Tensor
-            ``[b, D]`` local representations of the two views (same ``b`` on every rank).
-
-        Returns
-        -------
-        Tensor
-            Scalar loss, identical on every rank; float32 (half inputs upcast) or float64.
-        """
-        z_a, z_b = upcast_views(z_a, z_b, "Barlow Twins")
-        with torch.autocast(device_type=z_a.device.type, enabled=False):
-            Z_a, Z_b = global_views(z_a, z_b, "Barlow Twins", "to standardise")
-            c = barlow_cross_correlation(Z_a, Z_b, self.eps)
-            return barlow_invariance(c) + self.lambda_ * barlow_redundancy(c)
-
-    def extra_repr(self) -> str:
-        return f"lambda_={self.lambda_}, eps={self.eps}"
+    def global_loss(self, Z_a: Tensor, Z_b: Tensor) -> Tensor:
+        """Invariance plus weighted redundancy of the ``[B, D]`` global views."""
+        c = barlow_cross_correlation(Z_a, Z_b, self.eps)
+        return barlow_invariance(c) + self.lambda_ * barlow_redundancy(c)

@@ -1,19 +1,17 @@
 """VICReg: variance-invariance-covariance regularisation of two views, over the global batch.
 
-The views of all ranks are gathered with :func:`gather_with_grad` and every rank computes
-the loss of the whole global batch. The gather's backward sums the gradient over ranks
-(``world_size`` identical copies) and DDP divides by ``world_size``, so the averaged
-gradients equal those of a 1-process run on the concatenated batch.
+The views of all ranks are gathered and every rank computes the loss of the whole global
+batch (:class:`GlobalBatchLoss`), so DDP's averaged gradients equal those of a 1-process
+run on the concatenated batch.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses.gather import global_views, upcast_views
+from sampleclr_scale.losses.pairwise import GlobalBatchLoss
 
 
 def vicreg_invariance(z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -69,13 +67,15 @@ def vicreg_covariance(z: Tensor) -> Tensor:
     return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
 
 
-class VICRegLoss(nn.Module):
+class VICRegLoss(GlobalBatchLoss):
     """VICReg loss between two views, over the global batch of all ranks.
 
     Bardes, Ponce and LeCun 2022, "VICReg: Variance-Invariance-Covariance Regularization
     for Self-Supervised Learning" (ICLR). As in the authors' code, the variance term is
     averaged over the two views and the covariance term summed:
     ``lambda_ * inv + mu * (var(z_a) + var(z_b)) / 2 + nu * (cov(z_a) + cov(z_b))``.
+    Called as every objective, ``loss(z_a, z_b, donor_index, batch_index=None)``; the
+    ids are not used.
 
     Parameters
     ----------
@@ -89,41 +89,18 @@ class VICRegLoss(nn.Module):
         Stabiliser of the standard deviation in the variance term.
     """
 
+    name = "VICReg"
+    needs = "for its variance terms"
+
     def __init__(
         self, lambda_: float = 25.0, mu: float = 25.0, nu: float = 1.0, eps: float = 1e-4
     ) -> None:
-        super().__init__()
-        for name, value in (("lambda_", lambda_), ("mu", mu), ("nu", nu), ("eps", eps)):
-            if not 0 <= value < float("inf"):
-                raise InputError(
-                    f"VICReg {name} must be a non-negative finite number, got {value!r}",
-                    "use the paper's defaults lambda_=25, mu=25, nu=1, eps=1e-4",
-                )
-        self.lambda_, self.mu, self.nu, self.eps = lambda_, mu, nu, eps
+        super().__init__("lambda_=25, mu=25, nu=1, eps=1e-4", lambda_=lambda_, mu=mu, nu=nu,
+                         eps=eps)
 
-    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
-        """Loss of the global batch.
-
-        Parameters
-        ----------
-        z_a, z_b : Tensor
-            ``[b, D]`` local representations of the two views (same ``b`` on every rank).
-
-        Returns
-        -------
-        Tensor
-            Scalar loss, identical on every rank; float32 (half inputs upcast) or float64.
-        """
-        z_a, z_b = upcast_views(z_a, z_b, "VICReg")
-        with torch.autocast(device_type=z_a.device.type, enabled=False):
-            Z_a, Z_b = global_views(z_a, z_b, "VICReg", "for its variance terms")
-            variance = (vicreg_variance(Z_a, self.eps) + vicreg_variance(Z_b, self.eps)) / 2
-            covariance = vicreg_covariance(Z_a) + vicreg_covariance(Z_b)
-            return (
-                self.lambda_ * vicreg_invariance(Z_a, Z_b)
-                + self.mu * variance
-                + self.nu * covariance
-            )
-
-    def extra_repr(self) -> str:
-        return f"lambda_={self.lambda_}, mu={self.mu}, nu={self.nu}, eps={self.eps}"
+    def global_loss(self, Z_a: Tensor, Z_b: Tensor) -> Tensor:
+        """The weighted VICReg terms of the ``[B, D]`` global views."""
+        variance = (vicreg_variance(Z_a, self.eps) + vicreg_variance(Z_b, self.eps)) / 2
+        covariance = vicreg_covariance(Z_a) + vicreg_covariance(Z_b)
+        invariance = vicreg_invariance(Z_a, Z_b)
+        return self.lambda_ * invariance + self.mu * variance + self.nu * covariance
