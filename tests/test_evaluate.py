@@ -338,6 +338,47 @@ def no_umap(monkeypatch):
     monkeypatch.setattr(report, "_umap_module", lambda: None)
 
 
+def _check_held_out(saved: dict, store: BagStore, config: EvaluateConfig,
+                    vectors: list[np.ndarray], built: tuple[str, np.ndarray] | None, text: str,
+                    held_out: str) -> None:
+    """The held-out block of test_evaluate_end_to_end: SPARE on the validation donors
+    alone, recomputed here from the vectors (or divergences) of those donors only."""
+    validation = store.split_donors("validation")
+    assert saved["n_held_out"] == len(validation) >= config.k + 2  # 5 in the fixture
+    held_donors = store.donors.iloc[validation].reset_index(drop=True)
+    reference = {
+        ("sampleclr", f"sampleclr_seed{seed}"): cosine_distances(
+            Z.astype(np.float32)[validation]) for seed, Z in enumerate(vectors)}
+    reference[("pseudobulk", "pseudobulk")] = cosine_distances(pseudobulk(store)[validation])
+    reference[("random", "random_seed1")] = cosine_distances(
+        random_vectors(store.n_donors, 9, seed=1)[validation])
+    if built is not None:
+        reference[("gloscope", "gloscope")] = built[1][np.ix_(validation, validation)]
+    for (method, run), D in reference.items():
+        expected = {key: value if value is None else pytest.approx(value, abs=1e-9)
+                    for key, value in spare_scores(D, held_donors, config).items()}
+        assert saved["methods"][method]["held_out"]["runs"][run]["scores"] == expected, run
+    totals = [spare_scores(reference[("sampleclr", f"sampleclr_seed{seed}")], held_donors,
+                           config)["total"] for seed in (0, 1)]
+    sampleclr = saved["methods"]["sampleclr"]["held_out"]
+    assert sampleclr["mean"]["total"] == pytest.approx(np.mean(totals))
+    assert sampleclr["std"]["total"] == pytest.approx(np.std(totals, ddof=1))
+    for method in saved["methods"].values():
+        assert set(method["held_out"]) == {"mean", "std", "runs"}
+        assert set(method["held_out"]["mean"]) == set(saved["columns"])
+    assert saved["held_out_trajectory_root"] == held_donors["donor"].iloc[
+        int(np.argmin(held_donors["severity"]))]
+    assert "held_out" not in saved["skipped"]
+    # the second table, after the main one and before the figures
+    heading = f"## Held-out donors (validation split, {len(validation)} donors)"
+    assert text.index("## Scores") < text.index(heading) < text.index("## Donor maps")
+    held_table = text[text.index(heading):text.index("## Donor maps")]
+    assert "| sampleclr | 2 |" in held_table and "| pseudobulk | 1 |" in held_table
+    assert held_out.startswith(f"held-out total ({len(validation)} validation donors): "
+                               "sampleclr ")
+    assert len(held_out.splitlines()) == 1
+
+
 def test_evaluate_end_to_end(store_path, tmp_path, no_umap):
     built = _store_with_gloscope(store_path, tmp_path)
     store_dir = store_path if built is None else built[0]
@@ -346,11 +387,12 @@ def test_evaluate_end_to_end(store_path, tmp_path, no_umap):
     severity = store.donors["severity"].to_numpy(np.float64)[:, None]
     base = pseudobulk(store)
     run_dir = _write_run(tmp_path / "run")
-    emb = []
+    emb, vectors = [], []
     for seed in (0, 1):
         Z = np.hstack([base, 2.0 * severity]) + 0.05 * rng.normal(size=(store.n_donors, 9))
         emb.append(str(_write_embedding(tmp_path / f"sampleclr_seed{seed}", store, Z, seed,
                                         run_dir)))
+        vectors.append(Z)
     config = EvaluateConfig(seeds=2)
     out = tmp_path / "report"
     metrics = evaluate(emb, store_dir, str(out), config)
@@ -386,9 +428,12 @@ def test_evaluate_end_to_end(store_path, tmp_path, no_umap):
     for link in links:
         assert link.endswith(".png") and (out / link).is_file()
     assert "| sampleclr | 2 |" in text
-    lines = headline(metrics).splitlines()
+    table, _, held_out = headline(metrics).partition("\n\n")  # the table, then held-out
+    lines = table.splitlines()
     assert lines[0].split() == ["method", "information", "batch", "trajectory", "total"]
     assert [line.split()[0] for line in lines[1:]] == list(saved["methods"])
+
+    _check_held_out(saved, store, config, vectors, built, text, held_out)
 
 
 def test_evaluate_validation_split_and_names(store_path, tmp_path, no_umap):
@@ -405,6 +450,30 @@ def test_evaluate_validation_split_and_names(store_path, tmp_path, no_umap):
     # the same vectors as the pseudobulk baseline score the same
     assert metrics["methods"]["mine"]["mean"] == pytest.approx(
         metrics["methods"]["pseudobulk"]["mean"], abs=1e-6)
+    # the scores already are the held-out ones: no second block, nothing skipped
+    assert metrics["n_held_out"] is None and "held_out" not in metrics["skipped"]
+    assert all("held_out" not in method for method in metrics["methods"].values())
+    assert "Held-out donors" not in (out / "report.md").read_text()
+
+
+def test_too_few_validation_donors_skip_the_held_out_block(store_path, tmp_path, no_umap):
+    store = BagStore(store_path)
+    emb = _write_embedding(tmp_path / "emb", store, pseudobulk(store), seed=0)
+    out = tmp_path / "report"
+    n = len(store.split_donors("validation"))  # 5 in the fixture; k = n - 1 needs n + 1
+    config = EvaluateConfig(k=n - 1, seeds=1, relevant={"severity": "ordinal"}, technical={},
+                            trajectory=None)
+    metrics = evaluate([f"mine={emb}"], store_path, str(out), config)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n_held_out"] is None
+    assert saved["skipped"]["held_out"] == (f"{n} validation donors; scoring held-out "
+                                            f"donors needs at least k + 2 = {n + 1}")
+    assert all("held_out" not in method for method in saved["methods"].values())
+    assert saved["methods"]["mine"]["mean"]["total"] > 0  # all donors are still scored
+    text = (out / "report.md").read_text()
+    assert "Held-out donors" not in text
+    assert f"Not evaluated: held_out ({n} validation donors;" in text
+    assert "held-out" not in headline(metrics)
 
 
 def test_bad_embeddings_are_input_errors(store_path, tmp_path):

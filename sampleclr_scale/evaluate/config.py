@@ -48,7 +48,10 @@ class EvaluateConfig(StageConfig):
     """Seeds of the random-vector baseline, reported as mean +- std."""
     split: Literal["all", "validation"] = "all"
     """Donors scored: all donors of the store, or only the validation donors (never seen
-    by a supervised head)."""
+    by a supervised head). With ``all`` every method is also scored on the validation
+    donors alone (held-out scores: distances restricted to the validation donors, so
+    their neighbours are each other), reported beside the scores on all donors; with
+    ``validation`` the scores are those held-out scores and no second block is added."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -73,14 +73,20 @@ def headline(metrics: dict[str, Any]) -> str:
     Returns
     -------
     str
-        Aligned columns, one line per method, ``mean ± std`` where there are several runs.
+        Aligned columns, one line per method, ``mean ± std`` where there are several runs;
+        with held-out scores, a blank line and one line of each method's held-out total.
     """
     rows = [("method", *_HEADLINE)]
     rows += [(name, *(format_score(method, key) for key in _HEADLINE))
              for name, method in metrics["methods"].items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-                     .rstrip() for row in rows)
+    table = "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                      .rstrip() for row in rows)
+    if metrics.get("n_held_out") is None:
+        return table
+    totals = ", ".join(f"{name} {format_score(method['held_out'], 'total')}"
+                       for name, method in metrics["methods"].items())
+    return f"{table}\n\nheld-out total ({metrics['n_held_out']} validation donors): {totals}"
 
 
 def write_report(metrics: dict[str, Any], out: Path) -> Path:
@@ -113,6 +119,7 @@ def write_report(metrics: dict[str, Any], out: Path) -> Path:
         "",
         *_score_table(metrics),
         "",
+        *_held_out_section(metrics),
         *_notes(metrics),
     ]
     figures = metrics["figures"]
@@ -265,24 +272,44 @@ def slug(name: str) -> str:
 # ---- helpers -----------------------------------------------------------------------
 
 
-def _score_table(metrics: dict[str, Any]) -> list[str]:
+def _score_table(metrics: dict[str, Any], held_out: bool = False) -> list[str]:
+    """The markdown score table of every method, on all scored donors or, with
+    ``held_out``, on the held-out donors (each method's ``held_out`` scores)."""
     keys = metrics["columns"]
     trajectory = metrics["config"]["trajectory"]
+    scores = {name: method["held_out"] if held_out else method
+              for name, method in metrics["methods"].items()}
     best = {}
     for key in keys:
-        means = [m["mean"].get(key) for m in metrics["methods"].values()]
+        means = [m["mean"].get(key) for m in scores.values()]
         known = [v for v in means if v is not None]
         best[key] = max(known) if known else None
     header = ["method", "runs", *(column_label(key, trajectory) for key in keys)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, method in metrics["methods"].items():
-        cells = [name, str(method["n_runs"])]
+    for name, method in scores.items():
+        cells = [name, str(metrics["methods"][name]["n_runs"])]
         for key in keys:
             text = format_score(method, key)
             mean = method["mean"].get(key)
             cells.append(f"**{text}**" if mean is not None and mean == best[key] else text)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _held_out_section(metrics: dict[str, Any]) -> list[str]:
+    """The held-out score table with its heading, or nothing without held-out scores."""
+    n = metrics.get("n_held_out")
+    if n is None:
+        return []
+    config = metrics["config"]
+    root = metrics.get("held_out_trajectory_root")
+    trajectory = (f"; trajectory root `{root}` ({config['trajectory_root']} "
+                  f"{config['trajectory']})" if root is not None else "")
+    return [f"## Held-out donors (validation split, {n} donors)", "",
+            "The same scores on the validation donors alone (never seen by a supervised "
+            "head): distances restricted to them, so each donor's neighbours are other "
+            f"validation donors{trajectory}.", "",
+            *_score_table(metrics, held_out=True), ""]
 
 
 def _notes(metrics: dict[str, Any]) -> list[str]:

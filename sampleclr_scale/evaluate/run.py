@@ -12,6 +12,13 @@ Reads (contracts of the embed and train stages):
 
 Writes ``OUT/metrics.json`` (every number), ``OUT/report.md`` and ``OUT/figures/*.png``.
 
+Held-out donors: with ``split: all`` every method is scored twice, on all donors and on
+the store's validation donors alone (``split == "validation"`` in ``donors.parquet``,
+never seen by a supervised head). The held-out scores use the distance matrix restricted
+to the validation donors, so each validation donor's neighbours, the diffusion graph and
+the trajectory root are validation donors only: how SPARE scores a held-out set. With
+``split: validation`` the main scores already are these, and no second block is added.
+
 Method names: an embedding directory is named by its directory name, or by ``NAME`` when
 given as ``NAME=PATH``. Runs named ``<method>_seed<N>`` belong to ``<method>``; a method's
 scores are the mean and sample standard deviation (ddof = 1) over its runs. The random
@@ -43,6 +50,7 @@ PROVENANCE_FILE = "provenance.json"
 RUN_METRICS_FILE = "metrics.jsonl"
 CELL_TYPE_COLUMN = "cell_type"
 BASELINES = ("pseudobulk", "composition", "gloscope", "random")
+HELD_OUT_SPLIT = "validation"  # the donors.parquet split scored as held-out
 _SEED_SUFFIX = re.compile(r"^(?P<method>.+)_seed\d+$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -111,9 +119,11 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
     -------
     dict
         What ``OUT/metrics.json`` holds: ``methods`` (name -> ``kind``, ``n_runs``,
-        ``runs`` with nested scores, flat ``mean`` and ``std``), ``columns`` (the flat
-        score keys), ``skipped`` baselines with the reason, ``cell_weights``,
-        ``training``, ``figures`` and the settings.
+        ``runs`` with nested scores, flat ``mean`` and ``std``, and ``held_out`` with
+        ``mean``, ``std`` and ``runs`` on the validation donors alone), ``n_held_out``
+        (None without a held-out block), ``columns`` (the flat score keys), ``skipped``
+        baselines and blocks with the reason, ``cell_weights``, ``training``, ``figures``
+        and the settings.
     """
     if not embeddings:
         raise InputError("no embeddings to evaluate", "pass --embeddings EMB [EMB ...]")
@@ -131,34 +141,19 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
     skipped: dict[str, str] = {}
     runs += _baseline_runs(bag, selected, config, runs[0].Z.shape[1], skipped)
     methods = _score(runs, donors, config)
-    with local_directory(out) as out_dir:  # a URI: written locally, then uploaded
-        fig_dir = out_dir / report.FIGURES_DIR
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        first: dict[str, _Run] = {}  # each SampleCLR method's first run
-        for run in runs:
-            if run.kind == "sampleclr":
-                first.setdefault(run.method, run)
-        method = report.map_method(len(selected))
-        map_paths = _map_figures(first, runs, donors, config, fig_dir, method)
-        weight_paths, weights = _cell_weight_figures(first, bag, selected, fig_dir, skipped)
-        curve_paths, training = _training_figures(logs, fig_dir)
-        metrics = {
-            "store": bag.location.uri,
-            "n_donors": len(selected),
-            "config": config.model_dump(mode="json"),
-            "trajectory_root": None if root is None else str(donors["donor"].iloc[root]),
-            "map_method": method,
-            "columns": _score_keys(config),
-            "methods": methods,
-            "skipped": skipped,
-            "cell_weights": weights,
-            "training": training,
-            "figures": {kind: {name: str(p.relative_to(out_dir)) for name, p in paths.items()}
-                        for kind, paths in (("maps", map_paths), ("cell_weights", weight_paths),
-                                            ("training", curve_paths))},
-        }
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        report.write_report(metrics, out_dir)
+    held_out = _held_out(runs, donors, config, methods, skipped)
+    metrics = {
+        "store": bag.location.uri,
+        "n_donors": len(selected),
+        "n_held_out": held_out["n_donors"],
+        "config": config.model_dump(mode="json"),
+        "trajectory_root": root,
+        "held_out_trajectory_root": held_out["trajectory_root"],
+        "columns": _score_keys(config),
+        "methods": methods,
+        "skipped": skipped,
+    }
+    _write_outputs(metrics, runs, bag, selected, donors, config, logs, out)
     return metrics
 
 
@@ -202,21 +197,23 @@ def _method_of(name: str) -> str:
 
 
 def _selected_donors(bag: BagStore, split: str) -> np.ndarray:
-    selected = (np.arange(bag.n_donors) if split == "all" else bag.split_donors("validation"))
+    selected = (np.arange(bag.n_donors) if split == "all" else bag.split_donors(HELD_OUT_SPLIT))
     if len(selected) < 3:
         raise InputError(f"split {split!r} of bag store {bag.location} has {len(selected)} donors; "
                          f"SPARE needs at least 3", "evaluate split: all, or a larger store")
     return selected
 
 
-def _trajectory_root(donors: pd.DataFrame, config: EvaluateConfig, where: str) -> int | None:
+def _trajectory_root(donors: pd.DataFrame, config: EvaluateConfig, where: str) -> str | None:
+    """The name of the trajectory's root donor among ``donors``; None without a trajectory."""
     if config.trajectory is None:
         return None
     if donors[config.trajectory].notna().sum() < 2:
         raise InputError(f"fewer than 2 scored donors of {where} have a "
                          f"{config.trajectory!r} value for the trajectory",
                          "set trajectory to another column, or null")
-    return root_donor(donors[config.trajectory], config.trajectory_root)
+    return str(donors["donor"].iloc[root_donor(donors[config.trajectory],
+                                               config.trajectory_root)])
 
 
 def _aligned(emb_dir: Location, bag: BagStore, selected: np.ndarray) -> np.ndarray:
@@ -266,18 +263,94 @@ def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, 
     return runs
 
 
-def _score(runs: list[_Run], donors: pd.DataFrame, config: EvaluateConfig) -> dict[str, Any]:
+def _score(runs: list[_Run], donors: pd.DataFrame, config: EvaluateConfig,
+           subset: np.ndarray | None = None) -> dict[str, Any]:
+    """SPARE scores of every run on one set of donors, aggregated per method.
+
+    Parameters
+    ----------
+    runs : list of _Run
+        The representations, their distances between the donors of ``donors``.
+    donors : pd.DataFrame
+        The scored donors, in the order of the distance matrices.
+    config : EvaluateConfig
+        Covariates and settings.
+    subset : np.ndarray, optional
+        Positions in ``donors`` to score on their own: the distance matrices are
+        restricted to them, so their neighbours are each other. All donors by default.
+
+    Returns
+    -------
+    dict
+        Method -> ``kind``, ``runs`` (run -> ``source``, nested ``scores``), ``n_runs``,
+        flat ``mean`` and ``std``.
+    """
+    if subset is not None:
+        donors = donors.iloc[subset].reset_index(drop=True)
     methods: dict[str, Any] = {}
     for run in runs:
+        D = run.D if subset is None else run.D[np.ix_(subset, subset)]
         entry = methods.setdefault(run.method, {"kind": run.kind, "runs": {}})
         entry["runs"][run.name] = {"source": run.source,
-                                   "scores": spare_scores(run.D, donors, config)}
+                                   "scores": spare_scores(D, donors, config)}
     keys = _score_keys(config)
     for entry in methods.values():
         flat = [_flatten(r["scores"], keys) for r in entry["runs"].values()]
         entry["n_runs"] = len(flat)
         entry["mean"], entry["std"] = _aggregate(flat)
     return methods
+
+
+def _held_out(runs: list[_Run], donors: pd.DataFrame, config: EvaluateConfig,
+              methods: dict[str, Any], skipped: dict[str, str]) -> dict[str, Any]:
+    """Score every run on the validation donors alone, as ``methods[name]["held_out"]``.
+
+    The distance matrices are restricted to the validation donors, which is how SPARE
+    scores a held-out set: each validation donor's kNN neighbours are other validation
+    donors, and the diffusion graph, the trajectory root and the replicate ranks are
+    made of validation donors only. ``held_out`` holds ``mean``, ``std`` and ``runs``
+    as the method's entry does. Nothing is added with ``split: validation`` (the main
+    scores are already the held-out ones). With fewer than ``k + 2`` validation donors
+    (with ``k + 1`` every donor's neighbours would be all the others) or fewer than 2
+    with a trajectory value, the block is skipped and ``skipped["held_out"]`` says why.
+
+    Parameters
+    ----------
+    runs : list of _Run
+        The representations, distances between the donors of ``donors``.
+    donors : pd.DataFrame
+        The scored donors (with the store's ``split`` column).
+    config : EvaluateConfig
+        Covariates and settings.
+    methods : dict
+        What :func:`_score` returned for ``donors``; updated in place.
+    skipped : dict
+        Skipped parts and why; updated in place.
+
+    Returns
+    -------
+    dict
+        ``n_donors`` and ``trajectory_root`` (donor name) of the held-out block, None
+        without one.
+    """
+    none = {"n_donors": None, "trajectory_root": None}
+    if config.split == HELD_OUT_SPLIT:
+        return none
+    held = np.flatnonzero(donors["split"].to_numpy() == HELD_OUT_SPLIT)
+    need = config.k + 2
+    if len(held) < need:
+        skipped["held_out"] = (f"{len(held)} {HELD_OUT_SPLIT} donors; scoring held-out "
+                               f"donors needs at least k + 2 = {need}")
+        return none
+    held_donors = donors.iloc[held].reset_index(drop=True)
+    try:
+        root = _trajectory_root(held_donors, config, f"the {HELD_OUT_SPLIT} split")
+    except InputError as err:
+        skipped["held_out"] = err.problem
+        return none
+    for name, entry in _score(runs, donors, config, held).items():
+        methods[name]["held_out"] = {key: entry[key] for key in ("mean", "std", "runs")}
+    return {"n_donors": len(held), "trajectory_root": root}
 
 
 def _score_keys(config: EvaluateConfig) -> list[str]:
@@ -312,6 +385,42 @@ def _aggregate(flat: list[dict[str, float | None]]) -> tuple[dict, dict | None]:
 
 
 # ---- figures -----------------------------------------------------------------------
+
+
+def _write_outputs(metrics: dict[str, Any], runs: list[_Run], bag: BagStore,
+                   selected: np.ndarray, donors: pd.DataFrame, config: EvaluateConfig,
+                   logs: dict[str, tuple[str, list[dict[str, Any]]]], out: str) -> None:
+    """Draw the figures, add what describes them to ``metrics``, write ``metrics.json``
+    and ``report.md`` into ``out`` (a URI: written locally, then uploaded)."""
+    with local_directory(out) as out_dir:
+        metrics |= _figures(runs, bag, selected, donors, config, logs, out_dir,
+                            metrics["skipped"])
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        report.write_report(metrics, out_dir)
+
+
+def _figures(runs: list[_Run], bag: BagStore, selected: np.ndarray, donors: pd.DataFrame,
+             config: EvaluateConfig, logs: dict[str, tuple[str, list[dict[str, Any]]]],
+             out_dir: Path, skipped: dict[str, str]) -> dict[str, Any]:
+    """Draw every figure under ``out_dir``; the metrics that describe them."""
+    fig_dir = out_dir / report.FIGURES_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    first: dict[str, _Run] = {}  # each SampleCLR method's first run
+    for run in runs:
+        if run.kind == "sampleclr":
+            first.setdefault(run.method, run)
+    method = report.map_method(len(selected))
+    map_paths = _map_figures(first, runs, donors, config, fig_dir, method)
+    weight_paths, weights = _cell_weight_figures(first, bag, selected, fig_dir, skipped)
+    curve_paths, training = _training_figures(logs, fig_dir)
+    return {
+        "map_method": method,
+        "cell_weights": weights,
+        "training": training,
+        "figures": {kind: {name: str(p.relative_to(out_dir)) for name, p in paths.items()}
+                    for kind, paths in (("maps", map_paths), ("cell_weights", weight_paths),
+                                        ("training", curve_paths))},
+    }
 
 
 def _map_figures(first: dict[str, _Run], runs: list[_Run], donors: pd.DataFrame,
