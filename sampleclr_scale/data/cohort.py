@@ -145,11 +145,13 @@ def select_cohort(source: CellSource, config: IngestConfig, workdir: Path) -> Co
     source.check_columns(config.donor_key, "--donor-key")
     source.check_columns(config.meta, "--meta")
     source.check_columns(config.cell_columns, "--cell-columns")
+    source.check_columns(config.batch_key, "--batch-key")
     if config.primary_only:
         source.check_columns(["is_primary_data"], "primary-only selection")
     if config.obs_filter:
         source.check_columns(filter_columns(config.obs_filter), "--obs-filter")
-    columns = list(dict.fromkeys([*config.donor_key, *config.meta, *config.cell_columns]))
+    columns = list(dict.fromkeys([*config.donor_key, *config.meta, *config.batch_key,
+                                  *config.cell_columns]))
     obs_filter = _effective_filter(config)
     index = _ObsIndex(config, CellIndex(workdir, config.cell_columns))
     for block in source.iter_obs(columns, obs_filter):
@@ -171,10 +173,12 @@ class _ObsIndex:
         self.keys: dict[tuple, int] = {}  # donor key values -> group id
         self.sizes = np.zeros(0, dtype=np.int64)  # cells per group
         self.value_counts: dict[str, list[pd.Series]] = {c: [] for c in self._meta_columns}
+        self.missing = {c: np.zeros(0, dtype=np.int64) for c in config.batch_key}  # per group
 
     @property
     def _meta_columns(self) -> list[str]:
-        return list(dict.fromkeys([*self.config.donor_key, *self.config.meta]))
+        return list(dict.fromkeys([*self.config.donor_key, *self.config.meta,
+                                   *self.config.batch_key]))
 
     def add(self, block: pd.DataFrame) -> None:
         """Index one block of obs rows (with a ``joinid`` column)."""
@@ -189,9 +193,10 @@ class _ObsIndex:
         group = ids[local]
         self.cells.append(block["joinid"].to_numpy(np.int64), group,
                           block[self.config.cell_columns])
-        sizes = np.bincount(group, minlength=len(self.keys))
-        sizes[: len(self.sizes)] += self.sizes
-        self.sizes = sizes
+        self.sizes = _add_counts(self.sizes, group, len(self.keys))
+        for column, missing in self.missing.items():
+            self.missing[column] = _add_counts(
+                missing, group[block[column].isna().to_numpy()], len(self.keys))
         for column in self._meta_columns:
             pairs = pd.DataFrame({"group": group, "value": block[column].to_numpy()})
             self.value_counts[column].append(
@@ -221,6 +226,7 @@ class _ObsIndex:
                 f"{config.min_cells} cells (largest: {largest})",
                 "lower --min-cells or widen the cohort",
             )
+        self._check_missing_batches(kept)
         order = np.flatnonzero(kept)[np.argsort(names[kept], kind="stable")]
         position = np.full(len(names), -1, dtype=np.int32)
         position[order] = np.arange(len(order), dtype=np.int32)
@@ -233,9 +239,32 @@ class _ObsIndex:
                                        config.group_by, config.seed)
         return Cohort(cells=self.cells, donors=donors, counts=counts)
 
+    def _check_missing_batches(self, kept: np.ndarray) -> None:
+        """Refuse kept cells without a value in a batch-key column."""
+        for column, missing in self.missing.items():
+            n_cells = int(missing[kept].sum())
+            if not n_cells:
+                continue
+            known = pd.concat(self.value_counts[column]).index.get_level_values(1).unique()
+            known = sorted(known.tolist(), key=str)
+            example = (f'--obs-filter "{column} in {known!r}"' if len(known) <= 5
+                       else f"an --obs-filter on the known values of {column}")
+            n_donors = int((missing[kept] > 0).sum())
+            raise InputError(
+                f"--batch-key column {column!r} has no value (None/NaN) for {n_cells} cells "
+                f"of {n_donors} donor{'s' * (n_donors != 1)}",
+                f"filter them out with --obs-filter, e.g. {example}",
+            )
+
     def _donor_table(self, names: np.ndarray, groups: np.ndarray, position: np.ndarray,
                      sizes: np.ndarray) -> pd.DataFrame:
-        """One row per kept donor; a metadata column takes the donor's most frequent value."""
+        """One row per kept donor; a metadata column takes the donor's most frequent value.
+
+        Raises
+        ------
+        InputError
+            For a batch-key column with more than one value among a donor's cells.
+        """
         table = pd.DataFrame({"donor": names})
         mixed = []
         for column in self._meta_columns:
@@ -245,6 +274,8 @@ class _ObsIndex:
             top = by_count.drop_duplicates("group").set_index("group")["value"]
             table[column] = top.reindex(groups).to_numpy()
             n_distinct = counts.groupby(level=0).size()
+            if column in self.config.batch_key and (n_distinct > 1).any():
+                raise _varying_batch(column, counts, n_distinct, names, position)
             if (n_distinct > 1).any():
                 mixed.append(f"{column} ({int((n_distinct > 1).sum())} donors)")
         if mixed:
@@ -252,6 +283,29 @@ class _ObsIndex:
                         ", ".join(mixed))
         table["n_cells"] = sizes.astype(np.int64)
         return table
+
+
+def _add_counts(total: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """``total`` (cells per group so far) plus the cells of ``group``, for ``n_groups``."""
+    counts = np.bincount(group, minlength=n_groups).astype(np.int64)
+    counts[: len(total)] += total
+    return counts
+
+
+def _varying_batch(column: str, counts: pd.Series, n_distinct: pd.Series, names: np.ndarray,
+                   position: np.ndarray) -> InputError:
+    """The error for a batch-key column that varies within donors (``counts``: cells per
+    (group, value) of kept groups; ``names``: kept donor names by position)."""
+    varying = n_distinct.index[n_distinct > 1]
+    group = varying[0]
+    values = [str(v) for v in counts.xs(group, level=0).index]
+    return InputError(
+        f"--batch-key column {column!r} is not donor-level: the cells of {len(varying)} "
+        f"donors have more than one value, e.g. donor {str(names[position[group]])!r} has "
+        f"{values}",
+        f"add {column} to --donor-key (each of its values becomes a separate sample), or "
+        "choose a batch column that is constant within each donor",
+    )
 
 
 def split_donors(

@@ -6,7 +6,8 @@ large sequential blocks of cells (sorted source ids). Each block's cell records 
 feature rows are appended to spill files, one pair per *bucket* of consecutive donors
 holding about ``bucket_bytes`` of them. A second pass loads one bucket at a time, orders
 its rows by (donor, a keyed hash of the source id) and writes them to the store in
-sequence.
+sequence. With ``--batch-key``, the written rows also update per-batch feature moments
+(:mod:`~sampleclr_scale.data.batches`), stored as ``batch_mean`` and ``batch_std``.
 Peak memory is one read block plus one bucket, whatever the number of cells; disk
 traffic is one extra write and read of the features and of the cell index.
 
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 
 from sampleclr_scale import __version__
 from sampleclr_scale.config import IngestConfig
+from sampleclr_scale.data.batches import CohortBatches
 from sampleclr_scale.data.cohort import Cohort, select_cohort
 from sampleclr_scale.data.features import make_features
 from sampleclr_scale.data.sources import open_source
@@ -130,21 +132,26 @@ def ingest(config: IngestConfig) -> IngestReport:
         features = make_features(source, config, cohort.cells)
         group = create_arrays(staging, n_cells=cohort.cells.n_kept, dim=features.dim,
                               dtype=config.dtype, chunk_rows=config.chunk_rows)
+        batches = (CohortBatches(cohort.donors, config.batch_key, features.dim)
+                   if config.batch_key else None)
         donor_ptr, donors = _write_sorted(cohort, features, group, staging, Path(spill),
-                                          config)
+                                          config, batches)
+        # without --batch-key the attributes are those of stores written before it existed
+        unset = {"overwrite"} if config.batch_key else {"overwrite", "batch_key"}
         attrs = {
             "created_by": f"sampleclr-scale {__version__}",
             "source": source.uri,
             "source_kind": source.kind,
             "features": features.describe(),
             "donor_key": config.donor_key,
-            "ingest": config.model_dump(mode="json", exclude={"overwrite"}),
+            "ingest": config.model_dump(mode="json", exclude=unset),
             "counts": cohort.counts,
             "n_cells": int(donor_ptr[-1]),
             "n_donors": len(donors),
             "dim": features.dim,
         }
-        finish_arrays(group, donor_ptr, attrs)
+        arrays = _finish_batches(batches, donors, attrs) if batches is not None else {}
+        finish_arrays(group, donor_ptr, attrs, arrays)
         pq.write_table(pa.Table.from_pandas(donors, preserve_index=False),
                        staging / DONORS_FILE)
     report = IngestReport(config.out, int(donor_ptr[-1]), len(donors), features.dim,
@@ -155,13 +162,33 @@ def ingest(config: IngestConfig) -> IngestReport:
     return report
 
 
+def _finish_batches(batches: CohortBatches, donors: pd.DataFrame,
+                    attrs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Add the ``batch`` code column to ``donors`` and the ``batch`` attribute to ``attrs``;
+    return the ``batch_mean`` and ``batch_std`` arrays."""
+    codes, labels, mean, std = batches.finish(donors)
+    donors["batch"] = codes
+    attrs["batch"] = {"key": batches.key, "labels": labels}
+    log.info("%d batches of %s; per-batch feature mean and std stored", len(labels),
+             "+".join(batches.key))
+    return {"batch_mean": mean, "batch_std": std}
+
+
 def _write_sorted(
     cohort: Cohort, features: Any, group: Any, staging: Path, spill_dir: Path,
-    config: IngestConfig,
+    config: IngestConfig, batches: CohortBatches | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """The two passes: spill source blocks into donor buckets, then write bucket by bucket.
 
-    Returns the donor pointers and the donor table of the donors that were written.
+    Parameters
+    ----------
+    batches
+        Per-batch feature moments, fed every row as it is written (None: no batches).
+
+    Returns
+    -------
+    donor_ptr, donors
+        The donor pointers and the donor table of the donors that were written.
     """
     n_cells_per_donor = cohort.donors["n_cells"].to_numpy()
     records = cohort.cells.dtype
@@ -169,10 +196,21 @@ def _write_sorted(
     bucket_of_donor = plan_buckets(n_cells_per_donor, bucket_cells)
     n_buckets = int(bucket_of_donor[-1]) + 1
     spill = _Spill(spill_dir, n_buckets, features.dim, records)
+    _spill_blocks(cohort, features, bucket_of_donor, spill, config.read_block)
+    writer = _BucketWriter(cohort, group, staging, config, batches)
+    for bucket in range(n_buckets):
+        writer.write(*spill.load(bucket))
+    writer.close()
+    return _written_donors(cohort, writer.written)
 
+
+def _spill_blocks(cohort: Cohort, features: Any, bucket_of_donor: np.ndarray, spill: _Spill,
+                  read_block: int) -> None:
+    """First pass: read the features block by block, drop non-finite rows (counted in
+    ``cohort.counts``) and append the rest to their donors' buckets."""
     non_finite, done = 0, 0
     t0, n = time.perf_counter(), cohort.cells.n_kept
-    for cells in cohort.cells.blocks(config.read_block):
+    for cells in cohort.cells.blocks(read_block):
         rows = features.read(cells["joinid"])
         finite = np.isfinite(rows).all(axis=1)
         non_finite += int((~finite).sum())
@@ -191,30 +229,56 @@ def _write_sorted(
     if non_finite:
         log.info("dropped %d cells with non-finite features", non_finite)
 
-    cell_writer = None
-    written = np.zeros(len(n_cells_per_donor), dtype=np.int64)
-    offset = 0
-    for bucket in range(n_buckets):
-        cells, rows = spill.load(bucket)
-        keep = np.bincount(cells["donor"], minlength=len(written))[cells["donor"]] \
-            >= config.min_cells
+
+class _BucketWriter:
+    """Second pass: writes the buckets' rows to the store in sequence.
+
+    Each bucket drops its donors below ``min_cells``, orders its rows by (donor, hash of
+    the source id) and is written after the previous one; ``written`` counts the rows of
+    each donor, and ``batches`` (when given) gets every row as stored.
+    """
+
+    def __init__(self, cohort: Cohort, group: Any, staging: Path, config: IngestConfig,
+                 batches: CohortBatches | None) -> None:
+        self._cohort = cohort
+        self._group = group
+        self._staging = staging
+        self._config = config
+        self._batches = batches
+        self._cell_writer: pq.ParquetWriter | None = None
+        self.offset = 0
+        self.written = np.zeros(len(cohort.donors), dtype=np.int64)
+
+    def write(self, cells: np.ndarray, rows: np.ndarray) -> None:
+        """Write one bucket's cell records and feature rows."""
+        config, donors = self._config, len(self.written)
+        keep = np.bincount(cells["donor"], minlength=donors)[cells["donor"]] >= config.min_cells
         cells, rows = cells[keep], rows[keep]
         order = np.lexsort((hash_order_keys(cells["joinid"], config.seed), cells["donor"]))
         cells, rows = cells[order], rows[order]
-        stop = offset + len(cells)
-        group["features"][offset:stop] = rows.astype(config.dtype, copy=False)
-        group["source_joinid"][offset:stop] = cells["joinid"]
-        written += np.bincount(cells["donor"], minlength=len(written))
-        if cohort.cells.columns:
-            table = pa.Table.from_pandas(cohort.cells.cell_table(cells["codes"]),
+        stop = self.offset + len(cells)
+        stored = rows.astype(config.dtype, copy=False)
+        self._group["features"][self.offset:stop] = stored
+        self._group["source_joinid"][self.offset:stop] = cells["joinid"]
+        self.written += np.bincount(cells["donor"], minlength=donors)
+        if self._batches is not None:
+            self._batches.add(stored, cells["donor"])
+        if self._cohort.cells.columns:
+            table = pa.Table.from_pandas(self._cohort.cells.cell_table(cells["codes"]),
                                          preserve_index=False)
-            if cell_writer is None:
-                cell_writer = pq.ParquetWriter(staging / CELLS_FILE, table.schema)
-            cell_writer.write_table(table)
-        offset = stop
-    if cell_writer is not None:
-        cell_writer.close()
+            if self._cell_writer is None:
+                self._cell_writer = pq.ParquetWriter(self._staging / CELLS_FILE, table.schema)
+            self._cell_writer.write_table(table)
+        self.offset = stop
 
+    def close(self) -> None:
+        """Close the cell table."""
+        if self._cell_writer is not None:
+            self._cell_writer.close()
+
+
+def _written_donors(cohort: Cohort, written: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
+    """Donor pointers and table of the donors with rows written (``written`` per donor)."""
     kept = written > 0
     lost = int((~kept).sum())
     cohort.counts["donors_below_min_cells_after_non_finite"] = lost

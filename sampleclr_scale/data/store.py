@@ -7,11 +7,15 @@ Layout (the contract in DESIGN.md)::
                                 random order inside each donor, chunked along rows
       donor_ptr                 int64 [n_donors + 1]; donor i owns rows ptr[i]:ptr[i+1]
       source_joinid             int64 [n_cells]; the row's id in the source
+      batch_mean, batch_std     float32 [n_batches, d]; per-batch feature mean and
+                                population std (with --batch-key only)
       donors.parquet            one row per donor: key, metadata, n_cells, split
+                                (and the int32 batch code with --batch-key)
       cells.parquet             cell-level columns, one row per store row (optional)
 
 Attributes: ``schema_version``, ``source``, ``features``, ``donor_key``, ``n_cells``,
-``n_donors``, ``dim`` and the ingest parameters and counts.
+``n_donors``, ``dim``, the ingest parameters and counts, and with ``--batch-key`` also
+``batch``: ``{"key": [columns], "labels": [one label per batch code]}``.
 
 Because the order inside a donor is random, any contiguous window of a donor's rows is a
 uniform random subset of its cells: one range read instead of hundreds of point reads.
@@ -27,6 +31,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from sampleclr_scale.data.batches import standardize
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.storage import Location
 
@@ -107,6 +112,59 @@ class BagStore:
                              "re-ingest with --cell-columns COL ...")
         return cells.read_parquet(columns).to_pandas()
 
+    @property
+    def batch_key(self) -> list[str]:
+        """The obs columns that name a donor's technical batch (empty: no batches)."""
+        return list((self.attrs.get("batch") or {}).get("key", []))
+
+    @property
+    def batch_labels(self) -> list[str]:
+        """Label of each batch code: the batch-key values joined by ``|``."""
+        return list((self.attrs.get("batch") or {}).get("labels", []))
+
+    @property
+    def donor_batch(self) -> np.ndarray | None:
+        """Int32 ``[n_donors]`` batch code of each donor (None without a batch key)."""
+        if not self.batch_key:
+            return None
+        return self.donors["batch"].to_numpy(np.int32)
+
+    @cached_property
+    def batch_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Float32 ``[n_batches, d]`` mean and population std of the features of each
+        batch (a constant feature has std 1.0); None without a batch key."""
+        if not self.batch_key:
+            return None
+        return (self._group["batch_mean"][:].astype(np.float32),
+                self._group["batch_std"][:].astype(np.float32))
+
+    def standardize(self, rows: np.ndarray, donor_batch: np.ndarray | int) -> np.ndarray:
+        """Feature rows standardised with their batch's statistics, in float32.
+
+        Parameters
+        ----------
+        rows
+            ``[..., d]`` feature rows (e.g. ``[m, d]`` of one donor, ``[B, m, d]`` bags).
+        donor_batch
+            Batch code(s) from :attr:`donor_batch`: an int, or an int array over the
+            leading axes of ``rows``, aligned to the first axes (``[B]`` for ``[B, m, d]``).
+
+        Returns
+        -------
+        np.ndarray
+            ``(rows - mean[b]) / std[b]``.
+
+        Raises
+        ------
+        InputError
+            If the store has no batch statistics, or for invalid codes.
+        """
+        stats = self.batch_stats
+        if stats is None:
+            raise InputError(f"bag store {self.location} has no per-batch statistics",
+                             "re-ingest with --batch-key COL ... (e.g. --batch-key dataset_id)")
+        return standardize(rows, *stats, donor_batch)
+
     def donor_rows(self, donor: int) -> np.ndarray:
         """All feature rows of one donor."""
         return self.features[int(self.donor_ptr[donor]) : int(self.donor_ptr[donor + 1])]
@@ -160,10 +218,25 @@ def create_arrays(
     return group
 
 
-def finish_arrays(group: zarr.Group, donor_ptr: np.ndarray, attrs: dict[str, Any]) -> None:
-    """Trim the arrays to the cells actually written and record pointers and attributes."""
+def finish_arrays(group: zarr.Group, donor_ptr: np.ndarray, attrs: dict[str, Any],
+                  arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Trim the arrays to the cells actually written and record pointers and attributes.
+
+    Parameters
+    ----------
+    group
+        The store group from :func:`create_arrays`.
+    donor_ptr
+        Int64 ``[n_donors + 1]`` donor pointers.
+    attrs
+        Store attributes (``schema_version`` is added).
+    arrays
+        Further small arrays to write whole, by name (e.g. ``batch_mean``).
+    """
     n_cells = int(donor_ptr[-1])
     group["features"].resize((n_cells, group["features"].shape[1]))
     group["source_joinid"].resize((n_cells,))
     group.create_array("donor_ptr", data=donor_ptr.astype(np.int64))
+    for name, data in (arrays or {}).items():
+        group.create_array(name, data=data)
     group.attrs.update({"schema_version": SCHEMA_VERSION, **attrs})
