@@ -36,7 +36,7 @@ def _load(cls, args: argparse.Namespace, names: Sequence[str], **fixed: Any):
 _INGEST_OPTIONS = (
     "features", "layer", "measurement", "organism", "donor_key", "obs_filter", "primary_only",
     "min_cells",
-    "meta", "cell_columns", "val_fraction", "stratify", "group_by", "seed", "dtype",
+    "meta", "cell_columns", "batch_key", "val_fraction", "stratify", "group_by", "seed", "dtype",
     "read_block", "overwrite",
 )
 
@@ -63,6 +63,9 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--meta", nargs="+", help="donor-level obs columns to keep")
     p.add_argument("--cell-columns", nargs="+", dest="cell_columns",
                    help="cell-level obs columns to keep (e.g. cell_type)")
+    p.add_argument("--batch-key", nargs="+", dest="batch_key",
+                   help="donor-level obs column(s) naming a technical batch (e.g. dataset_id "
+                   "assay): kept in the donor table, with per-batch feature mean and std")
     p.add_argument("--val-fraction", dest="val_fraction", type=float,
                    help="fraction of donors for validation (default 0.2)")
     p.add_argument("--stratify", help="donor column to stratify the split on")
@@ -298,6 +301,24 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     training.add_argument("--epochs", type=int, default=3)
     training.add_argument("--json", required=True, help="file to save the figures to")
     training.set_defaults(run=_run_bench("train"))
+    _add_bench_quality(kinds)
+
+
+def _add_bench_quality(kinds: argparse._SubParsersAction) -> None:
+    from sampleclr_scale.bench.quality import SCENARIOS, VARIANTS
+
+    quality = kinds.add_parser("quality", help="SPARE scores of SampleCLR variants over seeds "
+                               "on simulated scenarios, next to the baselines")
+    quality.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS),
+                         default=list(SCENARIOS))
+    quality.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    quality.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    quality.add_argument("--epochs", type=int, default=40, help="contrastive epochs per run")
+    quality.add_argument("--workers", type=int, default=2)
+    quality.add_argument("--workdir", default="bench_out/quality",
+                         help="scratch directory (a re-run resumes from it)")
+    quality.add_argument("--json", required=True, help="file to save the figures to")
+    quality.set_defaults(run=_run_bench("quality"))
 
 
 def _run_bench(kind: str) -> Callable[[argparse.Namespace], None]:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.losses.registry import default_loss_config, loss_config_type
 
 
 class StageConfig(BaseModel):
@@ -98,6 +99,12 @@ class IngestConfig(StageConfig):
     """Donor-level obs columns kept in the donor table (e.g. disease, sex, age)."""
     cell_columns: list[str] = Field(default_factory=list)
     """Cell-level obs columns kept in the cell table (e.g. cell_type)."""
+    batch_key: list[str] = Field(default_factory=list)
+    """Obs column(s) naming a donor's technical batch (e.g. ``dataset_id``, ``assay``, a
+    site or pool column); the batch is the combination of their values and must be the
+    same for all cells of a donor. The columns are kept in the donor table, each donor gets
+    a ``batch`` code, and the store gets per-batch feature means and standard deviations
+    (``batch_mean``, ``batch_std``) for standardisation on read. Empty: no batches."""
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     """Fraction of donors held out for validation."""
     stratify: str | None = None
@@ -192,25 +199,10 @@ class TaskConfig(StageConfig):
     """Weight of this task's loss in the supervised loss."""
 
 
-class LossConfig(StageConfig):
-    """The self-supervised objective."""
-
-    kind: Literal["xclr", "vicreg", "barlow"] = "xclr"
-    """X-CLR over the global batch (InfoNCE without a prior), or VICReg / Barlow Twins on
-    the two views, for comparison."""
-    tau: float = Field(default=0.1, gt=0)
-    """Temperature of the representation similarities."""
-    tau_graph: float = Field(default=0.1, gt=0)
-    """Temperature of the prior similarities (X-CLR with a prior)."""
-    prior: Literal["pseudobulk", "gloscope"] | None = None
-    """Donor similarity prior stored in the bag store (``sampleclr-scale prior``); None is
-    the identity prior."""
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        if self.prior is not None and self.kind != "xclr":
-            raise ValueError(f"a prior needs loss kind xclr, not {self.kind}")
-        return self
+LossConfig = loss_config_type()
+"""The self-supervised objective: one of the configs registered in
+:mod:`sampleclr_scale.losses.registry` (where the objectives and their settings are),
+chosen by ``kind``; a mapping without ``kind`` is X-CLR."""
 
 
 class OptimConfig(StageConfig):
@@ -240,8 +232,8 @@ class TrainConfig(StageConfig):
     """Supervised tasks for stage 2; none trains the contrastive stage only."""
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     """Bags per worker batch, cells per view, seed."""
-    loss: LossConfig = Field(default_factory=LossConfig)
-    """The self-supervised objective."""
+    loss: LossConfig = Field(default_factory=default_loss_config)
+    """The self-supervised objective and its settings, chosen by ``kind``."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimiser and schedule."""
     epochs: int = Field(default=30, ge=1)
@@ -252,6 +244,11 @@ class TrainConfig(StageConfig):
     """First epochs of stage 2 that train only the supervised heads."""
     patience: int | None = Field(default=10, ge=1)
     """Stop a stage after this many epochs without a better validation loss."""
+    standardize: Literal["auto", "batch", "none"] = "auto"
+    """Cell features as the model sees them: ``"batch"`` standardises each feature within
+    the donor's technical batch (the store's statistics from ``ingest --batch-key``),
+    ``"none"`` keeps the stored features, ``"auto"`` is ``"batch"`` when the store has
+    batch statistics. Embedding applies the same."""
     workers: int = Field(default=2, ge=1)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False

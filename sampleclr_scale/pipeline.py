@@ -106,7 +106,7 @@ class PipelineConfig(StageConfig):
                 if not valid_run_name(label):
                     raise ValueError(f"model name {model!r} cannot name embedding {label!r}")
                 self.embed_config(label, mode)
-            prior = self.train_config(model).loss.prior
+            prior = self.train_config(model).loss.store_prior
             if prior is not None and prior != self.prior:
                 raise ValueError(f"model {model!r} trains with the {prior} prior, but the "
                                  f"recipe builds {self.prior}: set prior: {prior}")
@@ -158,7 +158,8 @@ class Headers:
 
 def run_pipeline(config: PipelineConfig, out: Path, *, source: str | None = None,
                  workers: int | None = None, epochs: int | None = None,
-                 headers: Headers | None = None) -> dict[str, Any]:
+                 headers: Headers | None = None, in_process: bool = False
+                 ) -> dict[str, Any]:
     """Run a recipe into ``out``, skipping every stage whose output is complete.
 
     Parameters
@@ -176,6 +177,9 @@ def run_pipeline(config: PipelineConfig, out: Path, *, source: str | None = None
         tasks), instead of the recipe's; for quick runs.
     headers : Headers, optional
         Prints the stage headers; the caller's own stages may come first.
+    in_process : bool
+        Train each model in this process (one worker, no Ray Train), e.g. for many
+        small runs; embedding still uses Ray actors.
 
     Returns
     -------
@@ -224,10 +228,12 @@ def run_pipeline(config: PipelineConfig, out: Path, *, source: str | None = None
     for model, recipe in config.models.items():
         run_dir = out / RUNS_DIR / model
         train_config = _fit_batch(config, model, train_overrides, n_train)
-        header("train", f"train {model} with {train_config.workers} Ray Train workers "
-               f"-> {run_dir}")
+        where = ("in this process" if in_process
+                 else f"with {train_config.workers} Ray Train workers")
+        header("train", f"train {model} {where} -> {run_dir}")
         if not (run_dir / MODEL_FILE).exists():
-            train(str(store_path), str(run_dir), train_config, resume=True)
+            train(str(store_path), str(run_dir), train_config, resume=True,
+                  in_process=in_process)
         runs.append(str(run_dir))
         for label, mode in recipe.labels(model).items():
             emb_dir = out / EMBEDDINGS_DIR / label

@@ -24,6 +24,8 @@ from sampleclr_scale.model import (
 
 WEIGHTINGS = ["softmax", "sigmoid"]
 NORMS = ["layernorm", "batchnorm", "none"]
+POOLINGS = ["cells", "learned", "both"]
+PAPER = {"pooling": "cells", "center": False}  # the paper's aggregator
 TASKS = (
     TaskSpec(name="disease", kind="classification", n_classes=3),
     TaskSpec(name="severity", kind="ordinal", n_classes=5),
@@ -32,11 +34,12 @@ TASKS = (
 
 
 def _model(d=5, heads=2, weighting="softmax", norm="layernorm", dropout=0.0, tasks=(),
-           seed=0):
+           seed=0, pooling="learned", center=True):
     torch.manual_seed(seed)
     config = ModelConfig(input_dim=d, n_heads=heads, aggregator_hidden=8, encoder_hidden=8,
                          encoder_layers=3, output_dim=6, norm=norm, weighting=weighting,
-                         dropout=dropout, tasks=tasks)
+                         dropout=dropout, tasks=tasks, pooling=pooling, center=center,
+                         cell_dim=4, cell_hidden=8)
     return SampleCLR(config).double()
 
 
@@ -63,6 +66,8 @@ shapes = st.tuples(
     st.integers(1, 3),  # heads
     st.sampled_from(WEIGHTINGS),
     st.sampled_from(NORMS),
+    st.sampled_from(POOLINGS),
+    st.booleans(),  # center
     st.integers(0, 2**32 - 1),  # seed
 )
 
@@ -70,8 +75,8 @@ shapes = st.tuples(
 @settings(max_examples=40, deadline=None)
 @given(shapes)
 def test_permuting_cells_leaves_z_unchanged(shape):
-    b, m, d, heads, weighting, norm, seed = shape
-    model = _model(d, heads, weighting, norm, seed=seed % 1000)
+    b, m, d, heads, weighting, norm, pooling, center, seed = shape
+    model = _model(d, heads, weighting, norm, seed=seed % 1000, pooling=pooling, center=center)
     _fit_batchnorm_stats(model, d)
     rng = np.random.default_rng(seed)
     cells, mask = _bags(rng, b, m, d)
@@ -87,9 +92,10 @@ def test_permuting_cells_leaves_z_unchanged(shape):
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("fill", [0.0, 1e30, float("inf"), float("nan")])
-def test_padding_leaves_z_and_real_weights_unchanged(weighting, norm, fill):
+@pytest.mark.parametrize("aggregator", [PAPER, {"pooling": "both", "center": True}])
+def test_padding_leaves_z_and_real_weights_unchanged(weighting, norm, fill, aggregator):
     d, pad = 4, 5
-    model = _model(d, 3, weighting, norm, tasks=TASKS)
+    model = _model(d, 3, weighting, norm, tasks=TASKS, **aggregator)
     cells, mask = _bags(np.random.default_rng(1), 4, 6, d)
     padded_cells = torch.cat([cells, torch.full((4, pad, d), fill, dtype=cells.dtype)], dim=1)
     padded_mask = torch.cat([mask, torch.zeros(4, pad, dtype=torch.bool)], dim=1)
@@ -108,9 +114,11 @@ def test_padding_leaves_z_and_real_weights_unchanged(weighting, norm, fill):
         model.zero_grad()
 
 
-def _aggregator(weighting, d=4, heads=3):
+def _aggregator(weighting, d=4, heads=3, pooling="cells", center=False):
     torch.manual_seed(2)
-    return CellImportanceAggregator(d, heads, hidden=8, n_layers=2, weighting=weighting).double()
+    return CellImportanceAggregator(d, heads, hidden=8, n_layers=2, weighting=weighting,
+                                    pooling=pooling, cell_dim=3, cell_hidden=8,
+                                    center=center).double()
 
 
 def test_softmax_weights_sum_to_one_over_real_cells():
@@ -133,14 +141,73 @@ def test_sigmoid_weights_lie_in_zero_to_one_over_n_real():
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
-def test_duplicating_every_cell_leaves_aggregate_unchanged(weighting):
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("center", [False, True])
+def test_duplicating_every_cell_leaves_aggregate_unchanged(weighting, pooling, center):
     # Softmax: each copy gets half its weight. Sigmoid / n: n doubles, so the same. Both hold.
-    aggregator = _aggregator(weighting).eval()
+    aggregator = _aggregator(weighting, pooling=pooling, center=center).eval()
     cells, mask = _bags(np.random.default_rng(5), 5, 7, 4)
     aggregated, weights = aggregator(cells, mask)
     twice, twice_weights = aggregator(cells.repeat(1, 2, 1), mask.repeat(1, 2))
     torch.testing.assert_close(twice, aggregated, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(twice_weights[:, :7] * 2, weights, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("center", [False, True])
+def test_learned_pooling_matches_weighted_sums_of_phi(weighting, pooling, center):
+    b, m, d, heads = 4, 8, 5, 3
+    aggregator = _aggregator(weighting, d, heads, pooling=pooling, center=center)
+    cells, mask = _bags(np.random.default_rng(16), b, m, d)
+    cells[~mask] = 1e6  # padding content must not matter
+    aggregated, weights = aggregator(cells, mask)
+    w, real = weights.detach().numpy(), mask.numpy()
+    width = aggregator.pooled_dim
+    expected = np.zeros((b, heads * width))
+    for i in range(b):
+        x = cells[i][mask[i]]
+        if center:  # the bag's own mean, computed here in numpy
+            x = x - torch.from_numpy(x.numpy().mean(axis=0))
+        features = [x] if pooling != "learned" else []
+        if pooling != "cells":
+            features.append(aggregator.cell_encoder(x))
+        f = torch.cat(features, dim=1).detach().numpy()
+        for h in range(heads):
+            for row, j in enumerate(np.flatnonzero(real[i])):
+                expected[i, h * width:(h + 1) * width] += w[i, j, h] * f[row]
+    np.testing.assert_allclose(aggregated.detach().numpy(), expected, rtol=1e-10, atol=1e-10)
+    assert aggregator.output_dim == heads * width == aggregated.shape[1]
+    assert width == {"cells": d, "learned": 3, "both": d + 3}[pooling]
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_centering_makes_z_blind_to_a_shift_of_every_cell(pooling):
+    # A site's additive batch effect or a donor's own offset moves every cell of a bag.
+    cells, mask = _bags(np.random.default_rng(17), 5, 9, 4)
+    shift = torch.from_numpy(np.random.default_rng(18).normal(0, 3, (5, 1, 4)))
+    centred = _model(4, 2, pooling=pooling, center=True).eval()
+    torch.testing.assert_close(centred(cells + shift, mask).z, centred(cells, mask).z,
+                               rtol=1e-10, atol=1e-10)
+    plain = _model(4, 2, pooling=pooling, center=False).eval()
+    assert not torch.allclose(plain(cells + shift, mask).z, plain(cells, mask).z)
+
+
+def test_mean_preserving_split_reaches_learned_pooling_only():
+    # Two bags with the same cells' mean, one tight and one split along a direction:
+    # with uniform weights, weighted sums of raw cells cannot tell them apart.
+    rng = np.random.default_rng(19)
+    base = torch.from_numpy(rng.normal(0, 0.1, (1, 40, 3)))
+    split = base.clone()
+    split[0, :20, 0] += 2.0
+    split[0, 20:, 0] -= 2.0
+    cells, mask = torch.cat([base, split]), torch.ones(2, 40, dtype=torch.bool)
+    for pooling, differs in (("cells", False), ("learned", True)):
+        aggregator = _aggregator("softmax", 3, 1, pooling=pooling)
+        torch.nn.init.zeros_(aggregator.scorer.output.weight)  # uniform weights
+        aggregated, _ = aggregator(cells - cells.mean(dim=1, keepdim=True), mask)
+        gap = (aggregated[0] - aggregated[1]).abs().max().item()
+        assert (gap > 1e-3) == differs, (pooling, gap)
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
@@ -200,8 +267,9 @@ def test_encode_views_equals_forward_on_each_view():
         model.encode_views(cells[:, 0], mask[:, 0])
 
 
-def _count(name, d, tasks=()):
-    return SampleCLR(ModelConfig.preset(name, input_dim=d, tasks=tasks)).n_parameters()
+def _count(name, d, tasks=(), **overrides):
+    config = ModelConfig.preset(name, input_dim=d, tasks=tasks, **(PAPER | overrides))
+    return SampleCLR(config).n_parameters()
 
 
 def test_preset_parameter_counts_match_the_paper():
@@ -221,6 +289,8 @@ def test_preset_parameter_counts_match_the_paper():
         assert 300_000 <= counts["large", d, "backbone"] <= 400_000
         assert 340_000 <= counts["large", d, "regression"] <= 420_000
     assert abs(counts["large", 30, "regression"] - 370_000) < 5_000
+    # The default aggregator pools learned cell features: one per-cell MLP more.
+    assert _count("small", 30, pooling="learned") - counts["small", 30, "backbone"] < 10_000
 
 
 def test_recommended_preset_follows_the_200_donor_rule():

@@ -1,4 +1,5 @@
-"""Throughput benchmarks behind ``sampleclr-scale bench``: each prints and saves figures."""
+"""Benchmarks behind ``sampleclr-scale bench`` (throughput, memory, quality): each prints
+and saves its figures."""
 
 from __future__ import annotations
 
@@ -93,6 +94,12 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
         figures = bench_train(args.store, workers=[int(w) for w in args.workers.split(",")],
                               preset=args.preset, batch_size=args.batch_size,
                               cells_per_view=args.cells_per_view, epochs=args.epochs)
+    elif kind == "quality":
+        from sampleclr_scale.bench.quality import bench_quality
+
+        figures = bench_quality(scenarios=args.scenarios, variants=args.variants,
+                                seeds=args.seeds, epochs=args.epochs, workers=args.workers,
+                                workdir=Path(args.workdir))
     else:
         raise ValueError(f"unknown benchmark {kind!r}")
     save_figures(figures, args.json)

@@ -56,6 +56,9 @@ class DonorBatch:
     labels
         Per task column: int64 codes with -1 for missing (classification, ordinal) or
         float32 values with NaN for missing (regression), ``[B]`` each.
+    batch
+        Int64 ``[B]``: the donors' technical batch codes (stores ingested with
+        ``--batch-key``), or None.
     epoch, step
         Where in the schedule the batch belongs (step counts from 0 in each epoch).
     """
@@ -64,6 +67,7 @@ class DonorBatch:
     mask: torch.Tensor
     donor: torch.Tensor
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch: torch.Tensor | None = None
     epoch: int = 0
     step: int = 0
 
@@ -72,12 +76,13 @@ class DonorBatch:
         return DonorBatch(self.cells.to(device, non_blocking=True),
                           self.mask.to(device, non_blocking=True),
                           self.donor.to(device), {k: v.to(device) for k, v in self.labels.items()},
+                          None if self.batch is None else self.batch.to(device),
                           self.epoch, self.step)
 
     def pin_memory(self) -> DonorBatch:
         """The batch in page-locked memory (called by DataLoader(pin_memory=True))."""
         return DonorBatch(self.cells.pin_memory(), self.mask.pin_memory(), self.donor,
-                          self.labels, self.epoch, self.step)
+                          self.labels, self.batch, self.epoch, self.step)
 
 
 def read_rows(store: BagStore, rows: np.ndarray) -> np.ndarray:
@@ -112,6 +117,9 @@ class DonorBagDataset(IterableDataset):
         This process's place in data-parallel training; from the Ray Train context
         (``ray.train.get_context()``) or, when None, from the default torch process
         group (rank 0 of 1 without one).
+    standardize
+        Standardise each donor's cells with its technical batch's statistics
+        (:meth:`BagStore.standardize`; stores ingested with ``--batch-key``).
 
     Call :meth:`set_epoch` before each epoch; :meth:`set_start_step` to resume mid-epoch.
     The object holds no open files, so it pickles into spawned DataLoader workers.
@@ -126,11 +134,13 @@ class DonorBagDataset(IterableDataset):
         tasks: dict[str, str] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         self.store_path = str(store_path)
         self.config = config
         self.split = split
+        self.standardize = standardize
         self.tasks = dict(tasks or {})
         if (rank is None) != (world_size is None):
             raise InputError("pass both rank and world_size, or neither",
@@ -149,6 +159,10 @@ class DonorBagDataset(IterableDataset):
     def _check(self, store: BagStore) -> None:
         for column, kind in self.tasks.items():
             store.labels(column, kind)  # raises a clear error for a missing column
+        if self.standardize and store.batch_stats is None:
+            raise InputError(f"bag store {store.location} has no per-batch statistics to "
+                             "standardise with", "re-ingest with --batch-key COL ..., or "
+                             "train with standardize: none")
         steps_per_epoch(len(self._donors), self.config.batch_size, self.world_size,
                         self.config.drop_last)
         largest = int(store.cells_per_donor.max())
@@ -209,6 +223,7 @@ class DonorBagDataset(IterableDataset):
         m = self.config.view_range[1]
         cells = np.zeros((len(donors), 2, m, store.dim), dtype=np.float32)
         mask = np.zeros((len(donors), 2, m), dtype=bool)
+        batch = store.donor_batch
         views = []
         for donor in donors:
             first, n = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
@@ -217,6 +232,8 @@ class DonorBagDataset(IterableDataset):
             views.append((len(a), len(b), first + np.concatenate([a, b])))
         blocks = read(lambda rows: read_rows(store, rows), [v[2] for v in views])
         for i, ((n_a, n_b, _), rows) in enumerate(zip(views, blocks, strict=True)):
+            if self.standardize:
+                rows = store.standardize(rows, int(batch[donors[i]]))
             cells[i, 0, :n_a] = rows[:n_a]
             cells[i, 1, :n_b] = rows[n_a:]
             mask[i, 0, :n_a] = True
@@ -226,6 +243,7 @@ class DonorBagDataset(IterableDataset):
             mask=torch.from_numpy(mask),
             donor=torch.from_numpy(donors.astype(np.int64)),
             labels={c: torch.from_numpy(v[donors]) for c, v in labels.items()},
+            batch=None if batch is None else torch.from_numpy(batch[donors].astype(np.int64)),
             epoch=self.epoch,
             step=step,
         )

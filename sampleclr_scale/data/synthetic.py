@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import anndata
 import numpy as np
@@ -58,28 +58,51 @@ from sampleclr_scale.data._soma_writer import write_census_collection, write_exp
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.storage import Location, staged_output
 
-__all__ = ["CohortSpec", "simulate_cells", "simulate_donors", "write_h5ad", "write_soma"]
+__all__ = [
+    "CohortSpec",
+    "ground_truth",
+    "simulate_cells",
+    "simulate_donors",
+    "write_h5ad",
+    "write_soma",
+]
 
 
 class _CellType(NamedTuple):
     name: str
     proportion: float  # baseline share of a healthy donor's cells
     composition: float  # log-proportion change per severity level, times composition_effect
-    state: bool  # whether severity splits the type's cell states (mean preserving)
+    state: bool  # whether severity splits the type's cell states in the "mixed" scenario
+    shape: ShapeKind | None  # the type's severity-driven shape change in the "shape" scenario
 
+
+ShapeKind = Literal["split", "spread", "substate"]
+"""A mean-preserving change of one cell type's state distribution along its direction."""
+Scenario = Literal["mixed", "shape", "composition"]
+"""What severity changes: composition and within-type states, states only, composition only."""
 
 _CELL_TYPES: tuple[_CellType, ...] = (
-    _CellType("CD14 monocyte", 0.20, 1.0, True),
-    _CellType("CD4 T cell", 0.25, -0.6, True),
-    _CellType("CD8 T cell", 0.13, -0.6, True),
-    _CellType("NK cell", 0.10, -0.3, False),
-    _CellType("B cell", 0.10, 0.0, True),
-    _CellType("CD16 monocyte", 0.06, 0.5, False),
-    _CellType("platelet", 0.10, 0.3, False),
-    _CellType("conventional dendritic cell", 0.03, -0.3, False),
-    _CellType("plasmacytoid dendritic cell", 0.02, -0.8, False),
-    _CellType("plasmablast", 0.01, 1.5, False),
+    _CellType("CD14 monocyte", 0.20, 1.0, True, "split"),
+    _CellType("CD4 T cell", 0.25, -0.6, True, "spread"),
+    _CellType("CD8 T cell", 0.13, -0.6, True, None),
+    _CellType("NK cell", 0.10, -0.3, False, None),
+    _CellType("B cell", 0.10, 0.0, True, "substate"),
+    _CellType("CD16 monocyte", 0.06, 0.5, False, None),
+    _CellType("platelet", 0.10, 0.3, False, None),
+    _CellType("conventional dendritic cell", 0.03, -0.3, False, None),
+    _CellType("plasmacytoid dendritic cell", 0.02, -0.8, False, None),
+    _CellType("plasmablast", 0.01, 1.5, False, None),
 )
+# Each scenario's defaults: what changes with severity, and a strong site shift.
+_SCENARIOS: dict[str, dict[str, float]] = {
+    "mixed": {},
+    "shape": {"composition_effect": 0.0, "state_effect": 1.0, "site_effect": 1.0},
+    "composition": {"state_effect": 0.0, "site_effect": 1.0},
+}
+_SPREAD_GAIN = 0.5  # "spread": sd along v grows by this times severity * state_effect
+_SUBSTATE_SHARE = 0.1  # "substate": share of the type's cells per severity level
+_SUBSTATE_SHIFT = 3.0  # "substate": distance of the sub-state from the type's state
+_CELL_STATES = ("base", "split+", "split-", "spread", "substate")  # obs column cell_state
 _ASSAYS = ("10x 3' v3", "10x 5' v2")  # site i uses _ASSAYS[i % 2]
 _ASSAY_UMIS = (5000.0, 3000.0)  # mean library size per assay
 _DISEASES = ("normal", "COVID-19")
@@ -103,7 +126,7 @@ _SITE_LIBRARY_SD = 0.5  # sd of a site's log library factor, times site_effect
 _NB_SHAPE = 10.0  # gamma shape of the negative binomial (inverse dispersion)
 _AGE_RANGE = (20.0, 85.0)
 # independent random streams: cohort parameters, gene table, donor table, cells
-_COHORT_STREAM, _GENE_STREAM, _DONOR_STREAM, _CELL_STREAM, _SPECIAL_STREAM = range(5)
+_COHORT_STREAM, _GENE_STREAM, _DONOR_STREAM, _CELL_STREAM, _SPECIAL_STREAM, _SITE_STREAM = range(6)
 
 
 @dataclass(frozen=True)
@@ -127,9 +150,20 @@ class CohortSpec:
         Technical sites, written as ``dataset_id`` ``"site-0"``, ``"site-1"``, ...
     severity_levels
         Ordinal severity ``0 .. severity_levels - 1``; 0 is healthy (``"normal"``).
+    scenario
+        What severity changes. ``"mixed"``: composition and, in four types, a symmetric
+        split of cell states. ``"shape"``: only within-type state distributions, each a
+        mean-preserving change along the type's direction ``v_k``: a symmetric split in
+        CD14 monocytes, a wider spread in CD4 T cells, a sub-state appearing in B cells
+        (a share of the cells moves away, the rest compensates); composition varies per
+        donor independently of severity. ``"composition"``: only composition. Use
+        :meth:`for_scenario` for each scenario's defaults (a strong site shift).
     composition_effect, state_effect, site_effect
         Strengths of the severity -> composition shift, the severity -> within-type state
-        split, and the per-site technical shift of the embedding.
+        change, and the per-site technical shift of the embedding.
+    site_composition
+        Sd of a per-site technical change of the log-proportions of every cell type
+        (e.g. a dissociation protocol that loses some types); 0 disables it.
     duplicate_fraction
         Extra copies, as a fraction of a donor's cells, with ``is_primary_data == False``.
     special_donor_cells
@@ -147,9 +181,11 @@ class CohortSpec:
     embedding_name: str = "scvi"
     n_sites: int = 4
     severity_levels: int = 4
+    scenario: Scenario = "mixed"
     composition_effect: float = 0.3
     state_effect: float = 1.5
     site_effect: float = 0.5
+    site_composition: float = 0.0
     duplicate_fraction: float = 0.0
     special_donor_cells: int = 0
     seed: int = 0
@@ -179,9 +215,11 @@ class CohortSpec:
             ),
             ("n_sites", _is_int(self.n_sites, 1), "an integer >= 1"),
             ("severity_levels", _is_int(self.severity_levels, 2), "an integer >= 2"),
+            ("scenario", self.scenario in _SCENARIOS, f"one of {sorted(_SCENARIOS)}"),
             ("composition_effect", _is_real(self.composition_effect), "a finite number >= 0"),
             ("state_effect", _is_real(self.state_effect), "a finite number >= 0"),
             ("site_effect", _is_real(self.site_effect), "a finite number >= 0"),
+            ("site_composition", _is_real(self.site_composition), "a finite number >= 0"),
             (
                 "duplicate_fraction",
                 _is_real(self.duplicate_fraction) and self.duplicate_fraction <= 1,
@@ -196,6 +234,64 @@ class CohortSpec:
                     f"CohortSpec.{name} = {getattr(self, name)!r} is invalid",
                     f"make {name} {rule}",
                 )
+
+    @classmethod
+    def for_scenario(cls, scenario: Scenario, **overrides: Any) -> CohortSpec:
+        """A cohort of ``scenario`` with that scenario's default effect strengths.
+
+        Parameters
+        ----------
+        scenario
+            ``"mixed"`` (the defaults of this class), ``"shape"`` or ``"composition"``.
+        **overrides
+            Any other field.
+
+        Returns
+        -------
+        CohortSpec
+            The validated parameters.
+        """
+        if scenario not in _SCENARIOS:
+            raise InputError(f"unknown scenario {scenario!r}",
+                             f"use one of {', '.join(sorted(_SCENARIOS))}")
+        return cls(**{**_SCENARIOS[scenario], "scenario": scenario, **overrides})
+
+
+def ground_truth(spec: CohortSpec) -> dict[str, Any]:
+    """What severity and the sites do in a cohort, per cell type (JSON-ready).
+
+    Parameters
+    ----------
+    spec
+        The cohort parameters.
+
+    Returns
+    -------
+    dict
+        ``scenario``, the effect strengths, and per cell type its baseline proportion,
+        its log-proportion change per severity level (``composition``, already times
+        ``composition_effect``) and its within-type ``shape`` change (``"split"``,
+        ``"spread"``, ``"substate"`` or None). Each cell's own state is the obs column
+        ``cell_state``.
+    """
+    effects = ("composition_effect", "state_effect", "site_effect", "site_composition")
+    return {
+        "scenario": spec.scenario,
+        **{name: float(getattr(spec, name)) for name in effects},
+        "cell_types": {
+            t.name: {"proportion": t.proportion,
+                     "composition": t.composition * spec.composition_effect,
+                     "shape": _shape_of(spec, t) if spec.state_effect > 0 else None}
+            for t in _CELL_TYPES[: spec.n_cell_types]
+        },
+    }
+
+
+def _shape_of(spec: CohortSpec, cell_type: _CellType) -> ShapeKind | None:
+    """The within-type change of ``cell_type`` in the cohort's scenario."""
+    if spec.scenario == "mixed":
+        return "split" if cell_type.state else None
+    return cell_type.shape if spec.scenario == "shape" else None
 
 
 def simulate_donors(spec: CohortSpec) -> pd.DataFrame:
@@ -378,12 +474,13 @@ class _Model:
     state_dirs: np.ndarray  # [K, L] unit rows
     log_proportions: np.ndarray  # [K] baseline
     composition: np.ndarray  # [K]
-    has_state: np.ndarray  # [K] bool
+    shapes: tuple[ShapeKind | None, ...]  # [K] within-type change with severity
     age_dir: np.ndarray  # [L]
     sex_dir: np.ndarray  # [L]
     embed_map: np.ndarray  # [L, D], orthonormal rows or columns
     site_shifts: np.ndarray  # [S, D]
     site_library: np.ndarray  # [S] multiplicative library factor
+    site_log_proportions: np.ndarray  # [S, K] technical change of the composition
     gene_base: np.ndarray  # [G] baseline log abundance
     gene_loadings: np.ndarray  # [L, G]
 
@@ -397,7 +494,7 @@ class _Model:
             state_dirs=_unit_rows(rng.normal(size=(len(types), dim))),
             log_proportions=np.log([t.proportion for t in types]),
             composition=np.array([t.composition for t in types]),
-            has_state=np.array([t.state for t in types]),
+            shapes=tuple(_shape_of(spec, t) for t in types),
             age_dir=_unit_rows(rng.normal(size=(1, dim)))[0],
             sex_dir=_unit_rows(rng.normal(size=(1, dim)))[0],
             embed_map=_orthonormal(dim, spec.embedding_dim, rng),
@@ -407,6 +504,8 @@ class _Model:
             ),
             gene_base=rng.normal(0.0, 1.0, spec.n_genes),
             gene_loadings=rng.normal(0.0, _GENE_LOADING, (dim, spec.n_genes)),
+            site_log_proportions=spec.site_composition * np.random.default_rng(
+                [spec.seed, _SITE_STREAM]).normal(size=(spec.n_sites, len(types))),
         )
 
 
@@ -426,6 +525,7 @@ class _Block(NamedTuple):
 
     unit: _Unit
     cell_types: np.ndarray  # [n] codes
+    cell_states: np.ndarray  # [n] codes into _CELL_STATES
     is_primary: np.ndarray  # [n] bool
     X: sparse.csr_matrix
     embedding: np.ndarray  # [n, D] float32
@@ -439,8 +539,10 @@ def _simulate_block(spec: CohortSpec, model: _Model, unit: _Unit) -> _Block:
     """Simulate one donor's primary cells, then append its duplicates."""
     rng = np.random.default_rng(unit.key)
     n, severity = unit.n_cells, max(unit.severity, 0)
+    site = unit.codes["dataset_id"]
     logits = model.log_proportions + severity * spec.composition_effect * model.composition
     logits = logits + rng.normal(0.0, _PROPORTION_NOISE, len(logits))
+    logits = logits + model.site_log_proportions[site]
     types = rng.choice(len(logits), size=n, p=_softmax(logits))
 
     age_z = 0.0 if math.isnan(unit.age) else (unit.age - np.mean(_AGE_RANGE)) / np.ptp(_AGE_RANGE)
@@ -451,12 +553,17 @@ def _simulate_block(spec: CohortSpec, model: _Model, unit: _Unit) -> _Block:
         + _SEX_EFFECT * sex_sign * model.sex_dir
     )
     latent = model.type_means[types] + donor_shift + rng.normal(0.0, _CELL_NOISE, (n, _LATENT_DIM))
-    for k in np.flatnonzero(model.has_state):
-        members = np.flatnonzero(types == k)
-        signs = np.where(rng.permutation(len(members)) % 2 == 0, 1.0, -1.0)
-        latent[members] += np.outer(signs * severity * spec.state_effect, model.state_dirs[k])
+    states = np.zeros(n, dtype=np.int8)
+    strength = severity * spec.state_effect
+    for k, shape in enumerate(model.shapes):
+        if shape is not None:
+            members = np.flatnonzero(types == k)
+            offsets, codes = _SHAPE_CHANGES[shape](latent[members] - model.type_means[k]
+                                                   - donor_shift, strength, model.state_dirs[k],
+                                                   rng)
+            latent[members] += offsets
+            states[members] = codes if strength > 0 else 0
 
-    site = unit.codes["dataset_id"]
     embedding = latent @ model.embed_map + model.site_shifts[site]
     embedding += rng.normal(0.0, _EMBED_NOISE, embedding.shape)
     expression = _softmax(model.gene_base + latent @ model.gene_loadings)
@@ -470,10 +577,41 @@ def _simulate_block(spec: CohortSpec, model: _Model, unit: _Unit) -> _Block:
     return _Block(
         unit=unit,
         cell_types=types[rows],
+        cell_states=states[rows],
         is_primary=np.arange(len(rows)) < n,
         X=sparse.csr_matrix(counts[rows]),
         embedding=embedding[rows].astype(np.float32),
     )
+
+
+def _split(deviation: np.ndarray, strength: float, direction: np.ndarray,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Half the cells move by ``+strength`` along ``direction``, half by ``-strength``."""
+    signs = np.where(rng.permutation(len(deviation)) % 2 == 0, 1.0, -1.0)
+    codes = np.where(signs > 0, _CELL_STATES.index("split+"), _CELL_STATES.index("split-"))
+    return np.outer(signs * strength, direction), codes
+
+
+def _spread(deviation: np.ndarray, strength: float, direction: np.ndarray,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The spread along ``direction`` grows by ``1 + _SPREAD_GAIN * strength`` (same mean)."""
+    along = deviation @ direction
+    codes = np.full(len(deviation), _CELL_STATES.index("spread"))
+    return np.outer(_SPREAD_GAIN * strength * along, direction), codes
+
+
+def _substate(deviation: np.ndarray, strength: float, direction: np.ndarray,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A share of the cells moves away along ``direction``; the rest keeps the mean."""
+    n = len(deviation)
+    moved = rng.permutation(n) < round(min(_SUBSTATE_SHARE * strength, 0.5) * n)
+    share = moved.mean() if n else 0.0
+    shift = _SUBSTATE_SHIFT * np.where(moved, 1.0 - share, -share) * (strength > 0)
+    codes = np.where(moved, _CELL_STATES.index("substate"), 0)
+    return np.outer(shift, direction), codes
+
+
+_SHAPE_CHANGES = {"split": _split, "spread": _spread, "substate": _substate}
 
 
 # ---------------------------------------------------------------------------- tables
@@ -490,6 +628,7 @@ def _obs_categories(spec: CohortSpec, donors: pd.DataFrame) -> dict[str, list[st
         "dataset_id": [_site_name(s) for s in range(spec.n_sites)],
         "donor_id": donor_ids + specials,
         "cell_type": [t.name for t in _CELL_TYPES[: spec.n_cell_types]],
+        "cell_state": list(_CELL_STATES),
         "disease": list(_DISEASES),
         "tissue": ["blood"],
         "tissue_general": ["blood"],
@@ -546,10 +685,11 @@ def _assemble(
 ) -> anndata.AnnData:
     """Join simulated blocks into one AnnData chunk."""
     sizes = [b.n for b in blocks]
+    per_cell = {"cell_type": [b.cell_types for b in blocks],
+                "cell_state": [b.cell_states for b in blocks]}
     obs = {
         column: pd.Categorical.from_codes(
-            np.concatenate([b.cell_types for b in blocks])
-            if column == "cell_type"
+            np.concatenate(per_cell[column]) if column in per_cell
             else np.repeat([b.unit.codes[column] for b in blocks], sizes),
             categories=cats,
         )

@@ -113,7 +113,7 @@ class EmbedResult:
 
 
 def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: EmbedConfig,
-                 device: str = "cpu") -> EmbeddedBatch:
+                 device: str = "cpu", standardize: bool = False) -> EmbeddedBatch:
     """Select cells and embed a run of donors (the body of one task).
 
     Parameters
@@ -129,6 +129,9 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         Selection settings (``cells``, ``mode``, ``k``, ``graph_cells``, ``seed``).
     device
         Torch device of the model.
+    standardize
+        Standardise each donor's cells with its batch's statistics, as the model was
+        trained (the artifact's ``standardize``).
 
     Returns
     -------
@@ -143,6 +146,8 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         if config.mode == "centrality" and config.graph_cells is not None:
             stop = min(stop, start + config.graph_cells)
         x = np.asarray(store.features[start:stop], dtype=np.float32)
+        if standardize:
+            x = store.standardize(x, int(store.donor_batch[donor]))
         chosen = select_cells(x, config.cells, config.mode, config.k, config.seed, donor)
         bags.append(x[chosen])
         rows.append(start + chosen)
@@ -202,8 +207,9 @@ class EmbedWorker:
         if not self.config.use_gpu:
             torch.set_num_threads(1)
         self.store = BagStore(store_path)
-        model, _ = load_model(run_dir)
+        model, artifact = load_model(run_dir)
         self.model = model.to(self.device)
+        self.standardize = bool(artifact.get("standardize", False))
 
     def ready(self) -> bool:
         """True once constructed (the driver waits on it before starting the clock)."""
@@ -211,7 +217,8 @@ class EmbedWorker:
 
     def embed(self, donors: list[int]) -> EmbeddedBatch:
         """Embed a run of donors (see :func:`embed_donors`)."""
-        return embed_donors(self.store, self.model, donors, self.config, self.device)
+        return embed_donors(self.store, self.model, donors, self.config, self.device,
+                            self.standardize)
 
 
 def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: EmbedConfig,
@@ -269,6 +276,11 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
             f"store {store.location} has {store.dim}",
             "embed with a model trained on this store's features",
         )
+    if artifact.get("standardize") and store.batch_stats is None:
+        raise InputError(
+            f"the model in {run_dir} was trained on features standardised per technical "
+            f"batch; the store {store.location} has no batch statistics",
+            "ingest the store with --batch-key (the batch columns of the training store)")
     tasks = [list(range(a, min(a + config.batch_donors, store.n_donors)))
              for a in range(0, store.n_donors, config.batch_donors)]
     begin = time.perf_counter()

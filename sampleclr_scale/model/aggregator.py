@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model.blocks import ResidualMLP, _check_positive
-from sampleclr_scale.model.config import NormKind, WeightingKind
+from sampleclr_scale.model.config import NormKind, PoolingKind, WeightingKind
 
 _WEIGHTINGS = get_args(WeightingKind)
+_POOLINGS = get_args(PoolingKind)
 
 
 class CellImportanceAggregator(nn.Module):
@@ -23,6 +24,21 @@ class CellImportanceAggregator(nn.Module):
     weighted sum, and the ``H`` sums are concatenated (``a_i``, Algorithm 1). A
     multi-head form of attention-based multiple-instance pooling (Ilse et al.,
     "Attention-based deep multiple instance learning", ICML 2018).
+
+    What is pooled (``pooling``): the raw cell features (``"cells"``, the paper's
+    module), learned per-cell features ``phi(x)`` of a per-cell residual MLP
+    (``"learned"``: DeepSets pooling, Zaheer et al., "Deep Sets", NeurIPS 2017, with
+    attention weights), or both, concatenated (``"both"``). A weighted mean of raw
+    features changes with a mean-preserving change of a cell type's state distribution
+    (a split, a wider spread) only through asymmetric weights; the mean of a non-linear
+    ``phi`` sees such changes directly. The per-cell weights stay, for interpretability.
+
+    With ``center``, each bag's mean cell is subtracted from its cells first, so the
+    representation does not change when every cell of a donor moves by the same vector:
+    an additive technical shift of a site, or a donor's own offset. Those identify a donor
+    more easily than the shape of its cell-state distribution and, left in, crowd it out
+    of a contrastive representation (benchmarks/README.md, "Quality"). Differences
+    between cell types, and so composition, stay visible.
 
     Weights are a deterministic function of the cells: no Gumbel or other sampling noise
     (the reference code's Gumbel-softmax at inference made embeddings random). Padded cells
@@ -46,7 +62,14 @@ class CellImportanceAggregator(nn.Module):
         ``[0, 1/n_real]``; the sum, the mean importance, keeps the abundance of important
         cells). Both are invariant to duplicating every cell of a bag.
     dropout : float
-        Dropout in the scoring MLP.
+        Dropout in the scoring MLP and the cell-feature MLP.
+    pooling : {"cells", "learned", "both"}
+        What each head's weights sum: raw cell features, learned cell features, or both.
+    cell_dim, cell_hidden, cell_layers : int
+        Output width, hidden width and hidden-width layers of the cell-feature MLP
+        ``phi`` (used by ``"learned"`` and ``"both"``).
+    center : bool
+        Subtract each bag's mean cell (over its real cells) before scoring and pooling.
     """
 
     def __init__(
@@ -58,21 +81,34 @@ class CellImportanceAggregator(nn.Module):
         norm: NormKind = "layernorm",
         weighting: WeightingKind = "softmax",
         dropout: float = 0.0,
+        pooling: PoolingKind = "cells",
+        cell_dim: int = 32,
+        cell_hidden: int = 64,
+        cell_layers: int = 2,
+        center: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive("CellImportanceAggregator", input_dim=input_dim, n_heads=n_heads)
-        if weighting not in _WEIGHTINGS:
-            raise InputError(f"unknown weighting {weighting!r}",
-                             f"use one of {', '.join(_WEIGHTINGS)}")
+        _check_positive("CellImportanceAggregator", input_dim=input_dim, n_heads=n_heads,
+                        cell_dim=cell_dim)
+        for name, value, allowed in (("weighting", weighting, _WEIGHTINGS),
+                                     ("pooling", pooling, _POOLINGS)):
+            if value not in allowed:
+                raise InputError(f"unknown {name} {value!r}", f"use one of {', '.join(allowed)}")
         self.input_dim = input_dim
         self.n_heads = n_heads
         self.weighting = weighting
+        self.pooling = pooling
+        self.center = center
         self.scorer = ResidualMLP(input_dim, hidden, n_heads, n_layers, norm, dropout)
+        self.cell_encoder = None if pooling == "cells" else ResidualMLP(
+            input_dim, cell_hidden, cell_dim, cell_layers, norm, dropout)
+        self.pooled_dim = (input_dim if pooling != "learned" else 0) + (
+            cell_dim if pooling != "cells" else 0)
 
     @property
     def output_dim(self) -> int:
-        """Size ``H * d`` of the aggregated vector."""
-        return self.n_heads * self.input_dim
+        """Size ``H * p`` of the aggregated vector (``p`` pooled features per head)."""
+        return self.n_heads * self.pooled_dim
 
     def forward(self, cells: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Aggregate each bag.
@@ -87,12 +123,15 @@ class CellImportanceAggregator(nn.Module):
         Returns
         -------
         tuple[Tensor, Tensor]
-            ``aggregated`` ``[B, H * d]``, head ``h`` in columns ``h*d:(h+1)*d``
-            (``sum_i weights[b, i, h] * cells[b, i]``), and ``weights`` ``[B, m, H]``,
-            zero at padded cells.
+            ``aggregated`` ``[B, H * p]``, head ``h`` in columns ``h*p:(h+1)*p``
+            (``sum_i weights[b, i, h] * f(cells[b, i])``, ``f`` the identity, ``phi`` or
+            both concatenated), and ``weights`` ``[B, m, H]``, zero at padded cells.
         """
         _check_bags(cells, mask, self.input_dim)
-        scores = self.scorer(cells[mask])
+        if self.center:
+            cells = cells - _bag_means(cells, mask).unsqueeze(1)
+        real = cells[mask]
+        scores = self.scorer(real)
         logits = scores.new_full((*mask.shape, self.n_heads), float("-inf"))
         logits[mask] = scores
         if self.weighting == "softmax":
@@ -100,12 +139,23 @@ class CellImportanceAggregator(nn.Module):
         else:
             n_real = mask.sum(dim=1).to(scores.dtype)
             weights = torch.sigmoid(logits) / n_real[:, None, None]
-        real_cells = cells.masked_fill(~mask.unsqueeze(-1), 0.0)
-        aggregated = torch.einsum("bmh,bmd->bhd", weights, real_cells).flatten(1)
+        parts = [] if self.pooling == "learned" else [real]
+        if self.cell_encoder is not None:
+            parts.append(self.cell_encoder(real))
+        pooled = scores.new_zeros((*mask.shape, self.pooled_dim))
+        pooled[mask] = torch.cat(parts, dim=-1)  # padding stays exactly zero
+        aggregated = torch.einsum("bmh,bmp->bhp", weights, pooled).flatten(1)
         return aggregated, weights
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, n_heads={self.n_heads}, weighting={self.weighting!r}"
+        return (f"input_dim={self.input_dim}, n_heads={self.n_heads}, "
+                f"weighting={self.weighting!r}, pooling={self.pooling!r}, center={self.center}")
+
+
+def _bag_means(cells: Tensor, mask: Tensor) -> Tensor:
+    """``[B, d]`` mean of each bag's real cells (padding, even non-finite, ignored)."""
+    real_cells = cells.masked_fill(~mask.unsqueeze(-1), 0.0)
+    return real_cells.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(cells.dtype)
 
 
 def _check_bags(cells: Tensor, mask: Tensor, input_dim: int) -> None:

@@ -19,6 +19,8 @@ NormKind = Literal["layernorm", "batchnorm", "none"]
 """Normalisation after each hidden Linear layer."""
 WeightingKind = Literal["softmax", "sigmoid"]
 """How cell-importance logits become weights."""
+PoolingKind = Literal["cells", "learned", "both"]
+"""What the cell-importance weights sum: raw cell features, learned ones, or both."""
 TaskKind = Literal["classification", "ordinal", "regression"]
 """Kind of a supervised task."""
 
@@ -132,6 +134,21 @@ class ModelConfig(BaseModel):
     """``"softmax"``: weights normalised over the bag's real cells, summing to 1 per head;
     ``"sigmoid"``: sigmoid weights divided by the number of real cells, whose sum keeps
     how many important cells (e.g. of a cell type) the bag has."""
+    pooling: PoolingKind = "learned"
+    """What each importance head's weights sum over the bag: ``"cells"`` (the raw cell
+    features, as in the paper), ``"learned"`` (per-cell features of a residual MLP, as in
+    DeepSets; the default) or ``"both"`` (concatenated)."""
+    cell_dim: int = Field(default=32, ge=1)
+    """Width of the learned per-cell features (``pooling`` ``"learned"`` or ``"both"``)."""
+    cell_hidden: int = Field(default=64, ge=1)
+    """Hidden width of the per-cell feature MLP."""
+    cell_layers: int = Field(default=2, ge=1)
+    """Hidden-width Linear layers of the per-cell feature MLP."""
+    center: bool = True
+    """Subtract each bag's mean cell before scoring and pooling: the representation then
+    ignores a shift shared by all of a donor's cells (a site's additive batch effect, a
+    donor's own offset) and keeps what differs between its cells (states, types). False
+    is the paper's model."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Dropout after each hidden layer (aggregator, encoder, heads); 0 disables it."""
     tasks: tuple[TaskSpec, ...] = ()

@@ -57,6 +57,8 @@ class SampleCLR(nn.Module):
         self.aggregator = CellImportanceAggregator(
             config.input_dim, config.n_heads, config.aggregator_hidden,
             config.aggregator_layers, config.norm, config.weighting, config.dropout,
+            config.pooling, config.cell_dim, config.cell_hidden, config.cell_layers,
+            config.center,
         )
         self.encoder = ResidualMLP(
             self.aggregator.output_dim, config.encoder_hidden, config.output_dim,

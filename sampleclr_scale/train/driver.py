@@ -4,7 +4,9 @@ Validates the run against its store, starts a ``TorchTrainer`` with one worker p
 process (gloo on CPUs, NCCL on GPUs), restarts failed workers from the latest checkpoint
 (``FailureConfig``), and exports the best weights as ``RUN/model.pt`` with the metrics of
 every epoch (``RUN/metrics.jsonl``). Running the same command with ``--resume`` continues
-an interrupted run from its latest checkpoint.
+an interrupted run from its latest checkpoint. ``in_process`` runs the same training loop
+in the calling process instead (one worker, no Ray, no checkpoints on storage): for many
+small runs, such as the quality benchmark's.
 
 The store and the run directory may be local paths or URIs (``s3://``, ``gs://`` ...):
 on a multi-node cluster both live on storage every node reaches, and Ray Train writes
@@ -13,10 +15,13 @@ its checkpoints under ``RUN/ray`` through the same URI unless ``storage_path`` i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import ValidationError
 
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.data.store import BagStore
@@ -26,7 +31,8 @@ from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
 from sampleclr_scale.train.cluster import ensure_ray
-from sampleclr_scale.train.worker import train_worker
+from sampleclr_scale.train.session import LocalSession
+from sampleclr_scale.train.worker import Worker, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,12 @@ def _check_run_dir(run: Location, config: TrainConfig, resume: bool) -> None:
     if not resume:
         raise InputError(f"run {run} already exists",
                          "pass --resume to continue it, or choose another --out")
-    before = {k: v for k, v in json.loads(saved.read_text()).items() if k not in _RESUMABLE}
+    written = json.loads(saved.read_text())
+    # settings added since the run started compare with their defaults; what no longer
+    # validates is compared as written (and shows up as changed)
+    with contextlib.suppress(ValidationError):
+        written = TrainConfig.model_validate(written).model_dump(mode="json")
+    before = {k: v for k, v in written.items() if k not in _RESUMABLE}
     now = {k: v for k, v in config.model_dump(mode="json").items() if k not in _RESUMABLE}
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
@@ -65,17 +76,43 @@ def _check_run_dir(run: Location, config: TrainConfig, resume: bool) -> None:
                          "resume with the original config, or train into a new --out")
 
 
-def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = False
-          ) -> TrainResult:
+def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = False,
+          in_process: bool = False) -> TrainResult:
     """Train SampleCLR on a bag store with Ray Train; see the module docstring."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     store = BagStore(store_path)
     tasks = setup.check_run(store, config)
+    if in_process and config.workers != 1:
+        raise InputError(f"an in-process run has one worker, the config asks for "
+                         f"{config.workers}", "set workers: 1 (and the batch size of the "
+                         "global batch you want), or train with Ray")
     run = Location(run_dir)
     _check_run_dir(run, config, resume)
     (run / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+    state = _fit_in_process(store, run, config) if in_process else _fit_ray(store, run, config)
+    weights = state.best_model if state.best_model is not None else state.model
+    model_path = save_model(run, model_config=setup.model_config(store, config, tasks),
+                            state_dict=weights, tasks=tasks,
+                            train_config=config.model_dump(mode="json"),
+                            store=store.location.uri, history=state.history,
+                            standardize=setup.standardizes(store, config))
+    (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
+    log.info("model written to %s", model_path)
+    return TrainResult(run, model_path, state.history)
+
+
+def _fit_in_process(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
+    """The training loop in this process; the finished run's state."""
+    session = LocalSession()
+    log.info("training on %s in this process (batch %d donors, lr %.2e)", store.location,
+             config.global_batch, config.learning_rate)
+    Worker(config, store.location.uri, run, session).fit()
+    return session.latest
+
+
+def _fit_ray(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
+    """The training loop on Ray Train workers; the latest checkpoint's state."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray()
     trainer = TorchTrainer(
@@ -95,12 +132,4 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
              store.location, config.workers, config.global_batch, config.learning_rate)
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:
-        state = TrainState.load(directory)
-    weights = state.best_model if state.best_model is not None else state.model
-    model_path = save_model(run, model_config=setup.model_config(store, config, tasks),
-                            state_dict=weights, tasks=tasks,
-                            train_config=config.model_dump(mode="json"),
-                            store=store.location.uri, history=state.history)
-    (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
-    log.info("model written to %s", model_path)
-    return TrainResult(run, model_path, state.history)
+        return TrainState.load(directory)

@@ -15,7 +15,7 @@ from torch import nn
 from sampleclr_scale.config import LoaderConfig, TrainConfig
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses import BarlowTwinsLoss, TaskLoss, VICRegLoss, XCLRLoss
+from sampleclr_scale.losses import TaskLoss, build_objective
 from sampleclr_scale.model import ModelConfig, TaskSpec, recommended_preset
 
 
@@ -78,21 +78,32 @@ def task_loss(tasks: list[TaskInfo]) -> TaskLoss | None:
 
 
 def contrastive_loss(config: TrainConfig, prior: torch.Tensor | None) -> nn.Module:
-    """The self-supervised objective of the run."""
-    if config.loss.kind == "vicreg":
-        return VICRegLoss()
-    if config.loss.kind == "barlow":
-        return BarlowTwinsLoss()
-    return XCLRLoss(tau=config.loss.tau, tau_graph=config.loss.tau_graph, prior=prior)
+    """The self-supervised objective of the run, from the objectives' registry.
+
+    Called as ``loss(z_a, z_b, donor_index, batch_index)`` whatever its kind.
+    """
+    return build_objective(config.loss, prior)
 
 
 def load_prior_tensor(store: BagStore, config: TrainConfig) -> torch.Tensor | None:
-    """The dense donor-similarity prior the loss asks for, or None."""
-    if config.loss.prior is None:
+    """The dense donor-similarity prior the loss asks for, or None.
+
+    :func:`~sampleclr_scale.train.prior.load_prior` checks that the prior has the store's
+    donors, so the store's donor ids index it: the loss does not check them every step.
+    """
+    if config.loss.store_prior is None:
         return None
     from sampleclr_scale.train.prior import load_prior
 
-    return load_prior(store.location.uri, config.loss.prior).to_torch_dense()
+    return load_prior(store.location.uri, config.loss.store_prior).to_torch_dense()
+
+
+def standardizes(store: BagStore, config: TrainConfig) -> bool:
+    """Whether the run standardises cell features per technical batch (see
+    ``TrainConfig.standardize``)."""
+    if config.standardize == "auto":
+        return store.batch_stats is not None
+    return config.standardize == "batch"
 
 
 def validation_loader_config(store: BagStore, config: TrainConfig) -> LoaderConfig | None:
@@ -120,6 +131,19 @@ def check_run(store: BagStore, config: TrainConfig) -> list[TaskInfo]:
         raise InputError(
             f"views of {config.loader.view_range[0]} cells are larger than any donor "
             f"(largest has {largest} cells)", f"set loader.cells_per_view to at most {largest}")
+    _check_batches(store, config)
     load_prior_tensor(store, config)  # a missing prior fails here, not in every worker
     model_config(store, config, tasks)
     return tasks
+
+
+def _check_batches(store: BagStore, config: TrainConfig) -> None:
+    """Batch-aware settings need a store ingested with ``--batch-key``."""
+    wanted = [name for name, on in (
+        ("standardize: batch", config.standardize == "batch"),
+        ("loss.negatives: same_batch", config.loss.needs_batches),
+    ) if on]
+    if wanted and store.donor_batch is None:
+        raise InputError(f"{' and '.join(wanted)} need the donors' technical batches; the "
+                         f"store {store.location} has none",
+                         "re-ingest with --batch-key COL ... (e.g. --batch-key dataset_id)")

@@ -1,4 +1,4 @@
-"""The per-worker training loop that Ray Train runs on every worker.
+"""The per-worker training loop that Ray Train runs on every worker (or one process runs).
 
 Each worker streams its own shard of two-view donor bags from the bag store, encodes
 them with its DDP replica of SampleCLR and computes the contrastive loss of its rows
@@ -7,13 +7,14 @@ the gradients). Stage 1 trains the aggregator and encoder on the contrastive los
 2 adds the supervised heads, training only them for the first ``freeze_epochs``. Every
 epoch ends with a validation pass on held-out donors, early-stopping bookkeeping and a
 checkpoint; a restarted worker continues from the latest checkpoint at the exact step.
+Where the loop runs (rank, device, checkpoints) comes from a
+:class:`~sampleclr_scale.train.session.Session`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from sampleclr_scale.storage import Location
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.checkpoint import Position, TrainState, cpu_copy
 from sampleclr_scale.train.schedule import warmup_cosine
+from sampleclr_scale.train.session import RaySession, Session
 
 log = logging.getLogger(__name__)
 
@@ -38,27 +40,20 @@ DONE_STAGE = 3
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of a Ray Train worker: ``{"config", "store", "run_dir"}``."""
-    import ray.train
-
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report chatter
     log.setLevel(logging.INFO)
-    context = ray.train.get_context()
-    _Worker(TrainConfig.model_validate(loop_config["config"]), loop_config["store"],
-            Location(loop_config["run_dir"]), context.get_world_rank(),
-            context.get_world_size()).fit()
+    Worker(TrainConfig.model_validate(loop_config["config"]), loop_config["store"],
+           Location(loop_config["run_dir"]), RaySession()).fit()
 
 
-class _Worker:
-    """One worker's model, data, optimiser and position."""
+class Worker:
+    """One worker's model, data, optimiser and position, in a session."""
 
-    def __init__(self, config: TrainConfig, store_path: str, run_dir: Location, rank: int,
-                 world_size: int) -> None:
-        import ray.train
-        import ray.train.torch
-
-        self.config, self.run_dir = config, run_dir
-        self.rank, self.world_size = rank, world_size
-        self.device = ray.train.torch.get_device()
+    def __init__(self, config: TrainConfig, store_path: str, run_dir: Location,
+                 session: Session) -> None:
+        self.config, self.run_dir, self.session = config, run_dir, session
+        self.rank, self.world_size = session.rank, session.world_size
+        self.device = session.device
         store = BagStore(store_path)
         self.tasks = setup.task_infos(store, config)
         torch.manual_seed(config.seed)
@@ -66,24 +61,22 @@ class _Worker:
         prior = setup.load_prior_tensor(store, config)
         self.contrastive = setup.contrastive_loss(config, prior).to(self.device)
         self.task_loss = setup.task_loss(self.tasks)
-        labels = {t.column: t.kind for t in self.tasks}
-        self.train_data = DonorBagDataset(store_path, config.loader, split="train",
-                                          tasks=labels, rank=rank, world_size=world_size)
+        data = {"tasks": {t.column: t.kind for t in self.tasks}, "rank": self.rank,
+                "world_size": self.world_size, "standardize": setup.standardizes(store, config)}
+        self.train_data = DonorBagDataset(store_path, config.loader, split="train", **data)
         val_config = setup.validation_loader_config(store, config)
         self.val_data = None if val_config is None else DonorBagDataset(
-            store_path, val_config, split="validation", tasks=labels, rank=rank,
-            world_size=world_size)
+            store_path, val_config, split="validation", **data)
         self.stages = [(1, config.epochs)]
         if self.tasks and config.supervised_epochs:
             self.stages.append((2, config.supervised_epochs))
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        restored = session.restore()
+        if restored is None:
             self.state = TrainState(model={}, optimizer={}, scheduler={}, position=Position())
             self._start_stage()
         else:
-            with checkpoint.as_directory() as directory:
-                self.state = TrainState.load(directory)
+            self.state = restored
             self.model.load_state_dict(self.state.model)
             self._start_stage(restore=True)
 
@@ -149,9 +142,9 @@ class _Worker:
         """Total loss, contrastive loss and the first view's task outputs of a batch."""
         cells, mask = flatten_views(batch.cells, batch.mask)
         out_a, out_b = split_views(self.net(cells, mask, with_heads=with_heads))
-        contrastive = (self.contrastive(out_a.z, out_b.z, batch.donor)
-                       if self.config.loss.kind == "xclr"
-                       else self.contrastive(out_a.z, out_b.z))
+        # the donors' technical batch codes, where the loader provides them
+        batch_index = batch.batch
+        contrastive = self.contrastive(out_a.z, out_b.z, batch.donor, batch_index)
         if not with_heads:
             return contrastive, contrastive, {}
         supervised = 0.5 * (self.task_loss(out_a.task_outputs, batch.labels)[0]
@@ -194,7 +187,7 @@ class _Worker:
                 self._progress(sums, tick - start, steps)
             if (self.config.checkpoint_every and position.step < steps
                     and position.global_step % self.config.checkpoint_every == 0):
-                self._report({"global_step": position.global_step}, checkpoint=True)
+                self._report({"global_step": position.global_step})
         seconds = time.perf_counter() - start
         sums[0] = loss_sum.item()
         totals = self._all_reduce(torch.cat([sums, torch.tensor([seconds], dtype=torch.float64)]))
@@ -273,7 +266,7 @@ class _Worker:
             self._next_stage()
         elif position.stage == 2 and position.stage_epoch == self.config.freeze_epochs:
             self._set_trainable()  # unfreeze the backbone
-        self._report(metrics, checkpoint=True)
+        self._report(metrics)
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -300,22 +293,12 @@ class _Worker:
              f"{cells * self.world_size / seconds:,.0f} cells/s "
              f"waiting {100 * wait / seconds:.0f}%")
 
-    def _report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
-        """Report to Ray Train (a barrier); rank 0 attaches the training state."""
-        import ray.train
-
-        if not checkpoint:
-            ray.train.report(metrics)
-            return
+    def _report(self, metrics: dict[str, Any]) -> None:
+        """Report the metrics and the training state to the session (a checkpoint)."""
         self.state.model = self.model.state_dict()
         self.state.optimizer = self.optimizer.state_dict()
         self.state.scheduler = self.scheduler.state_dict()
-        with tempfile.TemporaryDirectory() as directory:
-            attached = None
-            if self.rank == 0:
-                self.state.save(directory)
-                attached = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=attached)
+        self.session.report(metrics, self.state)
 
 
 def _say(line: str) -> None:

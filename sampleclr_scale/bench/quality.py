@@ -1,0 +1,112 @@
+"""Quality benchmark: which SampleCLR settings retain what pseudobulk cannot see.
+
+For each simulated scenario (:mod:`sampleclr_scale.data.synthetic`: ``shape``, where
+severity changes only the shape of within-type cell-state distributions, and ``mixed``,
+the demo's cohort) a cohort is written as a SOMA experiment and run through the real
+pipeline (:func:`~sampleclr_scale.pipeline.run_pipeline`): ingest with the site as
+technical batch (``--batch-key dataset_id``), the GloScope prior, one Ray Train run per
+variant and seed, embedding of every donor, and the SPARE evaluation next to
+pseudobulk, cell-type composition, GloScope and random vectors, on all donors and on the
+held-out validation donors. Runs named ``VARIANT_seedN`` are averaged by the evaluation
+(mean +- std over seeds). Each run trains in the benchmark's process (the workers' loop
+without Ray Train, 32 donors per step as in the paper): a 2-worker run computes the same
+loss and gradients (``tests/test_distributed_loss.py``), and the many small runs would
+otherwise spend most of their time starting workers and checkpointing each epoch.
+
+The variants (:data:`VARIANTS`) isolate one change each against the paper's model:
+what is pooled (raw cells or learned cell features), bag centering, per-batch
+standardisation, same-batch negatives, the GloScope prior, and the supervised ordinal
+head on severity.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sampleclr_scale.data import synthetic
+from sampleclr_scale.pipeline import ModelRecipe, PipelineConfig, run_pipeline
+
+PAPER = {"model": {"pooling": "cells", "center": False}, "standardize": "none"}
+"""The published model: weighted sums of raw cell features, no batch handling."""
+VARIANTS: dict[str, dict[str, Any]] = {
+    "paper": PAPER,
+    "paper_batchnorm": {**PAPER, "model": {**PAPER["model"], "norm": "batchnorm"}},
+    "learned": {"model": {"center": False}, "standardize": "none"},
+    "centred": {"model": {"pooling": "cells"}, "standardize": "none"},
+    "learned_centred": {"standardize": "none"},
+    "default": {},
+    "same_batch": {"loss": {"negatives": "same_batch"}},
+    "prior": {"loss": {"prior": "gloscope"}},
+    "supervised": {"tasks": [{"column": "severity", "kind": "ordinal"}]},
+}
+"""TrainConfig overrides of each variant; ``default`` is TrainConfig's defaults (on a
+store with batch statistics: per-batch standardisation)."""
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "shape": {"n_donors": 160},
+    "mixed": {"n_donors": 200},
+}
+"""The cohorts: CohortSpec.for_scenario overrides (the demo's cohort is ``mixed``)."""
+_META = ["disease", "severity", "age", "sex", "assay"]
+
+
+def quality_recipe(soma: Path, variants: dict[str, dict[str, Any]], seeds: list[int],
+                   epochs: int, workers: int) -> PipelineConfig:
+    """The pipeline of one scenario: every variant trained once per seed (``workers``
+    embedding actors)."""
+    models = {f"{name}_seed{seed}": ModelRecipe(train={
+        **overrides, "seed": seed, "loader": {"seed": seed},
+        "supervised_epochs": max(1, epochs // 2) if "tasks" in overrides else 0})
+        for name, overrides in variants.items() for seed in seeds}
+    return PipelineConfig(
+        name=f"quality {soma.parent.name}",
+        source=str(soma),
+        ingest={"features": "obsm:scvi", "donor_key": ["dataset_id", "donor_id"],
+                "batch_key": ["dataset_id"], "meta": _META, "cell_columns": ["cell_type"],
+                "min_cells": 100, "stratify": "severity", "seed": 0},
+        prior="gloscope",
+        train={"workers": 1, "epochs": epochs, "patience": None, "freeze_epochs": 2,
+               "loader": {"batch_size": 32, "cells_per_view": 1000}, "log_every": 10_000},
+        models=models,
+        embed={"workers": workers, "seed": 0},
+    )
+
+
+def bench_quality(*, scenarios: list[str], variants: list[str], seeds: list[int],
+                  epochs: int, workers: int, workdir: Path) -> dict[str, Any]:
+    """Figures for ``sampleclr-scale bench quality``: SPARE scores per scenario and method.
+
+    Stages whose output exists in ``workdir`` are kept (as in a pipeline re-run), so an
+    interrupted benchmark resumes.
+    """
+    figures: dict[str, Any] = {"epochs": epochs, "workers": workers, "seeds": seeds,
+                               "variants": {v: VARIANTS[v] for v in variants},
+                               "scenarios": {}}
+    for scenario in scenarios:
+        begin = time.perf_counter()
+        spec = synthetic.CohortSpec.for_scenario(scenario, n_genes=50,
+                                                 **SCENARIOS[scenario])
+        out = workdir / scenario
+        soma = out / "cohort.soma"
+        if not soma.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            synthetic.write_soma(spec, soma)
+        recipe = quality_recipe(soma, {v: VARIANTS[v] for v in variants}, seeds, epochs,
+                                workers)
+        metrics = run_pipeline(recipe, out, in_process=True)
+        figures["scenarios"][scenario] = {
+            "cohort": synthetic.ground_truth(spec) | {"n_donors": spec.n_donors},
+            "n_held_out": metrics.get("n_held_out"),
+            "seconds": round(time.perf_counter() - begin),
+            "methods": {name: _scores(method) for name, method in metrics["methods"].items()},
+        }
+    return figures
+
+
+def _scores(method: dict[str, Any]) -> dict[str, Any]:
+    """Mean and std of every flat score, on all donors and on the held-out donors."""
+    held_out = method.get("held_out") or {}
+    return {"kind": method.get("kind"), "n_runs": method.get("n_runs"),
+            "all": {"mean": method["mean"], "std": method.get("std")},
+            "held_out": {"mean": held_out.get("mean"), "std": held_out.get("std")}}
