@@ -170,6 +170,13 @@ class LoaderConfig(StageConfig):
     """Batches read ahead by the background thread."""
     num_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes (spawned); 0 reads in a thread of the main process."""
+    balance: str | None = "auto"
+    """Cell-level column (a ``--cell-columns`` column, e.g. ``cell_type``) whose
+    categories every view holds in the cohort's overall proportions: each view draws
+    its share of each category from a window of the donor's cells (with replacement for
+    a category the window has too few of), so composition no longer tells donors apart
+    and the model learns what differs within cell types. ``"auto"``: ``cell_type`` when
+    the store has it, else uniform views; None: uniform views (the paper's)."""
     read_threads: int | None = Field(default=None, ge=1)
     """Donors of a batch read at once by each reading process. On object storage every
     read waits for a network round trip, so many reads in flight hide the latency; a

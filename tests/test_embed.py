@@ -337,3 +337,48 @@ def test_census_results_go_to_a_new_local_experiment(embedded, tmp_path):
     donors, weights = writeback.read_back(target, RUN)
     n_obs = int(_cells(embedded)["source_joinid"].max()) + 1
     _assert_round_trip(donors, weights, embedded, n_obs)
+
+
+def test_embedding_draws_and_standardises_cells_as_the_model_trained(soma_uri, tmp_path):
+    # A model trained on per-batch standardised features and views balanced over cell
+    # types embeds each donor from cells in the cohort's cell-type proportions,
+    # standardised with the donor's batch statistics.
+    from sampleclr_scale.data.sampler import balanced_quotas
+    from sampleclr_scale.embed.selection import select_balanced
+
+    store_dir = tmp_path / "bags.zarr"
+    ingest(ingest_config(soma_uri, store_dir, batch_key=["dataset_id"]))
+    store = BagStore(store_dir)
+    torch.manual_seed(1)
+    model = SampleCLR(ModelConfig.preset("small", input_dim=store.dim)).eval()
+    config = EmbedConfig(cells=60, mode="random", batch_donors=5)
+    batch = embed_donors(store, model, list(range(6)), config, standardize=True,
+                         balance="cell_type")
+    counts = store.category_counts("cell_type")
+    target = counts / counts.sum()
+    codes = store.codes("cell_type")[:]
+    mean, std = store.batch_stats
+    starts = np.cumsum([0, *batch.counts[:-1]])
+    for donor, start in zip(batch.donors.tolist(), starts, strict=True):
+        first, stop = int(store.donor_ptr[donor]), int(store.donor_ptr[donor + 1])
+        rows = batch.store_rows[start:start + config.cells]
+        expected = first + select_balanced(codes[first:stop], config.cells, target, 0, donor)
+        assert np.array_equal(rows, expected)
+        present = np.bincount(codes[first:stop], minlength=len(target)) > 0
+        assert np.array_equal(np.bincount(codes[rows], minlength=len(target)),
+                              balanced_quotas(present, target, config.cells))
+        b = store.donor_batch[donor]
+        x = torch.from_numpy((store.features[:][rows] - mean[b]) / std[b])[None]
+        with torch.no_grad():
+            z = model(x, torch.ones(x.shape[:2], dtype=torch.bool)).z[0].numpy()
+        np.testing.assert_allclose(batch.z[donor], z, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_trained_standardised_needs_batch_statistics(setup, tmp_path):
+    config = ModelConfig.preset("small", input_dim=BagStore(setup["store"]).dim)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model(run, model_config=config, state_dict=SampleCLR(config).state_dict(), tasks=[],
+               train_config={}, store=str(setup["store"]), history=[], standardize=True)
+    with pytest.raises(InputError, match="standardised per technical batch"):
+        run_embedding(setup["store"], run, tmp_path / "emb", CONFIG)

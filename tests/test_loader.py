@@ -9,6 +9,7 @@ import torch
 from sampleclr_scale.config import LoaderConfig
 from sampleclr_scale.data.loader import DonorBagDataset, make_loader
 from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.errors import InputError
 
 
 def _row_ids(store: BagStore, donor: int) -> dict[bytes, int]:
@@ -25,7 +26,9 @@ def _epoch(dataset: DonorBagDataset, epoch: int = 0):
 def test_batches_hold_two_views_of_the_right_donor(store_path):
     store = BagStore(store_path)
     m = 50
-    dataset = DonorBagDataset(store_path, LoaderConfig(batch_size=4, cells_per_view=m),
+    # uniform views (balanced views have their own test)
+    config = LoaderConfig(batch_size=4, cells_per_view=m, balance=None)
+    dataset = DonorBagDataset(store_path, config,
                               tasks={"severity": "ordinal", "age": "regression"})
     batches = _epoch(dataset)
     assert len(batches) == len(dataset) == -(-len(store.split_donors("train")) // 4)
@@ -132,3 +135,75 @@ def test_small_donors_get_views_with_replacement(store_path):
     ids = _row_ids(store, smallest)
     for v in (0, 1):
         assert all(r.numpy().tobytes() in ids for r in batch.cells[i, v])
+
+
+def test_balanced_views_hold_the_cohorts_composition(store_path):
+    # Views balanced over cell_type: rows of the right donor, each view's cell types in
+    # the quotas of the store's overall composition over the types the donor's pool has.
+    from sampleclr_scale.data.sampler import balanced_quotas, donor_rng, view_pools, view_sizes
+
+    store = BagStore(store_path)
+    m = 40
+    config = LoaderConfig(batch_size=4, cells_per_view=m, balance="cell_type")
+    codes = store.codes("cell_type")[:]
+    counts = store.category_counts("cell_type")
+    target = counts / counts.sum()
+    for batch in _epoch(DonorBagDataset(store_path, config)):
+        for i, donor in enumerate(batch.donor.tolist()):
+            ids = _row_ids(store, donor)
+            first, n = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
+            rng = donor_rng(config.seed, 0, donor)  # the sampler's own draws, replayed
+            pools = view_pools(n, max(view_sizes(rng, config.view_range)), rng)
+            for view, pool in enumerate(pools):
+                rows = np.array([ids[r.numpy().tobytes()] for r in batch.cells[i, view]])
+                assert set(rows - first) <= set(pool)  # drawn from this view's pool
+                present = np.bincount(codes[first + pool], minlength=len(target)) > 0
+                got = np.bincount(codes[rows], minlength=len(target))
+                assert np.array_equal(got, balanced_quotas(present, target, m))
+            if n >= 2 * m:
+                assert not set(pools[0]) & set(pools[1])
+    again = _epoch(DonorBagDataset(store_path, config))
+    assert all(torch.equal(a.cells, b.cells) for a, b in zip(
+        _epoch(DonorBagDataset(store_path, config)), again, strict=True))
+
+
+def test_balance_needs_the_columns_codes(store_path):
+    with pytest.raises(InputError, match="no per-cell codes"):
+        DonorBagDataset(store_path, LoaderConfig(batch_size=4, cells_per_view=20,
+                                                 balance="disease"))
+
+
+@pytest.fixture(scope="module")
+def batch_store(soma_uri, tmp_path_factory) -> str:
+    """The test cohort ingested with the site as technical batch."""
+    from sampleclr_scale.data.ingest import ingest
+    from tests.conftest import ingest_config
+
+    out = tmp_path_factory.mktemp("batch-store") / "bags.zarr"
+    ingest(ingest_config(soma_uri, out, batch_key=["dataset_id"]))
+    return str(out)
+
+
+def test_standardized_views_use_each_donors_batch_statistics(batch_store):
+    store = BagStore(batch_store)
+    mean, std = store.batch_stats
+    config = LoaderConfig(batch_size=4, cells_per_view=30, seed=2)
+    raw = _epoch(DonorBagDataset(batch_store, config))
+    standardized = _epoch(DonorBagDataset(batch_store, config, standardize=True))
+    for plain, batch in zip(raw, standardized, strict=True):
+        codes = store.donor_batch[batch.donor.numpy()]
+        assert torch.equal(batch.batch, torch.from_numpy(codes.astype(np.int64)))
+        expected = (plain.cells.numpy() - mean[codes][:, None, None]) / std[codes][:, None, None]
+        np.testing.assert_allclose(batch.cells.numpy()[batch.mask.numpy()],
+                                   expected[batch.mask.numpy()], rtol=1e-5, atol=1e-5)
+    assert raw[0].batch is not None
+
+
+def test_standardize_needs_batch_statistics(store_path):
+    assert BagStore(store_path).donor_batch is None
+    with pytest.raises(InputError, match="no per-batch statistics"):
+        DonorBagDataset(store_path, LoaderConfig(batch_size=4, cells_per_view=20),
+                        standardize=True)
+    batch = next(iter(make_loader(DonorBagDataset(
+        store_path, LoaderConfig(batch_size=4, cells_per_view=20)))))
+    assert batch.batch is None

@@ -7,11 +7,14 @@ from hypothesis import strategies as st
 
 from sampleclr_scale.data.sampler import (
     Shard,
+    balanced_pick,
+    balanced_quotas,
     donor_rng,
     draw_views,
     epoch_permutation,
     rank_batches,
     steps_per_epoch,
+    view_pools,
     view_sizes,
     worker_steps,
 )
@@ -150,3 +153,70 @@ def test_bad_shards_are_refused():
         Shard(2, 2)
     with pytest.raises(InputError, match="worker 1 is outside 1 workers"):
         Shard(0, 1, 1, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 600), st.integers(0, 2**31))
+def test_view_pools_disjoint_halves_of_one_window_or_the_whole_donor(n, m, seed):
+    pool_a, pool_b = view_pools(n, m, np.random.default_rng(seed))
+    if n < 2 * m:
+        assert np.array_equal(pool_a, np.arange(n)) and pool_b is pool_a
+        return
+    width = min(n, 4 * m)
+    assert len(pool_a) + len(pool_b) == width and min(len(pool_a), len(pool_b)) >= m
+    window = np.concatenate([pool_a, pool_b])
+    assert len(np.unique(window)) == width  # disjoint, no row twice
+    assert set(np.diff(window) % n) == ({1} if width > 1 else set())  # one circular run
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=12), st.integers(1, 2000),
+       st.integers(0, 2**31))
+def test_quotas_sum_to_m_follow_the_target_and_skip_absent_categories(present, m, seed):
+    present = np.array(present)
+    target = np.random.default_rng(seed).dirichlet(np.ones(len(present)))
+    quotas = balanced_quotas(present, target, m)
+    if not present.any():
+        assert (quotas == 0).all()
+        return
+    assert quotas.sum() == m and (quotas[~present] == 0).all()
+    expected = m * np.where(present, target, 0) / target[present].sum()
+    assert np.abs(quotas - expected).max() < 1  # largest-remainder rounding
+
+
+def _loop_pick_counts(codes, m, target):
+    """Independent reference: cells per category by repeated largest remainder."""
+    present = [k for k in range(len(target)) if (codes == k).any() and target[k] > 0]
+    total = sum(target[k] for k in present)
+    exact = {k: m * target[k] / total for k in present}
+    counts = {k: int(exact[k]) for k in present}
+    for k in sorted(present, key=lambda k: -(exact[k] - int(exact[k])))[: m - sum(counts.values())]:
+        counts[k] += 1
+    return {k: c for k, c in counts.items() if c}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 300), st.integers(2, 6), st.integers(0, 2**31))
+def test_balanced_pick_matches_the_quotas_within_the_pool(n, m, k, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-1, k, size=n)
+    target = rng.dirichlet(np.ones(k))
+    picked = balanced_pick(codes, m, target, np.random.default_rng(seed + 1))
+    assert len(picked) == m and ((picked >= 0) & (picked < n)).all()
+    if not (codes >= 0).any():
+        return  # no category: uniform cells
+    counts = dict(zip(*np.unique(codes[picked], return_counts=True), strict=True))
+    assert counts == _loop_pick_counts(codes, m, target)
+    for category, count in counts.items():  # without replacement while cells last
+        members = picked[codes[picked] == category]
+        assert len(np.unique(members)) == min(count, int((codes == category).sum()))
+
+
+def test_balanced_views_hide_composition():
+    # Two donors with opposite compositions give views of the same composition.
+    rng = np.random.default_rng(3)
+    target = np.array([0.5, 0.5])
+    for share in (0.1, 0.9):
+        codes = (rng.random(4000) < share).astype(np.int64)
+        picked = balanced_pick(codes, 1000, target, rng)
+        assert np.bincount(codes[picked], minlength=2).tolist() == [500, 500]

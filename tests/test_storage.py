@@ -161,6 +161,7 @@ def test_a_store_on_s3_reads_like_the_local_one(store_path, bucket) -> None:
     np.testing.assert_array_equal(remote.source_joinid(5, 50), local.source_joinid(5, 50))
     pd.testing.assert_frame_equal(remote.donors, local.donors)
     pd.testing.assert_frame_equal(remote.cell_table(), local.cell_table())
+    np.testing.assert_array_equal(remote.codes("cell_type")[5:50], local.codes("cell_type")[5:50])
 
     # the S3 store is read by a spawned DataLoader worker: it opens the store itself
     config = LoaderConfig(batch_size=4, cells_per_view=32, seed=5)

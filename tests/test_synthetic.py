@@ -15,6 +15,7 @@ from scipy import sparse, stats
 
 from sampleclr_scale.data.synthetic import (
     CohortSpec,
+    ground_truth,
     simulate_cells,
     simulate_donors,
     write_h5ad,
@@ -302,3 +303,89 @@ def test_existing_output_is_refused(tmp_path: Path) -> None:
             write(TINY, target)
         assert str(target) in str(caught.value) and "delete it" in str(caught.value)
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+_SHAPE_TYPES = {"CD14 monocyte": "split", "CD4 T cell": "spread", "B cell": "substate"}
+
+
+def _shape_cells(**overrides):
+    spec = CohortSpec.for_scenario("shape", n_donors=24, min_cells=400, max_cells=400,
+                                   n_genes=2, embedding_dim=16, site_effect=0.0, seed=5,
+                                   **overrides)
+    return spec, _concat(_cells(spec))
+
+
+def test_shape_scenario_changes_within_type_shapes_only() -> None:
+    # Each shape type's state moves along one direction with severity without moving
+    # the type's mean; composition does not follow severity.
+    spec, cells = _shape_cells()
+    obs, z = cells.obs, cells.obsm["scvi"].astype(np.float64)
+    donor = np.asarray(_donor_key(obs))
+    top = spec.severity_levels - 1
+    for cell_type, shape in _SHAPE_TYPES.items():
+        of_type = (obs["cell_type"] == cell_type).to_numpy()
+        severe = of_type & (obs["severity"] == top).to_numpy()
+        centred = z[severe] - pd.DataFrame(z[severe]).groupby(donor[severe]).transform("mean")
+        direction = np.linalg.eigh(centred.T.to_numpy() @ centred.to_numpy())[1][:, -1]
+        table = pd.DataFrame({"donor": donor[of_type], "x": z[of_type] @ direction,
+                              "severity": obs["severity"].to_numpy()[of_type]})
+        per_donor = table.groupby("donor").agg(mean=("x", "mean"), var=("x", "var"),
+                                               severity=("severity", "first"))
+        healthy, sick = (per_donor[per_donor["severity"] == s] for s in (0, top))
+        noise = np.sqrt(sick["mean"].var() / len(sick) + healthy["mean"].var() / len(healthy))
+        assert abs(sick["mean"].mean() - healthy["mean"].mean()) < 4 * noise, cell_type
+        assert sick["var"].mean() > 1.5 * healthy["var"].mean(), cell_type
+        states = set(obs["cell_state"][of_type & (obs["severity"] == top).to_numpy()])
+        assert states >= {"split": {"split+", "split-"}, "spread": {"spread"},
+                          "substate": {"substate"}}[shape]
+    unchanged = ~obs["cell_type"].isin(list(_SHAPE_TYPES)).to_numpy()
+    assert set(obs["cell_state"][unchanged]) == {"base"}
+    assert set(obs["cell_state"][(obs["severity"] == 0).to_numpy()]) == {"base"}
+    share = obs.groupby(donor)["cell_type"].apply(lambda t: (t == "CD14 monocyte").mean())
+    severity = obs.groupby(donor)["severity"].first()
+    assert abs(stats.spearmanr(share, severity[share.index])[0]) < 0.5
+
+
+def test_substate_share_grows_with_severity() -> None:
+    spec, cells = _shape_cells()
+    obs = cells.obs[cells.obs["cell_type"] == "B cell"]
+    share = (obs["cell_state"] == "substate").groupby(obs["severity"]).mean()
+    expected = [min(0.1 * s * spec.state_effect, 0.5) for s in share.index]
+    np.testing.assert_allclose(share.to_numpy(), expected, atol=0.03)
+
+
+def test_composition_scenario_has_no_state_change_and_mixed_is_the_default() -> None:
+    spec = dataclasses.replace(TINY, scenario="composition", state_effect=0.0)
+    obs = _concat(_cells(spec)).obs
+    assert set(obs["cell_state"]) == {"base"}
+    assert CohortSpec.for_scenario("mixed") == CohortSpec()
+    truth = ground_truth(CohortSpec.for_scenario("shape"))
+    assert {t: v["shape"] for t, v in truth["cell_types"].items() if v["shape"]} == _SHAPE_TYPES
+    assert all(v["composition"] == 0 for v in truth["cell_types"].values())
+    assert truth["site_effect"] == 1.0 and truth["scenario"] == "shape"
+    with pytest.raises(InputError, match="scenario"):
+        CohortSpec.for_scenario("bimodal")
+
+
+def test_site_composition_shifts_proportions_per_site() -> None:
+    spec = dataclasses.replace(TINY, n_donors=40, n_sites=2, site_composition=1.5,
+                               composition_effect=0.0, seed=8)
+    obs = _concat(_cells(spec)).obs
+    by_site = pd.crosstab(obs["dataset_id"], obs["cell_type"], normalize="index")
+    plain = _concat(_cells(dataclasses.replace(spec, site_composition=0.0))).obs
+    baseline = pd.crosstab(plain["dataset_id"], plain["cell_type"], normalize="index")
+    assert (by_site.iloc[0] - by_site.iloc[1]).abs().max() > 0.05
+    assert (by_site - baseline).abs().to_numpy().max() > 0.05
+
+
+def test_cli_simulates_a_scenario(tmp_path: Path) -> None:
+    from sampleclr_scale.cli import main
+
+    out = tmp_path / "shape.h5ad"
+    main(["simulate", "--out", str(out), "--format", "h5ad", "--scenario", "shape",
+          "--donors", "8", "--min-cells", "60", "--max-cells", "80", "--genes", "3",
+          "--dim", "8", "--site-effect", "2.5"])
+    obs = anndata.read_h5ad(out).obs
+    assert {"split+", "split-", "spread", "substate"} <= set(obs["cell_state"])
+    assert obs.groupby("severity", observed=True)["cell_state"].apply(
+        lambda s: (s == "base").all()).loc[0]

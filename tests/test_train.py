@@ -21,6 +21,9 @@ from sampleclr_scale.train.worker import FAULT_MARKER
 
 RUN = {
     "preset": "small",
+    # the paper's aggregator: on this tiny cohort donors are told apart mostly by their own
+    # offsets, which the default (centred bags) ignores by design
+    "model": {"pooling": "cells", "center": False},
     "loader": {"batch_size": 4, "cells_per_view": 32, "seed": 1},
     "epochs": 6,
     "supervised_epochs": 2,
@@ -68,6 +71,31 @@ def test_two_workers_learn_donor_identity(reference_run, store_path):
     nearest_other = similarity.masked_fill(~off, -2).max(dim=1).values
     assert (own > mean_other).float().mean() >= 0.9
     assert (own > nearest_other).float().mean() >= 0.5  # top-1 retrieval; chance is 1/16
+
+
+@pytest.mark.ray
+def test_one_process_on_the_global_batch_trains_as_two_workers(reference_run, store_path,
+                                                               tmp_path):
+    # The same loop in this process (no Ray) with one worker's batch = the global batch:
+    # the same donors per step, the same views, the same loss and gradients (DDP), so the
+    # same training losses in every epoch of both stages, up to float rounding. (The
+    # validation batches are cut per worker, so validation losses differ.)
+    single = {**RUN, "workers": 1, "loader": {**RUN["loader"], "batch_size": 8}}
+    result = train(store_path, str(tmp_path / "single"), TrainConfig.from_mapping(single),
+                   in_process=True)
+    assert len(result.history) == len(reference_run.history)
+    for local, ray_run in zip(result.history, reference_run.history, strict=True):
+        for key in ("stage", "epoch", "global_step"):
+            assert local[key] == ray_run[key]
+        for key in ("train_loss", "lr"):
+            assert local[key] == pytest.approx(ray_run[key], rel=1e-4, abs=1e-7), key
+    _, artifact = load_model(result.run_dir)
+    _, ray_artifact = load_model(reference_run.run_dir)
+    assert artifact["balance"] == ray_artifact["balance"] == "cell_type"  # loader: auto
+    assert artifact["standardize"] is ray_artifact["standardize"] is False  # no batch key
+    with pytest.raises(InputError, match="in-process run has one worker"):
+        train(store_path, str(tmp_path / "two"), TrainConfig.from_mapping(RUN),
+              in_process=True)
 
 
 @pytest.mark.ray
@@ -159,3 +187,12 @@ def test_a_local_ray_gives_its_processes_two_malloc_arenas(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     assert run_in_child(_local_worker_env) == "2"
+
+
+@pytest.mark.parametrize("setting", [{"standardize": "batch"},
+                                     {"loss": {"negatives": "same_batch"}}])
+def test_batch_aware_settings_need_a_batch_keyed_store(store_path, tmp_path, setting):
+    config = TrainConfig.from_mapping({**RUN, **setting})
+    with pytest.raises(InputError, match="need the donors' technical batches"):
+        train(store_path, str(tmp_path / "run"), config)
+    assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -28,21 +28,27 @@ from typing import Any
 from sampleclr_scale.data import synthetic
 from sampleclr_scale.pipeline import ModelRecipe, PipelineConfig, run_pipeline
 
-PAPER = {"model": {"pooling": "cells", "center": False}, "standardize": "none"}
-"""The published model: weighted sums of raw cell features, no batch handling."""
+_UNIFORM = {"standardize": "none", "loader": {"balance": None}}
+PAPER = {"model": {"pooling": "cells", "center": False}, **_UNIFORM}
+"""The published model: weighted sums of raw cell features, uniform views, no batch
+handling."""
 VARIANTS: dict[str, dict[str, Any]] = {
     "paper": PAPER,
     "paper_batchnorm": {**PAPER, "model": {**PAPER["model"], "norm": "batchnorm"}},
-    "learned": {"model": {"center": False}, "standardize": "none"},
-    "centred": {"model": {"pooling": "cells"}, "standardize": "none"},
-    "learned_centred": {"standardize": "none"},
+    "learned": {"model": {"center": False}, **_UNIFORM},
+    "centred": {"model": {"pooling": "cells"}, **_UNIFORM},
+    "learned_centred": _UNIFORM,
+    "balanced": {"standardize": "none"},
+    "batch_standardized": {"loader": {"balance": None}},
     "default": {},
     "same_batch": {"loss": {"negatives": "same_batch"}},
     "prior": {"loss": {"prior": "gloscope"}},
     "supervised": {"tasks": [{"column": "severity", "kind": "ordinal"}]},
 }
-"""TrainConfig overrides of each variant; ``default`` is TrainConfig's defaults (on a
-store with batch statistics: per-batch standardisation)."""
+"""TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
+cell features pooled, bags centred, and on this store (batch statistics, cell types)
+features standardised per site and views balanced over cell types; each variant above
+it leaves some of that out, each below adds one thing."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},
@@ -56,7 +62,7 @@ def quality_recipe(soma: Path, variants: dict[str, dict[str, Any]], seeds: list[
     """The pipeline of one scenario: every variant trained once per seed (``workers``
     embedding actors)."""
     models = {f"{name}_seed{seed}": ModelRecipe(train={
-        **overrides, "seed": seed, "loader": {"seed": seed},
+        **overrides, "seed": seed, "loader": {**overrides.get("loader", {}), "seed": seed},
         "supervised_epochs": max(1, epochs // 2) if "tasks" in overrides else 0})
         for name, overrides in variants.items() for seed in seeds}
     return PipelineConfig(
@@ -101,7 +107,33 @@ def bench_quality(*, scenarios: list[str], variants: list[str], seeds: list[int]
             "seconds": round(time.perf_counter() - begin),
             "methods": {name: _scores(method) for name, method in metrics["methods"].items()},
         }
+        print(quality_table(figures["scenarios"][scenario]), flush=True)
     return figures
+
+
+COLUMNS = (("information/severity", "severity"), ("information", "information"),
+           ("batch", "batch mixing"), ("trajectory", "trajectory"), ("total", "total"))
+"""The flat SPARE scores in :func:`quality_table`, with their headings."""
+
+
+def quality_table(scenario: dict[str, Any]) -> str:
+    """One scenario's scores as a markdown table: mean +- std over seeds, all donors, then
+    the held-out donors' severity and total."""
+    head = [label for _, label in COLUMNS] + ["held-out severity", "held-out total"]
+    lines = ["| method | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
+    for name, method in scenario["methods"].items():
+        cells = [_cell(method["all"], key) for key, _ in COLUMNS]
+        cells += [_cell(method["held_out"], key) for key in ("information/severity", "total")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(scores: dict[str, Any], key: str) -> str:
+    mean = (scores.get("mean") or {}).get(key)
+    if mean is None:
+        return "-"
+    std = (scores.get("std") or {}).get(key)
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
 def _scores(method: dict[str, Any]) -> dict[str, Any]:

@@ -95,10 +95,15 @@ class CellIndex:
             seen += len(records)
         return np.sort(np.concatenate(found))
 
+    def categories(self, column: str) -> list:
+        """The values of cell column ``column`` in code order (code ``i`` is value ``i``):
+        every value seen in the obs blocks, in order of first appearance."""
+        return list(self.values[column])
+
     def cell_table(self, codes: np.ndarray) -> pd.DataFrame:
         """The cell columns of rows with ``codes``, as categoricals over all their values."""
         return pd.DataFrame({
-            column: pd.Categorical.from_codes(codes[:, j], categories=list(self.values[column]))
+            column: pd.Categorical.from_codes(codes[:, j], categories=self.categories(column))
             for j, column in enumerate(self.columns)})
 
 

@@ -8,6 +8,8 @@ holding about ``bucket_bytes`` of them. A second pass loads one bucket at a time
 its rows by (donor, a keyed hash of the source id) and writes them to the store in
 sequence. With ``--batch-key``, the written rows also update per-batch feature moments
 (:mod:`~sampleclr_scale.data.batches`), stored as ``batch_mean`` and ``batch_std``.
+With ``--cell-columns``, each bucket also writes its rows' category codes to
+``codes/<column>`` and adds them to per-category counts (the ``cell_codes`` attribute).
 Peak memory is one read block plus one bucket, whatever the number of cells; disk
 traffic is one extra write and read of the features and of the cell index.
 
@@ -37,6 +39,7 @@ from sampleclr_scale.data.features import make_features
 from sampleclr_scale.data.sources import open_source
 from sampleclr_scale.data.store import (
     CELLS_FILE,
+    CODES_GROUP,
     DONORS_FILE,
     create_arrays,
     finish_arrays,
@@ -131,11 +134,13 @@ def ingest(config: IngestConfig) -> IngestReport:
                  cohort.counts["donors"], source.uri)
         features = make_features(source, config, cohort.cells)
         group = create_arrays(staging, n_cells=cohort.cells.n_kept, dim=features.dim,
-                              dtype=config.dtype, chunk_rows=config.chunk_rows)
+                              dtype=config.dtype, chunk_rows=config.chunk_rows,
+                              code_columns={c: len(cohort.cells.categories(c))
+                                            for c in cohort.cells.columns})
         batches = (CohortBatches(cohort.donors, config.batch_key, features.dim)
                    if config.batch_key else None)
-        donor_ptr, donors = _write_sorted(cohort, features, group, staging, Path(spill),
-                                          config, batches)
+        donor_ptr, donors, cell_codes = _write_sorted(cohort, features, group, staging,
+                                                      Path(spill), config, batches)
         # without --batch-key the attributes are those of stores written before it existed
         unset = {"overwrite"} if config.batch_key else {"overwrite", "batch_key"}
         attrs = {
@@ -150,6 +155,8 @@ def ingest(config: IngestConfig) -> IngestReport:
             "n_donors": len(donors),
             "dim": features.dim,
         }
+        if cell_codes:  # without --cell-columns the attributes are as before codes existed
+            attrs["cell_codes"] = cell_codes
         arrays = _finish_batches(batches, donors, attrs) if batches is not None else {}
         finish_arrays(group, donor_ptr, attrs, arrays)
         pq.write_table(pa.Table.from_pandas(donors, preserve_index=False),
@@ -177,7 +184,7 @@ def _finish_batches(batches: CohortBatches, donors: pd.DataFrame,
 def _write_sorted(
     cohort: Cohort, features: Any, group: Any, staging: Path, spill_dir: Path,
     config: IngestConfig, batches: CohortBatches | None = None,
-) -> tuple[np.ndarray, pd.DataFrame]:
+) -> tuple[np.ndarray, pd.DataFrame, dict[str, dict[str, list]]]:
     """The two passes: spill source blocks into donor buckets, then write bucket by bucket.
 
     Parameters
@@ -187,8 +194,9 @@ def _write_sorted(
 
     Returns
     -------
-    donor_ptr, donors
-        The donor pointers and the donor table of the donors that were written.
+    donor_ptr, donors, cell_codes
+        The donor pointers and the donor table of the donors that were written, and the
+        ``cell_codes`` attribute (:meth:`_BucketWriter.cell_codes`).
     """
     n_cells_per_donor = cohort.donors["n_cells"].to_numpy()
     records = cohort.cells.dtype
@@ -201,7 +209,7 @@ def _write_sorted(
     for bucket in range(n_buckets):
         writer.write(*spill.load(bucket))
     writer.close()
-    return _written_donors(cohort, writer.written)
+    return (*_written_donors(cohort, writer.written), writer.cell_codes())
 
 
 def _spill_blocks(cohort: Cohort, features: Any, bucket_of_donor: np.ndarray, spill: _Spill,
@@ -235,7 +243,9 @@ class _BucketWriter:
 
     Each bucket drops its donors below ``min_cells``, orders its rows by (donor, hash of
     the source id) and is written after the previous one; ``written`` counts the rows of
-    each donor, and ``batches`` (when given) gets every row as stored.
+    each donor, and ``batches`` (when given) gets every row as stored. The cell columns
+    go to ``cells.parquet`` and, as codes, to the ``codes/<column>`` arrays, rows
+    ``offset:stop`` as the features; ``code_counts`` counts the rows of each code.
     """
 
     def __init__(self, cohort: Cohort, group: Any, staging: Path, config: IngestConfig,
@@ -246,8 +256,11 @@ class _BucketWriter:
         self._config = config
         self._batches = batches
         self._cell_writer: pq.ParquetWriter | None = None
+        self._codes = {c: group[f"{CODES_GROUP}/{c}"] for c in cohort.cells.columns}
         self.offset = 0
         self.written = np.zeros(len(cohort.donors), dtype=np.int64)
+        self.code_counts = {c: np.zeros(len(cohort.cells.categories(c)), dtype=np.int64)
+                            for c in cohort.cells.columns}
 
     def write(self, cells: np.ndarray, rows: np.ndarray) -> None:
         """Write one bucket's cell records and feature rows."""
@@ -264,12 +277,29 @@ class _BucketWriter:
         if self._batches is not None:
             self._batches.add(stored, cells["donor"])
         if self._cohort.cells.columns:
-            table = pa.Table.from_pandas(self._cohort.cells.cell_table(cells["codes"]),
-                                         preserve_index=False)
-            if self._cell_writer is None:
-                self._cell_writer = pq.ParquetWriter(self._staging / CELLS_FILE, table.schema)
-            self._cell_writer.write_table(table)
+            self._write_cells(cells["codes"], self.offset, stop)
         self.offset = stop
+
+    def _write_cells(self, codes: np.ndarray, start: int, stop: int) -> None:
+        """Write the cell columns of store rows ``start:stop`` (int32 ``codes``, one
+        column per cell column): their codes arrays, code counts and cell-table rows."""
+        for j, (column, array) in enumerate(self._codes.items()):
+            column_codes = codes[:, j]
+            array[start:stop] = column_codes.astype(array.dtype)
+            counts = self.code_counts[column]
+            counts += np.bincount(column_codes[column_codes >= 0], minlength=len(counts))
+        table = pa.Table.from_pandas(self._cohort.cells.cell_table(codes),
+                                     preserve_index=False)
+        if self._cell_writer is None:
+            self._cell_writer = pq.ParquetWriter(self._staging / CELLS_FILE, table.schema)
+        self._cell_writer.write_table(table)
+
+    def cell_codes(self) -> dict[str, dict[str, list]]:
+        """The ``cell_codes`` store attribute: per cell column, its categories as strings
+        in code order and the rows written with each code (empty without cell columns)."""
+        return {column: {"categories": [str(v) for v in self._cohort.cells.categories(column)],
+                         "counts": counts.tolist()}
+                for column, counts in self.code_counts.items()}
 
     def close(self) -> None:
         """Close the cell table."""

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,16 +27,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sampleclr_scale.config import LoaderConfig
 from sampleclr_scale.data.sampler import (
     Shard,
+    balanced_pick,
     donor_rng,
     draw_views,
     rank_batches,
     steps_per_epoch,
+    view_pools,
     view_sizes,
     worker_steps,
 )
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 
+AUTO_BALANCE_COLUMN = "cell_type"
+"""The column that ``LoaderConfig.balance: auto`` balances views over, when stored."""
 REMOTE_READ_THREADS = 16
 """Default donors read at once from a store behind a URI (``LoaderConfig.read_threads``)."""
 _Mapper = Callable[[Callable[[np.ndarray], np.ndarray], list[np.ndarray]], Iterator[np.ndarray]]
@@ -85,18 +90,26 @@ class DonorBatch:
                           self.labels, self.batch, self.epoch, self.step)
 
 
-def read_rows(store: BagStore, rows: np.ndarray) -> np.ndarray:
-    """Feature rows at absolute positions ``rows`` (in that order) with few range reads.
+def resolve_balance(store: BagStore, balance: str | None) -> str | None:
+    """The column views are balanced over (``LoaderConfig.balance``, ``auto`` resolved)."""
+    if balance == "auto":
+        return AUTO_BALANCE_COLUMN if AUTO_BALANCE_COLUMN in store.code_columns else None
+    return balance
+
+
+def read_rows(array: Any, rows: np.ndarray) -> np.ndarray:
+    """Rows of a store array (``features``, a ``codes`` array) at absolute positions
+    ``rows`` (in that order) with few range reads.
 
     Reads the whole span when that wastes at most half of it, otherwise one read per run
     of consecutive rows.
     """
     lo, hi = int(rows.min()), int(rows.max()) + 1
     if hi - lo <= 2 * len(rows):
-        return store.features[lo:hi][rows - lo]
+        return array[lo:hi][rows - lo]
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     runs = np.split(rows, breaks)
-    return np.concatenate([store.features[int(r[0]) : int(r[-1]) + 1] for r in runs])
+    return np.concatenate([array[int(r[0]) : int(r[-1]) + 1] for r in runs])
 
 
 class DonorBagDataset(IterableDataset):
@@ -154,11 +167,14 @@ class DonorBagDataset(IterableDataset):
         self.start_step = 0
         store = BagStore(self.store_path)
         self._donors = store.split_donors(split)
+        self.balance = resolve_balance(store, config.balance)
         self._check(store)
 
     def _check(self, store: BagStore) -> None:
         for column, kind in self.tasks.items():
             store.labels(column, kind)  # raises a clear error for a missing column
+        if self.balance is not None:
+            store.codes(self.balance)  # raises a clear error for a missing column
         if self.standardize and store.batch_stats is None:
             raise InputError(f"bag store {store.location} has no per-batch statistics to "
                              "standardise with", "re-ingest with --batch-key COL ..., or "
@@ -211,26 +227,22 @@ class DonorBagDataset(IterableDataset):
         labels = {c: store.labels(c, kind)[0] for c, kind in self.tasks.items()}
         threads = self.config.read_threads or (
             1 if store.location.is_local else REMOTE_READ_THREADS)
+        balance = None if self.balance is None else _Balance.of(store, self.balance)
         with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
             read = map if pool is None else pool.map
             for step in steps:
-                yield self._read_batch(store, batches[step], labels, step, read)
+                yield self._read_batch(store, batches[step], labels, step, read, balance)
 
     def _read_batch(self, store: BagStore, donors: np.ndarray,
-                    labels: dict[str, np.ndarray], step: int, read: _Mapper = map
-                    ) -> DonorBatch:
+                    labels: dict[str, np.ndarray], step: int, read: _Mapper = map,
+                    balance: _Balance | None = None) -> DonorBatch:
         """One batch; ``read`` maps the row reads over the donors (``map`` or a pool's)."""
         m = self.config.view_range[1]
         cells = np.zeros((len(donors), 2, m, store.dim), dtype=np.float32)
         mask = np.zeros((len(donors), 2, m), dtype=bool)
         batch = store.donor_batch
-        views = []
-        for donor in donors:
-            first, n = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
-            rng = donor_rng(self.config.seed, self.epoch, donor)
-            a, b = draw_views(n, *view_sizes(rng, self.config.view_range), rng)
-            views.append((len(a), len(b), first + np.concatenate([a, b])))
-        blocks = read(lambda rows: read_rows(store, rows), [v[2] for v in views])
+        views = list(read(lambda donor: self._views(store, int(donor), balance), donors))
+        blocks = read(lambda rows: read_rows(store.features, rows), [v[2] for v in views])
         for i, ((n_a, n_b, _), rows) in enumerate(zip(views, blocks, strict=True)):
             if self.standardize:
                 rows = store.standardize(rows, int(batch[donors[i]]))
@@ -247,6 +259,46 @@ class DonorBagDataset(IterableDataset):
             epoch=self.epoch,
             step=step,
         )
+
+
+    def _views(self, store: BagStore, donor: int, balance: _Balance | None
+               ) -> tuple[int, int, np.ndarray]:
+        """Sizes of a donor's two views and their rows (view A's, then view B's)."""
+        first, n = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
+        rng = donor_rng(self.config.seed, self.epoch, donor)
+        sizes = view_sizes(rng, self.config.view_range)
+        if balance is None:
+            a, b = draw_views(n, *sizes, rng)
+        else:
+            a, b = balance.views(first, n, sizes, rng)
+        return len(a), len(b), first + np.concatenate([a, b])
+
+
+@dataclass(frozen=True)
+class _Balance:
+    """Views balanced over a cell-level column: its codes and the cohort's composition."""
+
+    codes: Any
+    """The store's ``codes/<column>`` array."""
+    target: np.ndarray
+    """Proportion of each category over the whole store."""
+
+    @classmethod
+    def of(cls, store: BagStore, column: str) -> _Balance:
+        counts = store.category_counts(column).astype(np.float64)
+        return cls(store.codes(column), counts / counts.sum())
+
+    def views(self, first: int, n: int, sizes: tuple[int, int], rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets of two views whose categories follow :attr:`target`
+        (:func:`~sampleclr_scale.data.sampler.view_pools`, ``balanced_pick``)."""
+        pool_a, pool_b = view_pools(n, max(sizes), rng)
+        shared = pool_a is pool_b
+        window = pool_a if shared else np.concatenate([pool_a, pool_b])
+        codes = read_rows(self.codes, first + window)
+        codes_a, codes_b = (codes, codes) if shared else np.split(codes, [len(pool_a)])
+        return (pool_a[balanced_pick(codes_a, sizes[0], self.target, rng)],
+                pool_b[balanced_pick(codes_b, sizes[1], self.target, rng)])
 
 
 _DONE = object()

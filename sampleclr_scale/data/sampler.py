@@ -114,3 +114,77 @@ def draw_views(n_cells: int, size_a: int, size_b: int, rng: np.random.Generator
 def donor_rng(seed: int, epoch: int, donor: int) -> np.random.Generator:
     """The generator of one donor's views in one epoch."""
     return np.random.default_rng([seed, epoch, int(donor)])
+
+
+def view_pools(n_cells: int, m: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Row offsets of the cells that each balanced view of ``m`` cells is drawn from.
+
+    When the donor has at least ``2m`` cells, a circular window of ``min(n, 4m)`` rows at
+    a uniform start is cut into two halves, one pool per view: disjoint, each a uniform
+    random subset of the donor's cells (the store keeps a donor's rows in random order),
+    read with at most two range reads. Smaller donors share one pool, all their cells.
+    """
+    if n_cells < 2 * m:
+        pool = np.arange(n_cells)
+        return pool, pool
+    width = min(n_cells, 4 * m)
+    window = (int(rng.integers(n_cells)) + np.arange(width)) % n_cells
+    return window[: width // 2], window[width // 2 :]
+
+
+def balanced_quotas(present: np.ndarray, target: np.ndarray, m: int) -> np.ndarray:
+    """Cells of each category in a view of ``m``: ``m * target`` renormalised over the
+    ``present`` categories, rounded by largest remainder (so they sum to ``m``).
+
+    Parameters
+    ----------
+    present
+        Bool ``[K]``: categories with at least one cell in the pool.
+    target
+        ``[K]`` non-negative target proportions (e.g. the cohort's composition).
+    m
+        Cells in the view.
+
+    Returns
+    -------
+    np.ndarray
+        Int64 ``[K]`` quotas, zero outside ``present`` (all zero if no present category
+        has a positive target).
+    """
+    weights = np.where(present, target, 0.0).astype(np.float64)
+    if weights.sum() <= 0:
+        return np.zeros(len(target), dtype=np.int64)
+    exact = m * weights / weights.sum()
+    quotas = np.floor(exact).astype(np.int64)
+    short = m - int(quotas.sum())
+    quotas[np.argsort(-(exact - quotas), kind="stable")[:short]] += 1
+    return quotas
+
+
+def balanced_pick(codes: np.ndarray, m: int, target: np.ndarray, rng: np.random.Generator
+                  ) -> np.ndarray:
+    """Positions in a pool of ``m`` cells whose categories follow ``target``.
+
+    Each category gets its :func:`balanced_quotas` share of the pool's cells of that
+    category: drawn without replacement when it has enough, otherwise all of them once
+    and the rest drawn with replacement; cells without
+    a category (code -1, or a code without target) are not chosen, unless no cell of the
+    pool has one, in which case the ``m`` cells are uniform (with replacement when the
+    pool is smaller). Positions come out grouped by category, which no permutation-
+    invariant model notices.
+    """
+    valid = (codes >= 0) & (codes < len(target))
+    present = np.bincount(codes[valid], minlength=len(target)) > 0
+    quotas = balanced_quotas(present, target, m)
+    if quotas.sum() == 0:
+        return rng.choice(len(codes), size=m, replace=len(codes) < m)
+    picks = []
+    for category in np.flatnonzero(quotas):
+        members = np.flatnonzero(codes == category)
+        quota = int(quotas[category])
+        if len(members) >= quota:
+            picks.append(rng.choice(members, size=quota, replace=False))
+        else:
+            picks += [members, rng.choice(members, size=quota - len(members))]
+    return np.concatenate(picks)

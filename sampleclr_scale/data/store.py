@@ -7,6 +7,8 @@ Layout (the contract in DESIGN.md)::
                                 random order inside each donor, chunked along rows
       donor_ptr                 int64 [n_donors + 1]; donor i owns rows ptr[i]:ptr[i+1]
       source_joinid             int64 [n_cells]; the row's id in the source
+      codes/<column>            int16|int32 [n_cells]; per --cell-columns column, the row's
+                                category code (-1: missing), chunked like features
       batch_mean, batch_std     float32 [n_batches, d]; per-batch feature mean and
                                 population std (with --batch-key only)
       donors.parquet            one row per donor: key, metadata, n_cells, split
@@ -15,7 +17,9 @@ Layout (the contract in DESIGN.md)::
 
 Attributes: ``schema_version``, ``source``, ``features``, ``donor_key``, ``n_cells``,
 ``n_donors``, ``dim``, the ingest parameters and counts, and with ``--batch-key`` also
-``batch``: ``{"key": [columns], "labels": [one label per batch code]}``.
+``batch``: ``{"key": [columns], "labels": [one label per batch code]}``, and with
+``--cell-columns`` also ``cell_codes``: ``{column: {"categories": [one string per code],
+"counts": [cells per code]}}``.
 
 Because the order inside a donor is random, any contiguous window of a donor's rows is a
 uniform random subset of its cells: one range read instead of hundreds of point reads.
@@ -39,6 +43,8 @@ SCHEMA_VERSION = 1
 DONORS_FILE = "donors.parquet"
 CELLS_FILE = "cells.parquet"
 SPLITS = ("train", "validation")
+CODES_GROUP = "codes"
+MAX_INT16_CATEGORIES = 32_767
 
 
 class BagStore:
@@ -111,6 +117,52 @@ class BagStore:
             raise InputError(f"bag store {self.location} has no cell table",
                              "re-ingest with --cell-columns COL ...")
         return cells.read_parquet(columns).to_pandas()
+
+    @property
+    def code_columns(self) -> list[str]:
+        """The cell columns stored as per-row category codes (``codes/<column>``)."""
+        return list(self.attrs.get("cell_codes") or {})
+
+    def categories(self, column: str) -> list[str]:
+        """The category of each code of cell column ``column``, as strings (code ``i`` is
+        ``categories(column)[i]``; the order of the cell table's categories)."""
+        return list(self._cell_codes(column)["categories"])
+
+    def category_counts(self, column: str) -> np.ndarray:
+        """Int64 ``[n_categories]`` number of store rows with each code of ``column``
+        (rows with a missing value are not counted)."""
+        return np.asarray(self._cell_codes(column)["counts"], dtype=np.int64)
+
+    def codes(self, column: str) -> zarr.Array:
+        """The int16|int32 ``[n_cells]`` array of the category code of each row of
+        ``column`` (-1: missing), to read in row ranges like :attr:`features`.
+
+        Raises
+        ------
+        InputError
+            If the store has no codes for ``column`` (as :meth:`categories` and
+            :meth:`category_counts`): the message names the columns it has.
+        """
+        self._cell_codes(column)
+        return self._group[f"{CODES_GROUP}/{column}"]
+
+    def _cell_codes(self, column: str) -> dict[str, list]:
+        """The ``cell_codes`` attribute of ``column``.
+
+        Raises
+        ------
+        InputError
+            If the store has no codes for ``column``.
+        """
+        entry = (self.attrs.get("cell_codes") or {}).get(column)
+        if entry is None:
+            have = self.code_columns
+            raise InputError(
+                f"bag store {self.location} has no per-cell codes for column {column!r} "
+                f"(it has codes for {have or 'no column'})",
+                f"re-ingest with --cell-columns {' '.join([*have, column])}",
+            )
+        return entry
 
     @property
     def batch_key(self) -> list[str]:
@@ -204,10 +256,28 @@ class BagStore:
         return codes, classes
 
 
+def code_dtype(n_categories: int) -> np.dtype:
+    """The dtype of a codes array: int16 for at most 32,767 categories, else int32."""
+    return np.dtype(np.int16 if n_categories <= MAX_INT16_CATEGORIES else np.int32)
+
+
 def create_arrays(
-    path: Path, *, n_cells: int, dim: int, dtype: str, chunk_rows: int
+    path: Path, *, n_cells: int, dim: int, dtype: str, chunk_rows: int,
+    code_columns: dict[str, int] | None = None,
 ) -> zarr.Group:
-    """Create an empty store group with its arrays sized for ``n_cells`` rows (an upper bound)."""
+    """Create an empty store group with its arrays sized for ``n_cells`` rows (an upper bound).
+
+    Parameters
+    ----------
+    code_columns
+        Number of categories of each cell column, by name: one ``codes/<column>`` array
+        each, chunked like ``features`` (None or empty: no ``codes`` group).
+
+    Raises
+    ------
+    InputError
+        For a cell column whose name cannot name a Zarr array.
+    """
     group = zarr.open_group(str(path), mode="w-")
     rows = max(n_cells, 1)
     chunk = min(chunk_rows, rows)
@@ -215,7 +285,21 @@ def create_arrays(
                        compressors=None, fill_value=0)
     group.create_array("source_joinid", shape=(rows,), chunks=(max(chunk, 65_536),),
                        dtype="int64", fill_value=-1)
+    for column, n_categories in (code_columns or {}).items():
+        _check_array_name(column)
+        group.create_array(f"{CODES_GROUP}/{column}", shape=(rows,), chunks=(chunk,),
+                           dtype=code_dtype(n_categories), fill_value=-1)
     return group
+
+
+def _check_array_name(column: str) -> None:
+    """Refuse a cell column name that is not a single Zarr node name."""
+    if not column or "/" in column or column in (".", "..") or column.startswith("__"):
+        raise InputError(
+            f"--cell-columns column {column!r} cannot name the Zarr array "
+            f"{CODES_GROUP}/{column} (empty, '.', '..', containing '/' or starting with '__')",
+            "rename the column in the source, or leave it out of --cell-columns",
+        )
 
 
 def finish_arrays(group: zarr.Group, donor_ptr: np.ndarray, attrs: dict[str, Any],
@@ -236,6 +320,9 @@ def finish_arrays(group: zarr.Group, donor_ptr: np.ndarray, attrs: dict[str, Any
     n_cells = int(donor_ptr[-1])
     group["features"].resize((n_cells, group["features"].shape[1]))
     group["source_joinid"].resize((n_cells,))
+    if CODES_GROUP in group:
+        for _, codes in group[CODES_GROUP].arrays():
+            codes.resize((n_cells,))
     group.create_array("donor_ptr", data=donor_ptr.astype(np.int64))
     for name, data in (arrays or {}).items():
         group.create_array(name, data=data)

@@ -45,8 +45,9 @@ class EmbedConfig(StageConfig):
     """Cells per donor ``m`` (SampleCLR infers from 1000); donors with fewer cells keep
     every cell and fill the bag by drawing with replacement. Ignored by ``mode: all``."""
     mode: SelectionMode = "random"
-    """``random``: ``m`` cells drawn uniformly, seeded by (seed, donor), the same
-    distribution as the training views; ``centrality``: the ``m`` cells of lowest
+    """``random``: ``m`` cells drawn like the training views, seeded by (seed, donor):
+    uniformly, or in the cohort's cell-type proportions for a model trained on views
+    balanced over a column (``loader.balance``); ``centrality``: the ``m`` cells of lowest
     eigenvector centrality in the donor's k-nearest-neighbour graph (SampleCLR's inference
     rule, with a per-donor graph); ``all``: every cell. On the simulated cohort the
     lowest-centrality cells are a biased subset (peripheral states and rare types) that

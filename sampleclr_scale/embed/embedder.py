@@ -59,7 +59,7 @@ from sampleclr_scale.embed.config import (
     EmbedConfig,
     check_run_name,
 )
-from sampleclr_scale.embed.selection import select_cells
+from sampleclr_scale.embed.selection import select_balanced, select_cells
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import SampleCLR
 from sampleclr_scale.storage import Location, staged_output
@@ -112,8 +112,14 @@ class EmbedResult:
     """Where the results were written back: ``store`` and/or ``soma`` -> location."""
 
 
+def training_balance(artifact: dict[str, Any]) -> str | None:
+    """The cell-level column a model's training views were balanced over, or None."""
+    return artifact.get("balance")
+
+
 def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: EmbedConfig,
-                 device: str = "cpu", standardize: bool = False) -> EmbeddedBatch:
+                 device: str = "cpu", standardize: bool = False, balance: str | None = None
+                 ) -> EmbeddedBatch:
     """Select cells and embed a run of donors (the body of one task).
 
     Parameters
@@ -132,6 +138,10 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
     standardize
         Standardise each donor's cells with its batch's statistics, as the model was
         trained (the artifact's ``standardize``).
+    balance
+        The cell-level column the model's training views were balanced over
+        (``LoaderConfig.balance``): ``mode: random`` then draws the cells the same way
+        (:func:`~sampleclr_scale.embed.selection.select_balanced`).
 
     Returns
     -------
@@ -140,6 +150,10 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
     """
     first = int(store.donor_ptr[donors[0]])
     ids = store.source_joinid(first, int(store.donor_ptr[donors[-1] + 1]))
+    target = None
+    if balance is not None and config.mode == "random":
+        counts = store.category_counts(balance).astype(np.float64)
+        target = counts / counts.sum()
     bags, rows = [], []
     for donor in donors:
         start, stop = int(store.donor_ptr[donor]), int(store.donor_ptr[donor + 1])
@@ -148,7 +162,11 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         x = np.asarray(store.features[start:stop], dtype=np.float32)
         if standardize:
             x = store.standardize(x, int(store.donor_batch[donor]))
-        chosen = select_cells(x, config.cells, config.mode, config.k, config.seed, donor)
+        if target is None:
+            chosen = select_cells(x, config.cells, config.mode, config.k, config.seed, donor)
+        else:
+            chosen = select_balanced(store.codes(balance)[start:stop], config.cells, target,
+                                     config.seed, donor)
         bags.append(x[chosen])
         rows.append(start + chosen)
     store_rows = np.concatenate(rows)
@@ -210,6 +228,7 @@ class EmbedWorker:
         model, artifact = load_model(run_dir)
         self.model = model.to(self.device)
         self.standardize = bool(artifact.get("standardize", False))
+        self.balance = training_balance(artifact)
 
     def ready(self) -> bool:
         """True once constructed (the driver waits on it before starting the clock)."""
@@ -218,7 +237,7 @@ class EmbedWorker:
     def embed(self, donors: list[int]) -> EmbeddedBatch:
         """Embed a run of donors (see :func:`embed_donors`)."""
         return embed_donors(self.store, self.model, donors, self.config, self.device,
-                            self.standardize)
+                            self.standardize, self.balance)
 
 
 def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: EmbedConfig,
@@ -281,6 +300,8 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
             f"the model in {run_dir} was trained on features standardised per technical "
             f"batch; the store {store.location} has no batch statistics",
             "ingest the store with --batch-key (the batch columns of the training store)")
+    if training_balance(artifact) is not None:
+        store.codes(training_balance(artifact))  # the column the views were balanced over
     tasks = [list(range(a, min(a + config.batch_donors, store.n_donors)))
              for a in range(0, store.n_donors, config.batch_donors)]
     begin = time.perf_counter()

@@ -29,6 +29,7 @@ from scipy.sparse.linalg import eigsh
 from scipy.stats import spearmanr
 from sklearn.neighbors import NearestNeighbors
 
+from sampleclr_scale.data.sampler import balanced_pick
 from sampleclr_scale.errors import InputError
 
 if TYPE_CHECKING:
@@ -167,6 +168,34 @@ def select_cells(x: np.ndarray, m: int, mode: SelectionMode = "centrality", k: i
     if mode == "random":
         return np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
     return lowest(eigenvector_centrality(knn_graph(x, k)), m)
+
+
+def select_balanced(codes: np.ndarray, m: int, target: np.ndarray, seed: int = 0,
+                    donor: int = 0) -> np.ndarray:
+    """Sorted offsets of ``m`` cells of one donor whose categories follow ``target``.
+
+    The inference counterpart of training views balanced over a cell-level column
+    (``LoaderConfig.balance``; :func:`~sampleclr_scale.data.sampler.balanced_pick` on all
+    the donor's cells), seeded by ``(seed, donor)`` like :func:`select_cells`.
+
+    Parameters
+    ----------
+    codes
+        ``[n]`` category codes of the donor's cells (-1: none).
+    m
+        Cells to choose.
+    target
+        ``[K]`` proportions of the categories over the cohort.
+    seed, donor
+        Seed of the draws and the donor's position.
+
+    Returns
+    -------
+    numpy.ndarray
+        Int64 ``[m]`` sorted row offsets (repeats where a category has too few cells).
+    """
+    rng = np.random.default_rng([seed, int(donor)])
+    return np.sort(balanced_pick(codes, m, target, rng)).astype(np.int64)
 
 
 def lowest(values: np.ndarray, m: int) -> np.ndarray:

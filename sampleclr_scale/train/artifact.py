@@ -21,18 +21,19 @@ MODEL_FILE = "model.pt"
 
 def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
                state_dict: dict[str, Any], tasks: list[TaskInfo], train_config: dict[str, Any],
-               store: str, history: list[dict[str, Any]], standardize: bool = False
-               ) -> Location:
+               store: str, history: list[dict[str, Any]], standardize: bool = False,
+               balance: str | None = None) -> Location:
     """Write ``run_dir/model.pt`` atomically (a local path or a URI).
 
     ``standardize`` records whether the model saw cell features standardised per
-    technical batch, so that embedding applies the same.
+    technical batch, ``balance`` the cell-level column its views were balanced over, so
+    that embedding does the same.
     """
     path = Location(run_dir) / MODEL_FILE
     path.write_torch({"model_config": model_config.model_dump(mode="json"),
                       "state_dict": state_dict, "tasks": [asdict(t) for t in tasks],
                       "train_config": train_config, "store": store, "history": history,
-                      "standardize": standardize})
+                      "standardize": standardize, "balance": balance})
     return path
 
 

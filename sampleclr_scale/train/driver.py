@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sampleclr_scale.config import TrainConfig
+from sampleclr_scale.data.loader import resolve_balance
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.storage import Location
@@ -94,7 +95,8 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
                             state_dict=weights, tasks=tasks,
                             train_config=config.model_dump(mode="json"),
                             store=store.location.uri, history=state.history,
-                            standardize=setup.standardizes(store, config))
+                            standardize=setup.standardizes(store, config),
+                            balance=resolve_balance(store, config.loader.balance))
     (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
     log.info("model written to %s", model_path)
     return TrainResult(run, model_path, state.history)

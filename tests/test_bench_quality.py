@@ -1,0 +1,40 @@
+"""The quality benchmark's recipe and table (the runs themselves: `bench quality`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sampleclr_scale.bench.quality import VARIANTS, quality_recipe, quality_table
+
+
+def test_every_variant_is_a_valid_training_config_of_one_change():
+    recipe = quality_recipe(Path("/nowhere/cohort.soma"), VARIANTS, [0, 1], epochs=4,
+                            workers=2)
+    assert set(recipe.models) == {f"{v}_seed{s}" for v in VARIANTS for s in (0, 1)}
+    default = recipe.train_config("default_seed0")
+    paper = recipe.train_config("paper_seed1")
+    assert (default.model.get("pooling"), paper.model["pooling"]) == (None, "cells")
+    assert paper.loader.balance is None and default.loader.balance == "auto"
+    assert paper.standardize == "none" and default.standardize == "auto"
+    assert paper.seed == paper.loader.seed == 1 and default.workers == 1
+    supervised = recipe.train_config("supervised_seed0")
+    assert [t.column for t in supervised.tasks] == ["severity"]
+    assert supervised.supervised_epochs == 2 and default.supervised_epochs == 0
+    assert recipe.train_config("same_batch_seed0").loss.negatives == "same_batch"
+    assert recipe.ingest_config("bags.zarr").batch_key == ["dataset_id"]
+
+
+def test_table_shows_mean_and_std_over_seeds():
+    scores = {"information/severity": 0.5, "information": 0.25, "batch": 0.75,
+              "trajectory": 0.125, "total": 0.4}
+    scenario = {"methods": {
+        "default": {"all": {"mean": scores, "std": dict.fromkeys(scores, 0.01)},
+                    "held_out": {"mean": scores, "std": None}},
+        "pseudobulk": {"all": {"mean": scores, "std": None},
+                       "held_out": {"mean": None, "std": None}},
+    }}
+    lines = quality_table(scenario).splitlines()
+    assert lines[0].startswith("| method | severity |") and len(lines) == 4
+    assert lines[2] == ("| default | 0.50 ± 0.01 | 0.25 ± 0.01 | 0.75 ± 0.01 | 0.12 ± 0.01 "
+                        "| 0.40 ± 0.01 | 0.50 | 0.40 |")
+    assert lines[3].endswith("| 0.40 | - | - |")
