@@ -280,7 +280,7 @@ def ground_truth(spec: CohortSpec) -> dict[str, Any]:
         **{name: float(getattr(spec, name)) for name in effects},
         "cell_types": {
             t.name: {"proportion": t.proportion,
-                     "composition": t.composition * spec.composition_effect,
+                     "composition": t.composition * spec.composition_effect + 0.0,
                      "shape": _shape_of(spec, t) if spec.state_effect > 0 else None}
             for t in _CELL_TYPES[: spec.n_cell_types]
         },
