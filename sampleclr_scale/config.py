@@ -251,11 +251,14 @@ class TrainConfig(StageConfig):
     """First epochs of stage 2 that train only the supervised heads."""
     patience: int | None = Field(default=10, ge=1)
     """Stop a stage after this many epochs without a better validation loss."""
-    standardize: Literal["auto", "batch", "none"] = "auto"
+    standardize: Literal["auto", "batch", "none"] = "none"
     """Cell features as the model sees them: ``"batch"`` standardises each feature within
     the donor's technical batch (the store's statistics from ``ingest --batch-key``),
     ``"none"`` keeps the stored features, ``"auto"`` is ``"batch"`` when the store has
-    batch statistics. Embedding applies the same."""
+    batch statistics. Embedding applies the same. The centred bags of the default model
+    already ignore an additive site shift; standardising on top rescales each site by
+    statistics that its donors' biology also sets, which cost batch mixing and held-out
+    scores on the mixed scenario (benchmarks/README.md, "Quality")."""
     workers: int = Field(default=2, ge=1)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False

@@ -15,7 +15,8 @@ def test_every_variant_is_a_valid_training_config_of_one_change():
     paper = recipe.train_config("paper_seed1")
     assert (default.model.get("pooling"), paper.model["pooling"]) == (None, "cells")
     assert paper.loader.balance is None and default.loader.balance == "auto"
-    assert paper.standardize == "none" and default.standardize == "auto"
+    assert default.standardize == "none"
+    assert recipe.train_config("standardized_seed0").standardize == "batch"
     assert paper.seed == paper.loader.seed == 1 and default.workers == 1
     supervised = recipe.train_config("supervised_seed0")
     assert [t.column for t in supervised.tasks] == ["severity"]

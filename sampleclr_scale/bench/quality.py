@@ -38,17 +38,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "learned": {"model": {"center": False}, **_UNIFORM},
     "centred": {"model": {"pooling": "cells"}, **_UNIFORM},
     "learned_centred": _UNIFORM,
-    "balanced": {"standardize": "none"},
-    "batch_standardized": {"loader": {"balance": None}},
     "default": {},
-    "same_batch": {"loss": {"negatives": "same_batch"}},
-    "prior": {"loss": {"prior": "gloscope"}},
-    "supervised": {"tasks": [{"column": "severity", "kind": "ordinal"}]},
+    "default_supervised": {"tasks": [{"column": "severity", "kind": "ordinal"}]},
+    "batch_standardized": {"standardize": "batch", "loader": {"balance": None}},
+    "standardized": {"standardize": "batch"},
+    "same_batch": {"standardize": "batch", "loss": {"negatives": "same_batch"}},
+    "prior": {"standardize": "batch", "loss": {"prior": "gloscope"}},
+    "supervised": {"standardize": "batch",
+                   "tasks": [{"column": "severity", "kind": "ordinal"}]},
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
-cell features pooled, bags centred, and on this store (batch statistics, cell types)
-features standardised per site and views balanced over cell types; each variant above
-it leaves some of that out, each below adds one thing."""
+cell features pooled from centred bags, views balanced over cell types; the variants
+above it leave some of that out. ``standardized`` adds per-site standardisation, and the
+variants below it add one thing each to ``standardized`` (as they were measured)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},
