@@ -56,7 +56,7 @@ def demo_recipe(soma: Path, *, workers: int, epochs: int, seed: int) -> Pipeline
     )
 
 
-def run_demo(out: Path, *, n_donors: int = 200, workers: int = 2, epochs: int = 30,
+def run_demo(out: Path, *, n_donors: int = 200, workers: int = 2, epochs: int = 20,
              seed: int = 0) -> dict:
     """Run the demo into ``out``; return the evaluation metrics."""
     out.mkdir(parents=True, exist_ok=True)
