@@ -154,6 +154,8 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
     if balance is not None and config.mode == "random":
         counts = store.category_counts(balance).astype(np.float64)
         target = counts / counts.sum()
+    batch = store.donor_batch if standardize else None
+    codes = None if target is None else store.codes(balance)
     bags, rows = [], []
     for donor in donors:
         start, stop = int(store.donor_ptr[donor]), int(store.donor_ptr[donor + 1])
@@ -161,12 +163,12 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
             stop = min(stop, start + config.graph_cells)
         x = np.asarray(store.features[start:stop], dtype=np.float32)
         if standardize:
-            x = store.standardize(x, int(store.donor_batch[donor]))
+            x = store.standardize(x, int(batch[donor]))
         if target is None:
             chosen = select_cells(x, config.cells, config.mode, config.k, config.seed, donor)
         else:
-            chosen = select_balanced(store.codes(balance)[start:stop], config.cells, target,
-                                     config.seed, donor)
+            chosen = select_balanced(codes[start:stop], config.cells, target, config.seed,
+                                     donor)
         bags.append(x[chosen])
         rows.append(start + chosen)
     store_rows = np.concatenate(rows)
