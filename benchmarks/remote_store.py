@@ -102,13 +102,14 @@ def main() -> None:
         import fsspec
 
         from sampleclr_scale.bench.loader import bench_loader
+        from sampleclr_scale.data.store import BAG_STORE
         from sampleclr_scale.storage import staged_output
 
         uri = f"s3://{BUCKET}/{Path(args.store).name}"
         fsspec.filesystem("s3").mkdir(BUCKET)
         size = sum(p.stat().st_size for p in Path(args.store).rglob("*") if p.is_file())
         start = time.perf_counter()
-        with staged_output(uri, overwrite=False) as staging:  # ingest's publishing path
+        with staged_output(uri, overwrite=False, kind=BAG_STORE) as staging:  # as ingest
             shutil.copytree(args.store, staging)
         seconds = time.perf_counter() - start
         figures: dict = {"upload": {"mb": round(size / 1e6, 1), "seconds": round(seconds, 2),

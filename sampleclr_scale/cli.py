@@ -4,6 +4,7 @@ and ``bench``."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -11,37 +12,39 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sampleclr_scale.errors import InputError
+from sampleclr_scale.errors import InputError, path_error
 
 log = logging.getLogger("sampleclr_scale")
 
 
-def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    """The options among ``names`` that were given on the command line."""
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+def _overrides(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
+    """The options given on the command line that are fields of config ``cls`` (an
+    option's ``dest`` is its field's name, so the two cannot drift apart)."""
+    return {n: getattr(args, n) for n in cls.model_fields if getattr(args, n, None) is not None}
 
 
-def _load(cls, args: argparse.Namespace, names: Sequence[str], **fixed: Any):
-    """A stage config from ``--config`` YAML, then command-line options, then ``fixed``."""
+def _default(cls: Any, name: str) -> str:
+    """``default X``: the default of config field ``name``, stated once, in the config."""
+    return f"default {cls.model_fields[name].default}"
+
+
+def _load(cls, args: argparse.Namespace, **fixed: Any):
+    """A stage config from ``--config`` YAML, then command-line options, then ``fixed``
+    (an error names the file or the command line, where its key was given)."""
     from sampleclr_scale.config import read_yaml
 
-    values = read_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update(_overrides(args, names))
-    values.update(fixed)
-    return cls.from_mapping(values, where="command line")
+    file = getattr(args, "config", None)
+    layers = {file: read_yaml(file)} if file else {}
+    layers["command line"] = {**_overrides(args, cls), **fixed}
+    return cls.from_layers(layers)
 
 
 # --- ingest -----------------------------------------------------------------------------
 
-_INGEST_OPTIONS = (
-    "features", "layer", "measurement", "organism", "donor_key", "obs_filter", "primary_only",
-    "min_cells",
-    "meta", "cell_columns", "batch_key", "val_fraction", "stratify", "group_by", "seed", "dtype",
-    "read_block", "overwrite",
-)
-
-
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    from sampleclr_scale.config import IngestConfig
+
+    default = functools.partial(_default, IngestConfig)
     p = sub.add_parser("ingest", help="build a donor-sorted bag store from a source",
                        description="Select a cohort from a SOMA experiment, an .h5ad file or "
                        "CELLxGENE Census and write it as a bag store (out of core).")
@@ -49,14 +52,17 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True,
                    help="bag store to create: a path or URI (built locally, then uploaded)")
     p.add_argument("--config", help="YAML file with IngestConfig keys")
-    p.add_argument("--features", help="obsm:NAME (an embedding) or pca:N (default obsm:scvi)")
-    p.add_argument("--layer", help="X layer for pca:N (default raw; X for .h5ad)")
-    p.add_argument("--measurement", help="SOMA measurement (default RNA)")
-    p.add_argument("--organism", help="Census organism (default homo_sapiens)")
+    p.add_argument("--features", help=f"obsm:NAME (an embedding) or pca:N ({default('features')})")
+    p.add_argument("--layer", help=f"X layer for pca:N ({default('layer')}; X for .h5ad)")
+    p.add_argument("--measurement", help=f"SOMA measurement ({default('measurement')})")
+    p.add_argument("--organism", help=f"Census organism ({default('organism')})")
     p.add_argument("--donor-key", nargs="+", dest="donor_key",
-                   help="obs column(s) naming a donor (default donor_id; Census: dataset_id "
+                   help="obs column(s) naming a donor (default donor_id, or dataset_id "
+                   "donor_id when donor ids repeat across datasets; Census: dataset_id "
                    "donor_id)")
-    p.add_argument("--obs-filter", dest="obs_filter", help="SOMA value filter on obs")
+    p.add_argument("--obs-filter", dest="obs_filter",
+                   help="cell filter: column OP literal (== != < <= > >=), column in "
+                   "[...], joined with and/or/not (a subset of SOMA's value filters)")
     p.add_argument("--primary-only", dest="primary_only", action="store_true", default=None,
                    help="keep only is_primary_data == True cells (default for Census)")
     p.add_argument("--min-cells", dest="min_cells", type=int, help="drop smaller donors")
@@ -67,14 +73,14 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="donor-level obs column(s) naming a technical batch (e.g. dataset_id "
                    "assay): kept in the donor table, with per-batch feature mean and std")
     p.add_argument("--val-fraction", dest="val_fraction", type=float,
-                   help="fraction of donors for validation (default 0.2)")
+                   help=f"fraction of donors for validation ({default('val_fraction')})")
     p.add_argument("--stratify", help="donor column to stratify the split on")
     p.add_argument("--group-by", dest="group_by", help="donor column to group the split by")
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=["float32", "float16"])
     p.add_argument("--read-block", dest="read_block", type=int, help="cells per source read")
     p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace an existing store atomically")
+                   help="replace an existing bag store atomically (nothing else)")
     p.set_defaults(run=_run_ingest)
 
 
@@ -82,16 +88,35 @@ def _run_ingest(args: argparse.Namespace) -> None:
     from sampleclr_scale.config import IngestConfig
     from sampleclr_scale.data.ingest import ingest
 
-    config = _load(IngestConfig, args, _INGEST_OPTIONS, source=args.source, out=args.out)
+    config = _load(IngestConfig, args, source=args.source, out=args.out)
     report = ingest(config)
     print(json.dumps({"store": report.out, "cells": report.n_cells, "donors": report.n_donors,
                       "dim": report.dim, "seconds": round(report.seconds, 2),
                       "counts": report.counts}, indent=2))
 
 
+# --- check ------------------------------------------------------------------------------
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="verify a bag store against its manifest",
+                       description="Check that every file ingest wrote into a bag store is "
+                       "there, with its size and CRC32 (reads the whole store); exit status "
+                       "2 names every missing, truncated or changed file.")
+    p.add_argument("store", help="bag store: a path or URI")
+    p.set_defaults(run=_run_check)
+
+
+def _run_check(args: argparse.Namespace) -> None:
+    from sampleclr_scale.data.manifest import check_store
+
+    print(json.dumps(check_store(args.store), indent=2))
+
+
 # --- train ------------------------------------------------------------------------------
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from sampleclr_scale.config import TrainConfig
+
     p = sub.add_parser("train", help="train SampleCLR with Ray Train",
                        description="Train SampleCLR data-parallel on a bag store: Ray Train "
                        "workers stream their shard of two-view donor bags; one X-CLR loss over "
@@ -100,7 +125,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True,
                    help="run directory (model.pt, metrics, checkpoints): a path or URI")
     p.add_argument("--config", help="YAML file with TrainConfig keys")
-    p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
+    p.add_argument("--workers", type=int,
+                   help=f"Ray Train workers ({_default(TrainConfig, 'workers')})")
     p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None,
                    help="one GPU per worker, NCCL")
     p.add_argument("--resume", action="store_true",
@@ -112,7 +138,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from sampleclr_scale.config import TrainConfig
     from sampleclr_scale.train.driver import train
 
-    config = _load(TrainConfig, args, ("workers", "use_gpu"))
+    config = _load(TrainConfig, args)
     result = train(args.store, args.out, config, resume=args.resume)
     last = result.history[-1] if result.history else {}
     print(json.dumps({"run": str(result.run_dir), "model": str(result.model_path),
@@ -127,35 +153,45 @@ def _add_prior(sub: argparse._SubParsersAction) -> None:
                        "store it in the store (priors/KIND): pseudobulk cosine, or GloScope "
                        "(symmetrised kNN KL divergence, exp(-D/scale)); all pairs for small "
                        "cohorts, each donor's nearest donors for large ones (Ray tasks).")
+    from sampleclr_scale.prior.config import PriorConfig
+
+    default = functools.partial(_default, PriorConfig)
     p.add_argument("--store", required=True)
-    p.add_argument("--kind", required=True, choices=["pseudobulk", "gloscope"])
-    p.add_argument("--k", type=int, default=25, help="kNN of the KL estimator")
-    p.add_argument("--cells", type=int, default=300, help="cells per donor (gloscope)")
-    p.add_argument("--pcs", type=int, default=10, help="principal components (gloscope)")
-    p.add_argument("--scale", type=float, default=5.0, help="similarity exp(-D/scale)")
-    p.add_argument("--neighbours", type=int, help="nearest donors per donor (sparse mode)")
-    p.add_argument("--dense-limit", type=int, default=500,
-                   help="all pairs up to this many donors, sparse above")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="YAML file with PriorConfig keys")
+    p.add_argument("--kind", choices=["pseudobulk", "gloscope"])
+    p.add_argument("--k", type=int, help=f"kNN of the KL estimator ({default('k')})")
+    p.add_argument("--cells", dest="cells_per_donor", type=int,
+                   help=f"cells per donor, gloscope ({default('cells_per_donor')})")
+    p.add_argument("--pcs", dest="n_pcs", type=int,
+                   help=f"principal components, gloscope ({default('n_pcs')})")
+    p.add_argument("--scale", type=float,
+                   help=f"similarity exp(-D/scale) ({default('scale')})")
+    p.add_argument("--neighbours", type=int,
+                   help=f"nearest donors per donor in sparse mode ({default('neighbours')})")
+    p.add_argument("--dense-limit", dest="dense_limit", type=int,
+                   help=f"all pairs up to this many donors, sparse above "
+                   f"({default('dense_limit')})")
+    p.add_argument("--seed", type=int, help=f"which window of cells ({default('seed')})")
     p.set_defaults(run=_run_prior)
 
 
 def _run_prior(args: argparse.Namespace) -> None:
-    from sampleclr_scale.train.prior import build_prior, prior_summary, save_prior
+    from sampleclr_scale.prior.build import build_prior
+    from sampleclr_scale.prior.config import PriorConfig
+    from sampleclr_scale.prior.graph import prior_summary
+    from sampleclr_scale.prior.storage import save_prior
 
-    prior = build_prior(args.store, args.kind, k=args.k, cells_per_donor=args.cells,
-                        n_pcs=args.pcs, scale=args.scale, neighbours=args.neighbours,
-                        dense_limit=args.dense_limit, seed=args.seed)
+    config = _load(PriorConfig, args)
+    prior = build_prior(args.store, config)
     where = save_prior(args.store, prior)
     print(json.dumps({"prior": str(where), **prior_summary(prior)}, indent=2))
 
 
 # --- embed ------------------------------------------------------------------------------
 
-_EMBED_OPTIONS = ("workers", "cells", "mode", "run_name", "overwrite")
-
-
 def _add_embed(sub: argparse._SubParsersAction) -> None:
+    from sampleclr_scale.embed.config import EmbedConfig
+
     p = sub.add_parser("embed", help="embed every donor with a trained model, write back",
                        description="Embed all donors of a bag store with a pool of Ray actors "
                        "(each loads the model once), on a fixed, deterministic set of cells per "
@@ -168,13 +204,14 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                    help="SOMA experiment to write into (default: the store's source "
                    "experiment; required for Census stores)")
     p.add_argument("--config", help="YAML file with EmbedConfig keys")
-    p.add_argument("--workers", type=int, help="Ray actors (default 2)")
-    p.add_argument("--cells", type=int, help="cells per donor (default 1000)")
+    p.add_argument("--workers", type=int, help=f"Ray actors ({_default(EmbedConfig, 'workers')})")
+    p.add_argument("--cells", type=int,
+                   help=f"cells per donor ({_default(EmbedConfig, 'cells')})")
     p.add_argument("--mode", choices=["random", "centrality", "all"],
-                   help="cell choice (default random)")
+                   help=f"cell choice ({_default(EmbedConfig, 'mode')})")
     p.add_argument("--run-name", dest="run_name", help="name of the written-back results")
     p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace an existing --out")
+                   help="replace an existing embedding folder (nothing else)")
     p.set_defaults(run=_run_embed)
 
 
@@ -182,7 +219,7 @@ def _run_embed(args: argparse.Namespace) -> None:
     from sampleclr_scale.embed.config import EmbedConfig
     from sampleclr_scale.embed.embedder import embed
 
-    config = _load(EmbedConfig, args, _EMBED_OPTIONS)
+    config = _load(EmbedConfig, args)
     result = embed(args.store, args.checkpoint, args.out, config, write_back=args.write_back)
     print(json.dumps({"out": str(result.out), "donors": result.n_donors,
                       "donors_per_s": result.donors_per_s, "write_back": result.write_back},
@@ -209,11 +246,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from sampleclr_scale.evaluate import EvaluateConfig, evaluate, headline
+    from sampleclr_scale.storage import Location
 
     config = EvaluateConfig.from_yaml(args.config) if args.config else EvaluateConfig()
     metrics = evaluate(args.embeddings, args.store, args.out, config, run_dirs=args.runs)
     print(headline(metrics))
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(f"report: {Location(args.out) / 'report.md'}")
 
 
 # --- simulate ---------------------------------------------------------------------------
@@ -259,6 +297,8 @@ def _run_simulate(args: argparse.Namespace) -> None:
 # --- bench ------------------------------------------------------------------------------
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from sampleclr_scale.embed.config import EmbedConfig
+
     p = sub.add_parser("bench", help="throughput benchmarks (print and save figures)")
     kinds = p.add_subparsers(dest="kind", required=True)
     loader = kinds.add_parser("loader", help="two-view bag throughput of a bag store")
@@ -288,11 +328,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     embedding.add_argument("--store", required=True)
     embedding.add_argument("--checkpoint", required=True, help="training run directory")
     embedding.add_argument("--workers", default="1,2", help="comma-separated actor counts")
-    embedding.add_argument("--cells", type=int, default=1000)
+    embedding.add_argument("--cells", type=int, help=_default(EmbedConfig, "cells"))
     embedding.add_argument("--mode", choices=["random", "centrality", "all"],
-                           default="centrality")
-    embedding.add_argument("--batch-donors", type=int, default=16)
-    embedding.add_argument("--graph-cells", type=int, default=20_000)
+                           help=_default(EmbedConfig, "mode"))
+    embedding.add_argument("--batch-donors", dest="batch_donors", type=int,
+                           help=_default(EmbedConfig, "batch_donors"))
+    embedding.add_argument("--graph-cells", dest="graph_cells", type=int,
+                           help=_default(EmbedConfig, "graph_cells"))
     embedding.add_argument("--json", required=True, help="file to save the figures to")
     embedding.set_defaults(run=_run_bench("embed"))
     scale = kinds.add_parser("scale", help="every stage on one simulated ~10M-cell cohort")
@@ -384,7 +426,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 def _run_pipeline(args: argparse.Namespace) -> None:
     from sampleclr_scale.pipeline import PipelineConfig, run_pipeline
 
-    run_pipeline(PipelineConfig.from_yaml(args.recipe), Path(args.out), source=args.source,
+    run_pipeline(PipelineConfig.from_yaml(args.recipe), args.out, source=args.source,
                  workers=args.workers, epochs=args.epochs)
 
 
@@ -400,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_ingest, _add_prior, _add_train, _add_embed, _add_evaluate,
-                _add_bench, _add_pipeline, _add_demo):
+    for add in (_add_simulate, _add_ingest, _add_check, _add_prior, _add_train, _add_embed,
+                _add_evaluate, _add_bench, _add_pipeline, _add_demo):
         add(sub)
     return parser
 
@@ -416,8 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         args.run(args)
-    except InputError as err:
-        print(f"sampleclr-scale {args.command}: error: {err}", file=sys.stderr)
+    except (InputError, OSError) as err:
+        shown = err if isinstance(err, InputError) else path_error(err)
+        if shown is None:
+            raise
+        print(f"sampleclr-scale {args.command}: error: {shown}", file=sys.stderr)
         return 2
     return 0
 

@@ -25,12 +25,33 @@ class StageConfig(BaseModel):
     @classmethod
     def from_mapping(cls, values: dict[str, Any], where: str = "config") -> Self:
         """Validate a mapping, turning pydantic's report into an :class:`InputError`."""
+        return cls.from_layers({where: values})
+
+    @classmethod
+    def from_layers(cls, layers: dict[str, dict[str, Any]]) -> Self:
+        """Validate mappings merged in order, a later one's keys winning.
+
+        Parameters
+        ----------
+        layers
+            Mappings by where they were given, e.g. ``{"train.yaml": ..., "command line":
+            ...}``.
+
+        Raises
+        ------
+        InputError
+            Pydantic's report, naming where the offending keys were given (see
+            :func:`error_sources`), with the valid keys for an unknown one.
+        """
+        values = {key: value for layer in layers.values() for key, value in layer.items()}
         try:
             return cls.model_validate(values)
         except ValidationError as err:
+            unknown = any(e["type"] == "extra_forbidden" for e in err.errors())
             raise InputError(
-                f"{where} is not a valid {cls.__name__}: {describe_errors(err)}",
-                f"valid keys: {sorted(cls.model_fields)}",
+                f"{error_sources(err, layers)}: not a valid {cls.__name__}: "
+                f"{describe_errors(err)}",
+                f"valid keys: {sorted(cls.model_fields)}" if unknown else None,
             ) from None
 
     @classmethod
@@ -44,6 +65,14 @@ def describe_errors(err: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors()
     )
+
+
+def error_sources(err: ValidationError, layers: dict[str, dict[str, Any]]) -> str:
+    """Where the keys of pydantic's errors were given: the last layer that set each
+    top-level key, every layer for an error on the whole mapping or on a missing key."""
+    origin = {key: where for where, layer in layers.items() for key in layer}
+    named = {origin.get(e["loc"][0]) if e["loc"] else None for e in err.errors()}
+    return " and ".join(where for where in layers if None in named or where in named)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -86,9 +115,13 @@ class IngestConfig(StageConfig):
     donor_key: list[str] = Field(default_factory=lambda: ["donor_id"])
     """Obs column(s) that identify a donor; for Census sources the default is
     ``dataset_id`` + ``donor_id``, because Census donor ids are unique only within a
-    dataset."""
+    dataset. Left at the default on a source with a ``dataset_id`` column whose donor ids
+    repeat across datasets, it becomes ``dataset_id`` + ``donor_id`` too (with a warning);
+    set explicitly to a key with ``donor_id`` there, it is an error."""
     obs_filter: str | None = None
-    """Cell filter in the SOMA value-filter syntax."""
+    """Cell filter in a subset of the SOMA value-filter syntax, the same for every source
+    (:mod:`sampleclr_scale.data.obs_filter`): ``column OP literal``, ``column in [...]``,
+    ``and``/``or``/``not``; parsed, never run as Python."""
     primary_only: bool = False
     """Keep only ``is_primary_data == True`` cells (default on for Census sources)."""
     drop_donors: list[str] = Field(default_factory=lambda: ["pooled", "unknown"])
@@ -126,7 +159,8 @@ class IngestConfig(StageConfig):
     bucket_bytes: int = Field(default=128 * 2**20, ge=2**20)
     """Feature bytes held in memory while a block of donors is reordered."""
     overwrite: bool = False
-    """Replace an existing store (atomically, after the new one is complete)."""
+    """Replace an existing bag store (atomically, after the new one is complete); anything
+    else at ``out`` is refused."""
 
     @model_validator(mode="before")
     @classmethod
@@ -291,7 +325,25 @@ class TrainConfig(StageConfig):
         for key in ("input_dim", "tasks"):
             if key in self.model:
                 raise ValueError(f"model.{key} is set from the store and the tasks")
+        self._check_model()
+        if self.global_batch < 2:
+            raise ValueError(
+                f"a global batch of {self.global_batch} donor (workers {self.workers} x "
+                f"loader.batch_size {self.loader.batch_size}) has no other donors to contrast "
+                "with, so its loss is 0 and nothing is learnt: set loader.batch_size or "
+                "workers so that workers x loader.batch_size is at least 2")
         return self
+
+    def _check_model(self) -> None:
+        """Validate ``model`` against every preset the run may take (the store decides
+        ``auto``), so that a bad key fails with the config, not when the run starts."""
+        from sampleclr_scale.model.config import ModelConfig
+
+        for preset in ("small", "large") if self.preset == "auto" else (self.preset,):
+            try:
+                ModelConfig.preset(preset, input_dim=1, **self.model)
+            except ValidationError as err:
+                raise ValueError(f"model (preset {preset}): {describe_errors(err)}") from None
 
     @property
     def global_batch(self) -> int:

@@ -17,17 +17,20 @@ built in code for the simulated cohort.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sampleclr_scale.config import IngestConfig, StageConfig, TrainConfig, is_census
 from sampleclr_scale.embed.config import EmbedConfig, valid_run_name
 from sampleclr_scale.embed.selection import SelectionMode
 from sampleclr_scale.evaluate.config import EvaluateConfig
+from sampleclr_scale.prior.config import PriorConfig
+from sampleclr_scale.storage import Location
 
 STORE_DIR = "bags.zarr"
 RUNS_DIR = "runs"
@@ -73,9 +76,10 @@ class PipelineConfig(StageConfig):
     ingest: dict[str, Any] = Field(default_factory=dict)
     """IngestConfig keys except ``source`` and ``out`` (obs_filter, features, meta,
     cell_columns, min_cells, stratify, ...)."""
-    prior: Literal["gloscope", "pseudobulk"] | None = None
-    """Donor-similarity prior built into the store before training (default settings of
-    ``sampleclr-scale prior``); a model's ``loss.prior`` must name it."""
+    prior: PriorConfig | None = None
+    """Donor-similarity prior built into the store before training: PriorConfig keys, or
+    just its kind (``prior: gloscope``) for the default settings; a model's
+    ``loss.prior`` must name its kind."""
     train: dict[str, Any] = Field(default_factory=dict)
     """TrainConfig keys shared by every model."""
     models: dict[str, ModelRecipe] = Field(
@@ -90,6 +94,11 @@ class PipelineConfig(StageConfig):
     """SOMA experiment the embeddings are written back to: a path relative to ``OUT`` (or
     a URI); None writes into the source experiment. Census is read-only, so a Census
     recipe must name a separate experiment here (created if missing)."""
+
+    @field_validator("prior", mode="before")
+    @classmethod
+    def _prior_kind(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -107,9 +116,10 @@ class PipelineConfig(StageConfig):
                     raise ValueError(f"model name {model!r} cannot name embedding {label!r}")
                 self.embed_config(label, mode)
             prior = self.train_config(model).loss.store_prior
-            if prior is not None and prior != self.prior:
+            built = None if self.prior is None else self.prior.kind
+            if prior is not None and prior != built:
                 raise ValueError(f"model {model!r} trains with the {prior} prior, but the "
-                                 f"recipe builds {self.prior}: set prior: {prior}")
+                                 f"recipe builds {built}: set prior: {prior}")
         return self
 
     def with_source(self, source: str) -> PipelineConfig:
@@ -156,18 +166,19 @@ class Headers:
         print(f"\n== {stages.index(stage) + 1}/{len(stages)} {text}", flush=True)
 
 
-def run_pipeline(config: PipelineConfig, out: Path, *, source: str | None = None,
-                 workers: int | None = None, epochs: int | None = None,
-                 headers: Headers | None = None, in_process: bool = False
-                 ) -> dict[str, Any]:
+def run_pipeline(config: PipelineConfig, out: str | os.PathLike | Location, *,
+                 source: str | None = None, workers: int | None = None,
+                 epochs: int | None = None, headers: Headers | None = None,
+                 in_process: bool = False) -> dict[str, Any]:
     """Run a recipe into ``out``, skipping every stage whose output is complete.
 
     Parameters
     ----------
     config : PipelineConfig
         The recipe.
-    out : Path
-        Output directory (created); see the module docstring for its layout.
+    out : str, path or Location
+        Output directory: a local path or a URI (``s3://...``); see the module docstring
+        for its layout.
     source : str, optional
         Read this source instead of the recipe's (e.g. ``census:PATH`` offline).
     workers : int, optional
@@ -191,70 +202,118 @@ def run_pipeline(config: PipelineConfig, out: Path, *, source: str | None = None
     InputError
         For an invalid recipe after the overrides, or bad input found by a stage.
     """
-    from sampleclr_scale.data.ingest import ingest
-    from sampleclr_scale.data.store import BagStore
-    from sampleclr_scale.embed.embedder import embed
-    from sampleclr_scale.evaluate import evaluate, headline
-    from sampleclr_scale.train.artifact import MODEL_FILE
-    from sampleclr_scale.train.driver import train
-    from sampleclr_scale.train.prior import available_priors, build_prior, save_prior
+    from sampleclr_scale.evaluate import headline
 
     begin = time.perf_counter()
     if source is not None:
         config = config.with_source(source)
-    header = headers or Headers()
-    train_overrides = {key: value for key, value in
-                       {"workers": workers, "epochs": epochs, "supervised_epochs": epochs}.items()
-                       if value is not None}
-    embed_overrides = {"workers": workers} if workers is not None else {}
-    out.mkdir(parents=True, exist_ok=True)
-    store_path = out / STORE_DIR
-    write_back = None if config.write_back is None else _resolve(out, config.write_back)
-
-    header("ingest", f"{config.name}: ingest {config.source} -> bag store {store_path}")
-    if not store_path.exists():
-        ingest(config.ingest_config(str(store_path)))
-    store = BagStore(store_path)
-    n_train = len(store.split_donors("train"))
-    print(f"   {store.n_cells:,} cells of {store.n_donors} donors ({n_train} for training), "
-          f"d = {store.dim}")
-
-    if config.prior is not None:
-        header("prior", f"{config.prior} prior between donors (Ray tasks)")
-        if config.prior not in available_priors(str(store_path)):
-            save_prior(str(store_path), build_prior(str(store_path), config.prior))
-
-    embeddings, runs = [], []
-    for model, recipe in config.models.items():
-        run_dir = out / RUNS_DIR / model
-        train_config = _fit_batch(config, model, train_overrides, n_train)
-        where = ("in this process" if in_process
-                 else f"with {train_config.workers} Ray Train workers")
-        header("train", f"train {model} {where} -> {run_dir}")
-        if not (run_dir / MODEL_FILE).exists():
-            train(str(store_path), str(run_dir), train_config, resume=True,
-                  in_process=in_process)
-        runs.append(str(run_dir))
-        for label, mode in recipe.labels(model).items():
-            emb_dir = out / EMBEDDINGS_DIR / label
-            header("embed", f"embed every donor with {model} ({mode} cells), write back "
-                   f"-> {emb_dir}")
-            if not emb_dir.exists():
-                embed(str(store_path), str(run_dir), str(emb_dir),
-                      config.embed_config(label, mode, embed_overrides), write_back=write_back)
-            embeddings.append(str(emb_dir))
-
-    report = out / REPORT_DIR
-    header("evaluate", f"evaluate against pseudobulk, composition, random"
-           f"{', GloScope' if 'gloscope' in available_priors(str(store_path)) else ''} "
-           f"-> {report}")
-    metrics = evaluate(embeddings, str(store_path), str(report), config.evaluate_config(),
-                       run_dirs=runs)
-
-    header("done", "done")
+    run = _Run(config, Location(out), headers or Headers(), in_process,
+               train_overrides={key: value for key, value in {
+                   "workers": workers, "epochs": epochs, "supervised_epochs": epochs}.items()
+                   if value is not None},
+               embed_overrides={"workers": workers} if workers is not None else {})
+    n_train = run.ingest()
+    run.prior()
+    runs, embeddings = [], []
+    for model in config.models:
+        runs.append(run.train(model, n_train))
+        embeddings.extend(run.embed(model))
+    metrics, report = run.evaluate(embeddings, runs)
+    run.header("done", "done")
     print(headline(metrics))
     print(f"\nreport: {report / 'report.md'}   ({time.perf_counter() - begin:.0f} s)")
     return metrics
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The stages of one :func:`run_pipeline` call; each skips an output already there."""
+
+    config: PipelineConfig
+    out: Location
+    header: Headers
+    in_process: bool
+    train_overrides: dict[str, Any]
+    """Overrides of every model's training settings."""
+    embed_overrides: dict[str, Any]
+    """Overrides of every embedding's settings."""
+
+    @property
+    def store(self) -> Location:
+        return self.out / STORE_DIR
+
+    def ingest(self) -> int:
+        """Ingest the source into the bag store; the number of training donors."""
+        from sampleclr_scale.data.ingest import ingest
+        from sampleclr_scale.data.store import BagStore
+
+        config = self.config
+        self.header("ingest", f"{config.name}: ingest {config.source} -> bag store {self.store}")
+        if not self.store.exists():
+            ingest(config.ingest_config(str(self.store)))
+        store = BagStore(self.store)
+        n_train = len(store.split_donors("train"))
+        print(f"   {store.n_cells:,} cells of {store.n_donors} donors ({n_train} for "
+              f"training), d = {store.dim}")
+        return n_train
+
+    def prior(self) -> None:
+        """Build the recipe's prior into the store, unless it is there."""
+        from sampleclr_scale.prior.build import build_prior
+        from sampleclr_scale.prior.storage import available_priors, save_prior
+
+        prior = self.config.prior
+        if prior is None:
+            return
+        self.header("prior", f"{prior.kind} prior between donors (Ray tasks)")
+        if prior.kind not in available_priors(str(self.store)):
+            save_prior(str(self.store), build_prior(str(self.store), prior))
+
+    def train(self, model: str, n_train: int) -> str:
+        """Train ``model`` (resuming an interrupted run); its run directory."""
+        from sampleclr_scale.train.artifact import MODEL_FILE
+        from sampleclr_scale.train.driver import train
+
+        run_dir = self.out / RUNS_DIR / model
+        train_config = _fit_batch(self.config, model, self.train_overrides, n_train)
+        where = ("in this process" if self.in_process
+                 else f"with {train_config.workers} Ray Train workers")
+        self.header("train", f"train {model} {where} -> {run_dir}")
+        if not (run_dir / MODEL_FILE).exists():
+            train(str(self.store), str(run_dir), train_config, resume=True,
+                  in_process=self.in_process)
+        return str(run_dir)
+
+    def embed(self, model: str) -> list[str]:
+        """Embed every donor with ``model``, once per cell choice; the embeddings."""
+        from sampleclr_scale.embed.embedder import embed
+
+        config = self.config
+        write_back = None if config.write_back is None else _resolve(self.out, config.write_back)
+        embeddings = []
+        for label, mode in config.models[model].labels(model).items():
+            emb_dir = self.out / EMBEDDINGS_DIR / label
+            self.header("embed", f"embed every donor with {model} ({mode} cells), write back "
+                        f"-> {emb_dir}")
+            if not emb_dir.exists():
+                embed(str(self.store), str(self.out / RUNS_DIR / model), str(emb_dir),
+                      config.embed_config(label, mode, self.embed_overrides),
+                      write_back=write_back)
+            embeddings.append(str(emb_dir))
+        return embeddings
+
+    def evaluate(self, embeddings: list[str], runs: list[str]) -> tuple[dict[str, Any], Location]:
+        """Score the embeddings against the baselines; the metrics and the report folder."""
+        from sampleclr_scale.evaluate import evaluate
+        from sampleclr_scale.prior.storage import available_priors
+
+        report = self.out / REPORT_DIR
+        gloscope = ", GloScope" if "gloscope" in available_priors(str(self.store)) else ""
+        self.header("evaluate", f"evaluate against pseudobulk, composition, random{gloscope} "
+                    f"-> {report}")
+        metrics = evaluate(embeddings, str(self.store), str(report),
+                           self.config.evaluate_config(), run_dirs=runs)
+        return metrics, report
 
 
 def _fit_batch(config: PipelineConfig, model: str, overrides: dict[str, Any],
@@ -284,6 +343,6 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _resolve(out: Path, where: str) -> str:
+def _resolve(out: Location, where: str) -> str:
     """A path relative to ``out`` (absolute paths and URIs unchanged)."""
-    return where if "://" in where else str(out / where)
+    return where if "://" in where or Path(where).is_absolute() else str(out / where)

@@ -10,31 +10,43 @@ Outputs are published so that a reader never sees half of one (see :func:`staged
 a local output is built in a temporary sibling and renamed into place; object stores have
 no rename, so a remote output is built in a local temporary directory and uploaded with
 its *commit file* last (``zarr.json`` for a Zarr group): readers check that file, so a
-partial upload is never taken for a complete output.
+partial upload is never taken for a complete output. ``--overwrite`` replaces only an
+output of the stage's kind, under a lock (:mod:`sampleclr_scale.outputs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
-import shutil
+import pickle
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.outputs import (
+    ZARR_COMMIT,
+    OutputKind,
+    aside_path,
+    check_apart,
+    check_replaceable,
+    claim,
+    remove_local,
+    scratch_prefix,
+    staging_path,
+)
 
-ZARR_COMMIT = "zarr.json"
-"""Commit file of a Zarr group: written last, checked by readers."""
 _REMOTE_OPTIONS = {"use_listings_cache": False}
 """fsspec options of every remote file system: other processes (Ray workers, other nodes)
 write the same prefixes, so a cached directory listing would go stale."""
@@ -171,18 +183,40 @@ class Location:
         return pq.ParquetFile(self.path, filesystem=self.fs)
 
     def write_torch(self, obj: Any) -> None:
-        """``torch.save`` ``obj`` to this file atomically."""
+        """``torch.save`` ``obj`` as tensors and plain data (see :func:`plain_data`) to
+        this file atomically, so that :meth:`read_torch` loads it without running code."""
         import torch
 
         buffer = io.BytesIO()
-        torch.save(obj, buffer)
+        torch.save(plain_data(obj), buffer)
         self.write_bytes(buffer.getvalue())
 
-    def read_torch(self) -> Any:
-        """``torch.load`` this file onto the CPU."""
+    def read_torch(self, what: str, fix: str) -> Any:
+        """``torch.load`` a file of tensors and plain data onto the CPU.
+
+        Parameters
+        ----------
+        what
+            What the file should be, for the error (e.g. ``"trained model"``).
+        fix
+            How to get a good file, for the error.
+
+        Raises
+        ------
+        InputError
+            For a file that does not load with ``weights_only=True``: one that holds other
+            objects (unpickling those can run any code, so they are never loaded), or no
+            torch file at all.
+        """
         import torch
 
-        return torch.load(io.BytesIO(self.read_bytes()), map_location="cpu", weights_only=False)
+        try:
+            return torch.load(io.BytesIO(self.read_bytes()), map_location="cpu",
+                              weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError):
+            raise InputError(f"{self.uri} is not a {what} written by sampleclr-scale: it does "
+                             "not load as tensors and plain data (other objects could run "
+                             "code when loaded, so they are refused)", fix) from None
 
     def remove(self) -> None:
         """Delete the file or directory tree (nothing if absent)."""
@@ -207,65 +241,112 @@ class Location:
         return (self / ZARR_COMMIT).is_file()
 
 
+def plain_data(obj: Any) -> Any:
+    """``obj`` as tensors and plain data: what ``torch.load(weights_only=True)`` reads.
+
+    Tensors, ``str``, ``int``, ``float``, ``bool`` and None are kept; dicts (any mapping),
+    lists and tuples are rebuilt from their converted items; a dataclass becomes the dict
+    of its fields, a numeric numpy array a tensor, any other numpy array a list, a numpy
+    scalar the Python value.
+
+    Raises
+    ------
+    TypeError
+        For any other object (a bug: only data is saved).
+    """
+    import torch
+
+    if isinstance(obj, torch.Tensor) or type(obj) in (str, int, float, bool, type(None)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.tensor(obj) if obj.dtype.kind in "biufc" else plain_data(obj.tolist())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {plain_data(k): plain_data(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(map(plain_data, obj))
+    raise TypeError(f"cannot save {type(obj).__name__!r} as plain data: {obj!r:.80}")
+
+
 @contextmanager
-def staged_output(final: str | os.PathLike | Location, overwrite: bool,
-                  commit: str | None = ZARR_COMMIT) -> Iterator[Path]:
+def staged_output(final: str | os.PathLike | Location, overwrite: bool, *, kind: OutputKind,
+                  inputs: Iterable[str | os.PathLike | Location] = ()) -> Iterator[Path]:
     """Build an output (a directory or a file) in a local staging path, then publish it.
 
     Yields a local path that does not exist yet; the caller creates the output there.
-    An existing ``final`` is refused before any work unless ``overwrite`` is set. On
-    any error ``final`` is untouched and the staging path removed.
+    The whole block holds the lock of ``final`` (:func:`~sampleclr_scale.outputs.claim`),
+    so a concurrent run writing it is refused; taking it first restores an output that a
+    crashed publish left aside and removes what killed runs left next to ``final``. An
+    existing ``final`` is refused before any work unless ``overwrite`` is set and it is
+    an output of ``kind`` (or an empty folder); a source or someone else's folder is
+    never replaced. The check is repeated just before the publish, so an output that
+    another run (one without the lock) published meanwhile is not replaced either. On
+    any error ``final`` is untouched and the staging path removed. See
+    :mod:`sampleclr_scale.outputs` for what is guaranteed locally and remotely.
 
     - **Local** ``final``: staged in a temporary sibling, published by renames (the old
-      output aside, the new one in, the old one deleted), so it is replaced atomically.
+      output aside to ``.NAME.old``, the new one in, the old one deleted), so it is
+      replaced atomically; a crash between the renames is repaired by the next run.
     - **Remote** ``final``: staged in a local temporary directory, then uploaded. The
-      ``commit`` file (relative to the output directory) is uploaded last and an existing
-      output's commit file is deleted first, so a reader that checks it never takes a
-      partial output for a complete one. An interrupted overwrite leaves no complete
-      output (object stores cannot swap a whole prefix); running the stage again
-      repairs it.
+      commit file of ``kind`` (relative to the output directory) is uploaded last and an
+      existing output's commit file is deleted first, so a reader that checks it never
+      takes a partial output for a complete one. An interrupted overwrite leaves no
+      complete output (object stores cannot swap a whole prefix); running the stage
+      again with ``--overwrite`` repairs it. The lock is best-effort.
 
     Parameters
     ----------
     final
         Where the output goes.
     overwrite
-        Replace an existing output.
-    commit
-        The file of a directory output that marks it complete (``zarr.json`` for a Zarr
-        group; None when the readers need none).
+        Replace an existing output of ``kind``.
+    kind
+        What the output is: what may be replaced, and its commit file.
+    inputs
+        What the stage reads: an output that is one of them, contains one or lies inside
+        one is refused.
+
+    Raises
+    ------
+    InputError
+        For an output that overlaps an input, exists (without ``overwrite``), is not of
+        ``kind`` (with it), or is being written by another run.
     """
     final = Location(final)
-    if final.exists() and not overwrite:
-        raise InputError(f"{final} already exists",
-                         "pass --overwrite to replace it, or choose another --out")
-    if final.is_local:
-        with _staged_local(final.local) as staging:
+    check_apart(final, [Location(where) for where in inputs])
+    with claim(final):
+        check_replaceable(final, kind, overwrite)
+        if final.is_local:
+            with _staged_local(final, kind, overwrite) as staging:
+                yield staging
+            return
+        with tempfile.TemporaryDirectory(prefix=scratch_prefix(final)) as scratch:
+            staging = Path(scratch) / final.name
             yield staging
-        return
-    with tempfile.TemporaryDirectory(prefix="sampleclr-stage-") as scratch:
-        staging = Path(scratch) / final.name
-        yield staging
-        _upload(staging, final, commit)
+            check_replaceable(final, kind, overwrite, meanwhile=True)
+            _upload(staging, final, kind.commit)
 
 
 @contextmanager
-def _staged_local(final: Path) -> Iterator[Path]:
+def _staged_local(final: Location, kind: OutputKind, overwrite: bool) -> Iterator[Path]:
     """A temporary sibling of ``final``, renamed into place when the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = staging_path(final.local)
     try:
         yield staging
+        check_replaceable(final, kind, overwrite, meanwhile=True)
         if final.exists():
-            aside = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(final, aside)
-            os.rename(staging, final)
-            _remove_local(aside)
+            aside = aside_path(final.local)
+            os.rename(final.local, aside)
+            os.rename(staging, final.local)
+            remove_local(aside)
         else:
-            os.rename(staging, final)
+            os.rename(staging, final.local)
     finally:
         if staging.exists():
-            _remove_local(staging)
+            remove_local(staging)
 
 
 @contextmanager
@@ -306,11 +387,3 @@ def _put_tree(local: Path, remote: Location, commit: str | None) -> None:
         remote.fs.put([str(local / f) for f in first], [f"{remote.path}/{f}" for f in first])
     if commit in files:
         remote.fs.put_file(str(local / commit), f"{remote.path}/{commit}")
-
-
-def _remove_local(path: Path) -> None:
-    """Delete a local file or directory tree."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()

@@ -82,7 +82,8 @@ def test_a_store_without_cell_columns_has_no_codes(soma_uri, tmp_path):
     ingest(ingest_config(soma_uri, out, cell_columns=[]))
     store = BagStore(out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "donor_ptr", "donors.parquet", "features", "source_joinid", "zarr.json"]
+        "donor_ptr", "donors.parquet", "features", "manifest.json", "source_joinid",
+        "zarr.json"]
     assert "cell_codes" not in store.attrs and store.code_columns == []
     with pytest.raises(InputError, match=r"no column.*\n.*re-ingest with --cell-columns "
                                          r"cell_type"):

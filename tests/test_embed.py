@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -78,11 +79,12 @@ def test_knn_graph_is_symmetric_and_unweighted():
 
 def test_centrality_selection_takes_the_lowest_and_is_deterministic():
     x = np.random.default_rng(1).normal(size=(300, 5)).astype(np.float32)
-    chosen = select_cells(x, 100, "centrality", k=15)
+    chosen = select_cells(x, 100, "centrality", k=15, seed=0, donor=0)
     centrality = eigenvector_centrality(knn_graph(x, 15))
     assert len(np.unique(chosen)) == 100 and np.all(np.diff(chosen) > 0)
     assert centrality[chosen].max() <= np.delete(centrality, chosen).min()
-    assert np.array_equal(chosen, select_cells(x.copy(), 100, "centrality", k=15, seed=9))
+    assert np.array_equal(chosen, select_cells(x.copy(), 100, "centrality", k=15, seed=9,
+                                               donor=0))
 
 
 def test_ties_are_broken_by_row_order():
@@ -91,27 +93,27 @@ def test_ties_are_broken_by_row_order():
 
 def test_random_selection_is_seeded():
     x = np.zeros((500, 3), dtype=np.float32)
-    a = select_cells(x, 50, "random", seed=0, donor=3)
+    a = select_cells(x, 50, "random", k=15, seed=0, donor=3)
     assert len(np.unique(a)) == 50
-    assert np.array_equal(a, select_cells(x, 50, "random", seed=0, donor=3))
-    assert not np.array_equal(a, select_cells(x, 50, "random", seed=1, donor=3))
-    assert not np.array_equal(a, select_cells(x, 50, "random", seed=0, donor=4))
+    assert np.array_equal(a, select_cells(x, 50, "random", k=15, seed=0, donor=3))
+    assert not np.array_equal(a, select_cells(x, 50, "random", k=15, seed=1, donor=3))
+    assert not np.array_equal(a, select_cells(x, 50, "random", k=15, seed=0, donor=4))
 
 
 @pytest.mark.parametrize("mode", ["centrality", "random"])
 def test_small_donors_are_resampled_with_replacement(mode):
     x = np.random.default_rng(2).normal(size=(30, 4)).astype(np.float32)
-    chosen = select_cells(x, 100, mode, seed=5, donor=7)
+    chosen = select_cells(x, 100, mode, k=15, seed=5, donor=7)
     assert len(chosen) == 100 and set(chosen.tolist()) == set(range(30))
-    assert np.array_equal(chosen, select_cells(x, 100, mode, seed=5, donor=7))
-    assert not np.array_equal(chosen, select_cells(x, 100, mode, seed=5, donor=8))
+    assert np.array_equal(chosen, select_cells(x, 100, mode, k=15, seed=5, donor=7))
+    assert not np.array_equal(chosen, select_cells(x, 100, mode, k=15, seed=5, donor=8))
 
 
 def test_all_mode_and_bad_mode():
     x = np.ones((12, 2), dtype=np.float32)
-    assert select_cells(x, 5, "all").tolist() == list(range(12))
+    assert select_cells(x, 5, "all", k=15, seed=0, donor=0).tolist() == list(range(12))
     with pytest.raises(InputError, match="unknown cell selection mode"):
-        select_cells(x, 5, "best")
+        select_cells(x, 5, "best", k=15, seed=0, donor=0)
 
 
 def test_rank_agreement_report(store_path):
@@ -184,7 +186,8 @@ def test_every_donor_once_with_m_cells(embedded, setup):
     ptr = store.donor_ptr
     for donor, rows in cells.groupby("donor_index")["store_row"]:
         x = store.donor_rows(donor)
-        expected = select_cells(x, CONFIG.cells, "centrality", 15, 0, donor) + ptr[donor]
+        expected = select_cells(x, CONFIG.cells, "centrality", k=15, seed=0,
+                                donor=donor) + ptr[donor]
         assert np.array_equal(rows.to_numpy(), expected)
     assert np.array_equal(cells["source_joinid"], store.source_joinid()[cells["store_row"]])
     assert embedded.n_donors == store.n_donors and embedded.donors_per_s > 0
@@ -214,6 +217,25 @@ def test_rerun_is_identical_and_random_mode_differs(embedded, setup):
                            CONFIG.model_copy(update={"mode": "random"}))
     assert not np.array_equal(_z(random.donor_embeddings), _z(embedded.donor_embeddings))
     setup["random"] = random
+
+
+@pytest.mark.ray
+def test_overwrite_replaces_embeddings_never_a_foreign_folder_or_an_input(embedded, setup):
+    overwrite = CONFIG.model_copy(update={"overwrite": True})
+    folder = setup["root"] / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"holding notes\.txt, not an embedding folder"):
+        run_embedding(setup["store"], setup["run"], folder, overwrite)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    with pytest.raises(InputError, match="which this stage reads"):
+        run_embedding(setup["store"], setup["run"], setup["store"], overwrite)
+    assert BagStore(setup["store"]).n_donors > 0  # untouched
+
+    copy = setup["root"] / "emb-copy"
+    shutil.copytree(embedded.out, copy)
+    again = run_embedding(setup["store"], setup["run"], copy, overwrite)  # replaced
+    assert np.array_equal(_z(again.donor_embeddings), _z(embedded.donor_embeddings))
 
 
 @pytest.mark.ray
@@ -382,3 +404,17 @@ def test_a_model_trained_standardised_needs_batch_statistics(setup, tmp_path):
                train_config={}, store=str(setup["store"]), history=[], standardize=True)
     with pytest.raises(InputError, match="standardised per technical batch"):
         run_embedding(setup["store"], run, tmp_path / "emb", CONFIG)
+
+
+@pytest.mark.parametrize("name", ["zarr.json", "ZARR.JSON", ".zgroup", ".zattrs", ".zarray",
+                                  ".results"])
+def test_run_names_that_zarr_reads_as_metadata_are_refused(name, setup, tmp_path):
+    # results named zarr.json would turn STORE/embeddings/zarr.json into a folder
+    with pytest.raises(InputError, match=re.escape(f"run_name {name!r} must be")):
+        EmbedConfig.from_mapping({"run_name": name})
+    run = tmp_path / name  # a run directory names its results by default
+    shutil.copytree(setup["run"], run)
+    with pytest.raises(InputError, match=re.escape(f"{name!r} cannot name embedding results")):
+        embed(setup["store"], run, tmp_path / "emb", EmbedConfig(cells=100, workers=1))
+    assert not (tmp_path / "emb").exists()
+    assert not (setup["store"] / "embeddings" / name).is_dir()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import zarr
 
 from sampleclr_scale.cli import main
-from sampleclr_scale.config import IngestConfig, LoaderConfig
+from sampleclr_scale.config import IngestConfig, LoaderConfig, TrainConfig
 from sampleclr_scale.data.ingest import ingest
 from sampleclr_scale.data.loader import DonorBagDataset
 from sampleclr_scale.data.store import BagStore
@@ -107,6 +110,16 @@ def test_unknown_config_key():
         IngestConfig.from_mapping({"source": "a", "out": "b", "features": "genes"})
 
 
+def test_model_overrides_are_checked_with_the_config():
+    """A typo under ``model:`` fails when the config is read, for every preset the run may
+    take, not when the run starts."""
+    with pytest.raises(InputError, match=r"model \(preset small\): n_head: Extra inputs"):
+        TrainConfig.from_mapping({"model": {"n_head": 4}})
+    with pytest.raises(InputError, match=r"model \(preset large\): encoder_layers"):
+        TrainConfig.from_mapping({"preset": "large", "model": {"encoder_layers": 0}})
+    assert TrainConfig.from_mapping({"model": {"n_heads": 4}}).model == {"n_heads": 4}
+
+
 def test_cli_prints_problem_and_fix(tmp_path, capsys):
     status = main(["ingest", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err
@@ -126,3 +139,80 @@ def test_cli_ingest(h5ad_path, tmp_path, capsys):
     store = BagStore(out)
     assert summary["donors"] == store.n_donors and summary["cells"] == store.n_cells
     assert store.attrs["ingest"]["obs_filter"] == "tissue == 'blood'"
+
+
+def test_an_unknown_key_names_the_config_file_it_is_in(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("epoch: 3\n")
+    status = main(["train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r"),
+                   "--config", str(config), "--workers", "2"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"error: {config}: not a valid TrainConfig: epoch: Extra inputs" in err
+    assert "fix: valid keys: [" in err and "'epochs'" in err and "command line" not in err
+
+
+def test_a_bad_command_line_option_names_the_command_line(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 3\n")
+    status = main(["train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r"),
+                   "--config", str(config), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "error: command line: not a valid TrainConfig: workers: Input should be" in err
+    assert str(config) not in err
+
+
+needs_permissions = pytest.mark.skipif(os.geteuid() == 0,
+                                       reason="root reads and writes whatever it likes")
+
+
+def _denied(err: str, path: Path) -> bool:
+    """Whether ``err`` is the command line's error for a denied ``path``, with its fix."""
+    return (f"error: Permission denied: {path}" in err and "fix: check that you may" in err
+            and "Traceback" not in err)
+
+
+@needs_permissions
+def test_an_output_in_a_read_only_folder_is_a_clear_error(h5ad_path, tmp_path, capsys):
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    status = main(["ingest", h5ad_path, "--out", str(folder / "store"), "--min-cells", "40"])
+    err = capsys.readouterr().err
+    assert status == 2 and _denied(err, folder) and not list(folder.iterdir())
+
+
+@needs_permissions
+@pytest.mark.parametrize("source", ["h5ad_path", "soma_uri"])
+def test_an_unreadable_source_is_a_clear_error(source, request, tmp_path, capsys):
+    original = Path(request.getfixturevalue(source))
+    copy = tmp_path / original.name
+    (shutil.copytree if original.is_dir() else shutil.copy)(original, copy)
+    copy.chmod(0)
+    try:
+        status = main(["ingest", str(copy), "--out", str(tmp_path / "store")])
+    finally:
+        copy.chmod(0o755)  # so that the temporary folder can be removed
+    err = capsys.readouterr().err
+    assert status == 2 and _denied(err, copy) and not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(("command", "config", "positional"), [
+    ("ingest", "sampleclr_scale.config:IngestConfig", {"source", "out"}),
+    ("train", "sampleclr_scale.config:TrainConfig", {"store", "out", "resume"}),
+    ("prior", "sampleclr_scale.prior.config:PriorConfig", {"store"}),
+    ("embed", "sampleclr_scale.embed.config:EmbedConfig",
+     {"store", "checkpoint", "out", "write_back"}),
+])
+def test_every_stage_option_is_a_config_field(command, config, positional):
+    """A stage's options reach its config by name: an option that is not a field (or is
+    spelt differently) would be silently dropped."""
+    import importlib
+
+    from sampleclr_scale.cli import build_parser
+
+    module, name = config.split(":")
+    fields = set(getattr(importlib.import_module(module), name).model_fields)
+    stage = build_parser()._subparsers._group_actions[0].choices[command]
+    options = {action.dest for action in stage._actions} - {"help", "config"} - positional
+    assert options and options <= fields, options - fields

@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sampleclr_scale.data.pseudobulk import donor_means
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import EvaluateConfig, evaluate, headline, read_embeddings, report
 from sampleclr_scale.evaluate.baselines import (
     composition,
     gloscope_distances,
-    pseudobulk,
     random_vectors,
 )
 from sampleclr_scale.evaluate.spare import (
@@ -37,6 +37,8 @@ from sampleclr_scale.evaluate.spare import (
     spare_total,
     trajectory_score,
 )
+from sampleclr_scale.prior.graph import PriorGraph
+from sampleclr_scale.prior.storage import save_prior
 
 # Six donors with distinct distances, so every neighbour order is unambiguous.
 D6 = np.array([
@@ -237,14 +239,6 @@ def test_unknown_covariate_is_an_input_error(store_path):
 # ---- baselines -----------------------------------------------------------------------
 
 
-def test_pseudobulk_is_the_mean_of_each_donors_rows(store_path):
-    store = BagStore(store_path)
-    direct = np.stack([store.donor_rows(i).astype(np.float64).mean(axis=0)
-                       for i in range(store.n_donors)])
-    np.testing.assert_allclose(pseudobulk(store), direct, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(pseudobulk(store, block_rows=100), direct, rtol=1e-6, atol=1e-9)
-
-
 def test_composition_fractions(store_path):
     store = BagStore(store_path)
     fractions = composition(store)
@@ -264,13 +258,8 @@ def test_random_vectors_reproducible():
     assert not np.array_equal(random_vectors(5, 3, seed=1), random_vectors(5, 3, seed=2))
 
 
-def _store_with_gloscope(store_path: str, root: Path) -> tuple[str, np.ndarray] | None:
-    """A copy of the store holding a dense gloscope prior of known divergences, or None
-    when the prior module is not importable."""
-    try:
-        from sampleclr_scale.train.prior import PriorGraph, save_prior
-    except ImportError:
-        return None
+def _store_with_gloscope(store_path: str, root: Path) -> tuple[str, np.ndarray]:
+    """A copy of the store holding a dense gloscope prior of known divergences."""
     copy = root / "with_prior.zarr"
     shutil.copytree(store_path, copy)
     n = BagStore(copy).n_donors
@@ -287,10 +276,7 @@ def _store_with_gloscope(store_path: str, root: Path) -> tuple[str, np.ndarray] 
 
 def test_gloscope_distances(store_path, tmp_path):
     assert gloscope_distances(store_path) is None  # no prior built
-    built = _store_with_gloscope(store_path, tmp_path)
-    if built is None:
-        pytest.skip("sampleclr_scale.train.prior is not importable")
-    copy, D = built
+    copy, D = _store_with_gloscope(store_path, tmp_path)
     np.testing.assert_allclose(gloscope_distances(copy), D, rtol=1e-5, atol=1e-5)
 
 
@@ -349,7 +335,7 @@ def _check_held_out(saved: dict, store: BagStore, config: EvaluateConfig,
     reference = {
         ("sampleclr", f"sampleclr_seed{seed}"): cosine_distances(
             Z.astype(np.float32)[validation]) for seed, Z in enumerate(vectors)}
-    reference[("pseudobulk", "pseudobulk")] = cosine_distances(pseudobulk(store)[validation])
+    reference[("pseudobulk", "pseudobulk")] = cosine_distances(donor_means(store)[validation])
     reference[("random", "random_seed1")] = cosine_distances(
         random_vectors(store.n_donors, 9, seed=1)[validation])
     if built is not None:
@@ -385,7 +371,7 @@ def test_evaluate_end_to_end(store_path, tmp_path, no_umap):
     store = BagStore(store_dir)
     rng = np.random.default_rng(0)
     severity = store.donors["severity"].to_numpy(np.float64)[:, None]
-    base = pseudobulk(store)
+    base = donor_means(store)
     run_dir = _write_run(tmp_path / "run")
     emb, vectors = [], []
     for seed in (0, 1):
@@ -438,7 +424,7 @@ def test_evaluate_end_to_end(store_path, tmp_path, no_umap):
 
 def test_evaluate_validation_split_and_names(store_path, tmp_path, no_umap):
     store = BagStore(store_path)
-    Z = pseudobulk(store)
+    Z = donor_means(store)
     emb = _write_embedding(tmp_path / "emb", store, Z, seed=0)
     out = tmp_path / "report"
     config = EvaluateConfig(split="validation", seeds=1, relevant={"severity": "ordinal"},
@@ -458,7 +444,7 @@ def test_evaluate_validation_split_and_names(store_path, tmp_path, no_umap):
 
 def test_too_few_validation_donors_skip_the_held_out_block(store_path, tmp_path, no_umap):
     store = BagStore(store_path)
-    emb = _write_embedding(tmp_path / "emb", store, pseudobulk(store), seed=0)
+    emb = _write_embedding(tmp_path / "emb", store, donor_means(store), seed=0)
     out = tmp_path / "report"
     n = len(store.split_donors("validation"))  # 5 in the fixture; k = n - 1 needs n + 1
     config = EvaluateConfig(k=n - 1, seeds=1, relevant={"severity": "ordinal"}, technical={},

@@ -201,7 +201,7 @@ def test_existing_store_is_replaced_only_when_complete(store_path, soma_uri, tmp
 
 def _cell_index(tmp_path):
     """Two obs blocks of five cells over three donor groups; group 1 is dropped."""
-    from sampleclr_scale.data.cohort import CellIndex
+    from sampleclr_scale.data.cell_index import CellIndex
 
     index = CellIndex(tmp_path, ["cell_type"])
     index.append(np.array([0, 2, 5]), np.array([0, 1, 0]),
@@ -243,7 +243,7 @@ def test_cell_index_keeps_missing_values_and_samples_kept_cells(tmp_path):
 
 
 def test_split_keeps_groups_together_and_classes_balanced():
-    from sampleclr_scale.data.cohort import split_donors
+    from sampleclr_scale.data.split import split_donors
 
     rng = np.random.default_rng(0)
     donors = pd.DataFrame({"site": rng.integers(0, 10, 200).astype(str),

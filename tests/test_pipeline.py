@@ -48,7 +48,7 @@ def test_census_recipe_settings():
     recipe = PipelineConfig.from_yaml(PBMC)
     ingest = recipe.ingest_config(STORE_DIR)
     assert ingest.donor_key == ["dataset_id", "donor_id"] and ingest.primary_only
-    assert recipe.write_back and recipe.prior == "gloscope"
+    assert recipe.write_back and recipe.prior.kind == "gloscope"
     assert recipe.evaluate_config().trajectory is None
 
 
@@ -116,3 +116,46 @@ def test_census_recipe_offline_end_to_end(census_uri, ray_cluster, tmp_path, cap
         scores)
     assert "trajectory" not in scores
     assert "disease" in (out / "report" / "report.md").read_text()
+
+
+@pytest.mark.ray
+def test_a_recipe_runs_into_a_bucket(soma_uri, ray_cluster, bucket, tmp_path, capsys):
+    """OUT may be a URI: every stage writes there, a re-run finds every output and skips
+    its stage, and the report's address is printed as a URI."""
+    import fsspec
+
+    from sampleclr_scale.pipeline import run_pipeline
+
+    recipe = PipelineConfig.from_mapping({
+        "name": "tiny", "source": soma_uri,
+        "ingest": {"features": "obsm:scvi", "min_cells": 40, "meta": ["disease", "severity"],
+                   "cell_columns": ["cell_type"]},
+        "train": {"workers": 1, "epochs": 1, "supervised_epochs": 0, "patience": None,
+                  "log_every": 1000,
+                  "loader": {"batch_size": 4, "cells_per_view": 32}},
+        "embed": {"cells": 32, "workers": 1},
+        "evaluate": {"relevant": {"disease": "categorical"}, "technical": {},
+                     "trajectory": None},
+        "write_back": str(tmp_path / "results.soma"),
+    })
+    out = f"{bucket}/cohort"
+    run_pipeline(recipe, out, in_process=True)
+    printed = capsys.readouterr().out
+    assert f"report: {out}/report/report.md" in printed
+    fs = fsspec.filesystem("s3")
+    written = {path.removeprefix(out.removeprefix("s3://") + "/").split("/")[0]
+               for path in fs.find(out)}
+    assert written == {"bags.zarr", "runs", "embeddings", "report"}
+    store = BagStore(f"{out}/{STORE_DIR}")
+    assert fs.exists(f"{out}/runs/sampleclr/model.pt")
+    assert fs.exists(f"{out}/embeddings/sampleclr/donor_embeddings.parquet")
+    metrics = json.loads(fs.cat(f"{out}/report/metrics.json"))
+    assert metrics["n_donors"] == store.n_donors
+
+    modified = {path: info["LastModified"] for path, info in fs.find(out, detail=True).items()
+                if "/report/" not in path}
+    run_pipeline(recipe, out, in_process=True)
+    fs.invalidate_cache()
+    again = {path: info["LastModified"] for path, info in fs.find(out, detail=True).items()
+             if "/report/" not in path}
+    assert again == modified  # ingest, train and embed were skipped

@@ -1,4 +1,5 @@
-"""Stores and outputs behind URIs: Location, publishing to object storage, a bag store on S3.
+"""Stores and outputs behind URIs: Location, publishing to object storage, a bag store on S3;
+and the safety of publishing (what --overwrite replaces, locks, crash recovery, cleanup).
 
 S3 is the session's local S3 server (``s3_endpoint`` in conftest); every call goes through
 s3fs / zarr / pyarrow over HTTP, as against AWS.
@@ -6,8 +7,13 @@ s3fs / zarr / pyarrow over HTTP, as against AWS.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -19,9 +25,10 @@ from sampleclr_scale.cli import main
 from sampleclr_scale.config import LoaderConfig
 from sampleclr_scale.data.ingest import ingest
 from sampleclr_scale.data.loader import DonorBagDataset, make_loader
-from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.data.store import BAG_STORE, BagStore
 from sampleclr_scale.embed.writeback import read_back
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.outputs import OutputKind, claim
 from sampleclr_scale.storage import Location, local_directory, staged_output
 from sampleclr_scale.train.artifact import load_model
 from tests.conftest import ingest_config
@@ -29,7 +36,7 @@ from tests.conftest import ingest_config
 
 def upload_store(store_path: str, uri: str) -> None:
     """Publish a copy of a local store at ``uri`` (commit file last)."""
-    with staged_output(uri, overwrite=False) as staging:
+    with staged_output(uri, overwrite=False, kind=BAG_STORE) as staging:
         fsspec.filesystem("file").cp(store_path, str(staging), recursive=True)
 
 
@@ -71,7 +78,9 @@ def test_files_round_trip(where, tmp_path, bucket) -> None:
     (root / "a.json").write_text('{"x": 1}')
     (root / "sub" / "m.pt").write_torch({"w": np.arange(3)})
     assert (root / "a.json").read_text() == '{"x": 1}' and (root / "a.json").is_file()
-    assert np.array_equal((root / "sub" / "m.pt").read_torch()["w"], np.arange(3))
+    assert np.array_equal((root / "sub" / "m.pt").read_torch("file", "-")["w"], np.arange(3))
+    with pytest.raises(TypeError, match="cannot save 'object' as plain data"):
+        (root / "o.pt").write_torch({"w": object()})
     assert root.children() == ["a.json", "sub"] and (root / "none").children() == []
     (root / "sub").remove()
     assert not (root / "sub").exists() and root.children() == ["a.json"]
@@ -80,6 +89,11 @@ def test_files_round_trip(where, tmp_path, bucket) -> None:
 
 
 # --- publishing -----------------------------------------------------------------------------
+
+
+TEST_OUTPUT = OutputKind("a test output", "zarr.json",
+                         recognise=lambda where: (where / "zarr.json").is_file())
+"""The outputs of the tests below: a folder with a zarr.json."""
 
 
 def _write_output(staging: Path, marker: str) -> None:
@@ -91,22 +105,23 @@ def _write_output(staging: Path, marker: str) -> None:
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_staged_output_publishes_refuses_and_replaces(where, tmp_path, bucket) -> None:
     final = Location(tmp_path / "out" if where == "local" else f"{bucket}/out")
-    with staged_output(final, overwrite=False) as staging:
+    with staged_output(final, overwrite=False, kind=TEST_OUTPUT) as staging:
         _write_output(staging, "first")
     assert (final / "zarr.json").read_text() == "first"
 
     ran = False
     with pytest.raises(InputError, match="already exists"), \
-            staged_output(final, overwrite=False) as staging:
+            staged_output(final, overwrite=False, kind=TEST_OUTPUT) as staging:
         ran = True  # refused before the work starts
     assert not ran
 
-    with pytest.raises(RuntimeError), staged_output(final, overwrite=True) as staging:
+    with pytest.raises(RuntimeError), \
+            staged_output(final, overwrite=True, kind=TEST_OUTPUT) as staging:
         _write_output(staging, "second")
         raise RuntimeError("the stage failed")
     assert _files(final) == {"data/part0": b"first", "zarr.json": b"first"}  # untouched
 
-    with staged_output(final, overwrite=True) as staging:
+    with staged_output(final, overwrite=True, kind=TEST_OUTPUT) as staging:
         (staging / "only").mkdir(parents=True)
         (staging / "only" / "x").write_text("new")
         (staging / "zarr.json").write_text("second")
@@ -133,7 +148,7 @@ def test_an_interrupted_upload_is_not_a_store_and_a_rerun_repairs_it(
     assert (Location(uri) / "features" / "zarr.json").is_file()  # the data went up ...
     with pytest.raises(InputError, match="is not a bag store"):
         BagStore(uri)  # ... but without its commit file nobody reads it
-    with staged_output(uri, overwrite=True) as staging:
+    with staged_output(uri, overwrite=True, kind=BAG_STORE) as staging:
         fsspec.filesystem("file").cp(store_path, str(staging), recursive=True)
     assert BagStore(uri).n_cells == BagStore(store_path).n_cells
 
@@ -146,6 +161,171 @@ def test_local_directory_adds_files_to_a_remote_prefix(bucket) -> None:
         (directory / "figures" / "a.png").write_bytes(b"png")
         (directory / "keep.txt").write_text("replaced")
     assert _files(report) == {"figures/a.png": b"png", "keep.txt": b"replaced"}
+
+
+# --- safety: what --overwrite replaces, locks, recovery, cleanup ----------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _dead_pid() -> int:
+    """The pid of a process of this machine that has exited."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def _record(pid: int) -> bytes:
+    """A lock record of ``pid`` on this machine."""
+    return json.dumps({"pid": pid, "host": socket.gethostname(),
+                       "since": "2026-01-01T00:00:00+00:00", "token": "t"}).encode()
+
+
+def test_ingest_never_writes_over_or_into_its_source(h5ad_path, soma_uri, tmp_path,
+                                                     capsys) -> None:
+    source = tmp_path / "c60.h5ad"
+    shutil.copyfile(h5ad_path, source)
+    before = _sha256(source)
+    assert main(["ingest", str(source), "--out", str(source), "--overwrite",
+                 "--features", "obsm:scvi", "--donor-key", "dataset_id", "donor_id",
+                 "--min-cells", "40"]) == 2
+    assert f"--out {source} is {source}, which this stage reads" in capsys.readouterr().err
+    assert _sha256(source) == before and _names(tmp_path) == ["c60.h5ad"]
+
+    experiment = tmp_path / "exp"
+    shutil.copytree(soma_uri, experiment)
+    with pytest.raises(InputError, match="lies inside"):
+        ingest(ingest_config(str(experiment), experiment / "bags.zarr"))
+    assert not (experiment / "bags.zarr").exists()
+
+
+def test_overwrite_replaces_a_store_never_a_foreign_folder(soma_uri, store_path,
+                                                           tmp_path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"(?s)is a folder holding notes.txt, not a bag "
+                                         r"store.*move or delete it yourself"):
+        ingest(ingest_config(soma_uri, folder, overwrite=True))
+    assert _names(folder) == ["notes.txt"] and (folder / "notes.txt").read_text() == "mine"
+
+    store = tmp_path / "bags.zarr"
+    shutil.copytree(store_path, store)
+    ingest(ingest_config(soma_uri, store, overwrite=True, seed=11))
+    assert BagStore(store).attrs["ingest"]["seed"] == 11
+    assert _names(tmp_path) == ["bags.zarr", "results"]
+
+
+def test_an_empty_folder_is_replaced_and_a_file_never(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with staged_output(tmp_path / "empty", overwrite=True, kind=TEST_OUTPUT) as staging:
+        _write_output(staging, "new")
+    assert (tmp_path / "empty" / "zarr.json").read_text() == "new"
+    (tmp_path / "table.csv").write_text("a,b")
+    with pytest.raises(InputError, match="is a file, not a test output"), \
+            staged_output(tmp_path / "table.csv", overwrite=True, kind=TEST_OUTPUT):
+        pass
+    assert (tmp_path / "table.csv").read_text() == "a,b"
+
+
+_FIRST_RUN = """
+import sys, time
+from sampleclr_scale.outputs import OutputKind, claim
+from sampleclr_scale.storage import staged_output
+
+kind = OutputKind("a test output", "zarr.json", recognise=lambda where: True)
+with staged_output(sys.argv[1], overwrite=False, kind=kind) as staging:
+    staging.mkdir()
+    (staging / "zarr.json").write_text("first")
+    print("staged", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_concurrent_run_is_refused_and_a_killed_one_leaves_nothing(tmp_path) -> None:
+    final = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", _FIRST_RUN, str(final)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "staged\n"
+        with pytest.raises(InputError, match=rf"another run is writing {final}: pid "
+                                             rf"{first.pid} on"), \
+                staged_output(final, overwrite=True, kind=TEST_OUTPUT):
+            pass
+        assert [name for name in _names(tmp_path) if ".tmp-" in name]  # its work is kept
+    finally:
+        first.kill()
+        first.wait()
+    # the killed run's lock went with it; the next run removes its staging folder
+    with staged_output(final, overwrite=False, kind=TEST_OUTPUT) as staging:
+        _write_output(staging, "second")
+    assert (final / "zarr.json").read_text() == "second" and _names(tmp_path) == ["out"]
+
+
+def test_an_output_published_meanwhile_is_not_replaced(tmp_path) -> None:
+    final = tmp_path / "cohort.h5ad"
+    with pytest.raises(InputError, match="created by another run while this one was"), \
+            staged_output(final, overwrite=False, kind=TEST_OUTPUT) as staging:
+        staging.write_bytes(b"ours")
+        final.write_bytes(b"theirs")  # a writer without the lock publishes first
+    assert final.read_bytes() == b"theirs" and _names(tmp_path) == ["cohort.h5ad"]
+
+
+def test_a_killed_ingest_is_cleaned_up_and_a_live_one_kept(soma_uri, tmp_path) -> None:
+    out = tmp_path / "bags.zarr"
+    (tmp_path / ".bags.zarr.lock").write_bytes(_record(_dead_pid()))
+    for leftover in (".bags.zarr.tmp-dead", "..bags.zarr.tmp-dead.spill-x"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "0.x").write_bytes(b"spilled")
+    ingest(ingest_config(soma_uri, out))
+    assert _names(tmp_path) == ["bags.zarr"] and BagStore(out).n_donors > 0
+
+    with claim(Location(out)):  # a live run of this process holds the lock
+        (tmp_path / ".bags.zarr.tmp-live").mkdir()
+        with pytest.raises(InputError, match=rf"pid {os.getpid()} on .* holds the lock"):
+            ingest(ingest_config(soma_uri, out, overwrite=True))
+        assert (tmp_path / ".bags.zarr.tmp-live").is_dir()
+
+
+def test_a_crash_between_the_renames_of_an_overwrite_is_repaired(store_path, soma_uri,
+                                                                tmp_path) -> None:
+    out, aside = tmp_path / "bags.zarr", tmp_path / ".bags.zarr.old"
+    shutil.copytree(store_path, aside)  # crashed after moving the old store aside
+    with pytest.raises(InputError, match="already exists"):
+        ingest(ingest_config(soma_uri, out))  # the store is back, so it is not replaced
+    assert BagStore(out).fingerprint == BagStore(store_path).fingerprint
+    assert _names(tmp_path) == ["bags.zarr"]
+
+    shutil.copytree(store_path, aside)  # crashed after the new store was in
+    (out / "new").write_text("the new store")
+    with claim(Location(out)):
+        pass
+    assert _names(tmp_path) == ["bags.zarr"] and (out / "new").is_file()
+
+
+def test_remote_overwrite_and_locks(bucket) -> None:
+    final = Location(f"{bucket}/out")
+    (final / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"holding notes\.txt, not a test output"), \
+            staged_output(final, overwrite=True, kind=TEST_OUTPUT):
+        pass
+    assert _files(final) == {"notes.txt": b"mine"}
+
+    final, lock = Location(f"{bucket}/run"), Location(f"{bucket}/.run.lock")
+    lock.write_bytes(_record(os.getpid()))  # a live run of this machine
+    with pytest.raises(InputError, match=rf"(?s)pid {os.getpid()} .*delete {lock}"), \
+            staged_output(final, overwrite=False, kind=TEST_OUTPUT):
+        pass
+    lock.write_bytes(_record(_dead_pid()))  # a dead one's lock is taken over
+    with staged_output(final, overwrite=False, kind=TEST_OUTPUT) as staging:
+        _write_output(staging, "run")
+    assert (final / "zarr.json").read_text() == "run" and not lock.exists()
 
 
 # --- a bag store on S3 ----------------------------------------------------------------------

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from sampleclr_scale.config import LoaderConfig, TrainConfig
+from sampleclr_scale.data.ingest import ingest
 from sampleclr_scale.data.loader import DonorBagDataset, make_loader
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import flatten_views, split_views
-from sampleclr_scale.train.artifact import load_model
-from sampleclr_scale.train.driver import METRICS_FILE, train
+from sampleclr_scale.train.artifact import MODEL_FILE, load_model
+from sampleclr_scale.train.checkpoint import STATE_FILE, Position, TrainState, cpu_copy
+from sampleclr_scale.train.driver import METRICS_FILE, STORE_FILE, train
 from sampleclr_scale.train.schedule import warmup_cosine
 from sampleclr_scale.train.worker import FAULT_MARKER
+from tests.conftest import ingest_config
 
 RUN = {
     "preset": "small",
@@ -128,6 +133,27 @@ def test_existing_run_needs_resume(reference_run, store_path):
     assert again.history == reference_run.history
 
 
+def test_a_run_resumes_only_on_its_own_store(store_path, soma_uri, tmp_path):
+    # issue #11: --resume on another store mixed the two stores' data with status 0
+    config = TrainConfig.from_mapping({**RUN, "workers": 1, "epochs": 1, "supervised_epochs": 0})
+    run = str(tmp_path / "run")
+    train(store_path, run, config, in_process=True)
+    other = str(tmp_path / "other.zarr")  # the same cohort, ingested with another seed
+    ingest(ingest_config(soma_uri, other, seed=11))
+    with pytest.raises(InputError, match=rf"(?s)started on the store {store_path} .*not on "
+                                         rf"{other} .*mix their data.*--store {store_path}"):
+        train(other, run, config, resume=True, in_process=True)
+
+    copy = tmp_path / "copy.zarr"  # a copy has the same fingerprint: it may resume there
+    shutil.copytree(store_path, copy)
+    assert BagStore(copy).fingerprint == BagStore(store_path).fingerprint
+    assert len(train(str(copy), run, config, resume=True, in_process=True).history) == 1
+
+    (tmp_path / "run" / STORE_FILE).unlink()  # a run started before runs recorded stores
+    with pytest.raises(InputError, match="does not record the store"):
+        train(store_path, run, config, resume=True, in_process=True)
+
+
 def test_store_without_the_label_column(store_path, tmp_path):
     config = TrainConfig.from_mapping({**RUN, "tasks": [{"column": "bmi", "kind": "regression"}]})
     with pytest.raises(InputError, match="no donor column 'bmi'"):
@@ -142,6 +168,18 @@ def test_unknown_prior_and_unknown_keys():
         TrainConfig.from_mapping({"epoch": 3})
     with pytest.raises(InputError, match=r"loader\.batchsize"):
         TrainConfig.from_mapping({"loader": {"batchsize": 3}})
+
+
+@pytest.mark.parametrize(("workers", "batch_size"), [(1, 1), (1, 2), (2, 1)])
+def test_a_global_batch_of_one_donor_is_refused(workers, batch_size):
+    # one donor per step has no negatives: the loss is 0 and the run "succeeded"
+    values = {"workers": workers, "loader": {"batch_size": batch_size}}
+    if workers * batch_size >= 2:
+        assert TrainConfig.from_mapping(values).global_batch == 2
+        return
+    with pytest.raises(InputError, match=r"global batch of 1 donor \(workers 1 x "
+                       r"loader\.batch_size 1\).*workers x loader\.batch_size is at least 2"):
+        TrainConfig.from_mapping(values)
 
 
 def test_more_workers_than_donors_can_feed(store_path, tmp_path):
@@ -171,7 +209,7 @@ def _local_worker_env() -> str | None:
 
     import ray
 
-    from sampleclr_scale.train.cluster import ensure_ray
+    from sampleclr_scale.cluster import ensure_ray
 
     ensure_ray()
     try:
@@ -181,7 +219,7 @@ def _local_worker_env() -> str | None:
 
 
 def test_a_local_ray_gives_its_processes_two_malloc_arenas(monkeypatch):
-    """With glibc's default a worker's memory grows with the epochs (see train/cluster.py)."""
+    """With glibc's default a worker's memory grows with the epochs (see cluster.py)."""
     from sampleclr_scale.bench import run_in_child
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -196,3 +234,59 @@ def test_batch_aware_settings_need_a_batch_keyed_store(store_path, tmp_path, set
     with pytest.raises(InputError, match="need the donors' technical batches"):
         train(store_path, str(tmp_path / "run"), config)
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+# --- files that are loaded ---------------------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickling it writes ``marker``: what a crafted model or checkpoint file can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "code ran")
+
+
+@pytest.mark.parametrize(("file", "load", "what"), [
+    (MODEL_FILE, load_model, "trained model"),
+    (STATE_FILE, TrainState.load, "training checkpoint"),
+])
+def test_a_crafted_model_or_checkpoint_is_refused_without_running_code(file, load, what,
+                                                                       tmp_path):
+    marker = tmp_path / "marker"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model_config": _RunsCode(marker), "position": {}}, run / file)
+    with pytest.raises(InputError, match=rf"(?s)run/{file} is not a {what} written by "
+                       r"sampleclr-scale.*fix: train"):
+        load(run)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_round_trips_as_plain_data(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    state = TrainState(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                       scheduler=scheduler.state_dict(), position=Position(2, 5, 1, 3, 40),
+                       best_loss=0.25, best_model=cpu_copy(model.state_dict()), bad_epochs=1,
+                       history=[{"epoch": np.int64(4), "train_loss": np.float32(0.5)}])
+    state.save(tmp_path)
+    loaded = TrainState.load(tmp_path)  # weights_only: tensors and plain data only
+    assert loaded.position == state.position and loaded.best_loss == 0.25
+    assert loaded.history == [{"epoch": 4, "train_loss": 0.5}]
+    assert type(loaded.history[0]["epoch"]) is int
+    for weights in (loaded.model, loaded.best_model):
+        assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    resumed = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    resumed.load_state_dict(loaded.optimizer)
+    torch.optim.lr_scheduler.LambdaLR(resumed, lambda step: 0.5).load_state_dict(
+        loaded.scheduler)
+    assert resumed.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert all(torch.equal(resumed.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
+               for p in model.parameters())

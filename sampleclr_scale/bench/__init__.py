@@ -78,11 +78,14 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
                               workdir=Path(args.workdir))
     elif kind == "embed":
         from sampleclr_scale.bench.embed import bench_embed
+        from sampleclr_scale.embed.config import EmbedConfig
 
-        figures = bench_embed(args.store, args.checkpoint,
-                              workers=[int(w) for w in args.workers.split(",")],
-                              cells=args.cells, mode=args.mode,
-                              batch_donors=args.batch_donors, graph_cells=args.graph_cells)
+        settings = {name: getattr(args, name) for name in ("cells", "mode", "batch_donors",
+                                                           "graph_cells")}
+        config = EmbedConfig.from_mapping({k: v for k, v in settings.items() if v is not None},
+                                          where="bench embed")
+        figures = bench_embed(args.store, args.checkpoint, config,
+                              workers=[int(w) for w in args.workers.split(",")])
     elif kind == "scale":
         from sampleclr_scale.bench.scale import bench_scale
 

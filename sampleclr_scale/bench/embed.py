@@ -63,9 +63,8 @@ def _time_donor(store: BagStore, model: SampleCLR, donor: int, config: EmbedConf
     seconds["forward"] += time.perf_counter() - t3
 
 
-def bench_embed(store: str, run_dir: str, workers: tuple[int, ...] | list[int] = (1, 2),
-                cells: int = 1000, mode: str = "centrality", batch_donors: int = 16,
-                graph_cells: int | None = 20_000) -> dict:
+def bench_embed(store: str, run_dir: str, config: EmbedConfig,
+                workers: tuple[int, ...] | list[int] = (1, 2)) -> dict:
     """Figures for ``sampleclr-scale bench embed``.
 
     Parameters
@@ -74,17 +73,11 @@ def bench_embed(store: str, run_dir: str, workers: tuple[int, ...] | list[int] =
         Bag store to embed (every donor).
     run_dir
         Training run with ``model.pt``.
+    config
+        The embedding settings (``workers`` is replaced by each of ``workers``); the
+        breakdown always times the centrality rule.
     workers
         Actor counts to compare.
-    cells
-        Cells per donor ``m``.
-    mode
-        Cell choice (see :class:`EmbedConfig`); the breakdown always times centrality.
-    batch_donors
-        Donors per task (small enough that a demo cohort of a few hundred donors keeps
-        every actor busy to the end).
-    graph_cells
-        Largest centrality graph per donor (see :class:`EmbedConfig`).
 
     Returns
     -------
@@ -94,13 +87,12 @@ def bench_embed(store: str, run_dir: str, workers: tuple[int, ...] | list[int] =
     """
     bags = BagStore(store)
     sizes = bags.cells_per_donor
-    config = EmbedConfig(cells=cells, mode=mode, batch_donors=batch_donors,
-                         graph_cells=graph_cells)
+    cells, graph_cells = config.cells, config.graph_cells
     graphs = np.minimum(sizes[sizes > cells], graph_cells or sizes.max())
     figures: dict = {
         "store": Path(store).name, "n_donors": bags.n_donors, "n_cells": bags.n_cells,
-        "dim": bags.dim, "cells": cells, "mode": mode, "k": config.k,
-        "batch_donors": batch_donors, "graph_cells": graph_cells,
+        "dim": bags.dim, "cells": cells, "mode": config.mode, "k": config.k,
+        "batch_donors": config.batch_donors, "graph_cells": graph_cells,
         "donors_needing_a_graph": len(graphs),
         "mean_graph_cells": round(float(graphs.mean()), 1) if len(graphs) else 0.0,
         "median_cells_per_donor": float(np.median(sizes)),

@@ -18,10 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from sampleclr_scale.data.store import DONORS_FILE, create_arrays, finish_arrays
+from sampleclr_scale.cluster import ensure_ray
+from sampleclr_scale.data.manifest import write_manifest
+from sampleclr_scale.data.store import BAG_STORE, DONORS_FILE, create_arrays, finish_arrays
+from sampleclr_scale.prior.build import build_prior
+from sampleclr_scale.prior.config import PriorConfig
+from sampleclr_scale.prior.graph import PriorGraph
 from sampleclr_scale.storage import staged_output
-from sampleclr_scale.train.cluster import ensure_ray
-from sampleclr_scale.train.prior import PriorGraph, build_prior
 
 _CELLS_RANGE = (200, 400)  # cells per donor, uniform
 _COMPONENTS = 8  # mixture components shared by all donors
@@ -77,7 +80,8 @@ def bench_prior(
             run: dict = {"donors": n_donors, "cells": n_cells,
                          "store_seconds": round(time.perf_counter() - mark, 2)}
             for kind in ("pseudobulk", "gloscope"):
-                prior = build_prior(str(store), kind, cells_per_donor=cells_per_donor)
+                config = PriorConfig(kind=kind, cells_per_donor=cells_per_donor)
+                prior = build_prior(str(store), config)
                 run[kind] = _run_figures(prior, groups)
                 print(f"{kind} prior of {n_donors:,} donors: {run[kind]['seconds']} s, "
                       f"{run[kind]['mode']}, {run[kind]['pairs']:,} pairs", flush=True)
@@ -116,7 +120,7 @@ def _write_store(path: Path, n_donors: int, dim: int, seed: int) -> tuple[np.nda
     groups = rng.integers(_GROUPS, size=n_donors)
     sizes = rng.integers(_CELLS_RANGE[0], _CELLS_RANGE[1] + 1, size=n_donors)
     donor_ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    with staged_output(path, overwrite=True) as staging:
+    with staged_output(path, overwrite=True, kind=BAG_STORE) as staging:
         group = create_arrays(staging, n_cells=int(donor_ptr[-1]), dim=dim, dtype="float32",
                               chunk_rows=4096)
         for lo in range(0, n_donors, _DONOR_BLOCK):
@@ -133,6 +137,7 @@ def _write_store(path: Path, n_donors: int, dim: int, seed: int) -> tuple[np.nda
         donors = pd.DataFrame({"donor": [f"donor-{d}" for d in range(n_donors)],
                                "group": groups, "n_cells": sizes, "split": split})
         pq.write_table(pa.Table.from_pandas(donors, preserve_index=False), staging / DONORS_FILE)
+        write_manifest(staging)
     return groups, int(donor_ptr[-1])
 
 

@@ -22,13 +22,16 @@ from typing import Any
 from sampleclr_scale.bench import run_in_child
 from sampleclr_scale.bench.ingest import bench_config, ingest_figures, simulated_source
 from sampleclr_scale.bench.memory import ProcessPeaks
+from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.embedder import run_embedding
-from sampleclr_scale.train.cluster import ensure_ray
+from sampleclr_scale.prior.build import build_prior
+from sampleclr_scale.prior.config import PriorConfig
+from sampleclr_scale.prior.graph import prior_summary
+from sampleclr_scale.prior.storage import save_prior
 from sampleclr_scale.train.driver import train
-from sampleclr_scale.train.prior import build_prior, prior_summary, save_prior
 
 CELLS_PER_DONOR = (500, 5000)  # about 2,000 cells per donor: 10M cells ~ 5,000 donors
 BATCH_DONORS = 32  # donors per worker batch
@@ -86,7 +89,7 @@ def _measured(name: str, env: dict[str, str], stage: Callable[..., dict], *args:
 
 def prior_stage(store: str) -> dict:
     """Build and store the sparse GloScope prior."""
-    graph = build_prior(store, "gloscope")
+    graph = build_prior(store, PriorConfig(kind="gloscope"))
     save_prior(store, graph)
     return prior_summary(graph)
 

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sampleclr_scale.config import IngestConfig
-from sampleclr_scale.data.cohort import CellIndex
+from sampleclr_scale.data.cell_index import CellIndex
 from sampleclr_scale.data.sources import CellSource
 
 log = logging.getLogger(__name__)

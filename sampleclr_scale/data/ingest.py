@@ -1,7 +1,7 @@
 """Ingest: source -> cohort -> features -> donor-sorted bag store, out of core.
 
 The cohort's obs columns are read first, into a per-cell index on disk
-(:class:`~sampleclr_scale.data.cohort.CellIndex`). The features are then read once, in
+(:class:`~sampleclr_scale.data.cell_index.CellIndex`). The features are then read once, in
 large sequential blocks of cells (sorted source ids). Each block's cell records and
 feature rows are appended to spill files, one pair per *bucket* of consecutive donors
 holding about ``bucket_bytes`` of them. A second pass loads one bucket at a time, orders
@@ -14,7 +14,8 @@ Peak memory is one read block plus one bucket, whatever the number of cells; dis
 traffic is one extra write and read of the features and of the cell index.
 
 The within-donor order is a hash of ``(seed, source id)``, so the store is the same for
-any block or bucket size.
+any block or bucket size. The last file written is the store's manifest
+(:mod:`~sampleclr_scale.data.manifest`), before the store is published.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from sampleclr_scale.config import IngestConfig
 from sampleclr_scale.data.batches import CohortBatches
 from sampleclr_scale.data.cohort import Cohort, select_cohort
 from sampleclr_scale.data.features import make_features
+from sampleclr_scale.data.manifest import write_manifest
 from sampleclr_scale.data.sources import open_source
 from sampleclr_scale.data.store import (
+    BAG_STORE,
     CELLS_FILE,
     CODES_GROUP,
     DONORS_FILE,
@@ -126,7 +129,9 @@ def ingest(config: IngestConfig) -> IngestReport:
     """Build a bag store from ``config.source`` at ``config.out`` (atomically)."""
     start = time.perf_counter()
     with (open_source(config.source, config.measurement, config.organism) as source,
-          staged_output(config.out, config.overwrite) as staging,
+          staged_output(config.out, config.overwrite, kind=BAG_STORE,
+                        inputs=[source.uri]) as staging,
+          # named after the staging path, so a killed run's spill files go with it
           tempfile.TemporaryDirectory(dir=staging.parent,
                                       prefix=f".{staging.name}.spill-") as spill):
         cohort = select_cohort(source, config, Path(spill))
@@ -148,7 +153,7 @@ def ingest(config: IngestConfig) -> IngestReport:
             "source": source.uri,
             "source_kind": source.kind,
             "features": features.describe(),
-            "donor_key": config.donor_key,
+            "donor_key": cohort.donor_key,
             "ingest": config.model_dump(mode="json", exclude=unset),
             "counts": cohort.counts,
             "n_cells": int(donor_ptr[-1]),
@@ -161,6 +166,7 @@ def ingest(config: IngestConfig) -> IngestReport:
         finish_arrays(group, donor_ptr, attrs, arrays)
         pq.write_table(pa.Table.from_pandas(donors, preserve_index=False),
                        staging / DONORS_FILE)
+        write_manifest(staging)  # last: it lists every file above
     report = IngestReport(config.out, int(donor_ptr[-1]), len(donors), features.dim,
                           time.perf_counter() - start, cohort.counts)
     log.info("wrote %s: %d cells, %d donors, d=%d in %.1f s (%.0f cells/s)", config.out,

@@ -38,6 +38,7 @@ from sampleclr_scale.data.sampler import (
 )
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.losses.gather import rank_and_world_size
 
 AUTO_BALANCE_COLUMN = "cell_type"
 """The column that ``LoaderConfig.balance: auto`` balances views over, when stored."""
@@ -112,6 +113,24 @@ def read_rows(array: Any, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([array[int(r[0]) : int(r[-1]) + 1] for r in runs])
 
 
+def check_views_fit(store: BagStore, config: LoaderConfig) -> None:
+    """Refuse views larger than every donor of the store.
+
+    Raises
+    ------
+    InputError
+        When the smallest view (``view_range[0]`` cells) exceeds the largest donor.
+    """
+    largest = int(store.cells_per_donor.max())
+    if config.view_range[0] > largest:
+        raise InputError(
+            f"views of {config.view_range[0]} cells are larger than any donor "
+            f"(largest has {largest} cells)",
+            f"set loader.cells_per_view (m) to at most {largest}, or ingest with a larger "
+            "--min-cells cohort",
+        )
+
+
 class DonorBagDataset(IterableDataset):
     """Two-view donor bags of one split, sharded over ranks and DataLoader workers.
 
@@ -159,9 +178,7 @@ class DonorBagDataset(IterableDataset):
             raise InputError("pass both rank and world_size, or neither",
                              "take both from ray.train.get_context()")
         if rank is None:
-            dist = torch.distributed
-            initialised = dist.is_available() and dist.is_initialized()
-            rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
+            rank, world_size = rank_and_world_size()
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
         self.start_step = 0
@@ -181,14 +198,7 @@ class DonorBagDataset(IterableDataset):
                              "train with standardize: none")
         steps_per_epoch(len(self._donors), self.config.batch_size, self.world_size,
                         self.config.drop_last)
-        largest = int(store.cells_per_donor.max())
-        if self.config.view_range[0] > largest:
-            raise InputError(
-                f"views of {self.config.view_range[0]} cells are larger than any donor "
-                f"(largest has {largest} cells)",
-                f"set cells_per_view (m) to at most {largest}, or ingest with a larger "
-                "--min-cells cohort",
-            )
+        check_views_fit(store, self.config)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""

@@ -9,8 +9,9 @@ row number of an ``.h5ad`` file.
 
 from __future__ import annotations
 
-import ast
 import contextlib
+import errno
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,36 +21,21 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sampleclr_scale.config import is_census
+from sampleclr_scale.data.obs_filter import Filter
 from sampleclr_scale.errors import InputError
 
-CENSUS_PREFIX = "census"
 _OBS_BLOCK = 1 << 20  # obs rows read at a time
 
 
-def filter_columns(expr: str) -> list[str]:
-    """Column names referenced by an obs filter expression, in order of appearance.
-
-    Obs filters use the SOMA value-filter syntax (``tissue_general == 'blood' and
-    disease in ['normal', 'COVID-19']``), which is also valid Python, so it is checked
-    with Python's parser before any data is read.
-
-    Raises
-    ------
-    InputError
-        If the expression does not parse.
-    """
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except SyntaxError as err:
-        raise InputError(
-            f"obs filter {expr!r} does not parse: {err.msg} (column {err.offset})",
-            "write it in the SOMA value-filter syntax, e.g. "
-            "\"disease == 'normal' and n_genes > 200\" (strings in quotes, 'and'/'or', "
-            "'in [...]')",
-        ) from None
-    names = [node.id for node in ast.walk(tree) if isinstance(node, ast.Name)]
-    builtins = {"True", "False", "None"}
-    return list(dict.fromkeys(n for n in names if n not in builtins))
+def unreadable(path: str) -> PermissionError | None:
+    """The error for a local file, or folder, that this process may not read; None for
+    anything else (h5py and tiledbsoma report an unreadable source as a bad file or a bad
+    path)."""
+    wanted = os.R_OK | os.X_OK if os.path.isdir(path) else os.R_OK
+    if os.path.exists(path) and not os.access(path, wanted):
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    return None
 
 
 class CellSource(ABC):
@@ -64,9 +50,16 @@ class CellSource(ABC):
         """Names of the obs columns."""
 
     @abstractmethod
-    def iter_obs(self, columns: list[str], obs_filter: str | None) -> Iterator[pd.DataFrame]:
+    def iter_obs(self, columns: list[str], obs_filter: Filter | None) -> Iterator[pd.DataFrame]:
         """Blocks of the obs rows passing ``obs_filter``, in increasing ``joinid`` order, with
-        ``columns`` plus an int64 ``joinid`` column."""
+        ``columns`` plus an int64 ``joinid`` column.
+
+        Raises
+        ------
+        InputError
+            If the filter's literals do not fit the types of its columns
+            (:meth:`~sampleclr_scale.data.obs_filter.Filter.check_types`).
+        """
 
     @abstractmethod
     def embedding_names(self) -> list[str]:
@@ -181,7 +174,7 @@ class SomaSource(CellSource):
         try:
             obj = tiledbsoma.open(uri)
         except Exception as err:  # tiledbsoma raises several types for a bad path
-            raise InputError(
+            raise unreadable(uri) or InputError(
                 f"cannot open {uri!r} as a SOMA experiment: {err}",
                 "pass the URI of a SOMA Experiment (a directory written by tiledbsoma), "
                 "an .h5ad file, or census[:VERSION]",
@@ -199,17 +192,21 @@ class SomaSource(CellSource):
     def obs_columns(self) -> list[str]:
         return self._obs_columns
 
-    def iter_obs(self, columns: list[str], obs_filter: str | None) -> Iterator[pd.DataFrame]:
+    def iter_obs(self, columns: list[str], obs_filter: Filter | None) -> Iterator[pd.DataFrame]:
         import tiledbsoma
 
+        value_filter = None
+        if obs_filter is not None:
+            obs_filter.check_types(self._exp.obs.schema.empty_table().to_pandas())
+            value_filter = obs_filter.soma_expression
         for lo in range(0, self._max_joinid() + 1, _OBS_BLOCK):
             try:
                 tables = list(self._exp.obs.read(
                     coords=(slice(lo, lo + _OBS_BLOCK - 1),),
-                    column_names=["soma_joinid", *columns], value_filter=obs_filter))
+                    column_names=["soma_joinid", *columns], value_filter=value_filter))
             except (tiledbsoma.SOMAError, ValueError) as err:
                 raise InputError(
-                    f"obs filter {obs_filter!r} was refused by {self.uri}: {err}",
+                    f"obs filter {value_filter!r} was refused by {self.uri}: {err}",
                     "use the SOMA value-filter syntax on existing obs columns",
                 ) from None
             for table in tables:
@@ -302,7 +299,7 @@ class H5adSource(CellSource):
         try:
             self._file = h5py.File(path, "r")
         except OSError as err:
-            raise InputError(
+            raise unreadable(path) or InputError(
                 f"{path} is not an .h5ad (HDF5) file: {err}",
                 "pass an AnnData .h5ad file written by anndata/scanpy",
             ) from None
@@ -319,10 +316,10 @@ class H5adSource(CellSource):
     def obs_columns(self) -> list[str]:
         return self._obs_columns
 
-    def iter_obs(self, columns: list[str], obs_filter: str | None) -> Iterator[pd.DataFrame]:
+    def iter_obs(self, columns: list[str], obs_filter: Filter | None) -> Iterator[pd.DataFrame]:
         from anndata.io import read_elem
 
-        in_filter = filter_columns(obs_filter) if obs_filter else []
+        in_filter = obs_filter.columns if obs_filter is not None else []
         needed = list(dict.fromkeys([*columns, *in_filter]))
         self.check_columns(needed, "the obs filter or cohort")
         for lo in range(0, self._n_obs, _OBS_BLOCK):
@@ -330,14 +327,8 @@ class H5adSource(CellSource):
             frame = pd.DataFrame({c: _read_rows(self._file["obs"][c], lo, hi, read_elem)
                                   for c in needed})
             frame.insert(0, "joinid", np.arange(lo, hi, dtype=np.int64))
-            if obs_filter:
-                try:
-                    frame = frame.query(obs_filter, engine="python")
-                except Exception as err:  # pandas raises many types for a bad expression
-                    raise InputError(
-                        f"obs filter {obs_filter!r} failed on {self.uri}: {err}",
-                        "use the SOMA value-filter syntax on existing obs columns",
-                    ) from None
+            if obs_filter is not None:
+                frame = frame[obs_filter.evaluate(frame)]
             yield frame[["joinid", *columns]]
 
     def embedding_names(self) -> list[str]:
@@ -417,7 +408,7 @@ def open_source(spec: str, measurement: str = "RNA", organism: str = "homo_sapie
     organism
         Census organism (``homo_sapiens``, ``mus_musculus``, ...).
     """
-    if spec == CENSUS_PREFIX or spec.startswith(CENSUS_PREFIX + ":"):
+    if is_census(spec):
         return _open_census(_absolute(spec.partition(":")[2]) or "stable", measurement,
                             organism)
     if "://" not in spec:  # the store records where its cells came from: absolute paths

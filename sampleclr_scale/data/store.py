@@ -1,6 +1,6 @@
 """The bag store: a donor-sorted Zarr v3 group that training streams from.
 
-Layout (the contract in DESIGN.md)::
+Layout (a contract between stages; ARCHITECTURE.md lists them all)::
 
     STORE/                      Zarr v3 group; attributes below
       features                  float32|float16 [n_cells, d], rows sorted by donor,
@@ -14,6 +14,8 @@ Layout (the contract in DESIGN.md)::
       donors.parquet            one row per donor: key, metadata, n_cells, split
                                 (and the int32 batch code with --batch-key)
       cells.parquet             cell-level columns, one row per store row (optional)
+      manifest.json             every file above with its size and CRC32, written last
+                                (:mod:`~sampleclr_scale.data.manifest`)
 
 Attributes: ``schema_version``, ``source``, ``features``, ``donor_key``, ``n_cells``,
 ``n_donors``, ``dim``, the ingest parameters and counts, and with ``--batch-key`` also
@@ -36,7 +38,14 @@ import pandas as pd
 import zarr
 
 from sampleclr_scale.data.batches import standardize
+from sampleclr_scale.data.manifest import (
+    Manifest,
+    open_checked_group,
+    read_manifest,
+    require_complete,
+)
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.outputs import zarr_output
 from sampleclr_scale.storage import Location
 
 SCHEMA_VERSION = 1
@@ -45,6 +54,9 @@ CELLS_FILE = "cells.parquet"
 SPLITS = ("train", "validation")
 CODES_GROUP = "codes"
 MAX_INT16_CATEGORIES = 32_767
+BAG_STORE = zarr_output("a bag store", ("schema_version", "n_donors"), "features")
+"""What ``--overwrite`` of a store replaces: a group with the store's attributes (any
+schema version), or the ``features`` array of an interrupted upload."""
 
 
 class BagStore:
@@ -54,6 +66,13 @@ class BagStore:
     ----------
     location
         Where the store is: a local path or a URI (``s3://``, ``gs://`` ...).
+
+    Raises
+    ------
+    InputError
+        For no store, one of another schema version, one without a manifest or one
+        missing files or holding truncated ones (checked against the manifest on open,
+        and again for each Zarr file when it is read).
     """
 
     def __init__(self, location: str | Path | Location) -> None:
@@ -63,7 +82,9 @@ class BagStore:
                 f"{self.location} is not a bag store (no zarr.json)",
                 "build one with `sampleclr-scale ingest SOURCE --out STORE`",
             )
-        self._group = self.location.open_group("r")
+        self.manifest: Manifest = read_manifest(self.location)
+        require_complete(self.location, self.manifest)
+        self._group = open_checked_group(self.location, self.manifest)
         self.attrs: dict[str, Any] = dict(self._group.attrs)
         version = self.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
@@ -74,6 +95,12 @@ class BagStore:
             )
         self.features: zarr.Array = self._group["features"]
         self.donor_ptr: np.ndarray = self._group["donor_ptr"][:]
+
+    @property
+    def fingerprint(self) -> str:
+        """The store's content fingerprint: SHA-256 of its manifest (the size and CRC32 of
+        every file ingest wrote), so a copy has the same one and a re-ingest another."""
+        return self.manifest.fingerprint
 
     @property
     def n_cells(self) -> int:

@@ -56,6 +56,7 @@ from scipy import sparse
 
 from sampleclr_scale.data._soma_writer import write_census_collection, write_experiment
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.outputs import OutputKind
 from sampleclr_scale.storage import Location, staged_output
 
 __all__ = [
@@ -110,6 +111,8 @@ _SEXES = ("female", "male", "unknown")
 _SEX_SIGN = (-1.0, 1.0, 0.0)
 _UNKNOWN = "unknown"
 _SPECIAL_DONORS = ("pooled", _UNKNOWN)
+_SIMULATED = OutputKind("a simulated cohort", commit=None, recognise=lambda _: False)
+"""A simulated source (.h5ad, SOMA): only ever written new, so nothing is replaceable."""
 _DONOR_COLUMNS = ("dataset_id", "donor_id", "disease", "severity", "age", "sex", "assay", "n_cells")
 
 _LATENT_DIM = 16
@@ -731,7 +734,7 @@ def _new_output(path: str | Path) -> AbstractContextManager[Path]:
     """Stage a new output and publish it atomically at the end (local path or URI)."""
     if Location(path).exists():
         raise InputError(f"output path {path} already exists", "delete it or pick another path")
-    return staged_output(path, overwrite=False, commit=None)
+    return staged_output(path, overwrite=False, kind=_SIMULATED)
 
 
 def _is_int(value: object, minimum: int) -> bool:

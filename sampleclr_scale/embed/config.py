@@ -10,24 +10,38 @@ from pydantic import Field, model_validator
 from sampleclr_scale.config import StageConfig
 from sampleclr_scale.embed.selection import SelectionMode
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.outputs import files_output
+from sampleclr_scale.storage import ZARR_COMMIT
 
 DONORS_PARQUET = "donor_embeddings.parquet"
 DONORS_H5AD = "donor_embeddings.h5ad"
 CELLS_PARQUET = "cell_weights.parquet"
 PROVENANCE_FILE = "provenance.json"
 """The files of an embedding output directory (see :mod:`sampleclr_scale.embed.embedder`)."""
+EMBEDDINGS = files_output("an embedding folder",
+                          (DONORS_PARQUET, DONORS_H5AD, CELLS_PARQUET, PROVENANCE_FILE),
+                          commit=PROVENANCE_FILE)
+"""What ``embed --overwrite`` replaces: a folder of those files and nothing else."""
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 STAGING_MARK = ".tmp-"
 """Part of the names of results still being written; refused in run names."""
 
 
-_RUN_NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit, no '.tmp-'"
+_RUN_NAME_RULE = (f"letters, digits, '_', '.', '-', starting with a letter or digit, no "
+                  f"'{STAGING_MARK}', not {ZARR_COMMIT}")
 
 
 def valid_run_name(name: str) -> bool:
-    """Whether ``name`` can name results (a SOMA collection member and a folder)."""
-    return bool(_RUN_NAME.match(name)) and STAGING_MARK not in name
+    """Whether ``name`` can name results (a SOMA collection member and a folder).
+
+    Zarr's metadata files are refused, so that no results take their place in the store's
+    ``embeddings`` group: ``zarr.json`` (in any case, for case-insensitive file systems)
+    and, as every name that does not start with a letter or digit, ``.zgroup``,
+    ``.zattrs`` and ``.zarray``.
+    """
+    return (bool(_RUN_NAME.match(name)) and STAGING_MARK not in name
+            and name.lower() != ZARR_COMMIT)
 
 
 def check_run_name(name: str) -> str:
@@ -49,11 +63,9 @@ class EmbedConfig(StageConfig):
     uniformly, or in the cohort's cell-type proportions for a model trained on views
     balanced over a column (``loader.balance``); ``centrality``: the ``m`` cells of lowest
     eigenvector centrality in the donor's k-nearest-neighbour graph (SampleCLR's inference
-    rule, with a per-donor graph); ``all``: every cell. On the simulated cohort the
-    lowest-centrality cells are a biased subset (peripheral states and rare types) that
-    the model never saw in training: severity information retention fell from 0.72
-    (random) to 0.51 (centrality) for the unsupervised model, below pseudobulk (0.62), so
-    ``random`` is the default."""
+    rule, with a per-donor graph); ``all``: every cell. ``random`` is the default because
+    the lowest-centrality cells are a biased subset that the model never saw in training
+    (measured in benchmarks/README.md, "Which cells to embed")."""
     k: int = Field(default=15, ge=1)
     """Neighbours per cell in the centrality graph."""
     graph_cells: int | None = Field(default=20_000, ge=1)
@@ -72,7 +84,8 @@ class EmbedConfig(StageConfig):
     """Name of the results where they are written back (``sampleclr/<run>`` in a SOMA
     experiment, ``embeddings/<run>`` in the store); default: the run directory's name."""
     overwrite: bool = False
-    """Replace an existing output directory (atomically, after the new one is complete)."""
+    """Replace an existing embedding folder (atomically, after the new one is complete);
+    anything else at ``out`` is refused."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -1,9 +1,9 @@
 """Embed every donor of a bag store with a trained SampleCLR model, on Ray actors.
 
 Each donor is represented by a deterministic set of its cells
-(:func:`~sampleclr_scale.embed.selection.select_cells`, SampleCLR's lowest-centrality rule
-by default) and embedded by the model in eval mode: no dropout, no sampling noise, so the
-same store, model and config always give the same vectors.
+(:func:`~sampleclr_scale.embed.selection.select_cells`, as ``EmbedConfig.mode`` says) and
+embedded by the model in eval mode: no dropout, no sampling noise, so the same store,
+model and config always give the same vectors.
 
 Parallelism: a ``ray.util.ActorPool`` of ``workers`` actors, each loading the model once
 in its constructor and holding the store open. A task is a run of consecutive donor
@@ -49,12 +49,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import (
     CELLS_PARQUET,
     DONORS_H5AD,
     DONORS_PARQUET,
+    EMBEDDINGS,
     PROVENANCE_FILE,
     EmbedConfig,
     check_run_name,
@@ -64,7 +66,6 @@ from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import SampleCLR
 from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.train.artifact import load_model
-from sampleclr_scale.train.cluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         if standardize:
             x = store.standardize(x, int(batch[donor]))
         if target is None:
-            chosen = select_cells(x, config.cells, config.mode, config.k, config.seed, donor)
+            chosen = select_cells(x, config.cells, config.mode, k=config.k, seed=config.seed,
+                                  donor=donor)
         else:
             chosen = select_balanced(codes[start:stop], config.cells, target, config.seed,
                                      donor)
@@ -317,7 +319,8 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
         startup = time.perf_counter() - begin
         log.info("embedding %d donors with %d actors (%s, %d cells per donor)",
                  store.n_donors, len(actors), config.mode, config.cells)
-        with staged_output(out, config.overwrite, commit=PROVENANCE_FILE) as staging:
+        with staged_output(out, config.overwrite, kind=EMBEDDINGS,
+                           inputs=[store.location, run_dir]) as staging:
             staging.mkdir()
             start = time.perf_counter()
             results = ActorPool(actors).map(lambda a, donors: a.embed.remote(donors), tasks)

@@ -123,9 +123,12 @@ def _perron(a: sp.csr_array) -> tuple[float, np.ndarray]:
     return float(value), np.abs(vector)
 
 
-def select_cells(x: np.ndarray, m: int, mode: SelectionMode = "centrality", k: int = 15,
-                 seed: int = 0, donor: int = 0) -> np.ndarray:
+def select_cells(x: np.ndarray, m: int, mode: SelectionMode, *, k: int, seed: int,
+                 donor: int) -> np.ndarray:
     """Row offsets of the cells that represent one donor.
+
+    The settings come from :class:`~sampleclr_scale.embed.config.EmbedConfig`, which
+    holds their defaults.
 
     Parameters
     ----------

@@ -60,6 +60,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import zarr
 
+from sampleclr_scale.config import is_census
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import (
     CELLS_PARQUET,
@@ -69,6 +70,7 @@ from sampleclr_scale.embed.config import (
     check_run_name,
 )
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.outputs import zarr_output
 from sampleclr_scale.storage import Location, staged_output
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ COLLECTION = "sampleclr"
 SAMPLES = "sample_embeddings"
 CELLS = "cell_weights"
 STORE_FOLDER = "embeddings"
+STORE_RESULTS = zarr_output("a run's results", ("run", "provenance"), "z")
+"""What replacing a run's results in a store replaces (``STORE/embeddings/<run>``)."""
 _READ_ROWS = 1 << 20
 """Cell rows read from the Parquet file per batch."""
 
@@ -145,12 +149,12 @@ def soma_target(store: BagStore, write_back: str | None) -> str | None:
         explicit ``write_back``, and ``write_back`` cannot name Census.
     """
     if write_back is not None:
-        if write_back == "census" or write_back.startswith("census:"):
+        if is_census(write_back):
             raise InputError(f"cannot write back to {write_back!r}: Census is read-only",
                              "pass --write-back URI of a local SOMA experiment")
         return write_back
     source = str(store.attrs.get("source", ""))
-    if source == "census" or source.startswith("census:"):
+    if is_census(source):
         raise InputError(
             f"the store {store.location} was built from Census ({source}), which is read-only",
             "pass --write-back URI of a local SOMA experiment to receive the results "
@@ -326,7 +330,7 @@ def write_back_store(embeddings: str | Path | Location, store_path: str | Path |
                          f"{store.location}", "write back into the store that was embedded")
     parent = store.location / STORE_FOLDER
     parent.open_group("a")
-    with staged_output(parent / run, overwrite=True) as staging:
+    with staged_output(parent / run, overwrite=True, kind=STORE_RESULTS) as staging:
         group = zarr.open_group(str(staging), mode="w-")
         group.create_array("z", data=results.z)
         n = results.n_cells

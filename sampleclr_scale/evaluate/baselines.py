@@ -1,7 +1,7 @@
 """Baseline donor representations computed from a bag store, for comparison with SampleCLR.
 
-- Pseudobulk: each donor's mean cell features (read in blocks of whole donors, so memory
-  is bounded by the block size, not by the store).
+- Pseudobulk: each donor's mean cell features
+  (:func:`~sampleclr_scale.data.pseudobulk.donor_means`).
 - Cell-type composition: each donor's fractions of cell types, from the cell table.
 - Random vectors: the floor every method should clear.
 - GloScope (Wang et al. 2024): the divergences behind the store's ``gloscope`` prior,
@@ -16,37 +16,7 @@ import pyarrow as pa
 
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
-
-_BLOCK_ROWS = 1 << 18  # feature rows read per block when averaging
-
-
-def pseudobulk(store: BagStore, block_rows: int = _BLOCK_ROWS) -> np.ndarray:
-    """Mean cell features of every donor.
-
-    Parameters
-    ----------
-    store : BagStore
-        The bag store.
-    block_rows : int
-        Rows read at once: consecutive donors are grouped until a group would exceed this
-        (a larger donor is read alone).
-
-    Returns
-    -------
-    np.ndarray
-        ``[n_donors, d]`` float64 means (zeros for a donor without cells).
-    """
-    ptr = store.donor_ptr
-    means = np.zeros((store.n_donors, store.dim))
-    for first, stop in _donor_blocks(ptr, block_rows):
-        a, b = int(ptr[first]), int(ptr[stop])
-        rows = np.asarray(store.features[a:b], dtype=np.float64)
-        cumulative = np.vstack([np.zeros((1, store.dim)), np.cumsum(rows, axis=0)])
-        local = ptr[first : stop + 1] - a
-        counts = np.diff(local)[:, None]
-        sums = cumulative[local[1:]] - cumulative[local[:-1]]
-        means[first:stop] = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-    return means
+from sampleclr_scale.prior.storage import available_priors, load_prior
 
 
 def composition(store: BagStore, column: str = "cell_type") -> np.ndarray:
@@ -117,14 +87,9 @@ def gloscope_distances(store_path: str) -> np.ndarray | None:
     Returns
     -------
     np.ndarray or None
-        ``[n_donors, n_donors]`` float64 divergences; None when the prior module is not
-        importable, no gloscope prior is stored, or the prior holds only nearest pairs
-        (sparse mode).
+        ``[n_donors, n_donors]`` float64 divergences; None when no gloscope prior is
+        stored or the prior holds only nearest pairs (sparse mode).
     """
-    try:
-        from sampleclr_scale.train.prior import available_priors, load_prior
-    except ImportError:
-        return None
     if "gloscope" not in available_priors(store_path):
         return None
     prior = load_prior(store_path, "gloscope")
@@ -138,16 +103,3 @@ def gloscope_distances(store_path: str) -> np.ndarray | None:
     D = np.maximum(D, 0.0)
     np.fill_diagonal(D, 0.0)
     return D
-
-
-def _donor_blocks(ptr: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
-    """Runs ``[first, stop)`` of consecutive donors with at most ``block_rows`` rows each
-    (a single larger donor forms its own run)."""
-    blocks, first = [], 0
-    n_donors = len(ptr) - 1
-    while first < n_donors:
-        stop = int(np.searchsorted(ptr, ptr[first] + block_rows, side="right")) - 1
-        stop = min(max(stop, first + 1), n_donors)
-        blocks.append((first, stop))
-        first = stop
-    return blocks

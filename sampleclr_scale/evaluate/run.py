@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from sampleclr_scale.data.pseudobulk import donor_means
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import baselines, report
@@ -245,7 +246,7 @@ def _aligned(emb_dir: Location, bag: BagStore, selected: np.ndarray) -> np.ndarr
 
 def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, dim: int,
                    skipped: dict[str, str]) -> list[_Run]:
-    pb = baselines.pseudobulk(bag)[selected]
+    pb = donor_means(bag)[selected]
     runs = [_Run("pseudobulk", "pseudobulk", "baseline", cosine_distances(pb), pb)]
     try:
         comp = baselines.composition(bag, CELL_TYPE_COLUMN)[selected]

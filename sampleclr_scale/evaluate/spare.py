@@ -37,6 +37,8 @@ import pandas as pd
 from scipy import stats
 from scipy.sparse.csgraph import connected_components
 
+from sampleclr_scale.prior.similarity import cosine_similarity
+
 Kind = Literal["categorical", "ordinal", "continuous"]
 KINDS: tuple[str, ...] = ("categorical", "ordinal", "continuous")
 BATCH_WEIGHT = 0.5  # weight of batch mixing in the total; information and trajectory weigh 1
@@ -75,10 +77,7 @@ def cosine_distances(Z: np.ndarray) -> np.ndarray:
         ``[n, n]`` float64 distances ``1 - cos`` in ``[0, 2]``, zero on the diagonal; a
         zero row has distance 1 to every other donor.
     """
-    Z = np.asarray(Z, dtype=np.float64)
-    norms = np.linalg.norm(Z, axis=1, keepdims=True)
-    unit = np.divide(Z, norms, out=np.zeros_like(Z), where=norms > 0)
-    D = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
+    D = np.clip(1.0 - cosine_similarity(Z), 0.0, 2.0)
     np.fill_diagonal(D, 0.0)
     return D
 

@@ -12,8 +12,9 @@ configs import) does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sampleclr_scale._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from sampleclr_scale.losses.barlow import (
@@ -88,19 +89,5 @@ __all__ = [
     "xclr_targets",
 ]
 
-_SUBMODULES = ("gather", "registry", "tasks", "vicreg", "barlow", "xclr")
-
-
-def __getattr__(name: str) -> Any:
-    """Import ``name`` from its submodule on first use."""
-    if name in __all__:
-        for module in _SUBMODULES:
-            namespace = vars(importlib.import_module(f"{__name__}.{module}"))
-            if name in namespace:
-                globals()[name] = namespace[name]
-                return namespace[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(
+    __name__, ("gather", "registry", "tasks", "vicreg", "barlow", "xclr"), __all__)

@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.prior.graph import PriorKind
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -126,7 +127,7 @@ class XCLRConfig(ObjectiveConfig):
     """Temperature of the representation similarities."""
     tau_graph: Temperature = 0.1
     """Temperature of the prior similarities (with a prior)."""
-    prior: Literal["pseudobulk", "gloscope"] | None = None
+    prior: PriorKind | None = None
     """Donor similarity prior stored in the bag store (``sampleclr-scale prior``); None is
     the identity prior (InfoNCE)."""
     negatives: Negatives = "all"

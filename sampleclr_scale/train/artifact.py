@@ -43,7 +43,9 @@ def load_model(run_dir: str | Path | Location) -> tuple[SampleCLR, dict[str, Any
     if not path.is_file():
         raise InputError(f"{run_dir} has no trained model ({MODEL_FILE})",
                          "train one with `sampleclr-scale train --store STORE --out RUN`")
-    artifact = path.read_torch()
+    artifact = path.read_torch(
+        "trained model", "train it again with `sampleclr-scale train --store STORE --out RUN` "
+        "and embed with the new RUN")
     model = SampleCLR(ModelConfig.model_validate(artifact["model_config"]))
     model.load_state_dict(artifact["state_dict"])
     artifact["tasks"] = [TaskInfo(**t) for t in artifact["tasks"]]

@@ -7,11 +7,13 @@ step), early-stopping state with a real copy of the best weights, and the metric
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sampleclr_scale.storage import Location
 
 STATE_FILE = "state.pt"
 
@@ -50,14 +52,16 @@ class TrainState:
     """Metrics of every finished epoch."""
 
     def save(self, directory: str | Path) -> None:
-        """Write the state into ``directory``."""
-        state = asdict(self)
-        torch.save(state, Path(directory) / STATE_FILE)
+        """Write the state into ``directory`` as tensors and plain data."""
+        (Location(directory) / STATE_FILE).write_torch(self)
 
     @classmethod
     def load(cls, directory: str | Path) -> TrainState:
-        """Read a state written by :meth:`save`."""
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        """Read a state written by :meth:`save` (an :class:`InputError` for any other file,
+        which is never unpickled)."""
+        state = (Location(directory) / STATE_FILE).read_torch(
+            "training checkpoint", "train into a new --out: a run resumes only from the "
+            "checkpoints sampleclr-scale wrote")
         state["position"] = Position(**state["position"])
         return cls(**state)
 

@@ -4,9 +4,10 @@ Validates the run against its store, starts a ``TorchTrainer`` with one worker p
 process (gloo on CPUs, NCCL on GPUs), restarts failed workers from the latest checkpoint
 (``FailureConfig``), and exports the best weights as ``RUN/model.pt`` with the metrics of
 every epoch (``RUN/metrics.jsonl``). Running the same command with ``--resume`` continues
-an interrupted run from its latest checkpoint. ``in_process`` runs the same training loop
-in the calling process instead (one worker, no Ray, no checkpoints on storage): for many
-small runs, such as the quality benchmark's.
+an interrupted run from its latest checkpoint, with the same settings and on the same
+store (``RUN/store.json`` records the store's URI and fingerprint). ``in_process`` runs
+the same training loop in the calling process instead (one worker, no Ray, no checkpoints
+on storage): for many small runs, such as the quality benchmark's.
 
 The store and the run directory may be local paths or URIs (``s3://``, ``gs://`` ...):
 on a multi-node cluster both live on storage every node reaches, and Ray Train writes
@@ -23,6 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.data.loader import resolve_balance
 from sampleclr_scale.data.store import BagStore
@@ -31,13 +33,13 @@ from sampleclr_scale.storage import Location
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
-from sampleclr_scale.train.cluster import ensure_ray
 from sampleclr_scale.train.session import LocalSession
 from sampleclr_scale.train.worker import Worker, train_worker
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.json"
+STORE_FILE = "store.json"  # the store the run trains on: its URI and fingerprint
 METRICS_FILE = "metrics.jsonl"
 RAY_DIR = "ray"  # Ray's checkpoints inside the run directory, unless storage_path is set
 # settings that may change when a run is resumed: they do not change what is computed
@@ -53,8 +55,9 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def _check_run_dir(run: Location, config: TrainConfig, resume: bool) -> None:
-    """Refuse to mix runs: an existing run continues only with ``resume`` and its config."""
+def _check_run_dir(run: Location, config: TrainConfig, resume: bool, store: BagStore) -> None:
+    """Refuse to mix runs: an existing run continues only with ``resume``, its config and
+    its store."""
     saved = run / CONFIG_FILE
     if not saved.is_file():
         if run.children():
@@ -75,6 +78,30 @@ def _check_run_dir(run: Location, config: TrainConfig, resume: bool) -> None:
     if changed:
         raise InputError(f"run {run} was started with other settings: {changed}",
                          "resume with the original config, or train into a new --out")
+    _check_run_store(run, store)
+
+
+def _check_run_store(run: Location, store: BagStore) -> None:
+    """Refuse to resume a run on another store than the one it started on.
+
+    The stores are compared by fingerprint (:attr:`BagStore.fingerprint`), so a run may
+    continue on a copy of its store (moved to a bucket, say) but not on a store ingested
+    again, or from another cohort, whatever its path.
+    """
+    saved = run / STORE_FILE
+    if not saved.is_file():
+        raise InputError(f"run {run} does not record the store it was started on (it was "
+                         "started by an older sampleclr-scale), so it cannot be resumed safely",
+                         "train into a new --out")
+    started = json.loads(saved.read_text())
+    if started["fingerprint"] != store.fingerprint:
+        raise InputError(
+            f"run {run} was started on the store {started['uri']} (fingerprint "
+            f"{started['fingerprint'][:12]}), not on {store.location} (fingerprint "
+            f"{store.fingerprint[:12]}): resuming would mix their data",
+            f"resume with --store {started['uri']}, or train into a new --out")
+    if started["uri"] != store.location.uri:
+        log.info("resuming on %s, a copy of the run's store %s", store.location, started["uri"])
 
 
 def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = False,
@@ -87,7 +114,9 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
                          f"{config.workers}", "set workers: 1 (and the batch size of the "
                          "global batch you want), or train with Ray")
     run = Location(run_dir)
-    _check_run_dir(run, config, resume)
+    _check_run_dir(run, config, resume, store)
+    (run / STORE_FILE).write_text(json.dumps({"uri": store.location.uri,
+                                              "fingerprint": store.fingerprint}, indent=2))
     (run / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
     state = _fit_in_process(store, run, config) if in_process else _fit_ray(store, run, config)
     weights = state.best_model if state.best_model is not None else state.model

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sampleclr_scale.config import LoaderConfig, TrainConfig
+from sampleclr_scale.data.loader import check_views_fit
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.losses import TaskLoss, build_objective
@@ -88,12 +89,12 @@ def contrastive_loss(config: TrainConfig, prior: torch.Tensor | None) -> nn.Modu
 def load_prior_tensor(store: BagStore, config: TrainConfig) -> torch.Tensor | None:
     """The dense donor-similarity prior the loss asks for, or None.
 
-    :func:`~sampleclr_scale.train.prior.load_prior` checks that the prior has the store's
+    :func:`~sampleclr_scale.prior.storage.load_prior` checks that the prior has the store's
     donors, so the store's donor ids index it: the loss does not check them every step.
     """
     if config.loss.store_prior is None:
         return None
-    from sampleclr_scale.train.prior import load_prior
+    from sampleclr_scale.prior.storage import load_prior
 
     return load_prior(store.location.uri, config.loss.store_prior).to_torch_dense()
 
@@ -126,11 +127,7 @@ def check_run(store: BagStore, config: TrainConfig) -> list[TaskInfo]:
             f"{config.global_batch} training donors per step; the store has {n_train}",
             "use fewer --workers or a smaller loader.batch_size",
         )
-    largest = int(store.cells_per_donor.max())
-    if config.loader.view_range[0] > largest:
-        raise InputError(
-            f"views of {config.loader.view_range[0]} cells are larger than any donor "
-            f"(largest has {largest} cells)", f"set loader.cells_per_view to at most {largest}")
+    check_views_fit(store, config.loader)
     _check_batches(store, config)
     load_prior_tensor(store, config)  # a missing prior fails here, not in every worker
     model_config(store, config, tasks)

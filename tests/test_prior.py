@@ -10,25 +10,21 @@ import pytest
 import zarr
 from scipy.spatial.distance import cdist
 
+from sampleclr_scale.data.pseudobulk import donor_means
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses.priors import (
+from sampleclr_scale.prior.build import _read_subsamples, build_prior
+from sampleclr_scale.prior.config import PriorConfig
+from sampleclr_scale.prior.graph import PriorGraph, prior_summary
+from sampleclr_scale.prior.similarity import (
+    cosine_similarity,
     knn_kl_divergence,
     kth_neighbour_distances,
     nearest_donors,
-    pseudobulk_similarity,
     similarity_from_divergence,
     symmetric_kl,
 )
-from sampleclr_scale.train.prior import (
-    PriorGraph,
-    _read_subsamples,
-    available_priors,
-    build_prior,
-    load_prior,
-    prior_summary,
-    save_prior,
-)
+from sampleclr_scale.prior.storage import available_priors, load_prior, save_prior
 
 
 def _reference_kl(x: np.ndarray, y: np.ndarray, k: int) -> float:
@@ -101,10 +97,10 @@ def test_symmetric_kl_is_symmetric_and_clipped_at_zero():
         symmetric_kl(x, y, 30)
 
 
-def test_pseudobulk_similarity_and_nearest_donors():
+def test_cosine_similarity_and_nearest_donors():
     rng = np.random.default_rng(5)
     means = rng.normal(size=(12, 4)) + 0.5
-    sim = pseudobulk_similarity(means)
+    sim = cosine_similarity(means)
     for i in range(12):
         for j in range(12):
             expected = means[i] @ means[j] / np.linalg.norm(means[i]) / np.linalg.norm(means[j])
@@ -121,6 +117,22 @@ def test_pseudobulk_similarity_and_nearest_donors():
 
 # ---- priors of a real bag store -----------------------------------------------------------
 
+def test_pseudobulk_is_the_mean_of_each_donors_rows(store_path):
+    store = BagStore(store_path)
+    direct = np.stack([store.donor_rows(i).astype(np.float64).mean(axis=0)
+                       for i in range(store.n_donors)])
+    np.testing.assert_allclose(donor_means(store), direct, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(donor_means(store, block_rows=100), direct, rtol=1e-6, atol=1e-9)
+
+
+def test_prior_config_refuses_bad_settings():
+    for bad in ({"kind": "umap"}, {"kind": "gloscope", "k": 0},
+                {"kind": "gloscope", "scale": 0.0}, {"kind": "gloscope", "neighbours": 0},
+                {"kind": "gloscope", "cells_per_donor": 1}, {"kind": "gloscope", "tau": 1}):
+        with pytest.raises(InputError, match="not a valid PriorConfig"):
+            PriorConfig.from_mapping(bad)
+
+
 def test_gloscope_windows_follow_the_seed(store_path):
     store = BagStore(store_path)
     for seed in (0, 1, 3):
@@ -134,13 +146,13 @@ def test_gloscope_windows_follow_the_seed(store_path):
 
 def test_k_must_be_below_the_smallest_subsample(store_path):
     with pytest.raises(InputError, match="smallest subsample, 20"):
-        build_prior(store_path, "gloscope", k=25, cells_per_donor=20)
+        build_prior(store_path, PriorConfig(kind="gloscope", k=25, cells_per_donor=20))
 
 
 @pytest.fixture(scope="module")
 def dense_priors(store_path, ray_cluster) -> dict[str, PriorGraph]:
-    return {"pseudobulk": build_prior(store_path, "pseudobulk"),
-            "gloscope": build_prior(store_path, "gloscope", k=10, n_pcs=5)}
+    return {"pseudobulk": build_prior(store_path, PriorConfig(kind="pseudobulk")),
+            "gloscope": build_prior(store_path, PriorConfig(kind="gloscope", k=10, n_pcs=5))}
 
 
 @pytest.mark.ray
@@ -178,7 +190,8 @@ def test_sparse_priors_keep_every_donors_neighbours(store_path, dense_priors):
     window_means = np.stack([s.mean(axis=0) for s in _first_rows(store, 300)])
     for kind, means in (("pseudobulk", full_means), ("gloscope", window_means)):
         extra = {"k": 10, "n_pcs": 5} if kind == "gloscope" else {}
-        prior = build_prior(store_path, kind, dense_limit=10, neighbours=K, **extra)
+        prior = build_prior(store_path,
+                            PriorConfig(kind=kind, dense_limit=10, neighbours=K, **extra))
         _graph_checks(prior, n)
         assert prior.params["mode"] == "sparse"
         off_diagonal = int((prior.rows != prior.cols).sum())

@@ -1,7 +1,7 @@
-"""Prior donor x donor similarities for X-CLR: pseudobulk cosine and GloScope divergences.
+"""The math of donor priors: cosine similarity of mean features and GloScope divergences.
 
-Pure numpy, no I/O: ``sampleclr_scale.train.prior`` reads the cells from a bag store,
-runs these functions in parallel and stores the result.
+Pure numpy, no I/O: :mod:`sampleclr_scale.prior.build` reads the cells from a bag store
+and runs these functions in parallel.
 
 - Pseudobulk: the cosine similarity of the donors' mean cell features.
 - GloScope (Wang, Torous, Gong & Purdom, "Visualizing scRNA-Seq data at population
@@ -28,21 +28,21 @@ _MIN_DISTANCE = 1e-12
 _BLOCK_ENTRIES = 1 << 24
 
 
-def pseudobulk_similarity(means: np.ndarray) -> np.ndarray:
-    """Cosine similarity of the donors' mean features.
+def cosine_similarity(x: np.ndarray) -> np.ndarray:
+    """Cosine similarity between the rows of ``x`` (e.g. the donors' mean features).
 
     Parameters
     ----------
-    means : np.ndarray
-        ``[n, d]`` mean cell features of ``n`` donors.
+    x : np.ndarray
+        ``[n, d]`` rows.
 
     Returns
     -------
     np.ndarray
-        ``[n, n]`` float64 cosine similarities in ``[-1, 1]``; a donor whose mean is the
-        zero vector has similarity 0 to every donor, itself included.
+        ``[n, n]`` float64 cosine similarities in ``[-1, 1]``; a zero row has similarity
+        0 to every row, itself included.
     """
-    unit = _unit_rows(means)
+    unit = unit_rows(x)
     return unit @ unit.T
 
 
@@ -70,7 +70,7 @@ def nearest_donors(means: np.ndarray, n_neighbours: int) -> np.ndarray:
                          "ask for one or more neighbours per donor")
     n = len(means)
     K = min(n_neighbours, n - 1)
-    unit = _unit_rows(means)
+    unit = unit_rows(means)
     out = np.empty((n, K), dtype=np.int64)
     if K == 0:
         return out
@@ -202,7 +202,8 @@ def similarity_from_divergence(D: np.ndarray, scale: float) -> np.ndarray:
     return np.exp(-np.asarray(D, dtype=np.float64) / scale)
 
 
-def _unit_rows(a: np.ndarray) -> np.ndarray:
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """Float64 rows of ``a`` scaled to unit length (zero rows stay zero)."""
     a = np.asarray(a, dtype=np.float64)
     norms = np.linalg.norm(a, axis=1, keepdims=True)
     return np.divide(a, norms, out=np.zeros_like(a), where=norms > 0)
