@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--store", required=True, help="local bag store to copy to S3")
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--read-threads", type=int, nargs="+", default=[1, 4, 16, 32])
-    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=2.0,
+                        help="steady-state seconds per setting")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
 
@@ -115,7 +116,8 @@ def main() -> None:
         figures: dict = {"upload": {"mb": round(size / 1e6, 1), "seconds": round(seconds, 2),
                                     "mb_per_s": round(size / 1e6 / seconds, 1)}}
         options = dict(source=None, batch_size=32, cells_per_view=1000,
-                       n_batches=args.batches, read_threads=args.read_threads)
+                       seconds=args.seconds, read_threads=args.read_threads,
+                       views=("balanced",), in_memory=False)
         figures["local"] = bench_loader(args.store, **options)
         figures["s3"] = bench_loader(uri, **options)
         proxy = _start_latency_proxy(port, args.latency_ms / 1000)

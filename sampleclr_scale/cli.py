@@ -53,6 +53,14 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="bag store to create: a path or URI (built locally, then uploaded)")
     p.add_argument("--config", help="YAML file with IngestConfig keys")
     p.add_argument("--features", help=f"obsm:NAME (an embedding) or pca:N ({default('features')})")
+    p.add_argument("--features-like", dest="features_like", metavar="STORE",
+                   help="put the cells in STORE's feature space instead (e.g. the training "
+                   "store of the model that will embed them): its embedding, or its PCA "
+                   "applied with genes matched by id; embed checks it")
+    p.add_argument("--max-missing-genes", dest="max_missing_genes", type=float,
+                   help="with --features-like and PCA: largest fraction of its genes the "
+                   "source may lack, each taken at the PCA mean "
+                   f"({default('max_missing_genes')})")
     p.add_argument("--layer", help=f"X layer for pca:N ({default('layer')}; X for .h5ad)")
     p.add_argument("--measurement", help=f"SOMA measurement ({default('measurement')})")
     p.add_argument("--organism", help=f"Census organism ({default('organism')})")
@@ -195,14 +203,20 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed every donor with a trained model, write back",
                        description="Embed all donors of a bag store with a pool of Ray actors "
                        "(each loads the model once), on a fixed, deterministic set of cells per "
-                       "donor; write donor embeddings and cell weights to EMB and back into the "
-                       "store and a SOMA experiment.")
+                       "donor; write donor embeddings, cell weights and (for a model with "
+                       "supervised heads) predictions to EMB and back into the store and a "
+                       "SOMA experiment.")
     p.add_argument("--store", required=True)
     p.add_argument("--checkpoint", required=True, help="training run directory (model.pt)")
     p.add_argument("--out", required=True, help="output directory: a path or URI")
-    p.add_argument("--write-back", dest="write_back",
-                   help="SOMA experiment to write into (default: the store's source "
-                   "experiment; required for Census stores)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--write-back", dest="write_back", metavar="SOMA_URI",
+                        help="SOMA experiment to write into: a path or URI, created if "
+                        "missing (default: the store's source experiment; required for "
+                        "Census stores)")
+    target.add_argument("--no-write-back", dest="write_back", action="store_const",
+                        const=False, help="write only EMB: nothing into the store or a SOMA "
+                        "experiment")
     p.add_argument("--config", help="YAML file with EmbedConfig keys")
     p.add_argument("--workers", type=int, help=f"Ray actors ({_default(EmbedConfig, 'workers')})")
     p.add_argument("--cells", type=int,
@@ -297,20 +311,12 @@ def _run_simulate(args: argparse.Namespace) -> None:
 # --- bench ------------------------------------------------------------------------------
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from sampleclr_scale.config import LoaderConfig
     from sampleclr_scale.embed.config import EmbedConfig
 
     p = sub.add_parser("bench", help="throughput benchmarks (print and save figures)")
     kinds = p.add_subparsers(dest="kind", required=True)
-    loader = kinds.add_parser("loader", help="two-view bag throughput of a bag store")
-    loader.add_argument("--store", required=True)
-    loader.add_argument("--source", help="SOMA experiment of the store, for naive point reads")
-    loader.add_argument("--batch-size", type=int, default=32)
-    loader.add_argument("--cells-per-view", type=int, default=1000)
-    loader.add_argument("--batches", type=int, default=60, help="batches per measurement")
-    loader.add_argument("--read-threads", dest="read_threads", type=int, nargs="*",
-                        help="also measure with these numbers of donors read at once")
-    loader.add_argument("--json", required=True, help="file to save the figures to")
-    loader.set_defaults(run=_run_bench("loader"))
+    _add_bench_loader(kinds)
     ingest = kinds.add_parser("ingest", help="ingest throughput and peak memory")
     ingest.add_argument("--cells", type=int, nargs="+", default=[1_000_000],
                         help="cohort sizes to simulate and ingest")
@@ -351,9 +357,36 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     training.add_argument("--batch-size", type=int, default=32)
     training.add_argument("--cells-per-view", type=int, default=1000)
     training.add_argument("--epochs", type=int, default=3)
+    training.add_argument("--use-gpu", dest="use_gpu", action="store_true",
+                          help="one GPU per worker, NCCL, bf16 autocast")
+    training.add_argument("--resident", nargs="+", choices=["auto", "always", "never"],
+                          help="loader.resident modes to measure, each with every worker count, "
+                          "e.g. never always: streamed vs device-resident bags "
+                          f"({_default(LoaderConfig, 'resident')})")
     training.add_argument("--json", required=True, help="file to save the figures to")
     training.set_defaults(run=_run_bench("train"))
     _add_bench_quality(kinds)
+
+
+def _add_bench_loader(kinds: argparse._SubParsersAction) -> None:
+    loader = kinds.add_parser("loader", help="two-view bag throughput of a bag store")
+    loader.add_argument("--store", required=True)
+    loader.add_argument("--source", help="SOMA experiment of the store, for naive point reads")
+    loader.add_argument("--batch-size", type=int, default=32)
+    loader.add_argument("--cells-per-view", type=int, default=1000)
+    loader.add_argument("--seconds", type=float, default=2.0,
+                        help="steady-state seconds per setting (after start-up and warm-up)")
+    loader.add_argument("--views", nargs="+", choices=["balanced", "uniform"],
+                        default=["balanced", "uniform"],
+                        help="views balanced over cell_type (the default) and/or uniform")
+    loader.add_argument("--readers", nargs="+", choices=["zarr", "mmap"],
+                        default=["zarr", "mmap"], help="loader.reader settings to time")
+    loader.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                        help="DataLoader worker counts to time")
+    loader.add_argument("--read-threads", dest="read_threads", type=int, nargs="*",
+                        help="also measure with these numbers of donors read at once")
+    loader.add_argument("--json", required=True, help="file to save the figures to")
+    loader.set_defaults(run=_run_bench("loader"))
 
 
 def _add_bench_quality(kinds: argparse._SubParsersAction) -> None:
@@ -440,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
         "laptop and on a cluster whose nodes share a bucket; credentials come from the usual "
         "environment (AWS_*, ~/.aws, an IAM role).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true",
+                          help="warnings and errors only, no progress bars")
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="debug logging, Ray's worker output on the console")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_ingest, _add_check, _add_prior, _add_train, _add_embed,
                 _add_evaluate, _add_bench, _add_pipeline, _add_demo):
@@ -451,11 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input prints the problem and the fix and exits with status 2."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
-    for chatty in ("botocore", "aiobotocore", "s3fs"):  # a line per credential lookup
-        logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    from sampleclr_scale import console
+
+    console.configure("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     try:
         args.run(args)
     except (InputError, OSError) as err:

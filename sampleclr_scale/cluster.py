@@ -19,12 +19,15 @@ def ensure_ray() -> None:
     ``RAY_ADDRESS`` (set by ``ray job submit`` and on cluster nodes) names the cluster to
     join; without it a new local Ray starts on this machine's CPUs. A cluster that some
     other process left running (or a stale address file of a dead one) is never joined
-    by accident.
+    by accident. Ray's own output follows the console's verbosity
+    (:func:`~sampleclr_scale.console.ray_init_options`).
     """
     import ray
+
+    from sampleclr_scale.console import ray_init_options
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if not address:
             os.environ.setdefault(*MALLOC_ARENAS)  # inherited by the Ray it starts
-        ray.init(address=address or "local", include_dashboard=False)
+        ray.init(address=address or "local", include_dashboard=False, **ray_init_options())

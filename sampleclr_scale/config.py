@@ -105,6 +105,17 @@ class IngestConfig(StageConfig):
     features: str = "obsm:scvi"
     """Cell features: ``obsm:NAME`` (an existing embedding; for Census also the URI of a
     hosted embedding array) or ``pca:N`` (library-size normalisation, log1p, PCA to N)."""
+    features_like: str | None = None
+    """A bag store whose feature space the new store is put in, instead of ``features``
+    (e.g. the training store of the model that is to embed this cohort): its embedding
+    name (of the same width), or its stored PCA (genes matched by id, its normalisation,
+    mean and components) applied to this source's ``layer``; the new store gets the same
+    feature-spec fingerprint, which ``embed`` checks."""
+    max_missing_genes: float = Field(default=0.1, ge=0.0, le=1.0)
+    """With ``features_like`` and PCA features: the largest fraction of the spec's genes
+    the source may lack. Each missing gene is taken at the spec's mean (it adds nothing to
+    any component) and reported; more missing is refused, as the features would then be
+    another space in all but name."""
     layer: str = "raw"
     """X layer read for ``pca:N`` features (``raw`` as in Census; ``X`` by default for
     .h5ad sources)."""
@@ -181,6 +192,9 @@ class IngestConfig(StageConfig):
             raise ValueError(f"features must be obsm:NAME or pca:N, got {self.features!r}")
         if not self.donor_key:
             raise ValueError("donor_key needs at least one column")
+        if self.features_like is not None and "features" in self.model_fields_set:
+            raise ValueError("features_like takes the features of its store: leave out "
+                             "features")
         return self
 
 
@@ -215,6 +229,23 @@ class LoaderConfig(StageConfig):
     """Donors of a batch read at once by each reading process. On object storage every
     read waits for a network round trip, so many reads in flight hide the latency; a
     local disk gains nothing. Default: 1 for a local store, 16 for a store behind a URI."""
+    reader: Literal["auto", "zarr", "mmap"] = "auto"
+    """How rows are read from the store (:mod:`sampleclr_scale.data.fast_read`): ``mmap``
+    copies them out of memory maps of the chunk files (a local store whose features are
+    stored uncompressed, as ingest writes them), ``zarr`` reads through Zarr (any store:
+    compressed, sharded, remote), ``auto`` maps what it can and reads the rest through
+    Zarr. The batches are the same with either."""
+    resident: Literal["auto", "always", "never"] = "auto"
+    """Where training draws the views from: ``"always"`` loads the store's features once
+    into the training device's memory (:mod:`sampleclr_scale.data.resident`) and draws the
+    same views as streaming there, by index, with no store reads per step (then
+    ``num_workers``, ``read_threads`` and ``reader`` are not used); ``"never"`` streams them
+    from the store; ``"auto"`` loads them on a GPU when they take less than half of its free
+    memory, and streams on CPU, where reading keeps up with training."""
+    resident_dtype: Literal["store", "bfloat16"] = "store"
+    """Type of the device-resident features: the store's (float32 or float16: the views
+    equal the streamed ones), or bfloat16 (half the memory of float32, each feature rounded
+    to bfloat16)."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -297,6 +328,13 @@ class TrainConfig(StageConfig):
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Arithmetic of the model's forward and backward passes: ``"bf16"`` runs the model under
+    bfloat16 autocast (weights, optimiser state and the losses stay float32), ``"fp32"`` in
+    float32, ``"auto"`` is bf16 on CUDA and fp32 on CPU."""
+    compile: bool = False
+    """Compile the model with ``torch.compile``: faster steps on a GPU after a compilation
+    of a minute or so at the start of each stage (and when the backbone is unfrozen)."""
     placement: Literal["PACK", "SPREAD"] = "PACK"
     """How Ray places the workers: PACK fills a node first, SPREAD puts them on different
     nodes (one worker per node on a multi-node cluster)."""

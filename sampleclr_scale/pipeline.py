@@ -8,7 +8,8 @@ evaluate. :func:`run_pipeline` runs it into ``OUT``::
     OUT/runs/MODEL/               one training run per model
     OUT/embeddings/LABEL/         one embedding per model and cell-choice mode
     OUT/report/                   metrics.json, report.md, figures
-    OUT/WRITE_BACK                the SOMA experiment written back to (Census recipes)
+    OUT/WRITE_BACK                the SOMA experiment written back to (Census recipes;
+                                  nothing is written back with write_back: false)
 
 Each stage is skipped when its output is complete, so a re-run resumes where the last one
 stopped; the evaluation always runs. The demo (:mod:`sampleclr_scale.demo`) is a recipe
@@ -21,12 +22,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
 from sampleclr_scale.config import IngestConfig, StageConfig, TrainConfig, is_census
-from sampleclr_scale.embed.config import EmbedConfig, valid_run_name
+from sampleclr_scale.embed.config import (
+    NO_WRITE_BACK_FIX,
+    EmbedConfig,
+    valid_run_name,
+    valid_write_back,
+)
 from sampleclr_scale.embed.selection import SelectionMode
 from sampleclr_scale.evaluate.config import EvaluateConfig
 from sampleclr_scale.prior.config import PriorConfig
@@ -90,10 +96,12 @@ class PipelineConfig(StageConfig):
     embedding)."""
     evaluate: dict[str, Any] = Field(default_factory=dict)
     """EvaluateConfig keys: the relevant, technical and trajectory covariates."""
-    write_back: str | None = None
+    write_back: str | Literal[False] | None = None
     """SOMA experiment the embeddings are written back to: a path relative to ``OUT`` (or
-    a URI); None writes into the source experiment. Census is read-only, so a Census
-    recipe must name a separate experiment here (created if missing)."""
+    a URI); None writes into the source experiment; false writes nothing back (neither
+    the store's ``embeddings/`` nor an experiment: the embedding folders only, as
+    ``embed --no-write-back``). Census is read-only, so a Census recipe must name a
+    separate experiment here (created if missing) or set false."""
 
     @field_validator("prior", mode="before")
     @classmethod
@@ -107,7 +115,10 @@ class PipelineConfig(StageConfig):
             raise ValueError(f"ingest cannot set {fixed}: the recipe's source and OUT do")
         if is_census(self.source) and self.write_back is None:
             raise ValueError("Census is read-only: set write_back to a separate local SOMA "
-                             "experiment (a path relative to OUT)")
+                             "experiment (a path relative to OUT), or false")
+        if isinstance(self.write_back, str) and not valid_write_back(self.write_back):
+            raise ValueError(f"write_back {self.write_back!r} is not a SOMA experiment path "
+                             f"or URI: {NO_WRITE_BACK_FIX}")
         self.ingest_config(STORE_DIR)
         self.evaluate_config()
         for model, recipe in self.models.items():
@@ -289,11 +300,14 @@ class _Run:
         from sampleclr_scale.embed.embedder import embed
 
         config = self.config
-        write_back = None if config.write_back is None else _resolve(self.out, config.write_back)
+        write_back = config.write_back
+        if isinstance(write_back, str):
+            write_back = _resolve(self.out, write_back)
+        back = "" if write_back is False else ", write back"
         embeddings = []
         for label, mode in config.models[model].labels(model).items():
             emb_dir = self.out / EMBEDDINGS_DIR / label
-            self.header("embed", f"embed every donor with {model} ({mode} cells), write back "
+            self.header("embed", f"embed every donor with {model} ({mode} cells){back} "
                         f"-> {emb_dir}")
             if not emb_dir.exists():
                 embed(str(self.store), str(self.out / RUNS_DIR / model), str(emb_dir),

@@ -39,6 +39,63 @@ def census_uri(cohort_spec, tmp_path_factory) -> str:
     return str(synthetic.write_soma(cohort_spec, path, census_like=True))
 
 
+# The paper's studies as the datasets of one Census-shaped copy, under the Census dataset
+# ids their recipes (pipelines/census_*.yaml) select; the last, the HLCA core, is selected
+# by none of them. Titles are the CELLxGENE collection names; diseases by severity level.
+PAPER_DATASETS = (
+    synthetic.CensusDataset(
+        "ebc2e1ff-c8f9-466a-acf4-9d291afaf8b3", title="COMBAT PBMC",
+        collection_name="A blood atlas of COVID-19 defines hallmarks of disease severity "
+        "and specificity",
+        diseases=("normal", "COVID-19", "COVID-19", "influenza"), assays=("10x 5' v1",)),
+    synthetic.CensusDataset(
+        "c7775e88-49bf-4ba2-a03b-93f00447c958", title="Stephenson PBMC",
+        collection_name="Single-cell multi-omics analysis of the immune response in COVID-19",
+        diseases=("normal", "COVID-19"), assays=("10x 3' v3", "10x 5' v1")),
+    synthetic.CensusDataset(
+        "3faad104-2ab8-4434-816d-474d8d2641db", title="OneK1K",
+        collection_name="Single-cell eQTL mapping identifies cell type-specific genetic "
+        "control of autoimmune disease", diseases=("normal",), assays=("10x 3' v2",)),
+    synthetic.CensusDataset(
+        "9f222629-9e39-47d0-b83f-e08d610c7479", title="HLCA (full)",
+        collection_name="The integrated Human Lung Cell Atlas (HLCA)",
+        diseases=("normal", "chronic obstructive pulmonary disease", "pulmonary fibrosis"),
+        tissues=("nose", "bronchus", "lung parenchyma"), tissues_per_donor=2,
+        tissue_general="lung", assays=("10x 3' v2", "10x 3' v3"),
+        suspension_types=("cell", "nucleus")),
+    synthetic.CensusDataset(
+        "066943a2-fdac-4b29-b348-40cede398e4e", title="HLCA (core)",
+        collection_name="The integrated Human Lung Cell Atlas (HLCA)",
+        tissues=("lung parenchyma",), tissue_general="lung", diseases=("normal",)),
+)
+
+
+@pytest.fixture(scope="session")
+def paper_census_uri(tmp_path_factory) -> str:
+    """A Census-shaped copy holding the paper's four studies and the HLCA core: 12 donors
+    of 60-160 cells each (the HLCA's at two locations each; at least 3 donors of each
+    disease), plus the pseudo-donors ``pooled`` (COMBAT) and ``unknown`` (HLCA core); no
+    copies within a dataset, as in Census, where ``is_primary_data`` flags copies in other
+    datasets."""
+    spec = synthetic.CohortSpec(n_donors=60, n_sites=len(PAPER_DATASETS), min_cells=60,
+                                max_cells=160, n_genes=20, embedding_dim=8,
+                                special_donor_cells=30, seed=25)
+    path = tmp_path_factory.mktemp("paper_census") / "census"
+    return synthetic.write_soma(spec, path, census_like=True, datasets=PAPER_DATASETS)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip the tests marked ``gpu`` where torch sees no CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def ingest_config(source: str, out, **overrides) -> IngestConfig:
     """The test cohort's ingest settings, with ``overrides``."""
     values = dict(source=source, out=str(out), features="obsm:scvi", meta=META,
@@ -109,4 +166,12 @@ def store_path(soma_uri, tmp_path_factory) -> str:
     """A bag store ingested from the SOMA experiment."""
     out = tmp_path_factory.mktemp("store") / "bags.zarr"
     ingest(ingest_config(soma_uri, out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def batch_store(soma_uri, tmp_path_factory) -> str:
+    """The test cohort ingested with the site as technical batch."""
+    out = tmp_path_factory.mktemp("batch-store") / "bags.zarr"
+    ingest(ingest_config(soma_uri, out, batch_key=["dataset_id"]))
     return str(out)

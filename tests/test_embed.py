@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from sampleclr_scale.cli import main
 from sampleclr_scale.data.ingest import ingest
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed import writeback
@@ -27,6 +29,8 @@ from sampleclr_scale.embed.selection import (
 )
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import ModelConfig, SampleCLR
+from sampleclr_scale.pipeline import Headers, PipelineConfig, _Run
+from sampleclr_scale.storage import Location
 from sampleclr_scale.train.artifact import load_model, save_model
 from tests.conftest import ingest_config
 
@@ -254,6 +258,13 @@ def test_h5ad_and_provenance(embedded, setup):
     assert json.loads(adata.uns["sampleclr_provenance"]) == provenance
 
 
+@pytest.mark.ray
+def test_a_model_without_heads_writes_no_predictions(embedded):
+    assert embedded.predictions is None
+    assert not (embedded.out / "predictions.parquet").exists()
+    assert json.loads(embedded.provenance.read_text())["tasks"] == []
+
+
 # --- write-back ----------------------------------------------------------------------
 
 
@@ -418,3 +429,71 @@ def test_run_names_that_zarr_reads_as_metadata_are_refused(name, setup, tmp_path
         embed(setup["store"], run, tmp_path / "emb", EmbedConfig(cells=100, workers=1))
     assert not (tmp_path / "emb").exists()
     assert not (setup["store"] / "embeddings" / name).is_dir()
+
+
+# --- no write-back -------------------------------------------------------------------
+
+
+EMBEDDING_FILES = {"donor_embeddings.parquet", "donor_embeddings.h5ad",
+                   "cell_weights.parquet", "provenance.json"}
+
+
+def _listing(root) -> list[tuple[str, int, int]]:
+    """Every file under ``root``: relative path, size, modification time."""
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in Path(root).rglob("*") if p.is_file())
+
+
+def _embed_args(setup, out, *extra: str) -> list[str]:
+    return ["embed", "--store", str(setup["store"]), "--checkpoint", str(setup["run"]),
+            "--out", str(out), "--workers", "1", "--cells", "50", *extra]
+
+
+def _assert_complete(folder, store) -> None:
+    """The embedding folder of a model without heads, of every donor of ``store``."""
+    assert {p.name for p in Path(folder).iterdir()} == EMBEDDING_FILES
+    assert len(writeback._Results(folder).donors) == BagStore(store).n_donors
+
+
+@pytest.mark.ray
+def test_no_write_back_writes_only_the_embedding_folder(setup, ray_cluster, tmp_path):
+    # without the flag, the results would go into the store and its source experiment
+    source = writeback.soma_target(BagStore(setup["store"]), None)
+    before = {where: _listing(where) for where in (setup["store"], source, setup["soma"])}
+    out = setup["root"] / "no-write-back"
+    assert main(_embed_args(setup, out, "--no-write-back", "--run-name", "nowb")) == 0
+    assert {where: _listing(where) for where in before} == before
+    _assert_complete(out, setup["store"])
+
+
+def test_write_back_and_no_write_back_together_are_refused(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(_embed_args(setup, tmp_path / "emb", "--write-back", str(tmp_path / "x"),
+                         "--no-write-back"))
+    assert exit_.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "emb").exists()
+
+
+@pytest.mark.parametrize("word", ["none", "None", "false", ""])
+def test_a_write_back_that_names_no_experiment_is_refused(word, setup, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(_embed_args(setup, tmp_path / "emb", "--write-back", word)) == 2
+    assert "--no-write-back" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no experiment, no folder
+
+
+@pytest.mark.ray
+def test_a_recipe_without_write_back_embeds_only_the_folders(setup, soma_uri, ray_cluster,
+                                                             tmp_path):
+    shutil.copytree(setup["store"], tmp_path / "bags.zarr")
+    shutil.copytree(setup["run"], tmp_path / "runs" / "sampleclr")
+    recipe = PipelineConfig(name="test", source=soma_uri, write_back=False,
+                            embed={"cells": 50, "workers": 1})
+    before = {where: _listing(where) for where in (tmp_path / "bags.zarr", soma_uri)}
+    run = _Run(recipe, Location(tmp_path), Headers(), in_process=True, train_overrides={},
+               embed_overrides={})
+    assert run.embed("sampleclr") == [str(tmp_path / "embeddings" / "sampleclr")]
+    assert {where: _listing(where) for where in before} == before
+    _assert_complete(tmp_path / "embeddings" / "sampleclr", setup["store"])

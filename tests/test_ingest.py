@@ -276,3 +276,17 @@ def test_features_from_a_separately_hosted_embedding_array(soma_uri, store_path,
     out = tmp_path / "hosted.zarr"
     ingest(ingest_config(soma_uri, out, features=f"obsm:{uri}"))
     assert np.array_equal(BagStore(out).features[:], BagStore(store_path).features[:])
+
+
+def test_a_census_copy_named_like_a_version_opens_as_a_folder(census_uri, monkeypatch):
+    """``census:census-copy`` names a local folder when one is there (a version otherwise)."""
+    from pathlib import Path
+
+    from sampleclr_scale.data.sources import _absolute, open_source
+
+    monkeypatch.chdir(Path(census_uri).parent)
+    name = Path(census_uri).name
+    assert _absolute(name) == str(Path(census_uri).resolve())
+    assert _absolute("2025-11-08") == "2025-11-08" and _absolute("stable") == "stable"
+    with open_source(f"census:{name}") as source:
+        assert "donor_id" in source.obs_columns

@@ -173,17 +173,6 @@ def test_balance_needs_the_columns_codes(store_path):
                                                  balance="disease"))
 
 
-@pytest.fixture(scope="module")
-def batch_store(soma_uri, tmp_path_factory) -> str:
-    """The test cohort ingested with the site as technical batch."""
-    from sampleclr_scale.data.ingest import ingest
-    from tests.conftest import ingest_config
-
-    out = tmp_path_factory.mktemp("batch-store") / "bags.zarr"
-    ingest(ingest_config(soma_uri, out, batch_key=["dataset_id"]))
-    return str(out)
-
-
 def test_standardized_views_use_each_donors_batch_statistics(batch_store):
     store = BagStore(batch_store)
     mean, std = store.batch_stats

@@ -394,3 +394,17 @@ def test_bad_bags_raise_input_error():
         model(cells[..., :4], mask)
     with pytest.raises(InputError, match="mask must be bool"):
         model(cells, mask.long())
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_every_pooling_trains_under_bf16_autocast(pooling):
+    # as the training loop runs it on a GPU: bf16 autocast, float32 weights and gradients
+    model = SampleCLR(ModelConfig.preset("small", input_dim=6, pooling=pooling, tasks=TASKS))
+    cells, mask = torch.randn(3, 7, 6), torch.rand(3, 7) < 0.7
+    mask[:, 0] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(cells, mask)
+    assert out.z.dtype == torch.bfloat16 and torch.isfinite(out.z).all()
+    (out.z.float().sum() + sum(t.float().sum() for t in out.task_outputs.values())).backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    assert (out.weights[~mask] == 0).all()

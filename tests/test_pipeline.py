@@ -1,26 +1,59 @@
-"""Recipes: every YAML in pipelines/ validates, and the Census PBMC recipe runs end to end
-offline against a Census-shaped local copy."""
+"""Recipes: every YAML in pipelines/ validates, and the Census recipes run end to end
+offline against Census-shaped local copies: the PBMC recipe, and the paper's cohorts
+(COMBAT, Stephenson, OneK1K, HLCA) from a copy holding their datasets."""
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import cellxgene_census
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 from sampleclr_scale.cli import main
 from sampleclr_scale.config import IngestConfig, TrainConfig, read_yaml
+from sampleclr_scale.data.cohort import DONOR_SEPARATOR
+from sampleclr_scale.data.ingest import ingest
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import EvaluateConfig
-from sampleclr_scale.pipeline import STORE_DIR, PipelineConfig, _merge
+from sampleclr_scale.evaluate.spare import ordered_values
+from sampleclr_scale.pipeline import STORE_DIR, PipelineConfig, _merge, run_pipeline
+from tests.conftest import PAPER_DATASETS
 
-RECIPES = sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml"))
-PBMC = Path(__file__).parents[1] / "pipelines" / "census_pbmc_covid.yaml"
+PIPELINES = Path(__file__).parents[1] / "pipelines"
+RECIPES = sorted(PIPELINES.glob("*.yaml"))
+PBMC = PIPELINES / "census_pbmc_covid.yaml"
+PAPER_STUDIES = dict(zip(("census_combat", "census_stephenson", "census_onek1k", "census_hlca"),
+                         PAPER_DATASETS, strict=False))  # the 5th (HLCA core): none
+"""The paper's recipes and the dataset of the fake Census each must select."""
+PAPER_SHRINK = {"min_cells": 20, "val_fraction": 0.3}
+"""Ingest settings for the fake's 12 donors per study (samples of 30-160 cells)."""
+
+
+def shrunk_recipe(path: Path, **ingest_settings: Any) -> dict[str, Any]:
+    """The recipe at ``path`` cut to a test cohort: ``ingest_settings`` over its ingest
+    keys, views and embeddings of 32 cells, one frozen epoch, no progress lines."""
+    values = read_yaml(path)
+    values["ingest"] = {**values["ingest"], **ingest_settings}
+    values["train"] = _merge(values["train"], {"loader": {"cells_per_view": 32},
+                                               "freeze_epochs": 1, "log_every": 1000})
+    values["embed"] = {**values["embed"], "cells": 32}
+    return values
+
+
+def paper_recipe(name: str, census_uri: str) -> PipelineConfig:
+    """Paper recipe ``name``, shrunk, reading the fake Census at ``census_uri``."""
+    values = shrunk_recipe(PIPELINES / f"{name}.yaml", **PAPER_SHRINK)
+    return PipelineConfig.from_mapping(values, where=name).with_source(f"census:{census_uri}")
 
 
 def test_there_are_recipes():
@@ -54,6 +87,8 @@ def test_census_recipe_settings():
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"write_back": None}, "Census is read-only"),
+    ({"write_back": "none"}, "write_back: false"),
+    ({"write_back": True}, "write_back"),
     ({"ingest": {"out": "elsewhere"}}, "ingest cannot set"),
     ({"prior": "pseudobulk"}, "gloscope prior"),
     ({"train": {"epochs": 0}}, "epochs"),
@@ -67,6 +102,12 @@ def test_bad_recipes_are_refused(change, message):
         PipelineConfig.from_mapping(values)
 
 
+def test_a_census_recipe_may_write_nothing_back():
+    values = read_yaml(PBMC)
+    values["write_back"] = False
+    assert PipelineConfig.from_mapping(values).write_back is False
+
+
 def test_model_settings_merge_over_shared_ones():
     assert _merge({"loss": {"tau": 0.1, "prior": "gloscope"}, "epochs": 3},
                   {"loss": {"tau": 0.2}}) == {"loss": {"tau": 0.2, "prior": "gloscope"},
@@ -76,11 +117,7 @@ def test_model_settings_merge_over_shared_ones():
 @pytest.mark.ray
 def test_census_recipe_offline_end_to_end(census_uri, ray_cluster, tmp_path, capsys):
     # the real recipe, shrunk to the 24-donor test cohort (60-400 cells per donor)
-    values = read_yaml(PBMC)
-    values["ingest"]["min_cells"] = 40
-    values["train"] = _merge(values["train"], {"loader": {"cells_per_view": 32},
-                                               "freeze_epochs": 1, "log_every": 1000})
-    values["embed"] = {**values["embed"], "cells": 32}
+    values = shrunk_recipe(PBMC, min_cells=40)
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(yaml.safe_dump(values))
     census_files = {p: p.stat().st_mtime_ns for p in Path(census_uri).rglob("*")}
@@ -159,3 +196,88 @@ def test_a_recipe_runs_into_a_bucket(soma_uri, ray_cluster, bucket, tmp_path, ca
     again = {path: info["LastModified"] for path, info in fs.find(out, detail=True).items()
              if "/report/" not in path}
     assert again == modified  # ingest, train and embed were skipped
+
+
+# ---- the paper's cohorts --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paper_stores(paper_census_uri, tmp_path_factory) -> Callable[[str], BagStore]:
+    """The bag store each paper recipe ingests from the fake Census (once, on first use)."""
+    root = tmp_path_factory.mktemp("paper_stores")
+
+    @functools.cache
+    def store(name: str) -> BagStore:
+        ingest(paper_recipe(name, paper_census_uri).ingest_config(str(root / name)))
+        return BagStore(root / name)
+
+    return store
+
+
+def _selected_samples(census_uri: str, config: IngestConfig) -> list[str]:
+    """The samples ``config`` should select, grouped from ``cellxgene_census.get_obs``."""
+    with cellxgene_census.open_soma(uri=census_uri) as census:
+        obs = cellxgene_census.get_obs(census, "homo_sapiens", value_filter=config.obs_filter,
+                                       column_names=config.donor_key)
+    obs = obs[~obs["donor_id"].isin(config.drop_donors)]
+    sizes = obs.groupby(config.donor_key, observed=True).size()
+    kept = sizes[sizes >= config.min_cells].index
+    return sorted(DONOR_SEPARATOR.join(map(str, key)) for key in kept)
+
+
+def test_the_paper_recipes_are_there():
+    assert set(PAPER_STUDIES) <= {p.stem for p in RECIPES} and len(PAPER_STUDIES) == 4
+
+
+@pytest.mark.parametrize("name", PAPER_STUDIES)
+def test_paper_recipe_ingests_its_study(name, paper_stores, paper_census_uri):
+    recipe = paper_recipe(name, paper_census_uri)
+    study, store = PAPER_STUDIES[name], paper_stores(name)
+    donors = store.donors
+    # the cohort the filter selects: every real donor (sample) of the study's dataset
+    # with enough cells, and nothing of the other datasets
+    assert sorted(donors["donor"]) == _selected_samples(paper_census_uri,
+                                                        recipe.ingest_config(STORE_DIR))
+    assert set(donors["dataset_id"]) == {study.dataset_id}
+    assert set(donors["disease"]) <= set(study.diseases)
+    assert len(donors) >= 10 and set(donors["split"]) == {"train", "validation"}
+    # the donor table holds every covariate evaluated and every task's labels
+    recipe.evaluate_config().check_columns(donors, name)
+    tasks = {t.column for model in recipe.models for t in recipe.train_config(model).tasks}
+    assert tasks <= set(donors.columns)
+
+
+def test_onek1k_development_stage_ranks_are_age_ranks(paper_stores):
+    store = paper_stores("census_onek1k")
+    _, classes = store.labels("development_stage", "ordinal")  # the ordinal task's classes
+    ages = [int(stage.removesuffix("-year-old stage")) for stage in classes]
+    assert ages == sorted(ages) and len(ages) > 5
+    stages = store.donors["development_stage"]
+    years = stages.str.removesuffix("-year-old stage").astype(int)
+    ranks = pd.Series(ordered_values(stages))  # what the trajectory and the SPARE score see
+    assert ranks.rank(method="dense").equals(years.rank(method="dense"))
+
+
+def test_hlca_samples_are_donors_at_one_location(paper_stores):
+    donors = paper_stores("census_hlca").donors
+    per_donor = donors.groupby("donor_id")
+    assert per_donor["tissue"].nunique().max() == 2  # two locations, two samples
+    assert per_donor["split"].nunique().max() == 1  # a donor on one side of the split
+    assert donors.groupby("batch")[["assay", "suspension_type"]].nunique().max().max() == 1
+    assert set(donors["tissue_general"]) == {"lung"}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("name", PAPER_STUDIES)
+def test_paper_recipe_runs_end_to_end(name, paper_census_uri, ray_cluster, tmp_path):
+    recipe = paper_recipe(name, paper_census_uri)
+    out = tmp_path / name
+    metrics = run_pipeline(recipe, out, workers=1, epochs=1, in_process=True)
+    (model,) = recipe.models
+    donors, _ = writeback.read_back(out / recipe.write_back, model)
+    assert len(donors) == BagStore(out / STORE_DIR).n_donors
+    evaluation = recipe.evaluate_config()
+    scores = metrics["methods"][model]["mean"]
+    assert {*(f"information/{c}" for c in evaluation.relevant),
+            *(f"batch/{c}" for c in evaluation.technical)} <= set(scores)
+    assert ("trajectory" in scores) == (evaluation.trajectory is not None)

@@ -220,3 +220,51 @@ def test_balanced_views_hide_composition():
         codes = (rng.random(4000) < share).astype(np.int64)
         picked = balanced_pick(codes, 1000, target, rng)
         assert np.bincount(codes[picked], minlength=2).tolist() == [500, 500]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 200), st.integers(-1, 1)),
+                min_size=1, max_size=8),
+       st.integers(1, 6), st.integers(0, 2**31))
+def test_balanced_picks_of_many_pools_are_each_pools_balanced_pick(pools, k, seed):
+    # Pools drawn together (some sharing a generator, as a donor's two views do, some
+    # without any category: uniform cells) get exactly the picks they get one by one.
+    from sampleclr_scale.data.sampler import balanced_picks
+
+    rng = np.random.default_rng(seed)
+    target = rng.dirichlet(np.ones(k))
+    codes = [rng.integers(-1, k, size=n) if kind >= 0 else np.full(n, -1)
+             for n, _, kind in pools]
+    sizes = [m for _, m, _ in pools]
+    generator = [i // 2 for i in range(len(pools))]  # pools 0 and 1 share one, ...
+    together = [np.random.default_rng([seed, g]) for g in generator]
+    shared = {g: together[i] for i, g in enumerate(generator)}
+    got = balanced_picks(codes, sizes, target, [shared[g] for g in generator])
+    alone = {g: np.random.default_rng([seed, g]) for g in set(generator)}
+    for c, m, g, picked in zip(codes, sizes, generator, got, strict=True):
+        assert np.array_equal(picked, balanced_pick(c, m, target, alone[g]))
+        assert len(picked) == m
+
+
+def test_views_of_many_donors_are_each_donors_view_rows(store_path):
+    # uniform and balanced views, fixed and variable sizes, small and large donors: the
+    # batch's draw (vectorised) gives every donor its own view_rows
+    from sampleclr_scale.data.loader import ViewBalance, view_rows, views_of
+    from sampleclr_scale.data.store import BagStore
+
+    store = BagStore(store_path)
+    donors = np.arange(store.n_donors)
+    for balance in (None, ViewBalance.of(store, "cell_type")):
+        for view_range in ((50, 50), (20, 60), (150, 150)):
+            together = views_of(store, donors, seed=3, epoch=2, view_range=view_range,
+                                balance=balance)
+            for donor, (n_a, n_b, rows) in zip(donors, together, strict=True):
+                alone = view_rows(store, int(donor), seed=3, epoch=2, view_range=view_range,
+                                  balance=balance)
+                assert (n_a, n_b) == alone[:2] and np.array_equal(rows, alone[2])
+                if balance is None:  # uniform views: draw_views itself
+                    rng = donor_rng(3, 2, int(donor))
+                    a, b = draw_views(int(store.cells_per_donor[donor]),
+                                      *view_sizes(rng, view_range), rng)
+                    first = store.donor_ptr[donor]
+                    assert np.array_equal(rows, first + np.concatenate([a, b]))

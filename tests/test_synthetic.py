@@ -14,6 +14,7 @@ import tiledbsoma
 from scipy import sparse, stats
 
 from sampleclr_scale.data.synthetic import (
+    CensusDataset,
     CohortSpec,
     ground_truth,
     simulate_cells,
@@ -293,6 +294,81 @@ def test_bad_simulate_cells_input_is_an_input_error() -> None:
         next(simulate_cells(TINY, donors.drop(columns="age")))
     with pytest.raises(InputError, match="dataset_id"):
         next(simulate_cells(TINY, donors.assign(dataset_id="site-9")))
+
+
+LUNG = CensusDataset("lung-atlas", title="Lung", collection_name="Atlas",
+                     diseases=("normal", "COPD"), tissues=("nose", "bronchus", "lung"),
+                     tissues_per_donor=2, tissue_general="lung", assays=("10x 3' v2",),
+                     suspension_types=("cell", "nucleus"))
+BLOOD = CensusDataset("blood-study")
+
+
+def test_census_datasets_relabel_the_sites_only() -> None:
+    spec = dataclasses.replace(TINY, n_sites=2)
+    plain = _concat(_cells(spec))
+    labelled = _concat(list(simulate_cells(spec, simulate_donors(spec), 250,
+                                           datasets=[LUNG, BLOOD])))
+    # the same cells, donors and biology; only the dataset's labels change
+    same = ["donor_id", "cell_type", "sex", "development_stage", "is_primary_data", "severity"]
+    pd.testing.assert_frame_equal(plain.obs[same], labelled.obs[same])
+    assert (plain.X != labelled.X).nnz == 0
+    obs = labelled.obs
+    assert (obs["dataset_id"].astype(str) == plain.obs["dataset_id"].map(
+        {"site-0": "lung-atlas", "site-1": "blood-study"}).astype(str)).all()
+    lung = obs[obs["dataset_id"] == "lung-atlas"]
+    assert ((lung["severity"] > 0) == (lung["disease"] == "COPD")).all()
+    assert set(lung["tissue_general"]) == {"lung"} and set(lung["assay"]) == {"10x 3' v2"}
+    # each lung donor at two tissues, its primary cells split in halves; copies follow
+    donor = lung.index.str.split("-").str[0]
+    assert lung.groupby(donor, observed=True)["tissue"].nunique().eq(2).all()
+    assert lung.groupby(donor, observed=True)["suspension_type"].nunique().eq(1).all()
+    assert set(lung["suspension_type"]) == {"cell", "nucleus"}
+    blood = obs[obs["dataset_id"] == "blood-study"]
+    assert set(blood["tissue"]) == {"blood"} and set(blood["suspension_type"]) == {"cell"}
+    assert (blood["assay"].astype(str) == plain.obs.loc[blood.index, "assay"].astype(str)).all()
+
+
+def test_census_datasets_copies_keep_their_cells_tissue() -> None:
+    spec = dataclasses.replace(TINY, n_sites=2, special_donor_cells=0)
+    cells = _concat(list(simulate_cells(spec, simulate_donors(spec), datasets=[LUNG, BLOOD])))
+    obs = cells.obs[cells.obs["dataset_id"] == "lung-atlas"]
+    embedding = pd.DataFrame(cells.obsm["scvi"][(cells.obs["dataset_id"] == "lung-atlas")],
+                             index=obs.index)
+    key = embedding.round(6).astype(str).agg(",".join, axis=1)  # a copy has its cell's vector
+    assert (~obs["is_primary_data"]).any()
+    assert obs.groupby(key.to_numpy())["tissue"].nunique().eq(1).all()
+
+
+def test_census_datasets_name_the_datasets_table(tmp_path: Path) -> None:
+    spec = dataclasses.replace(TINY, n_sites=2)
+    uri = write_soma(spec, tmp_path / "census", census_like=True, datasets=[LUNG, BLOOD])
+    with cellxgene_census.open_soma(uri=uri) as census:
+        datasets = census["census_info"]["datasets"].read().concat().to_pandas()
+        obs = cellxgene_census.get_obs(census, "homo_sapiens",
+                                       value_filter="dataset_id == 'lung-atlas'",
+                                       column_names=["tissue", "suspension_type"])
+    titles = dict(zip(datasets["dataset_id"], datasets["dataset_title"], strict=True))
+    assert titles == {"lung-atlas": "Lung", "blood-study": "Synthetic cohort"}
+    assert set(datasets["collection_name"]) == {"Atlas", "sampleclr_scale synthetic cohort"}
+    assert set(obs["tissue"]) == {"nose", "bronchus", "lung"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"dataset_id": ""}, "CensusDataset.dataset_id"),
+    ({"diseases": ()}, "CensusDataset.diseases"),
+    ({"tissues": ["blood"]}, "CensusDataset.tissues"),
+    ({"tissues_per_donor": 0}, "CensusDataset.tissues_per_donor"),
+])
+def test_bad_census_dataset_is_an_input_error(change: dict[str, object], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        dataclasses.replace(BLOOD, **change)
+
+
+def test_census_datasets_must_be_one_per_site() -> None:
+    donors = simulate_donors(TINY)  # four sites
+    for datasets in ([BLOOD, LUNG], [BLOOD, BLOOD, LUNG, LUNG], ["blood-study"] * 4):
+        with pytest.raises(InputError, match="one per site"):
+            simulate_cells(TINY, donors, datasets=datasets)
 
 
 def test_existing_output_is_refused(tmp_path: Path) -> None:

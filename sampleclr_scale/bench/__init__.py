@@ -62,11 +62,15 @@ def save_figures(figures: dict[str, Any], path: str | Path) -> None:
 def run_benchmark(kind: str, args: argparse.Namespace) -> None:
     """Run benchmark ``kind`` with the parsed command-line options."""
     if kind == "loader":
-        from sampleclr_scale.bench.loader import bench_loader
+        from sampleclr_scale.bench.loader import bench_loader, loader_table
 
         figures = bench_loader(args.store, source=args.source, batch_size=args.batch_size,
-                               cells_per_view=args.cells_per_view, n_batches=args.batches,
-                               read_threads=args.read_threads)
+                               cells_per_view=args.cells_per_view, seconds=args.seconds,
+                               read_threads=args.read_threads, views=tuple(args.views),
+                               readers=tuple(args.readers), workers=tuple(args.workers))
+        save_figures(figures, args.json)
+        print(loader_table(figures))
+        return
     elif kind == "ingest":
         from sampleclr_scale.bench.ingest import bench_ingest
 
@@ -96,7 +100,8 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
 
         figures = bench_train(args.store, workers=[int(w) for w in args.workers.split(",")],
                               preset=args.preset, batch_size=args.batch_size,
-                              cells_per_view=args.cells_per_view, epochs=args.epochs)
+                              cells_per_view=args.cells_per_view, epochs=args.epochs,
+                              use_gpu=args.use_gpu, resident=args.resident)
     elif kind == "quality":
         from sampleclr_scale.bench.quality import bench_quality
 

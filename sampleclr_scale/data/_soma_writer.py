@@ -7,7 +7,7 @@ construction) instead of re-reading every id written so far.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import anndata
 import numpy as np
@@ -22,14 +22,18 @@ MEASUREMENT = "RNA"
 X_LAYER = "raw"
 _OBS_ID, _VAR_ID = "obs_id", "var_id"  # tiledbsoma's columns for the AnnData indexes
 _SOMA_TILE_EXTENT = 2048  # tiledbsoma's default tile extent of a sparse array dimension
+_COLLECTION = "sampleclr_scale synthetic cohort"  # collection_name of the default datasets
 
 
 def write_census_collection(uri: str, chunks: Iterable[anndata.AnnData], width: int,
-                            n_donors: int) -> None:
+                            n_donors: int,
+                            titles: Mapping[str, tuple[str, str]] | None = None) -> None:
     """Write the chunks as a Collection laid out like CELLxGENE Census.
 
     ``census_info`` holds ``summary`` and ``datasets`` tables; the experiment is
     ``census_data/homo_sapiens``, which ``cellxgene_census.open_soma(uri=...)`` opens.
+    ``titles`` gives a ``dataset_id``'s ``collection_name`` and ``dataset_title`` in the
+    datasets table (default: the synthetic cohort's).
     """
     with tiledbsoma.Collection.create(uri) as census:
         census.add_new_collection("census_info")
@@ -39,7 +43,7 @@ def write_census_collection(uri: str, chunks: Iterable[anndata.AnnData], width: 
     with tiledbsoma.Collection.open(uri, mode="w") as census:
         with tiledbsoma.Experiment.open(experiment_uri) as experiment:
             census["census_data"].set(EXPERIMENT, experiment)
-        _write_census_info(census["census_info"], counts, n_donors)
+        _write_census_info(census["census_info"], counts, n_donors, titles or {})
 
 
 def write_experiment(uri: str, chunks: Iterable[anndata.AnnData], width: int) -> pd.Series:
@@ -101,9 +105,12 @@ def _registration(
     return mapping
 
 
-def _write_census_info(info: tiledbsoma.Collection, counts: pd.Series, n_donors: int) -> None:
+def _write_census_info(info: tiledbsoma.Collection, counts: pd.Series, n_donors: int,
+                       titles: Mapping[str, tuple[str, str]]) -> None:
     """Write Census-style ``summary`` and ``datasets`` tables from the cell counts."""
     per_dataset = counts.groupby(level=0).sum()
+    names = [titles.get(d, (_COLLECTION, f"Synthetic blood cohort, {d}"))
+             for d in per_dataset.index]
     summary = pd.DataFrame(
         {
             "label": [
@@ -124,9 +131,9 @@ def _write_census_info(info: tiledbsoma.Collection, counts: pd.Series, n_donors:
     )
     datasets = pd.DataFrame(
         {
-            "collection_name": "sampleclr_scale synthetic cohort",
+            "collection_name": [collection for collection, _ in names],
             "dataset_id": per_dataset.index.astype(str),
-            "dataset_title": [f"Synthetic blood cohort, {d}" for d in per_dataset.index],
+            "dataset_title": [title for _, title in names],
             "dataset_total_cell_count": per_dataset.to_numpy(dtype=np.int64),
         }
     )

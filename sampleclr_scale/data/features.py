@@ -3,7 +3,9 @@
 Both readers take sorted source ids and return float32 rows, so ingest can stream the
 source in large sequential blocks. PCA is fitted on a random subsample of the cohort and
 then applied block by block: memory depends on the subsample and the block, not on the
-number of cells.
+number of cells. Each reader has the spec of its features
+(:mod:`~sampleclr_scale.data.feature_spec`); :func:`like_features` reads another store's
+spec and applies it to the source instead of fitting one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ import scipy.sparse as sp
 
 from sampleclr_scale.config import IngestConfig
 from sampleclr_scale.data.cell_index import CellIndex
+from sampleclr_scale.data.feature_spec import (
+    EmbeddingSpec,
+    FeatureSpec,
+    PCASpec,
+    check_missing_genes,
+    locate_genes,
+)
 from sampleclr_scale.data.sources import CellSource
+from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +42,8 @@ class EmbeddingFeatures:
         self._source = source
         self._name = name
         self.dim = source.embedding_dim(name)
+        self.spec = EmbeddingSpec(name, self.dim)
+        self.counts: dict[str, int] = {}
 
     def read(self, joinids: np.ndarray) -> np.ndarray:
         """Float32 ``[len(joinids), dim]``; NaN rows for cells without an embedding."""
@@ -66,15 +79,18 @@ class PCAModel:
         Float32 ``[n_genes]`` mean of the subsample.
     components
         Float32 ``[n_components, n_genes]`` principal axes.
+    target_sum
+        Counts per cell after library-size normalisation.
     """
 
     genes: np.ndarray
     mean: np.ndarray
     components: np.ndarray
+    target_sum: float = TARGET_SUM
 
     def transform(self, counts: sp.csr_matrix) -> np.ndarray:
         """Project raw counts ``[n, all genes]`` to float32 ``[n, n_components]``."""
-        x = normalise_log1p(counts)[:, self.genes]
+        x = normalise_log1p(counts, self.target_sum)[:, self.genes]
         return (np.asarray(x @ self.components.T) - self.mean @ self.components.T).astype(
             np.float32
         )
@@ -106,13 +122,28 @@ def fit_pca(
 
 
 class PCAFeatures:
-    """PCA coordinates of normalised gene counts, computed block by block."""
+    """PCA coordinates of normalised gene counts, computed block by block.
 
-    def __init__(self, source: CellSource, layer: str, model: PCAModel) -> None:
+    Parameters
+    ----------
+    model
+        The PCA on the source's columns.
+    spec
+        Its feature spec (of another store, with :func:`like_features`).
+    missing_genes
+        The spec's genes that the source lacks (None: the PCA was fitted on this source).
+    """
+
+    def __init__(self, source: CellSource, layer: str, model: PCAModel, spec: PCASpec,
+                 missing_genes: list[str] | None = None) -> None:
         self._source = source
         self._layer = layer
         self.model = model
+        self.spec = spec
         self.dim = int(model.components.shape[0])
+        self._missing = missing_genes
+        self.counts: dict[str, int] = ({} if missing_genes is None
+                                       else {"genes_missing": len(missing_genes)})
 
     def read(self, joinids: np.ndarray) -> np.ndarray:
         """Float32 ``[len(joinids), dim]``."""
@@ -120,8 +151,11 @@ class PCAFeatures:
 
     def describe(self) -> dict:
         """Provenance for the store's attributes."""
-        return {"kind": "pca", "layer": self._layer, "dim": self.dim,
-                "n_genes": len(self.model.genes), "target_sum": TARGET_SUM}
+        described = {"kind": "pca", "layer": self._layer, "dim": self.dim,
+                     "n_genes": len(self.spec.genes), "target_sum": self.spec.target_sum}
+        if self._missing is not None:
+            described["missing_genes"] = self._missing
+        return described
 
 
 def make_features(
@@ -133,4 +167,56 @@ def make_features(
         return EmbeddingFeatures(source, arg)
     model = fit_pca(source, config.layer, cells.sample(config.pca_fit_cells, config.seed),
                     int(arg), config.pca_genes, config.seed)
-    return PCAFeatures(source, config.layer, model)
+    genes = tuple(str(g) for g in source.var_names(config.layer)[model.genes])
+    spec = PCASpec(genes, model.mean, model.components, model.target_sum)
+    return PCAFeatures(source, config.layer, model, spec)
+
+
+def like_features(source: CellSource, config: IngestConfig) -> EmbeddingFeatures | PCAFeatures:
+    """The reader of ``source``'s features in the space of the store
+    ``config.features_like``: the same embedding, or the same PCA with genes matched by id.
+
+    The spec's genes that the source lacks are taken at the spec's mean (they add nothing
+    to any component), with a warning, up to ``config.max_missing_genes`` of them; genes
+    of the source outside the spec are ignored, but count in the cells' library sizes.
+
+    Raises
+    ------
+    InputError
+        For a store without a spec, an embedding of another width, too many missing genes.
+    """
+    like = config.features_like
+    spec = _stored_spec(like)
+    if isinstance(spec, EmbeddingSpec):
+        features = EmbeddingFeatures(source, spec.name)
+        if features.dim != spec.dim:
+            raise InputError(
+                f"{source.uri}'s embedding {spec.name!r} has width {features.dim}, the "
+                f"features of {like} have width {spec.dim}: another embedding model",
+                f"use the embedding of the model behind {like}, or ingest with its own "
+                "--features and train a model on that store")
+        return features
+    columns = locate_genes(spec.genes, source.var_names(config.layer))
+    found = columns >= 0
+    missing = [g for g, ok in zip(spec.genes, found, strict=True) if not ok]
+    check_missing_genes(missing, len(spec.genes), config.max_missing_genes, source.uri)
+    model = PCAModel(genes=columns[found], mean=spec.mean[found],
+                     components=spec.components[:, found], target_sum=spec.target_sum)
+    return PCAFeatures(source, config.layer, model, spec, missing)
+
+
+def _stored_spec(location: str) -> FeatureSpec:
+    """The feature spec of the store at ``location``.
+
+    Raises
+    ------
+    InputError
+        For a store whose PCA was ingested before specs were stored.
+    """
+    spec = BagStore(location).feature_spec
+    if spec is None:
+        raise InputError(f"bag store {location} does not store its PCA (it was ingested by an "
+                         "older sampleclr-scale), so --features-like cannot apply it",
+                         f"re-ingest that cohort (`sampleclr-scale ingest SOURCE --out "
+                         f"{location} --overwrite`), retrain its model, then use it here")
+    return spec

@@ -13,6 +13,10 @@ With ``--cell-columns``, each bucket also writes its rows' category codes to
 Peak memory is one read block plus one bucket, whatever the number of cells; disk
 traffic is one extra write and read of the features and of the cell index.
 
+The features' spec (:mod:`~sampleclr_scale.data.feature_spec`) is stored with them: a
+fitted PCA, or with ``--features-like STORE`` the spec of that store, applied to this
+source instead of a fit, so the two stores share one feature space.
+
 The within-donor order is a hash of ``(seed, source id)``, so the store is the same for
 any block or bucket size. The last file written is the store's manifest
 (:mod:`~sampleclr_scale.data.manifest`), before the store is published.
@@ -34,9 +38,11 @@ import pyarrow.parquet as pq
 
 from sampleclr_scale import __version__
 from sampleclr_scale.config import IngestConfig
+from sampleclr_scale.console import progress
 from sampleclr_scale.data.batches import CohortBatches
 from sampleclr_scale.data.cohort import Cohort, select_cohort
-from sampleclr_scale.data.features import make_features
+from sampleclr_scale.data.feature_spec import write_spec
+from sampleclr_scale.data.features import like_features, make_features
 from sampleclr_scale.data.manifest import write_manifest
 from sampleclr_scale.data.sources import open_source
 from sampleclr_scale.data.store import (
@@ -128,16 +134,21 @@ class _Spill:
 def ingest(config: IngestConfig) -> IngestReport:
     """Build a bag store from ``config.source`` at ``config.out`` (atomically)."""
     start = time.perf_counter()
+    like = [config.features_like] if config.features_like is not None else []
     with (open_source(config.source, config.measurement, config.organism) as source,
           staged_output(config.out, config.overwrite, kind=BAG_STORE,
-                        inputs=[source.uri]) as staging,
+                        inputs=[source.uri, *like]) as staging,
           # named after the staging path, so a killed run's spill files go with it
           tempfile.TemporaryDirectory(dir=staging.parent,
                                       prefix=f".{staging.name}.spill-") as spill):
+        # another store's features are checked against the source before the cohort is read
+        features = like_features(source, config) if like else None
         cohort = select_cohort(source, config, Path(spill))
         log.info("cohort: %d cells of %d donors (%s)", cohort.counts["cells"],
                  cohort.counts["donors"], source.uri)
-        features = make_features(source, config, cohort.cells)
+        if features is None:
+            features = make_features(source, config, cohort.cells)
+        cohort.counts.update(features.counts)
         group = create_arrays(staging, n_cells=cohort.cells.n_kept, dim=features.dim,
                               dtype=config.dtype, chunk_rows=config.chunk_rows,
                               code_columns={c: len(cohort.cells.categories(c))
@@ -146,15 +157,14 @@ def ingest(config: IngestConfig) -> IngestReport:
                    if config.batch_key else None)
         donor_ptr, donors, cell_codes = _write_sorted(cohort, features, group, staging,
                                                       Path(spill), config, batches)
-        # without --batch-key the attributes are those of stores written before it existed
-        unset = {"overwrite"} if config.batch_key else {"overwrite", "batch_key"}
         attrs = {
             "created_by": f"sampleclr-scale {__version__}",
             "source": source.uri,
             "source_kind": source.kind,
             "features": features.describe(),
+            "feature_spec": write_spec(group, features.spec),
             "donor_key": cohort.donor_key,
-            "ingest": config.model_dump(mode="json", exclude=unset),
+            "ingest": config.model_dump(mode="json", exclude=_unrecorded(config)),
             "counts": cohort.counts,
             "n_cells": int(donor_ptr[-1]),
             "n_donors": len(donors),
@@ -173,6 +183,20 @@ def ingest(config: IngestConfig) -> IngestReport:
              report.n_cells, report.n_donors, report.dim, report.seconds,
              report.cells_per_second)
     return report
+
+
+def _unrecorded(config: IngestConfig) -> set[str]:
+    """The settings left out of the ``ingest`` attribute: ``overwrite``; unset options, so
+    that their stores' attributes are those of stores written before they existed; and
+    ``features`` when ``features_like`` chose them instead."""
+    unset = {"overwrite"}
+    if not config.batch_key:
+        unset.add("batch_key")
+    if config.features_like is None:
+        unset |= {"features_like", "max_missing_genes"}
+    else:
+        unset |= {"features", "pca_genes", "pca_fit_cells"}
+    return unset
 
 
 def _finish_batches(batches: CohortBatches, donors: pd.DataFrame,
@@ -222,13 +246,13 @@ def _spill_blocks(cohort: Cohort, features: Any, bucket_of_donor: np.ndarray, sp
                   read_block: int) -> None:
     """First pass: read the features block by block, drop non-finite rows (counted in
     ``cohort.counts``) and append the rest to their donors' buckets."""
-    non_finite, done = 0, 0
-    t0, n = time.perf_counter(), cohort.cells.n_kept
+    non_finite = 0
+    bar = progress(cohort.cells.n_kept, "reading features", "cells", unit_scale=True)
     for cells in cohort.cells.blocks(read_block):
         rows = features.read(cells["joinid"])
         finite = np.isfinite(rows).all(axis=1)
         non_finite += int((~finite).sum())
-        done += len(cells)
+        bar.update(len(cells))
         cells, rows = cells[finite], rows[finite]
         buckets = bucket_of_donor[cells["donor"]]
         order = np.argsort(buckets, kind="stable")
@@ -236,8 +260,7 @@ def _spill_blocks(cohort: Cohort, features: Any, bucket_of_donor: np.ndarray, sp
         for part in np.split(order, bounds):
             if len(part):
                 spill.append(int(buckets[part[0]]), cells[part], rows[part])
-        log.info("read %d / %d cells (%.0f cells/s)", done, n,
-                 done / max(time.perf_counter() - t0, 1e-9))
+    bar.close()
     spill.close()
     cohort.counts["cells_non_finite"] = non_finite
     if non_finite:

@@ -4,17 +4,23 @@
 (:class:`DonorBatch`) of ``B`` donors: a float tensor ``[B, 2, m, d]`` with both views, a
 mask for padded cells, the donors' store positions and their task labels. Which donors
 and which cells come from :mod:`sampleclr_scale.data.sampler`; this module only reads
-them, in a background thread that stays ``prefetch`` batches ahead. Each donor costs one
-range read of the store (two to four for donors much larger than the views); for a store
-on object storage ``read_threads`` donors are read at once, to keep many round trips in
-flight.
+them, in a background thread that stays ``prefetch`` batches ahead.
+
+The rows come through a :class:`~sampleclr_scale.data.fast_read.RowReader`
+(``LoaderConfig.reader``): on a local store whose features are stored uncompressed, as
+ingest writes them, from memory maps of the chunk files, a whole batch with one
+``numpy.take`` into its buffer; otherwise through Zarr, where each donor costs one range
+read (two to four for donors much larger than the views) and, on object storage,
+``read_threads`` donors are read at once to keep many round trips in flight. Both give
+the same batches, byte for byte.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,9 +31,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sampleclr_scale.config import LoaderConfig
+from sampleclr_scale.data.fast_read import RowReader, check_reader, open_reader
 from sampleclr_scale.data.sampler import (
     Shard,
-    balanced_pick,
+    balanced_picks_flat,
     donor_rng,
     draw_views,
     rank_batches,
@@ -78,17 +85,21 @@ class DonorBatch:
     step: int = 0
 
     def to(self, device: torch.device | str) -> DonorBatch:
-        """The batch on ``device``."""
-        return DonorBatch(self.cells.to(device, non_blocking=True),
-                          self.mask.to(device, non_blocking=True),
-                          self.donor.to(device), {k: v.to(device) for k, v in self.labels.items()},
-                          None if self.batch is None else self.batch.to(device),
-                          self.epoch, self.step)
+        """The batch on ``device``, every tensor copied without blocking (a copy from
+        pageable memory that blocked would wait for the device's queued work)."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self) -> DonorBatch:
-        """The batch in page-locked memory (called by DataLoader(pin_memory=True))."""
-        return DonorBatch(self.cells.pin_memory(), self.mask.pin_memory(), self.donor,
-                          self.labels, self.batch, self.epoch, self.step)
+        """The batch in page-locked memory (called by DataLoader(pin_memory=True)), so
+        that :meth:`to` a GPU overlaps with its work."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, move: Callable[[torch.Tensor], torch.Tensor]) -> DonorBatch:
+        """The batch with ``move`` applied to each of its tensors."""
+        return DonorBatch(move(self.cells), move(self.mask), move(self.donor),
+                          {k: move(v) for k, v in self.labels.items()},
+                          None if self.batch is None else move(self.batch),
+                          self.epoch, self.step)
 
 
 def resolve_balance(store: BagStore, balance: str | None) -> str | None:
@@ -96,21 +107,6 @@ def resolve_balance(store: BagStore, balance: str | None) -> str | None:
     if balance == "auto":
         return AUTO_BALANCE_COLUMN if AUTO_BALANCE_COLUMN in store.code_columns else None
     return balance
-
-
-def read_rows(array: Any, rows: np.ndarray) -> np.ndarray:
-    """Rows of a store array (``features``, a ``codes`` array) at absolute positions
-    ``rows`` (in that order) with few range reads.
-
-    Reads the whole span when that wastes at most half of it, otherwise one read per run
-    of consecutive rows.
-    """
-    lo, hi = int(rows.min()), int(rows.max()) + 1
-    if hi - lo <= 2 * len(rows):
-        return array[lo:hi][rows - lo]
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    runs = np.split(rows, breaks)
-    return np.concatenate([array[int(r[0]) : int(r[-1]) + 1] for r in runs])
 
 
 def check_views_fit(store: BagStore, config: LoaderConfig) -> None:
@@ -199,6 +195,7 @@ class DonorBagDataset(IterableDataset):
         steps_per_epoch(len(self._donors), self.config.batch_size, self.world_size,
                         self.config.drop_last)
         check_views_fit(store, self.config)
+        check_reader(store, self.config.reader)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -225,96 +222,235 @@ class DonorBagDataset(IterableDataset):
         return Shard(self.rank, self.world_size, worker, n_workers)
 
     def __iter__(self) -> Iterator[DonorBatch]:
+        batches, steps = self.schedule()
+        return prefetch(lambda: self._read_steps(batches, steps), self.config.prefetch)
+
+    def schedule(self) -> tuple[np.ndarray, range]:
+        """This rank's donors of each step of the epoch (int64 ``[steps, B]``,
+        :func:`~sampleclr_scale.data.sampler.rank_batches`) and the steps that this
+        process (or DataLoader worker) produces, from the start step on."""
         shard = self._shard()
         batches = rank_batches(self._donors, seed=self.config.seed, epoch=self.epoch,
                                batch_size=self.config.batch_size, shard=shard,
                                drop_last=self.config.drop_last)
-        steps = worker_steps(len(batches), shard, self.start_step)
-        return _prefetch(lambda: self._read_steps(batches, steps), self.config.prefetch)
+        return batches, worker_steps(len(batches), shard, self.start_step)
 
     def _read_steps(self, batches: np.ndarray, steps: range) -> Iterator[DonorBatch]:
         store = BagStore(self.store_path)
-        labels = {c: store.labels(c, kind)[0] for c, kind in self.tasks.items()}
+        context = _ReadContext.of(store, self)
         threads = self.config.read_threads or (
             1 if store.location.is_local else REMOTE_READ_THREADS)
-        balance = None if self.balance is None else _Balance.of(store, self.balance)
         with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
             read = map if pool is None else pool.map
             for step in steps:
-                yield self._read_batch(store, batches[step], labels, step, read, balance)
+                yield self._read_batch(store, batches[step], context, step, read)
 
-    def _read_batch(self, store: BagStore, donors: np.ndarray,
-                    labels: dict[str, np.ndarray], step: int, read: _Mapper = map,
-                    balance: _Balance | None = None) -> DonorBatch:
-        """One batch; ``read`` maps the row reads over the donors (``map`` or a pool's)."""
+    def _read_batch(self, store: BagStore, donors: np.ndarray, context: _ReadContext,
+                    step: int, read: _Mapper = map) -> DonorBatch:
+        """One batch; ``read`` maps the per-donor work over the donors (``map`` or a
+        pool's): the views' draws, and for the Zarr reader the row reads."""
+        views = self._draw(store, donors, context, read)
+        return self._assemble(store, donors, views, context, step, read)
+
+    def _draw(self, store: BagStore, donors: np.ndarray, context: _ReadContext,
+              read: _Mapper = map) -> list[tuple[int, int, np.ndarray]]:
+        """Each donor's two views: their sizes and rows (:func:`view_rows`); all donors at
+        once (:func:`views_of`), or donor by donor in ``read``'s threads, whose codes reads
+        then wait for the network in parallel."""
+        if read is map:
+            return views_of(store, donors, seed=self.config.seed, epoch=self.epoch,
+                            view_range=self.config.view_range, balance=context.balance)
+        return list(read(lambda donor: self._views(store, int(donor), context.balance),
+                         donors))
+
+    def _assemble(self, store: BagStore, donors: np.ndarray,
+                  views: list[tuple[int, int, np.ndarray]], context: _ReadContext,
+                  step: int, read: _Mapper = map) -> DonorBatch:
+        """The batch of ``views``: their rows read into one ``[B, 2, m, d]`` buffer.
+
+        Every reader fills the same buffer with the same rows, so the batches do not
+        depend on the reader; padding stays zero, standardisation is one pass over the
+        batch (the per-element arithmetic of :func:`~sampleclr_scale.data.batches.standardize`).
+        """
         m = self.config.view_range[1]
-        cells = np.zeros((len(donors), 2, m, store.dim), dtype=np.float32)
-        mask = np.zeros((len(donors), 2, m), dtype=bool)
-        batch = store.donor_batch
-        views = list(read(lambda donor: self._views(store, int(donor), balance), donors))
-        blocks = read(lambda rows: read_rows(store.features, rows), [v[2] for v in views])
-        for i, ((n_a, n_b, _), rows) in enumerate(zip(views, blocks, strict=True)):
-            if self.standardize:
-                rows = store.standardize(rows, int(batch[donors[i]]))
-            cells[i, 0, :n_a] = rows[:n_a]
-            cells[i, 1, :n_b] = rows[n_a:]
-            mask[i, 0, :n_a] = True
-            mask[i, 1, :n_b] = True
+        sizes = np.array([(n_a, n_b) for n_a, n_b, _ in views], dtype=np.int64)
+        mask = np.arange(m) < sizes.reshape(-1, 2, 1)
+        padded = not mask.all()
+        cells = context.buffers.take((len(donors), 2, m, store.dim))
+        context.features.read_views(views, cells, read)  # every real cell
+        if padded:
+            cells[~mask] = 0.0
+        batch = None if context.donor_batch is None else context.donor_batch[donors]
+        if self.standardize:
+            mean, std = context.stats
+            codes = batch.astype(np.intp)
+            cells -= mean[codes][:, None, None]
+            cells /= std[codes][:, None, None]
+            if padded:
+                cells[~mask] = 0.0
         return DonorBatch(
             cells=torch.from_numpy(cells),
             mask=torch.from_numpy(mask),
             donor=torch.from_numpy(donors.astype(np.int64)),
-            labels={c: torch.from_numpy(v[donors]) for c, v in labels.items()},
-            batch=None if batch is None else torch.from_numpy(batch[donors].astype(np.int64)),
+            labels={c: torch.from_numpy(v[donors]) for c, v in context.labels.items()},
+            batch=None if batch is None else torch.from_numpy(batch.astype(np.int64)),
             epoch=self.epoch,
             step=step,
         )
 
-
-    def _views(self, store: BagStore, donor: int, balance: _Balance | None
+    def _views(self, store: BagStore, donor: int, balance: ViewBalance | None
                ) -> tuple[int, int, np.ndarray]:
-        """Sizes of a donor's two views and their rows (view A's, then view B's)."""
-        first, n = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
-        rng = donor_rng(self.config.seed, self.epoch, donor)
-        sizes = view_sizes(rng, self.config.view_range)
-        if balance is None:
-            a, b = draw_views(n, *sizes, rng)
-        else:
-            a, b = balance.views(first, n, sizes, rng)
-        return len(a), len(b), first + np.concatenate([a, b])
+        """Sizes of a donor's two views and their rows (:func:`view_rows`)."""
+        return view_rows(store, donor, seed=self.config.seed, epoch=self.epoch,
+                         view_range=self.config.view_range, balance=balance)
+
+
+def view_rows(store: BagStore, donor: int, *, seed: int, epoch: int,
+              view_range: tuple[int, int], balance: ViewBalance | None
+              ) -> tuple[int, int, np.ndarray]:
+    """Sizes of a donor's two views in an epoch and their rows in the store (view A's,
+    then view B's): the sampler's choice for ``(seed, epoch, donor)``, which every source
+    of bags (streamed, device-resident) takes (:func:`views_of` for many donors)."""
+    return views_of(store, [donor], seed=seed, epoch=epoch, view_range=view_range,
+                    balance=balance)[0]
+
+
+def views_of(store: BagStore, donors: Sequence[int] | np.ndarray, *, seed: int, epoch: int,
+             view_range: tuple[int, int], balance: ViewBalance | None
+             ) -> list[tuple[int, int, np.ndarray]]:
+    """:func:`view_rows` of each donor (the same views: each donor's draws come from its
+    own generator), with balanced views picked for all donors at once
+    (:func:`~sampleclr_scale.data.sampler.balanced_picks`)."""
+    donors = np.asarray(donors, dtype=np.int64)
+    firsts = store.donor_ptr[donors]
+    counts = store.donor_ptr[donors + 1] - firsts
+    rngs = [donor_rng(seed, epoch, int(donor)) for donor in donors.tolist()]
+    sizes = [view_sizes(rng, view_range) for rng in rngs]
+    if balance is not None:
+        return balance.views_of(firsts, counts, sizes, rngs)
+    out = []
+    for first, n, (size_a, size_b), rng in zip(firsts.tolist(), counts.tolist(), sizes, rngs,
+                                               strict=True):
+        a, b = draw_views(n, size_a, size_b, rng)
+        out.append((len(a), len(b), first + np.concatenate([a, b])))
+    return out
 
 
 @dataclass(frozen=True)
-class _Balance:
+class ViewBalance:
     """Views balanced over a cell-level column: its codes and the cohort's composition."""
 
     codes: Any
-    """The store's ``codes/<column>`` array."""
+    """The store's ``codes/<column>`` array: a :class:`~sampleclr_scale.data.fast_read.RowReader`
+    of it (:func:`~sampleclr_scale.data.fast_read.open_reader`), the Zarr array or the
+    codes in memory."""
     target: np.ndarray
     """Proportion of each category over the whole store."""
 
     @classmethod
-    def of(cls, store: BagStore, column: str) -> _Balance:
+    def of(cls, store: BagStore, column: str, reader: str = "auto") -> ViewBalance:
+        """The balance over ``column``, its codes read by ``reader``
+        (``LoaderConfig.reader``; decoded chunks kept when they are read through Zarr)."""
         counts = store.category_counts(column).astype(np.float64)
-        return cls(store.codes(column), counts / counts.sum())
+        return cls(open_reader(store, store.codes(column), reader, small=True),
+                   counts / counts.sum())
 
     def views(self, first: int, n: int, sizes: tuple[int, int], rng: np.random.Generator
               ) -> tuple[np.ndarray, np.ndarray]:
         """Offsets of two views whose categories follow :attr:`target`
         (:func:`~sampleclr_scale.data.sampler.view_pools`, ``balanced_pick``)."""
-        pool_a, pool_b = view_pools(n, max(sizes), rng)
-        shared = pool_a is pool_b
-        window = pool_a if shared else np.concatenate([pool_a, pool_b])
-        codes = read_rows(self.codes, first + window)
-        codes_a, codes_b = (codes, codes) if shared else np.split(codes, [len(pool_a)])
-        return (pool_a[balanced_pick(codes_a, sizes[0], self.target, rng)],
-                pool_b[balanced_pick(codes_b, sizes[1], self.target, rng)])
+        (n_a, _, rows), = self.views_of(np.array([first]), np.array([n]), [sizes], [rng])
+        return rows[:n_a] - first, rows[n_a:] - first
+
+    def views_of(self, firsts: np.ndarray, counts: np.ndarray,
+                 sizes: list[tuple[int, int]], rngs: list[np.random.Generator]
+                 ) -> list[tuple[int, int, np.ndarray]]:
+        """:meth:`views` of many donors (first row, cells, view sizes, generator each), as
+        :func:`view_rows` returns them: sizes and rows (view A's, then view B's)."""
+        codes, starts = [], []
+        for first, n, size, rng in zip(firsts.tolist(), counts.tolist(), sizes, rngs,
+                                       strict=True):
+            pool_a, pool_b = view_pools(n, max(size), rng)
+            shared = pool_a is pool_b
+            # the pools are one circular window of the donor's rows: one or two ranges
+            start = int(pool_a[0])
+            stop = start + len(pool_a) + (0 if shared else len(pool_b))
+            window = self.codes[first + start : first + min(stop, n)]
+            if stop > n:
+                window = np.concatenate([window, self.codes[first : first + stop - n]])
+            codes += [window, window] if shared else np.split(window, [len(pool_a)])
+            # where each pool starts in the window (the offset of a pick's row)
+            starts += [start, start] if shared else [start, start + len(pool_a)]
+        m = [size for pair in sizes for size in pair]
+        picks, bounds = balanced_picks_flat(codes, m, self.target,
+                                            [rng for rng in rngs for _ in range(2)])
+        # a pick's row: first + (start + pick) % n, both views of every donor at once
+        each = np.asarray(m, dtype=np.int64)
+        donor = np.repeat(np.arange(len(sizes)), 2)
+        rows = (picks + np.repeat(starts, each)) % np.repeat(counts[donor], each)
+        rows += np.repeat(firsts[donor], each)
+        ends = bounds[2::2].tolist()
+        return [(n_a, n_b, rows[end - n_a - n_b : end])
+                for (n_a, n_b), end in zip(sizes, ends, strict=True)]
+
+
+@dataclass(frozen=True)
+class _ReadContext:
+    """What one pass over a store reads batches with (opened once per pass, per process)."""
+
+    features: RowReader
+    """Reader of the features (``LoaderConfig.reader``)."""
+    balance: ViewBalance | None
+    labels: dict[str, np.ndarray]
+    donor_batch: np.ndarray | None
+    stats: tuple[np.ndarray, np.ndarray] | None
+    buffers: _Buffers
+
+    @classmethod
+    def of(cls, store: BagStore, dataset: DonorBagDataset) -> _ReadContext:
+        reader = dataset.config.reader
+        return cls(
+            features=open_reader(store, store.features, reader),
+            balance=None if dataset.balance is None else ViewBalance.of(
+                store, dataset.balance, reader),
+            labels={c: store.labels(c, kind)[0] for c, kind in dataset.tasks.items()},
+            donor_batch=store.donor_batch,
+            stats=store.batch_stats if dataset.standardize else None,
+            buffers=_Buffers(dataset.config.prefetch + 4),
+        )
+
+
+class _Buffers:
+    """Float32 batch buffers, each handed out again once nothing refers to it any more.
+
+    A batch's ``cells`` tensor shares its buffer (``torch.from_numpy``), and so does every
+    view of it; when the batch, its tensors and their views are gone, only this pool holds
+    the buffer (a reference count of one), and the next batch of the same shape reuses it
+    instead of new memory (12.8 MB at B = 32, m = 1000, d = 50, whose first touch costs
+    more than the copy into it). A buffer still referred to, say by a batch the consumer
+    keeps, is never handed out; at most ``keep`` buffers are pooled.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._pool: list[np.ndarray] = []
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A buffer of ``shape`` with undefined contents."""
+        for i in range(len(self._pool)):
+            # 2: the pool's list and getrefcount's own argument
+            if self._pool[i].shape == shape and sys.getrefcount(self._pool[i]) == 2:
+                return self._pool[i]
+        buffer = np.empty(shape, dtype=np.float32)
+        if len(self._pool) < self.keep:
+            self._pool.append(buffer)
+        return buffer
 
 
 _DONE = object()
 
 
-def _prefetch(produce, depth: int) -> Iterator[DonorBatch]:
+def prefetch(produce: Callable[[], Iterator[Any]], depth: int) -> Iterator[Any]:
     """Run the generator ``produce()`` in a thread, ``depth`` items ahead of the consumer.
 
     Errors in the thread are re-raised in the consumer; closing the consumer early stops

@@ -253,6 +253,15 @@ def _damaged(root: Location | str, problems: dict[str, str],
                       f"its {MANIFEST_FILE}: {listing}", _reingest(root))
 
 
+def read_error(root: Location | str, key: str, expected: int, actual: int | None
+               ) -> InputError:
+    """The error for listed file ``key`` found missing (``actual`` None) or of ``actual``
+    bytes instead of ``expected`` when it is read (:class:`CheckedStore`, and the memory
+    maps of :mod:`~sampleclr_scale.data.fast_read`)."""
+    problem = _size_problem(expected, actual) or "as listed"
+    return _damaged(root, {key: f"{problem}, found on read"})
+
+
 def _reingest(root: Location | str) -> str:
     return f"re-ingest it with `sampleclr-scale ingest SOURCE --out {root} --overwrite`"
 
@@ -284,9 +293,9 @@ class CheckedStore(WrapperStore[Store]):
         buffer = await super().get(key, prototype, byte_range)
         expected = self._sizes.get(key)
         if expected is not None and byte_range is None:
-            problem = _size_problem(expected, None if buffer is None else len(buffer))
-            if problem is not None:
-                raise _damaged(self._root, {key: f"{problem}, found on read"})
+            actual = None if buffer is None else len(buffer)
+            if _size_problem(expected, actual) is not None:
+                raise read_error(self._root, key, expected, actual)
         return buffer
 
 

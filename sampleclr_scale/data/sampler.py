@@ -20,6 +20,8 @@ how donors are sharded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import pairwise
 
 import numpy as np
 
@@ -171,20 +173,124 @@ def balanced_pick(codes: np.ndarray, m: int, target: np.ndarray, rng: np.random.
     and the rest drawn with replacement; cells without
     a category (code -1, or a code without target) are not chosen, unless no cell of the
     pool has one, in which case the ``m`` cells are uniform (with replacement when the
-    pool is smaller). Positions come out grouped by category, which no permutation-
-    invariant model notices.
+    pool is smaller). Positions come out grouped by category (the draws with replacement
+    after the rest), which no permutation-invariant model notices.
+
+    The draws: every cell of a category with more cells than its quota gets a uniform key
+    and the category takes its quota of cells of smallest keys (a uniform subset without
+    replacement); a category with fewer cells than its quota takes them all and adds
+    uniform draws with replacement from them. :func:`balanced_picks` makes the same picks
+    for many pools at once.
     """
-    valid = (codes >= 0) & (codes < len(target))
-    present = np.bincount(codes[valid], minlength=len(target)) > 0
-    quotas = balanced_quotas(present, target, m)
+    return balanced_picks([codes], [m], target, [rng])[0]
+
+
+def balanced_picks(pools: list[np.ndarray], sizes: list[int], target: np.ndarray,
+                   rngs: list[np.random.Generator]) -> list[np.ndarray]:
+    """:func:`balanced_pick` of each pool: ``balanced_pick(pools[i], sizes[i], target,
+    rngs[i])``, the same positions and the same draws from each generator (in the order
+    of the pools, so pools that share a generator draw in turn), with the work that needs
+    no random draw done once for all pools: their categories counted with one
+    ``bincount``, their lists sorted with one stable sort and the picks gathered at once.
+    """
+    picks, bounds = balanced_picks_flat(pools, sizes, target, rngs)
+    return [picks[lo:hi] for lo, hi in pairwise(bounds.tolist())]
+
+
+def balanced_picks_flat(pools: list[np.ndarray], sizes: list[int], target: np.ndarray,
+                        rngs: list[np.random.Generator]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`balanced_picks` as one array: pool ``i``'s positions (in its own pool) are
+    ``picks[bounds[i]:bounds[i + 1]]``."""
+    n_categories = len(target)
+    n_pools = len(pools)
+    if not n_pools:
+        return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    lengths = np.array([len(p) for p in pools], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    codes = np.concatenate(pools) if n_pools > 1 else np.asarray(pools[0])
+    groups = n_categories + 1  # the categories, then "no category"
+    wide = n_pools * groups >= _INT16_MAX
+    key = codes.astype(np.int32 if wide else np.int16)
+    key[(codes < 0) | (codes >= n_categories)] = n_categories
+    key += np.repeat(np.arange(n_pools, dtype=key.dtype), lengths) * groups
+    counts = np.bincount(key, minlength=n_pools * groups).reshape(n_pools, groups)
+    plans = [_quotas(counts[i, :n_categories] > 0, target, m) for i, m in enumerate(sizes)]
+    quotas = np.zeros_like(counts)
+    for i, plan in enumerate(plans):
+        if plan is not None:
+            quotas[i, :n_categories] = plan
+    subset = counts > quotas  # categories whose quota is a random subset of their cells
+    subset[:, n_categories] = False  # cells without a category are not chosen
+    subset[[i for i, plan in enumerate(plans) if plan is None]] = False  # uniform pools
+    short = np.maximum(quotas - counts, 0)  # draws with replacement, per pool and category
+    keys = (counts * subset).sum(axis=1)
+    missing = short.sum(axis=1)
+    # the draws, pool by pool in order: a uniform key per cell of a subset category, then
+    # a uniform per draw with replacement
+    draws, uniform = [], {}
+    for i, (m, rng) in enumerate(zip(sizes, rngs, strict=True)):
+        if plans[i] is None:  # no present category has a positive target: uniform cells
+            uniform[i] = rng.choice(int(lengths[i]), size=m, replace=lengths[i] < m)
+        elif keys[i] or missing[i]:
+            draws.append(rng.random(int(keys[i] + missing[i])))
+    flat = counts.ravel()
+    starts = np.cumsum(flat) - flat
+    members = np.argsort(key, kind="stable")  # by pool and category, in pool order
+    group = np.repeat(np.arange(len(flat)), flat)  # of each member
+    if draws:
+        draws_per_pool = keys + missing
+        u = np.concatenate(draws)
+        first = np.cumsum(draws_per_pool) - draws_per_pool
+        # the keys of each pool come first in its draws, then those with replacement
+        key_pool = np.repeat(np.arange(n_pools), keys)
+        keyed = u[np.arange(keys.sum()) - np.repeat(np.cumsum(keys) - keys, keys)
+                  + first[key_pool]]
+        in_subset = np.flatnonzero(subset.ravel()[group])
+        # each subset category's cells in the order of their keys: a uniform order
+        shuffled = in_subset[np.argsort(group[in_subset] + keyed)]
+        members[in_subset] = members[shuffled]
+    # each category's first min(quota, cells) members
+    take = np.minimum(quotas, counts).ravel()
+    chosen = members[np.arange(len(members)) - starts[group] < take[group]]
+    if missing.any():  # uniform draws among the category's members
+        extra_group = np.repeat(np.arange(len(flat)), short.ravel())
+        extra_pool = np.repeat(np.arange(n_pools), missing)
+        position = (np.arange(missing.sum()) - np.repeat(np.cumsum(missing) - missing, missing)
+                    + first[extra_pool] + keys[extra_pool])
+        drawn = members[starts[extra_group]
+                        + (u[position] * flat[extra_group]).astype(np.int64)]
+        taken = take.reshape(counts.shape).sum(axis=1)
+        # each pool's picks, then its draws with replacement
+        pieces = np.stack([taken, missing], axis=1).ravel()
+        sources = np.stack([np.cumsum(taken) - taken,
+                            len(chosen) + np.cumsum(missing) - missing], axis=1).ravel()
+        order = np.repeat(sources - (np.cumsum(pieces) - pieces), pieces)
+        chosen = np.concatenate([chosen, drawn])[order + np.arange(len(order))]
+    sizes_out = np.array(sizes, dtype=np.int64)
+    bounds = np.concatenate([[0], np.cumsum(sizes_out)])
+    kept = np.where([p is None for p in plans], 0, sizes_out)
+    chosen = chosen - np.repeat(offsets[:-1], kept)
+    if uniform:  # splice the uniform pools in
+        done = np.concatenate([[0], np.cumsum(kept)])
+        chosen = np.concatenate([uniform[i] if i in uniform else chosen[done[i]:done[i + 1]]
+                                 for i in range(n_pools)])
+    return chosen, bounds
+
+
+_INT16_MAX = 32_767
+
+
+@lru_cache(maxsize=4096)
+def _quotas_of(present: bytes, target: bytes, m: int) -> np.ndarray | None:
+    quotas = balanced_quotas(np.frombuffer(present, dtype=bool),
+                             np.frombuffer(target, dtype=np.float64), m)
     if quotas.sum() == 0:
-        return rng.choice(len(codes), size=m, replace=len(codes) < m)
-    picks = []
-    for category in np.flatnonzero(quotas):
-        members = np.flatnonzero(codes == category)
-        quota = int(quotas[category])
-        if len(members) >= quota:
-            picks.append(rng.choice(members, size=quota, replace=False))
-        else:
-            picks += [members, rng.choice(members, size=quota - len(members))]
-    return np.concatenate(picks)
+        return None
+    quotas.flags.writeable = False
+    return quotas
+
+
+def _quotas(present: np.ndarray, target: np.ndarray, m: int) -> np.ndarray | None:
+    """:func:`balanced_quotas` (read-only), None if every quota is zero; remembered per
+    pattern of present categories (most pools of a cohort share one)."""
+    return _quotas_of(present.tobytes(), np.asarray(target, dtype=np.float64).tobytes(), m)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ from sampleclr_scale.data.obs_filter import Filter
 from sampleclr_scale.errors import InputError
 
 _OBS_BLOCK = 1 << 20  # obs rows read at a time
+GENE_ID_COLUMN = "feature_id"
+"""The var column of gene ids where a source has one (Census's Ensembl ids); else the var
+index (in a SOMA experiment written from AnnData, the column named after it)."""
 
 
 def unreadable(path: str) -> PermissionError | None:
@@ -75,7 +79,8 @@ class CellSource(ABC):
 
     @abstractmethod
     def var_names(self, layer: str) -> np.ndarray:
-        """Gene identifiers of the X layer's columns."""
+        """Gene ids (strings) of the X layer's columns: var column ``feature_id`` where
+        there is one, else the var index."""
 
     @abstractmethod
     def read_counts(self, layer: str, joinids: np.ndarray) -> sp.csr_matrix:
@@ -252,9 +257,17 @@ class SomaSource(CellSource):
         return self._ms.X[layer]
 
     def var_names(self, layer: str) -> np.ndarray:
-        self._layer(layer)
-        var = self._ms.var.read(column_names=["soma_joinid"]).concat()
-        return var["soma_joinid"].to_numpy()
+        """Gene ids of the X layer's columns (column ``i`` is var ``soma_joinid`` ``i``):
+        :func:`soma_gene_ids`."""
+        n_var = int(self._layer(layer).shape[1])
+        column = soma_gene_ids(self._ms.var)
+        columns = list(dict.fromkeys(["soma_joinid", column]))
+        var = self._ms.var.read(column_names=columns).concat()
+        joinid = var["soma_joinid"].to_numpy()
+        ids = np.full(n_var, "", dtype=object)
+        inside = joinid < n_var
+        ids[joinid[inside]] = var[column].to_numpy().astype(str)[inside]
+        return ids
 
     def read_counts(self, layer: str, joinids: np.ndarray) -> sp.csr_matrix:
         array = self._layer(layer)
@@ -280,6 +293,14 @@ class SomaSource(CellSource):
         self._exp.close()
         if self._owner is not None:
             self._owner.close()
+
+
+def soma_gene_ids(var) -> str:
+    """The column of a SOMA var dataframe that holds gene ids: ``feature_id``, else the
+    AnnData var index it was written from (``var_id`` when unnamed), else ``soma_joinid``."""
+    names = var.schema.names
+    index = json.loads(var.metadata.get("soma_dataframe_original_index_name", "null"))
+    return next((c for c in (GENE_ID_COLUMN, index or "var_id") if c in names), "soma_joinid")
 
 
 class H5adSource(CellSource):
@@ -364,7 +385,8 @@ class H5adSource(CellSource):
 
         self._x(layer)
         var = self._file["var"]
-        return np.asarray(read_elem(var[var.attrs.get("_index", "_index")]))
+        column = GENE_ID_COLUMN if GENE_ID_COLUMN in var else var.attrs.get("_index", "_index")
+        return np.asarray(read_elem(var[column])).astype(str)
 
     def read_counts(self, layer: str, joinids: np.ndarray) -> sp.csr_matrix:
         x = self._x(layer)
@@ -424,9 +446,11 @@ def open_source(spec: str, measurement: str = "RNA", organism: str = "homo_sapie
 
 
 def _absolute(location: str) -> str:
-    """A Census location with a local path made absolute; URIs, versions (``2025-11-08``,
+    """A Census location with a local path made absolute (anything spelt like a path, or
+    an existing folder such as ``census-copy``); URIs, versions (``2025-11-08``,
     ``stable``) and the empty string unchanged."""
-    is_path = location.startswith(".") or "/" in location
+    is_path = location.startswith(".") or "/" in location or (
+        bool(location) and Path(location).is_dir())
     if "://" in location or not is_path:
         return location
     return str(Path(location).resolve())

@@ -11,14 +11,21 @@ Layout (a contract between stages; ARCHITECTURE.md lists them all)::
                                 category code (-1: missing), chunked like features
       batch_mean, batch_std     float32 [n_batches, d]; per-batch feature mean and
                                 population std (with --batch-key only)
+      feature_spec/             the PCA of pca:N features: mean float32 [n_genes],
+                                components float32 [N, n_genes]; attributes genes (ids,
+                                in column order) and normalisation (target_sum, log1p)
+                                (:mod:`~sampleclr_scale.data.feature_spec`)
       donors.parquet            one row per donor: key, metadata, n_cells, split
                                 (and the int32 batch code with --batch-key)
       cells.parquet             cell-level columns, one row per store row (optional)
       manifest.json             every file above with its size and CRC32, written last
                                 (:mod:`~sampleclr_scale.data.manifest`)
 
-Attributes: ``schema_version``, ``source``, ``features``, ``donor_key``, ``n_cells``,
-``n_donors``, ``dim``, the ingest parameters and counts, and with ``--batch-key`` also
+Attributes: ``schema_version``, ``source``, ``features``, ``feature_spec`` (``kind``:
+``obsm`` with ``name``, or ``pca`` with ``n_components`` and ``n_genes``; ``dim``;
+``fingerprint``, equal for stores in one feature space, such as a store and one ingested
+``--features-like`` it), ``donor_key``, ``n_cells``, ``n_donors``, ``dim``, the ingest
+parameters and counts, and with ``--batch-key`` also
 ``batch``: ``{"key": [columns], "labels": [one label per batch code]}``, and with
 ``--cell-columns`` also ``cell_codes``: ``{column: {"categories": [one string per code],
 "counts": [cells per code]}}``.
@@ -38,6 +45,7 @@ import pandas as pd
 import zarr
 
 from sampleclr_scale.data.batches import standardize
+from sampleclr_scale.data.feature_spec import FeatureSpec, read_spec
 from sampleclr_scale.data.manifest import (
     Manifest,
     open_checked_group,
@@ -101,6 +109,12 @@ class BagStore:
         """The store's content fingerprint: SHA-256 of its manifest (the size and CRC32 of
         every file ingest wrote), so a copy has the same one and a re-ingest another."""
         return self.manifest.fingerprint
+
+    @cached_property
+    def feature_spec(self) -> FeatureSpec | None:
+        """What defines the store's features (:mod:`~sampleclr_scale.data.feature_spec`);
+        None for PCA features ingested before the PCA was stored."""
+        return read_spec(self.attrs, self._group)
 
     @property
     def n_cells(self) -> int:

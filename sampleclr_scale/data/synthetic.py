@@ -33,6 +33,11 @@ that donor's primary cells); ``special_donor_cells`` adds the pseudo-donors ``"p
 healthy biology and whose covariates are not recorded (``severity == -1``, ``age`` NaN,
 ``sex`` and ``development_stage`` ``"unknown"``).
 
+Census datasets on request: given one :class:`CensusDataset` per site, the sites' cells
+carry those datasets' ``dataset_id`` (e.g. a real Census dataset id), diseases, tissues
+(a donor's cells may come from several), assays and ``suspension_type``, and the datasets
+table their titles, so that a Census-shaped copy holds what a recipe selects and scores.
+
 Every donor's cells come from a random generator seeded by ``(seed, donor index)``, so the
 data do not depend on how they are cut into chunks.
 """
@@ -42,7 +47,7 @@ from __future__ import annotations
 import math
 import numbers
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +65,7 @@ from sampleclr_scale.outputs import OutputKind
 from sampleclr_scale.storage import Location, staged_output
 
 __all__ = [
+    "CensusDataset",
     "CohortSpec",
     "ground_truth",
     "simulate_cells",
@@ -260,6 +266,92 @@ class CohortSpec:
         return cls(**{**_SCENARIOS[scenario], "scenario": scenario, **overrides})
 
 
+@dataclass(frozen=True)
+class CensusDataset:
+    """How one simulated site looks in Census: a CELLxGENE dataset with its own obs values.
+
+    Only the labels change: the cells of site ``i`` are simulated as without it (the
+    site's shift and library size, the built-in assay's library size), then carry the
+    ``i``-th dataset's values, so that a Census-shaped copy can hold the ``dataset_id``,
+    diseases, tissues, assays and suspension types a recipe selects and scores (pass one
+    per site to :func:`write_soma` or :func:`simulate_cells` as ``datasets``).
+
+    Parameters
+    ----------
+    dataset_id
+        The site's ``dataset_id`` (e.g. the id of the Census dataset a recipe selects).
+    title, collection_name
+        ``dataset_title`` and ``collection_name`` of its row in ``census_info/datasets``.
+    diseases
+        ``disease`` by severity level: level ``s`` is ``diseases[min(s, len - 1)]``; the
+        pseudo-donors (severity not recorded) get ``diseases[0]``.
+    tissues, tissues_per_donor
+        ``tissue`` values. The primary cells of donor ``j`` (its label in the donor table;
+        pseudo-donor ``j`` is the j-th) come from ``min(tissues_per_donor, len(tissues))``
+        tissues, ``tissues[j % len], tissues[(j + 1) % len], ...``, in equal consecutive
+        parts (a copy keeps its cell's tissue): one donor sampled at several sites of the
+        body, as in the lung atlas.
+    tissue_general
+        ``tissue_general`` of every cell.
+    assays, suspension_types
+        ``assay`` and ``suspension_type`` of donor ``j``: ``assays[j % len(assays)]``,
+        likewise; ``assays=None`` keeps the simulator's assay (alternating by site).
+    """
+
+    dataset_id: str
+    title: str = "Synthetic cohort"
+    collection_name: str = "sampleclr_scale synthetic cohort"
+    diseases: tuple[str, ...] = _DISEASES
+    tissues: tuple[str, ...] = ("blood",)
+    tissues_per_donor: int = 1
+    tissue_general: str = "blood"
+    assays: tuple[str, ...] | None = None
+    suspension_types: tuple[str, ...] = ("cell",)
+
+    def __post_init__(self) -> None:
+        labels = ("diseases", "tissues", "suspension_types") + ("assays",) * (
+            self.assays is not None)
+        for name in ("dataset_id", "title", "collection_name", "tissue_general"):
+            _require(self, name, _is_label(getattr(self, name)), "a non-empty string")
+        for name in labels:
+            values = getattr(self, name)
+            ok = isinstance(values, tuple) and values and all(map(_is_label, values))
+            _require(self, name, ok, "a non-empty tuple of non-empty strings")
+        _require(self, "tissues_per_donor", _is_int(self.tissues_per_donor, 1),
+                 "an integer >= 1")
+
+    def _labels(self, unit: _Unit, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The obs values of this dataset for ``rows`` (primary-cell numbers) of ``unit``."""
+        number = unit.key[-1]
+        level = min(max(unit.severity, 0), len(self.diseases) - 1)
+        parts = min(self.tissues_per_donor, len(self.tissues))
+        part = rows * parts // max(unit.n_cells, 1)
+        assays = self.assays or (_ASSAYS[unit.codes["assay"]],)
+        constant = {
+            "dataset_id": self.dataset_id,
+            "disease": self.diseases[level],
+            "tissue_general": self.tissue_general,
+            "assay": assays[number % len(assays)],
+            "suspension_type": self.suspension_types[number % len(self.suspension_types)],
+        }
+        tissues = np.asarray(self.tissues, dtype=object)[(number + part) % len(self.tissues)]
+        return {**{c: np.full(len(rows), v, dtype=object) for c, v in constant.items()},
+                "tissue": tissues}
+
+    def _values(self) -> dict[str, tuple[str, ...]]:
+        """Every value this dataset may give each obs column it labels."""
+        return {"dataset_id": (self.dataset_id,), "disease": self.diseases,
+                "tissue": self.tissues, "tissue_general": (self.tissue_general,),
+                "assay": self.assays or _ASSAYS, "suspension_type": self.suspension_types}
+
+
+def _require(owner: object, name: str, ok: bool, rule: str) -> None:
+    """Refuse ``owner.name`` unless ``ok``: an InputError saying it must be ``rule``."""
+    if not ok:
+        raise InputError(f"{type(owner).__name__}.{name} = {getattr(owner, name)!r} is invalid",
+                         f"make {name} {rule}")
+
+
 def ground_truth(spec: CohortSpec) -> dict[str, Any]:
     """What severity and the sites do in a cohort, per cell type (JSON-ready).
 
@@ -337,7 +429,8 @@ def simulate_donors(spec: CohortSpec) -> pd.DataFrame:
 
 
 def simulate_cells(
-    spec: CohortSpec, donors: pd.DataFrame, chunk_cells: int = 200_000
+    spec: CohortSpec, donors: pd.DataFrame, chunk_cells: int = 200_000, *,
+    datasets: Sequence[CensusDataset] | None = None,
 ) -> Iterator[anndata.AnnData]:
     """Simulate the cells of ``donors`` as a stream of AnnData chunks.
 
@@ -351,6 +444,10 @@ def simulate_cells(
     chunk_cells
         Target cells per chunk. Chunks are cut between donors, so a donor larger than
         this makes a larger chunk.
+    datasets
+        One :class:`CensusDataset` per site: the sites' cells then carry those datasets'
+        ``dataset_id``, ``disease``, ``tissue``, ``tissue_general``, ``assay`` and
+        ``suspension_type`` (a column added) instead of the built-in labels.
 
     Yields
     ------
@@ -369,10 +466,12 @@ def simulate_cells(
             f"the donor table lacks columns {missing} or has a non-integer or negative index",
             "pass the output of simulate_donors(spec), or rows of it",
         )
-    return _chunks(spec, donors, chunk_cells)
+    labels = None if datasets is None else _CensusLabels.of(spec, datasets)
+    return _chunks(spec, donors, chunk_cells, labels)
 
 
-def _chunks(spec: CohortSpec, donors: pd.DataFrame, chunk_cells: int) -> Iterator[anndata.AnnData]:
+def _chunks(spec: CohortSpec, donors: pd.DataFrame, chunk_cells: int,
+            labels: _CensusLabels | None) -> Iterator[anndata.AnnData]:
     """The generator behind ``simulate_cells`` (which validates its input eagerly)."""
     model = _Model.draw(spec)
     categories = _obs_categories(spec, donors)
@@ -382,12 +481,12 @@ def _chunks(spec: CohortSpec, donors: pd.DataFrame, chunk_cells: int) -> Iterato
     for unit in _units(spec, donors, categories):
         block = _simulate_block(spec, model, unit)
         if pending and n_pending + block.n > chunk_cells:
-            yield _assemble(spec, pending, categories, var)
+            yield _assemble(spec, pending, categories, var, labels)
             pending, n_pending = [], 0
         pending.append(block)
         n_pending += block.n
     if pending:
-        yield _assemble(spec, pending, categories, var)
+        yield _assemble(spec, pending, categories, var, labels)
 
 
 def write_h5ad(spec: CohortSpec, path: str | Path, chunk_cells: int = 200_000) -> Path:
@@ -428,6 +527,7 @@ def write_soma(
     uri: str | Path,
     *,
     census_like: bool = False,
+    datasets: Sequence[CensusDataset] | None = None,
     chunk_cells: int = 200_000,
 ) -> str:
     """Simulate a cohort into a new SOMA Experiment, or a Census-shaped SOMA Collection.
@@ -448,6 +548,9 @@ def write_soma(
         If true, ``uri`` becomes a Collection laid out like CELLxGENE Census
         (``census_info/summary``, ``census_info/datasets``, experiment at
         ``census_data/homo_sapiens``) that ``cellxgene_census.open_soma(uri=...)`` opens.
+    datasets
+        One :class:`CensusDataset` per site: the obs values of each site's cells (see
+        :func:`simulate_cells`), and its row of ``census_info/datasets``.
     chunk_cells
         Cells simulated (and held in memory) at a time.
 
@@ -456,11 +559,13 @@ def write_soma(
     str
         The URI written: the experiment, or the collection when ``census_like``.
     """
-    chunks = simulate_cells(spec, simulate_donors(spec), chunk_cells)
+    chunks = simulate_cells(spec, simulate_donors(spec), chunk_cells, datasets=datasets)
+    titles = {d.dataset_id: (d.collection_name, d.title) for d in datasets or ()}
     width = max(spec.n_genes, spec.embedding_dim)
     with _new_output(uri) as staged:
         if census_like:
-            write_census_collection(str(staged), chunks, width, n_donors=spec.n_donors)
+            write_census_collection(str(staged), chunks, width, n_donors=spec.n_donors,
+                                    titles=titles)
         else:
             write_experiment(str(staged), chunks, width)
     return str(Path(uri))
@@ -532,6 +637,7 @@ class _Block(NamedTuple):
     is_primary: np.ndarray  # [n] bool
     X: sparse.csr_matrix
     embedding: np.ndarray  # [n, D] float32
+    rows: np.ndarray  # [n] the primary cell each row is (or copies), 0 .. unit.n_cells - 1
 
     @property
     def n(self) -> int:
@@ -584,6 +690,7 @@ def _simulate_block(spec: CohortSpec, model: _Model, unit: _Unit) -> _Block:
         is_primary=np.arange(len(rows)) < n,
         X=sparse.csr_matrix(counts[rows]),
         embedding=embedding[rows].astype(np.float32),
+        rows=rows,
     )
 
 
@@ -684,9 +791,10 @@ def _units(
 
 
 def _assemble(
-    spec: CohortSpec, blocks: list[_Block], categories: dict[str, list[str]], var: pd.DataFrame
+    spec: CohortSpec, blocks: list[_Block], categories: dict[str, list[str]], var: pd.DataFrame,
+    labels: _CensusLabels | None = None,
 ) -> anndata.AnnData:
-    """Join simulated blocks into one AnnData chunk."""
+    """Join simulated blocks into one AnnData chunk (labelled as Census datasets if given)."""
     sizes = [b.n for b in blocks]
     per_cell = {"cell_type": [b.cell_types for b in blocks],
                 "cell_state": [b.cell_states for b in blocks]}
@@ -698,6 +806,8 @@ def _assemble(
         )
         for column, cats in categories.items()
     }
+    if labels is not None:
+        obs.update(labels.obs(blocks))
     obs["is_primary_data"] = np.concatenate([b.is_primary for b in blocks])
     obs["severity"] = np.repeat([b.unit.severity for b in blocks], sizes).astype(np.int64)
     obs["age"] = np.repeat([b.unit.age for b in blocks], sizes).astype(np.float64)
@@ -708,6 +818,38 @@ def _assemble(
         var=var,
         obsm={spec.embedding_name: np.concatenate([b.embedding for b in blocks])},
     )
+
+
+class _CensusLabels(NamedTuple):
+    """The sites of a cohort as Census datasets, with the obs categories they use."""
+
+    datasets: tuple[CensusDataset, ...]  # one per site
+    categories: dict[str, list[str]]  # obs column -> every value, the same in every chunk
+
+    @classmethod
+    def of(cls, spec: CohortSpec, datasets: Sequence[CensusDataset]) -> _CensusLabels:
+        """Check one dataset per site with distinct ids; collect their values."""
+        datasets = tuple(datasets)
+        ids = [d.dataset_id for d in datasets if isinstance(d, CensusDataset)]
+        if len(ids) != len(datasets) or len(ids) != spec.n_sites or len(set(ids)) != len(ids):
+            raise InputError(
+                f"datasets must be {spec.n_sites} CensusDataset with distinct dataset_id "
+                f"values, one per site, got {datasets!r}",
+                f"pass one CensusDataset per site (CohortSpec.n_sites = {spec.n_sites})",
+            )
+        categories: dict[str, list[str]] = {}
+        for dataset in datasets:
+            for column, values in dataset._values().items():
+                categories[column] = list(dict.fromkeys([*categories.get(column, []), *values]))
+        return cls(datasets, categories)
+
+    def obs(self, blocks: list[_Block]) -> dict[str, pd.Categorical]:
+        """The labelled obs columns of ``blocks`` (cells in block order)."""
+        parts = [self.datasets[b.unit.codes["dataset_id"]]._labels(b.unit, b.rows)
+                 for b in blocks]
+        return {column: pd.Categorical(np.concatenate([p[column] for p in parts]),
+                                       categories=values)
+                for column, values in self.categories.items()}
 
 
 def _var_table(spec: CohortSpec) -> pd.DataFrame:
@@ -740,6 +882,11 @@ def _new_output(path: str | Path) -> AbstractContextManager[Path]:
 def _is_int(value: object, minimum: int) -> bool:
     """An integer (not a bool) of at least ``minimum``."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_label(value: object) -> bool:
+    """A non-empty string."""
+    return isinstance(value, str) and value != ""
 
 
 def _is_real(value: object) -> bool:

@@ -17,9 +17,12 @@ DONORS_PARQUET = "donor_embeddings.parquet"
 DONORS_H5AD = "donor_embeddings.h5ad"
 CELLS_PARQUET = "cell_weights.parquet"
 PROVENANCE_FILE = "provenance.json"
-"""The files of an embedding output directory (see :mod:`sampleclr_scale.embed.embedder`)."""
+PREDICTIONS_PARQUET = "predictions.parquet"
+"""The files of an embedding output directory (see :mod:`sampleclr_scale.embed.embedder`;
+``predictions.parquet`` only for a model with supervised heads)."""
 EMBEDDINGS = files_output("an embedding folder",
-                          (DONORS_PARQUET, DONORS_H5AD, CELLS_PARQUET, PROVENANCE_FILE),
+                          (DONORS_PARQUET, DONORS_H5AD, CELLS_PARQUET, PROVENANCE_FILE,
+                           PREDICTIONS_PARQUET),
                           commit=PROVENANCE_FILE)
 """What ``embed --overwrite`` replaces: a folder of those files and nothing else."""
 
@@ -50,6 +53,29 @@ def check_run_name(name: str) -> str:
         raise InputError(f"{name!r} cannot name embedding results",
                          f"set run_name to {_RUN_NAME_RULE}, e.g. sampleclr-v1")
     return name
+
+
+_NO_TARGET_WORDS = frozenset({"", "none", "null", "false", "no", "off"})
+NO_WRITE_BACK_FIX = ("pass --no-write-back (in a recipe: write_back: false) to write only the "
+                     "embedding folder, or ./NAME for an experiment of that name")
+
+
+def valid_write_back(target: str) -> bool:
+    """Whether ``target`` can name the SOMA experiment results are written into.
+
+    A path or URI; refused are the empty string and the words that mean "no write-back"
+    (``none``, ``null``, ``false``, ``no``, ``off``, in any case), which would otherwise
+    create an experiment of that name: ``--no-write-back`` says that.
+    """
+    return target.strip().lower() not in _NO_TARGET_WORDS
+
+
+def check_write_back(target: str) -> str:
+    """Return ``target``, or raise :class:`InputError` unless :func:`valid_write_back`."""
+    if not valid_write_back(target):
+        raise InputError(f"--write-back {target!r} is not a SOMA experiment path or URI",
+                         NO_WRITE_BACK_FIX)
+    return target
 
 
 class EmbedConfig(StageConfig):

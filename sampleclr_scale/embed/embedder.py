@@ -20,15 +20,22 @@ Outputs, in ``out`` (built in a temporary sibling and published atomically):
   store's donor table (``donor``, key and metadata columns, ``n_cells``, ``split``) and
   ``z`` (``fixed_size_list<float32>[D]``).
 - ``donor_embeddings.h5ad``: AnnData with donors as rows, ``X = z``, ``obs`` = the donor
-  table (``obs_names`` = ``donor``); ``uns["sampleclr_provenance"]`` is the provenance
-  as JSON text.
+  table and the prediction columns below (``obs_names`` = ``donor``);
+  ``uns["sampleclr_provenance"]`` is the provenance as JSON text.
 - ``cell_weights.parquet``: one row per chosen cell (repeats kept for donors with fewer
   than ``m`` cells): ``donor_index``, ``store_row``, ``source_joinid`` (int64) and
   ``head_0 .. head_{H-1}`` (float32, the cell's weight in the donor's bag per head).
-- ``provenance.json``: checkpoint, store, source, config, model config, versions, time.
+- ``predictions.parquet`` (a model with supervised heads only; nothing for one without):
+  ``donor_index``, ``donor`` and, per task, ``<task>_pred`` (the predicted class or
+  ordinal level as its donor-table value, a regression value in the target's units) and
+  ``<task>_p_<class>`` (class or level probabilities), computed from the heads' outputs
+  of the same forward pass as ``z`` (:mod:`~sampleclr_scale.embed.predictions`).
+- ``provenance.json``: checkpoint, store, source, config, model config, the tasks
+  (``tasks``: column, kind, weight, classes, target mean and std), versions, time.
 
-:func:`embed` then writes the results back (:mod:`~sampleclr_scale.embed.writeback`);
-:func:`run_embedding` computes the outputs only.
+:func:`embed` then writes the results back (:mod:`~sampleclr_scale.embed.writeback`),
+unless told not to (``write_back=False``); :func:`run_embedding` computes the outputs
+only.
 """
 
 from __future__ import annotations
@@ -38,10 +45,10 @@ import logging
 import platform
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -50,6 +57,8 @@ import pyarrow.parquet as pq
 import torch
 
 from sampleclr_scale.cluster import ensure_ray
+from sampleclr_scale.console import progress
+from sampleclr_scale.data.feature_spec import check_same_space
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import (
@@ -57,21 +66,23 @@ from sampleclr_scale.embed.config import (
     DONORS_H5AD,
     DONORS_PARQUET,
     EMBEDDINGS,
+    PREDICTIONS_PARQUET,
     PROVENANCE_FILE,
     EmbedConfig,
     check_run_name,
 )
+from sampleclr_scale.embed.predictions import check_prediction_columns, predictions_table
 from sampleclr_scale.embed.selection import select_balanced, select_cells
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import SampleCLR
 from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.train.artifact import load_model
+from sampleclr_scale.train.setup import TaskInfo
 
 log = logging.getLogger(__name__)
 
 _CELL_BUDGET = 1 << 20
 """Most cells (bags x padded bag length) in one forward pass (``mode: all``)."""
-_PROGRESS_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,9 @@ class EmbeddedBatch:
     """Int64 ``[sum(counts)]`` their ids in the source."""
     weights: np.ndarray
     """Float32 ``[sum(counts), H]`` their weights per head."""
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    """Float32 ``[B, k]`` supervised head outputs by task name, from the same forward
+    pass as ``z`` (empty without heads)."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +123,11 @@ class EmbedResult:
     seconds: float
     """From the first task to the last result (selection, reads, forward passes)."""
     donors_per_s: float
+    predictions: Location | None = None
+    """``predictions.parquet``; None for a model without supervised heads."""
     write_back: dict[str, str] = field(default_factory=dict)
-    """Where the results were written back: ``store`` and/or ``soma`` -> location."""
+    """Where the results were written back: ``store`` and/or ``soma`` -> location (empty
+    with ``write_back=False``)."""
 
 
 def training_balance(artifact: dict[str, Any]) -> str | None:
@@ -174,16 +191,18 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         bags.append(x[chosen])
         rows.append(start + chosen)
     store_rows = np.concatenate(rows)
-    z, weights = _forward(model, bags, device)
+    z, weights, outputs = _forward(model, bags, device)
     return EmbeddedBatch(np.asarray(donors, dtype=np.int64), z,
                          np.array([len(b) for b in bags], dtype=np.int64), store_rows,
-                         ids[store_rows - first], weights)
+                         ids[store_rows - first], weights, outputs)
 
 
 def _forward(model: SampleCLR, bags: list[np.ndarray], device: str
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """``z`` ``[B, D]`` and the real cells' weights ``[sum(n_b), H]`` of padded batches."""
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """``z`` ``[B, D]``, the real cells' weights ``[sum(n_b), H]`` and the head outputs
+    ``[B, k]`` by task of padded batches."""
     zs, weights = [], []
+    outputs: dict[str, list[np.ndarray]] = {}
     for group in _groups([len(b) for b in bags]):
         length = max(len(bags[i]) for i in group)
         cells = np.zeros((len(group), length, bags[group[0]].shape[1]), dtype=np.float32)
@@ -196,7 +215,10 @@ def _forward(model: SampleCLR, bags: list[np.ndarray], device: str
         zs.append(out.z.float().cpu().numpy())
         w = out.weights.float().cpu().numpy()
         weights.extend(w[row, : len(bags[i])] for row, i in enumerate(group))
-    return np.concatenate(zs), np.concatenate(weights)
+        for name, values in out.task_outputs.items():
+            outputs.setdefault(name, []).append(values.float().cpu().numpy())
+    return (np.concatenate(zs), np.concatenate(weights),
+            {name: np.concatenate(parts) for name, parts in outputs.items()})
 
 
 def _groups(lengths: list[int]) -> list[list[int]]:
@@ -245,7 +267,7 @@ class EmbedWorker:
 
 
 def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: EmbedConfig,
-          write_back: str | None = None) -> EmbedResult:
+          write_back: str | Literal[False] | None = None) -> EmbedResult:
     """Embed every donor, write the outputs to ``out``, then write the results back.
 
     Parameters
@@ -260,8 +282,9 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
         Selection, parallelism and naming.
     write_back
         SOMA experiment URI to write the results into (see
-        :func:`~sampleclr_scale.embed.writeback.soma_target` for the default). The results
-        are always also written into the store, under ``embeddings/<run>``.
+        :func:`~sampleclr_scale.embed.writeback.soma_target` for the default); the results
+        are then also written into the store, under ``embeddings/<run>``. False writes
+        nothing back (``--no-write-back``): only ``out``.
 
     Returns
     -------
@@ -271,9 +294,12 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
     Raises
     ------
     InputError
-        For a Census-sourced store without ``write_back`` (Census is read-only), before
-        any work is done; for a model that does not fit the store.
+        For a Census-sourced store without ``write_back`` (Census is read-only) or a
+        ``write_back`` that names no experiment (``none``, ...), before any work is done;
+        for a model that does not fit the store.
     """
+    if write_back is False:
+        return run_embedding(store_path, run_dir, out, config)
     store = BagStore(store_path)
     run = check_run_name(config.run_name or Location(run_dir).name)
     target = writeback.soma_target(store, write_back)
@@ -293,19 +319,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
 
     store = BagStore(store_path)
     model, artifact = load_model(run_dir)
-    if model.config.input_dim != store.dim:
-        raise InputError(
-            f"the model in {run_dir} takes {model.config.input_dim} features per cell, the "
-            f"store {store.location} has {store.dim}",
-            "embed with a model trained on this store's features",
-        )
-    if artifact.get("standardize") and store.batch_stats is None:
-        raise InputError(
-            f"the model in {run_dir} was trained on features standardised per technical "
-            f"batch; the store {store.location} has no batch statistics",
-            "ingest the store with --batch-key (the batch columns of the training store)")
-    if training_balance(artifact) is not None:
-        store.codes(training_balance(artifact))  # the column the views were balanced over
+    _check_fits(store, artifact, model.config.input_dim, run_dir)
     tasks = [list(range(a, min(a + config.batch_donors, store.n_donors)))
              for a in range(0, store.n_donors, config.batch_donors)]
     begin = time.perf_counter()
@@ -325,10 +339,11 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
             start = time.perf_counter()
             results = ActorPool(actors).map(lambda a, donors: a.embed.remote(donors), tasks)
             z = np.zeros((store.n_donors, model.config.output_dim), dtype=np.float32)
-            n_cells = _write_cells(results, z, staging / CELLS_PARQUET, start)
+            outputs: dict[str, np.ndarray] = {}
+            n_cells = _write_cells(results, z, outputs, staging / CELLS_PARQUET)
             seconds = time.perf_counter() - start
             provenance = _provenance(store, run_dir, config, artifact, n_cells, seconds)
-            _write_donors(staging, store, z, provenance)
+            _write_donors(staging, store, z, provenance, artifact["tasks"], outputs)
     finally:
         for a in actors:
             ray.kill(a)
@@ -338,30 +353,54 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
              rate, out)
     return EmbedResult(out, out / DONORS_PARQUET, out / DONORS_H5AD, out / CELLS_PARQUET,
                        out / PROVENANCE_FILE, store.n_donors, n_cells, round(startup, 3),
-                       round(seconds, 3), round(rate, 1))
+                       round(seconds, 3), round(rate, 1),
+                       out / PREDICTIONS_PARQUET if artifact["tasks"] else None)
 
 
-def _write_cells(results: Iterator[EmbeddedBatch], z: np.ndarray, path: Path, start: float
-                 ) -> int:
-    """Stream the cell weights to Parquet in task order, fill ``z``; return the row count."""
+def _check_fits(store: BagStore, artifact: dict[str, Any], input_dim: int,
+                run_dir: str | Path) -> None:
+    """Refuse, before any work, a model whose feature space, input, standardisation,
+    balance column or prediction columns do not fit the store."""
+    check_same_space(artifact.get("feature_spec"), store.feature_spec, run_dir=str(run_dir),
+                     store=str(store.location), trained_on=artifact.get("store"))
+    if input_dim != store.dim:
+        raise InputError(
+            f"the model in {run_dir} takes {input_dim} features per cell, the "
+            f"store {store.location} has {store.dim}",
+            "embed with a model trained on this store's features",
+        )
+    if artifact.get("standardize") and store.batch_stats is None:
+        raise InputError(
+            f"the model in {run_dir} was trained on features standardised per technical "
+            f"batch; the store {store.location} has no batch statistics",
+            "ingest the store with --batch-key (the batch columns of the training store)")
+    if training_balance(artifact) is not None:
+        store.codes(training_balance(artifact))  # the column the views were balanced over
+    check_prediction_columns(artifact["tasks"], ["donor_index", *store.donors.columns],
+                             str(run_dir))
+
+
+def _write_cells(results: Iterator[EmbeddedBatch], z: np.ndarray,
+                 outputs: dict[str, np.ndarray], path: Path) -> int:
+    """Stream the cell weights to Parquet in task order, fill ``z`` and the head
+    ``outputs`` by task (created at the first batch); return the row count."""
     writer: pq.ParquetWriter | None = None
-    done = n_cells = 0
-    last = start
+    n_cells = 0
+    bar = progress(len(z), "embedding", "donors")
     try:
         for batch in results:
             z[batch.donors] = batch.z
+            for name, values in batch.outputs.items():
+                outputs.setdefault(name, np.zeros((len(z), values.shape[1]), np.float32))
+                outputs[name][batch.donors] = values
             table = _cell_table(batch)
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
-            done += len(batch.donors)
             n_cells += table.num_rows
-            now = time.perf_counter()
-            if now - last >= _PROGRESS_SECONDS or done == len(z):
-                log.info("embedded %d / %d donors (%.1f donors/s)", done, len(z),
-                         done / (now - start))
-                last = now
+            bar.update(len(batch.donors))
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
     return n_cells
@@ -379,9 +418,10 @@ def _cell_table(batch: EmbeddedBatch) -> pa.Table:
     return pa.table(columns)
 
 
-def _write_donors(directory: Path, store: BagStore, z: np.ndarray,
-                  provenance: dict[str, Any]) -> None:
-    """The donor table with ``z`` as Parquet and as h5ad, and the provenance."""
+def _write_donors(directory: Path, store: BagStore, z: np.ndarray, provenance: dict[str, Any],
+                  tasks: list[TaskInfo], outputs: dict[str, np.ndarray]) -> None:
+    """The donor table with ``z`` as Parquet and as h5ad (obs with the predictions), the
+    predictions (a model with heads) and the provenance."""
     import anndata
 
     donors = store.donors.reset_index(drop=True)
@@ -390,6 +430,10 @@ def _write_donors(directory: Path, store: BagStore, z: np.ndarray,
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), z.shape[1])
     pq.write_table(table.append_column("z", vectors), directory / DONORS_PARQUET)
     text = json.dumps(provenance, indent=2)
+    predictions = predictions_table(donors, tasks, outputs)
+    if predictions is not None:
+        predictions.to_parquet(directory / PREDICTIONS_PARQUET, index=False)
+        donors = donors.join(predictions.drop(columns=["donor_index", "donor"]))
     obs = donors.set_axis(pd.Index(donors["donor"].astype(str).to_numpy()), axis=0)
     adata = anndata.AnnData(X=z, obs=obs, uns={"sampleclr_provenance": text})
     adata.write_h5ad(directory / DONORS_H5AD)
@@ -411,6 +455,7 @@ def _provenance(store: BagStore, run_dir: str | Path, config: EmbedConfig,
         "features": store.attrs.get("features"),
         "config": config.model_dump(mode="json"),
         "model_config": artifact["model_config"],
+        "tasks": [asdict(task) for task in artifact["tasks"]],
         "trained_on": artifact.get("store"),
         "n_donors": store.n_donors,
         "n_cells": n_cells,

@@ -1,8 +1,9 @@
 """Write embedding results back where the data lives: the SOMA experiment and the store.
 
 Both writers read an embedding output directory (``donor_embeddings.parquet``,
-``cell_weights.parquet``, ``provenance.json``, see
-:mod:`~sampleclr_scale.embed.embedder`), so a write-back can be repeated from the files.
+``cell_weights.parquet``, ``provenance.json`` and, for a model with supervised heads,
+``predictions.parquet``, see :mod:`~sampleclr_scale.embed.embedder`), so a write-back can
+be repeated from the files.
 
 SOMA experiment layout (only ``sampleclr/<run>`` is ever written; obs, ms and every other
 member of the experiment are left untouched)::
@@ -12,7 +13,9 @@ member of the experiment are left untouched)::
                                      n_heads, n_obs, provenance (JSON text)
         sample_embeddings            DataFrame indexed by soma_joinid = donor_index:
                                      donor, the donor key columns, split (strings),
-                                     z_0 .. z_{D-1} (float32)
+                                     z_0 .. z_{D-1} (float32), then the columns of
+                                     predictions.parquet if any (<task>_pred as strings
+                                     or numbers, <task>_p_<class> float64)
         cell_weights                 SparseNDArray float32 [n_obs, H]: (cell soma_joinid,
                                      head) -> weight; a cell chosen twice is stored once
 
@@ -41,6 +44,10 @@ Store layout (a Zarr v3 group per run, published atomically by
       cell_store_row                 int64 [n]
       cell_source_joinid             int64 [n]
       cell_weights                   float32 [n, H]
+      predictions.parquet            a copy of the embedding folder's, if it has one (as
+                                     the store's own donors.parquet)
+
+:func:`read_back` returns the prediction columns with the donor table from either.
 """
 
 from __future__ import annotations
@@ -65,9 +72,11 @@ from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import (
     CELLS_PARQUET,
     DONORS_PARQUET,
+    PREDICTIONS_PARQUET,
     PROVENANCE_FILE,
     STAGING_MARK,
     check_run_name,
+    check_write_back,
 )
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.outputs import zarr_output
@@ -95,6 +104,7 @@ class _Results:
                 (self.directory / PROVENANCE_FILE).read_text())
             donors = (self.directory / DONORS_PARQUET).read_parquet()
             self._cells = (self.directory / CELLS_PARQUET).parquet_file()
+            self.predictions = _read_predictions(self.directory / PREDICTIONS_PARQUET)
         except (OSError, ValueError) as err:
             raise InputError(f"{self.directory} is not a complete embedding output: {err}",
                              "run `sampleclr-scale embed` to create it") from None
@@ -112,6 +122,13 @@ class _Results:
     def key_columns(self) -> list[str]:
         """``donor``, the donor key columns and ``split``, without repeats."""
         return list(dict.fromkeys(["donor", *self.provenance["donor_key"], "split"]))
+
+    @property
+    def prediction_columns(self) -> list[str]:
+        """The columns of ``predictions.parquet`` after ``donor_index`` and ``donor``."""
+        if self.predictions is None:
+            return []
+        return [c for c in self.predictions.columns if c not in ("donor_index", "donor")]
 
     def cell_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         """The cell table in batches of at most a million rows."""
@@ -131,6 +148,18 @@ class _Results:
         return max(int(b.column(0).to_numpy().max()) for b in self.cell_batches(["source_joinid"]))
 
 
+def _read_predictions(path: Location) -> pd.DataFrame | None:
+    """An embedding folder's predictions (checked to be one row per donor, in donor order),
+    or None without the file."""
+    if not path.is_file():
+        return None
+    predictions = path.read_parquet().to_pandas()
+    if predictions["donor_index"].tolist() != list(range(len(predictions))):
+        raise InputError(f"{path} is not one row per donor in donor order",
+                         "re-run `sampleclr-scale embed`")
+    return predictions
+
+
 def soma_target(store: BagStore, write_back: str | None) -> str | None:
     """The SOMA experiment that receives a store's results, or None.
 
@@ -146,9 +175,12 @@ def soma_target(store: BagStore, write_back: str | None) -> str | None:
     ------
     InputError
         When the target would be Census (read-only): a Census-sourced store needs an
-        explicit ``write_back``, and ``write_back`` cannot name Census.
+        explicit ``write_back``, and ``write_back`` cannot name Census; for a
+        ``write_back`` that names no experiment (``none``, ``false``, ...:
+        :func:`~sampleclr_scale.embed.config.valid_write_back`).
     """
     if write_back is not None:
+        check_write_back(write_back)
         if is_census(write_back):
             raise InputError(f"cannot write back to {write_back!r}: Census is read-only",
                              "pass --write-back URI of a local SOMA experiment")
@@ -268,6 +300,11 @@ def _sample_table(results: _Results) -> pa.Table:
         columns[name] = pa.array(results.donors[name].astype(str).to_numpy(), pa.large_string())
     for j in range(results.z.shape[1]):
         columns[f"z_{j}"] = pa.array(results.z[:, j], pa.float32())
+    for name in results.prediction_columns:
+        values = pa.array(results.predictions[name].to_numpy())
+        if pa.types.is_string(values.type):
+            values = values.cast(pa.large_string())
+        columns[name] = values
     return pa.table(columns)
 
 
@@ -351,6 +388,9 @@ def write_back_store(embeddings: str | Path | Location, store_path: str | Path |
             offset = stop
         group.attrs.update({"run": run, "dim": int(results.z.shape[1]), "n_heads": n_heads,
                             "provenance": results.provenance})
+        if results.predictions is not None:
+            (staging / PREDICTIONS_PARQUET).write_bytes(
+                (results.directory / PREDICTIONS_PARQUET).read_bytes())
     return parent / run
 
 
@@ -368,7 +408,8 @@ def read_back(uri: str | Path, run: str) -> tuple[pd.DataFrame, sp.coo_array]:
     -------
     donors, weights
         The donor table (``donor_index``, ``donor``, the key columns, ``split``,
-        ``z_0 .. z_{D-1}``), sorted by ``donor_index``, and the cell weights as a COO
+        ``z_0 .. z_{D-1}``, then any prediction columns), sorted by ``donor_index``, and
+        the cell weights as a COO
         array ``[n_obs, H]`` keyed by source ``soma_joinid`` (each cell once; for a store
         ``n_obs`` is the largest chosen id plus one).
 
@@ -424,6 +465,9 @@ def _read_store(location: Location, run: str) -> tuple[pd.DataFrame, sp.coo_arra
         donors[name] = store.donors[name].astype(str).to_numpy()
     for j in range(z.shape[1]):
         donors[f"z_{j}"] = z[:, j]
+    predictions = _read_predictions(folder / PREDICTIONS_PARQUET)
+    if predictions is not None:
+        donors = donors.join(predictions.drop(columns=["donor_index", "donor"]))
     ids, first = np.unique(group["cell_source_joinid"][:], return_index=True)
     values = group[CELLS][:][first]
     n_heads = values.shape[1]

@@ -35,6 +35,9 @@ _UMAP_NEIGHBOURS = 15
 _MISSING_COLOUR = "#bbbbbb"
 _DPI = 100
 _HEADLINE = ("information", "batch", "trajectory", "total")
+_PREDICTION_SCORES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mae": "MAE",
+                      "spearman": "Spearman"}
+"""The held-out prediction scores (metrics.json keys) and their headings."""
 
 
 # ---- text --------------------------------------------------------------------------
@@ -74,7 +77,9 @@ def headline(metrics: dict[str, Any]) -> str:
     -------
     str
         Aligned columns, one line per method, ``mean ± std`` where there are several runs;
-        with held-out scores, a blank line and one line of each method's held-out total.
+        with held-out scores, a blank line and one line of each method's held-out total;
+        with predictions, a blank line and one line per embedding of its held-out
+        prediction scores.
     """
     rows = [("method", *_HEADLINE)]
     rows += [(name, *(format_score(method, key) for key in _HEADLINE))
@@ -82,11 +87,27 @@ def headline(metrics: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
                       .rstrip() for row in rows)
-    if metrics.get("n_held_out") is None:
-        return table
-    totals = ", ".join(f"{name} {format_score(method['held_out'], 'total')}"
-                       for name, method in metrics["methods"].items())
-    return f"{table}\n\nheld-out total ({metrics['n_held_out']} validation donors): {totals}"
+    blocks = [table]
+    if metrics.get("n_held_out") is not None:
+        totals = ", ".join(f"{name} {format_score(method['held_out'], 'total')}"
+                           for name, method in metrics["methods"].items())
+        blocks.append(f"held-out total ({metrics['n_held_out']} validation donors): {totals}")
+    predictions = metrics.get("predictions") or {}
+    if predictions:
+        blocks.append("\n".join(_prediction_line(name, entry)
+                                for name, entry in predictions.items()))
+    return "\n\n".join(blocks)
+
+
+def _prediction_line(name: str, entry: dict[str, Any]) -> str:
+    """One embedding's held-out prediction scores on one line, task after task."""
+    tasks = []
+    for task, scores in entry["tasks"].items():
+        shown = ", ".join(f"{label} {_num(scores[key], 3)}"
+                          for key, label in _PREDICTION_SCORES.items() if key in scores)
+        tasks.append(f"{task} {shown}")
+    return (f"held-out predictions of {name} ({entry['n_donors']} validation donors): "
+            + "; ".join(tasks))
 
 
 def write_report(metrics: dict[str, Any], out: Path) -> Path:
@@ -121,6 +142,7 @@ def write_report(metrics: dict[str, Any], out: Path) -> Path:
         "",
         *_held_out_section(metrics),
         *_notes(metrics),
+        *_predictions_section(metrics),
     ]
     figures = metrics["figures"]
     if figures["maps"]:
@@ -312,6 +334,28 @@ def _held_out_section(metrics: dict[str, Any]) -> list[str]:
             *_score_table(metrics, held_out=True), ""]
 
 
+def _predictions_section(metrics: dict[str, Any]) -> list[str]:
+    """The table of held-out prediction scores with its heading (after a blank line), or
+    nothing without predictions."""
+    predictions = metrics.get("predictions") or {}
+    if not predictions:
+        return []
+    header = ["embedding", "task", "kind", "donors", *_PREDICTION_SCORES.values()]
+    lines = ["", "## Supervised predictions (held-out donors)", "",
+             "Each model's supervised heads (`predictions.parquet`) on the validation donors "
+             "with a label: accuracy and macro-F1 for classification and ordinal tasks, MAE "
+             "(ordinal: in levels; regression: in the target's units) and Spearman for "
+             "ordinal and regression tasks; `-` where a score does not apply or is "
+             "undefined.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in predictions.items():
+        for task, scores in entry["tasks"].items():
+            cells = [name, task, scores["kind"], str(scores["n"]),
+                     *(_num(scores.get(key), 3) for key in _PREDICTION_SCORES)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _notes(metrics: dict[str, Any]) -> list[str]:
     notes = [
         "All scores are in [0, 1], higher is better (Shitov et al. 2025, SPARE). "
@@ -332,8 +376,8 @@ def _notes(metrics: dict[str, Any]) -> list[str]:
     return [f"- {note}" for note in notes]
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _umap_module() -> ModuleType | None:

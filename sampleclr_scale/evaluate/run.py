@@ -6,7 +6,11 @@ Reads (contracts of the embed and train stages):
   store's donor table), ``donor`` (str) and ``z`` (fixed_size_list<float32>[D]);
 - ``EMB/cell_weights.parquet`` (optional): ``donor_index``, ``store_row`` (int64) and
   ``head_0 .. head_{H-1}`` (float32), the weight of each chosen cell per head;
-- ``EMB/provenance.json`` (optional): ``checkpoint``, the training run directory;
+- ``EMB/provenance.json`` (optional): ``checkpoint``, the training run directory, and
+  ``tasks``, the model's supervised tasks;
+- ``EMB/predictions.parquet`` (a model with supervised heads): ``donor_index``, ``donor``
+  and each task's ``<task>_pred``, scored on the held-out donors
+  (:mod:`~sampleclr_scale.evaluate.predictions`);
 - ``RUN/metrics.jsonl``: one JSON object per epoch (``stage``, ``epoch``, ``train_loss``,
   ``val_loss``, ...).
 
@@ -42,6 +46,7 @@ from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import baselines, report
 from sampleclr_scale.evaluate.config import EvaluateConfig
+from sampleclr_scale.evaluate.predictions import prediction_scores
 from sampleclr_scale.evaluate.spare import cosine_distances, root_donor, spare_scores
 from sampleclr_scale.storage import Location, local_directory
 
@@ -122,9 +127,11 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
         What ``OUT/metrics.json`` holds: ``methods`` (name -> ``kind``, ``n_runs``,
         ``runs`` with nested scores, flat ``mean`` and ``std``, and ``held_out`` with
         ``mean``, ``std`` and ``runs`` on the validation donors alone), ``n_held_out``
-        (None without a held-out block), ``columns`` (the flat score keys), ``skipped``
-        baselines and blocks with the reason, ``cell_weights``, ``training``, ``figures``
-        and the settings.
+        (None without a held-out block), ``columns`` (the flat score keys),
+        ``predictions`` (embedding -> held-out scores of its supervised heads'
+        predictions, see :func:`~sampleclr_scale.evaluate.predictions.prediction_scores`),
+        ``skipped`` baselines and blocks with the reason, ``cell_weights``, ``training``,
+        ``figures`` and the settings.
     """
     if not embeddings:
         raise InputError("no embeddings to evaluate", "pass --embeddings EMB [EMB ...]")
@@ -152,6 +159,7 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
         "held_out_trajectory_root": held_out["trajectory_root"],
         "columns": _score_keys(config),
         "methods": methods,
+        "predictions": prediction_scores(named, bag, bag.split_donors(HELD_OUT_SPLIT)),
         "skipped": skipped,
     }
     _write_outputs(metrics, runs, bag, selected, donors, config, logs, out)

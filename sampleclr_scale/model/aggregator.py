@@ -142,8 +142,9 @@ class CellImportanceAggregator(nn.Module):
         parts = [] if self.pooling == "learned" else [real]
         if self.cell_encoder is not None:
             parts.append(self.cell_encoder(real))
-        pooled = scores.new_zeros((*mask.shape, self.pooled_dim))
-        pooled[mask] = torch.cat(parts, dim=-1)  # padding stays exactly zero
+        rows = torch.cat(parts, dim=-1)  # float32 cells beside bf16 ones under autocast
+        pooled = rows.new_zeros((*mask.shape, self.pooled_dim))
+        pooled[mask] = rows  # padding stays exactly zero
         aggregated = torch.einsum("bmh,bmp->bhp", weights, pooled).flatten(1)
         return aggregated, weights
 

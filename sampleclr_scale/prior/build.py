@@ -26,6 +26,7 @@ import numpy as np
 import ray
 
 from sampleclr_scale.cluster import ensure_ray
+from sampleclr_scale.console import progress
 from sampleclr_scale.data.pseudobulk import BLOCK_ROWS, donor_means
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
@@ -196,16 +197,25 @@ def _pair_divergences(projected: np.ndarray, offsets: np.ndarray, a: np.ndarray,
         return np.zeros(0)
     ensure_ray()
     cells_ref, offsets_ref = ray.put(projected), ray.put(offsets)
-    donors = np.arange(len(offsets) - 1)
-    rho = np.concatenate(ray.get([
-        _rho_task.remote(cells_ref, offsets_ref, int(chunk[0]), int(chunk[-1]) + 1, k)
-        for chunk in _batches(donors)
-    ]))
+    chunks = _batches(np.arange(len(offsets) - 1))
+    rho = _gather([_rho_task.remote(cells_ref, offsets_ref, int(c[0]), int(c[-1]) + 1, k)
+                   for c in chunks], [len(c) for c in chunks], "GloScope kNN radii", "donors")
     rho_ref = ray.put(rho)
-    return np.concatenate(ray.get([
-        _pairs_task.remote(cells_ref, offsets_ref, rho_ref, a[batch], b[batch], k)
-        for batch in _batches(np.arange(len(a)))
-    ]))
+    batches = _batches(np.arange(len(a)))
+    return _gather([_pairs_task.remote(cells_ref, offsets_ref, rho_ref, a[p], b[p], k)
+                    for p in batches], [len(p) for p in batches], "GloScope pairs", "pairs")
+
+
+def _gather(refs: list[ray.ObjectRef], sizes: list[int], desc: str, unit: str) -> np.ndarray:
+    """The tasks' arrays concatenated in order, a progress bar advancing by ``sizes[i]``
+    as task ``i`` finishes."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    with progress(sum(sizes), desc, unit) as bar:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(sizes[index[done[0]]])
+    return np.concatenate(ray.get(refs))
 
 
 def _batches(items: np.ndarray) -> list[np.ndarray]:

@@ -1,8 +1,8 @@
 """The trained model as a file: ``RUN/model.pt``, everything needed to embed donors.
 
 Holds the architecture, the best weights, the tasks with their classes and target
-statistics, the training config and the store it was trained on, so the embedding stage
-needs nothing else.
+statistics, the training config and the store it was trained on with its feature spec,
+so the embedding stage needs nothing else.
 """
 
 from __future__ import annotations
@@ -22,18 +22,22 @@ MODEL_FILE = "model.pt"
 def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
                state_dict: dict[str, Any], tasks: list[TaskInfo], train_config: dict[str, Any],
                store: str, history: list[dict[str, Any]], standardize: bool = False,
-               balance: str | None = None) -> Location:
+               balance: str | None = None,
+               feature_spec: dict[str, Any] | None = None) -> Location:
     """Write ``run_dir/model.pt`` atomically (a local path or a URI).
 
     ``standardize`` records whether the model saw cell features standardised per
     technical batch, ``balance`` the cell-level column its views were balanced over, so
-    that embedding does the same.
+    that embedding does the same; ``feature_spec`` the store's feature-spec record
+    (:meth:`~sampleclr_scale.data.feature_spec.PCASpec.record`), so that embedding refuses
+    a store of another feature space.
     """
     path = Location(run_dir) / MODEL_FILE
     path.write_torch({"model_config": model_config.model_dump(mode="json"),
                       "state_dict": state_dict, "tasks": [asdict(t) for t in tasks],
                       "train_config": train_config, "store": store, "history": history,
-                      "standardize": standardize, "balance": balance})
+                      "standardize": standardize, "balance": balance,
+                      "feature_spec": feature_spec})
     return path
 
 

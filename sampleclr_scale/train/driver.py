@@ -33,6 +33,7 @@ from sampleclr_scale.storage import Location
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
+from sampleclr_scale.train.progress import TrainingConsole, ray_feed
 from sampleclr_scale.train.session import LocalSession
 from sampleclr_scale.train.worker import Worker, train_worker
 
@@ -113,6 +114,8 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
         raise InputError(f"an in-process run has one worker, the config asks for "
                          f"{config.workers}", "set workers: 1 (and the batch size of the "
                          "global batch you want), or train with Ray")
+    if in_process:
+        setup.local_device(config)  # no GPU for use_gpu: refused before the run is written
     run = Location(run_dir)
     _check_run_dir(run, config, resume, store)
     (run / STORE_FILE).write_text(json.dumps({"uri": store.location.uri,
@@ -125,7 +128,9 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
                             train_config=config.model_dump(mode="json"),
                             store=store.location.uri, history=state.history,
                             standardize=setup.standardizes(store, config),
-                            balance=resolve_balance(store, config.loader.balance))
+                            balance=resolve_balance(store, config.loader.balance),
+                            feature_spec=None if store.feature_spec is None
+                            else store.feature_spec.record())
     (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
     log.info("model written to %s", model_path)
     return TrainResult(run, model_path, state.history)
@@ -133,23 +138,35 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
 
 def _fit_in_process(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
     """The training loop in this process; the finished run's state."""
-    session = LocalSession()
+    console = _console(config)
+    session = LocalSession(device=setup.local_device(config), on_progress=console)
     log.info("training on %s in this process (batch %d donors, lr %.2e)", store.location,
              config.global_batch, config.learning_rate)
-    Worker(config, store.location.uri, run, session).fit()
+    try:
+        Worker(config, store.location.uri, run, session).fit()
+    finally:
+        console.close()
     return session.latest
 
 
 def _fit_ray(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
-    """The training loop on Ray Train workers; the latest checkpoint's state."""
+    """The training loop on Ray Train workers, their progress on this console; the latest
+    checkpoint's state."""
+    ensure_ray()
+    with ray_feed(_console(config)) as events:
+        return _fit_trainer(store, run, config, events)
+
+
+def _fit_trainer(store: BagStore, run: Location, config: TrainConfig,
+                 events: Any) -> TrainState:
+    """Run the ``TorchTrainer``; the latest checkpoint's state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"),
-                           "store": store.location.uri, "run_dir": run.uri},
+                           "store": store.location.uri, "run_dir": run.uri, "events": events},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      placement_strategy=config.placement),
@@ -164,3 +181,8 @@ def _fit_ray(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:
         return TrainState.load(directory)
+
+
+def _console(config: TrainConfig) -> TrainingConsole:
+    """The console of a run's progress events."""
+    return TrainingConsole({1: config.epochs, 2: config.supervised_epochs})

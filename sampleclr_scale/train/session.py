@@ -10,7 +10,9 @@ runs such as the quality benchmark's many small trainings.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,14 +36,26 @@ class Session(Protocol):
         """Record an epoch's (or a mid-epoch checkpoint's) metrics and training state."""
         ...
 
+    def progress(self, event: dict[str, Any]) -> None:
+        """Show rank 0's progress ``event`` on the driver's console
+        (:mod:`~sampleclr_scale.train.progress`)."""
+        ...
+
 
 class RaySession:
-    """The session of a Ray Train worker (call inside ``TorchTrainer``'s loop)."""
+    """The session of a Ray Train worker (call inside ``TorchTrainer``'s loop).
 
-    def __init__(self) -> None:
+    Parameters
+    ----------
+    events
+        The driver's Ray queue of progress events, or None to show none.
+    """
+
+    def __init__(self, events: Any = None) -> None:
         import ray.train
         import ray.train.torch
 
+        self.events = events
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -68,6 +82,14 @@ class RaySession:
                 attached = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=attached)
 
+    def progress(self, event: dict[str, Any]) -> None:
+        """Queue ``event`` for the driver (never blocks the loop)."""
+        from ray.util.queue import Full
+
+        if self.events is not None:
+            with contextlib.suppress(Full):
+                self.events.put_nowait(event)
+
 
 @dataclass
 class LocalSession:
@@ -78,6 +100,9 @@ class LocalSession:
     world_size: int = 1
     latest: TrainState | None = None
     """The state of the last report (the finished run's, once the loop returns)."""
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+    """Where progress events go (a :class:`~sampleclr_scale.train.progress.TrainingConsole`),
+    or None."""
 
     def restore(self) -> TrainState | None:
         """Always a fresh start."""
@@ -86,3 +111,8 @@ class LocalSession:
     def report(self, metrics: dict[str, Any], state: TrainState) -> None:
         """Keep ``state``."""
         self.latest = state
+
+    def progress(self, event: dict[str, Any]) -> None:
+        """Hand ``event`` to ``on_progress``."""
+        if self.on_progress is not None:
+            self.on_progress(event)

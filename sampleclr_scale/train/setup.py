@@ -107,6 +107,32 @@ def standardizes(store: BagStore, config: TrainConfig) -> bool:
     return config.standardize == "batch"
 
 
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The type the model computes in under autocast (``TrainConfig.precision``), or None
+    for plain float32."""
+    if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def local_device(config: TrainConfig) -> torch.device:
+    """The device of a run in the calling process: its current GPU with ``use_gpu``, else
+    the CPU.
+
+    Raises
+    ------
+    InputError
+        For ``use_gpu`` in a process that sees no CUDA GPU.
+    """
+    if not config.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError("use_gpu is set, but this process sees no CUDA GPU (or torch is a "
+                         "CPU build)", "train without --use-gpu, or install a CUDA build of "
+                         "torch on a machine with a GPU")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def validation_loader_config(store: BagStore, config: TrainConfig) -> LoaderConfig | None:
     """Loader settings for the validation donors (smaller batches if they are few)."""
     n_val = len(store.split_donors("validation"))

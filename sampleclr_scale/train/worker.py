@@ -1,13 +1,15 @@
 """The per-worker training loop that Ray Train runs on every worker (or one process runs).
 
-Each worker streams its own shard of two-view donor bags from the bag store, encodes
-them with its DDP replica of SampleCLR and computes the contrastive loss of its rows
-against the global batch of all workers (the loss gathers with gradients, DDP averages
-the gradients). Stage 1 trains the aggregator and encoder on the contrastive loss; stage
-2 adds the supervised heads, training only them for the first ``freeze_epochs``. Every
-epoch ends with a validation pass on held-out donors, early-stopping bookkeeping and a
-checkpoint; a restarted worker continues from the latest checkpoint at the exact step.
-Where the loop runs (rank, device, checkpoints) comes from a
+Each worker streams its own shard of two-view donor bags from the bag store (or draws the
+same bags from the store's features held in its device's memory: ``loader.resident``,
+:mod:`sampleclr_scale.data.resident`), encodes them with its DDP replica of SampleCLR (under
+bf16 autocast on CUDA: ``precision``; compiled with ``compile``) and computes the
+contrastive loss of its rows against the global batch of all workers (the loss gathers
+with gradients, DDP averages the gradients). Stage 1 trains the aggregator and encoder on
+the contrastive loss; stage 2 adds the supervised heads, training only them for the first
+``freeze_epochs``. Every epoch ends with a validation pass on held-out donors,
+early-stopping bookkeeping and a checkpoint; a restarted worker continues from the latest
+checkpoint at the exact step. Where the loop runs (rank, device, checkpoints) comes from a
 :class:`~sampleclr_scale.train.session.Session`.
 """
 
@@ -16,6 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +29,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.data.loader import DonorBagDataset, DonorBatch, make_loader
+from sampleclr_scale.data.resident import (
+    ResidentBags,
+    load_features,
+    resident_dtype,
+    use_resident,
+)
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.losses import ordinal_predict
-from sampleclr_scale.model import SampleCLR, flatten_views, split_views
+from sampleclr_scale.model import SampleCLR, SampleCLROutput, flatten_views, split_views
 from sampleclr_scale.storage import Location
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.checkpoint import Position, TrainState, cpu_copy
@@ -34,16 +46,31 @@ from sampleclr_scale.train.session import RaySession, Session
 
 log = logging.getLogger(__name__)
 
+LOG_DIR = "logs"
+"""Where each Ray Train worker of a local run writes its log: ``RUN/logs/rank-R.log``."""
+
 FAULT_MARKER = "fault_injected"
 DONE_STAGE = 3
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point of a Ray Train worker: ``{"config", "store", "run_dir"}``."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report chatter
-    log.setLevel(logging.INFO)
+    """Entry point of a Ray Train worker: ``{"config", "store", "run_dir", "events"}``."""
+    session = RaySession(loop_config.get("events"))
+    run_dir = Location(loop_config["run_dir"])
+    if run_dir.is_local:
+        _log_to(run_dir.local / LOG_DIR / f"rank-{session.rank}.log")
     Worker(TrainConfig.model_validate(loop_config["config"]), loop_config["store"],
-           Location(loop_config["run_dir"]), RaySession()).fit()
+           run_dir, session).fit()
+
+
+def _log_to(path: Path) -> None:
+    """Send every log line of this worker process to ``path``: the loop's own (step and
+    epoch lines, at DEBUG) and Ray Train's (its per-report lines, at INFO)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    log.setLevel(logging.DEBUG)
 
 
 class Worker:
@@ -61,12 +88,8 @@ class Worker:
         prior = setup.load_prior_tensor(store, config)
         self.contrastive = setup.contrastive_loss(config, prior).to(self.device)
         self.task_loss = setup.task_loss(self.tasks)
-        data = {"tasks": {t.column: t.kind for t in self.tasks}, "rank": self.rank,
-                "world_size": self.world_size, "standardize": setup.standardizes(store, config)}
-        self.train_data = DonorBagDataset(store_path, config.loader, split="train", **data)
-        val_config = setup.validation_loader_config(store, config)
-        self.val_data = None if val_config is None else DonorBagDataset(
-            store_path, val_config, split="validation", **data)
+        self.autocast = setup.autocast_dtype(config, self.device)
+        self.train_data, self.val_data = self._data(store_path, store)
         self.stages = [(1, config.epochs)]
         if self.tasks and config.supervised_epochs:
             self.stages.append((2, config.supervised_epochs))
@@ -79,6 +102,22 @@ class Worker:
             self.state = restored
             self.model.load_state_dict(self.state.model)
             self._start_stage(restore=True)
+
+    def _data(self, store_path: str, store: BagStore
+              ) -> tuple[DonorBagDataset, DonorBagDataset | None]:
+        """The training and validation bags: streamed from the store, or drawn from its
+        features held on this worker's device (``loader.resident``)."""
+        config = self.config
+        data = {"tasks": {t.column: t.kind for t in self.tasks}, "rank": self.rank,
+                "world_size": self.world_size, "standardize": setup.standardizes(store, config)}
+        source = DonorBagDataset
+        if use_resident(store, config.loader, self.device):
+            features = load_features(store, self.device, resident_dtype(store, config.loader))
+            source = partial(ResidentBags, features=features)
+        val_config = setup.validation_loader_config(store, config)
+        return (source(store_path, config.loader, split="train", **data),
+                None if val_config is None
+                else source(store_path, val_config, split="validation", **data))
 
     # --- stages ---------------------------------------------------------------------
 
@@ -115,6 +154,8 @@ class Worker:
         if self.world_size > 1:
             ids = [self.device] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
+        if self.config.compile:
+            self.net = torch.compile(self.net)
 
     def _next_stage(self) -> None:
         """Move on to the next stage from the best weights of this one, or finish."""
@@ -139,9 +180,14 @@ class Worker:
 
     def _loss(self, batch: DonorBatch, with_heads: bool
               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss, contrastive loss and the first view's task outputs of a batch."""
+        """Total loss, contrastive loss and the first view's task outputs of a batch.
+
+        The model runs under autocast (``precision``), the losses in float32.
+        """
         cells, mask = flatten_views(batch.cells, batch.mask)
-        out_a, out_b = split_views(self.net(cells, mask, with_heads=with_heads))
+        with self._autocast():
+            out = self.net(cells, mask, with_heads=with_heads)
+        out_a, out_b = split_views(_float32(out))
         # the donors' technical batch codes, where the loader provides them
         batch_index = batch.batch
         contrastive = self.contrastive(out_a.z, out_b.z, batch.donor, batch_index)
@@ -162,41 +208,47 @@ class Worker:
         self.train_data.set_epoch(position.epoch)
         self.train_data.set_start_step(position.step)
         steps = len(self.train_data)
-        # the loss stays on the device (no host sync per step); the counts are host-side
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # loss and cells stay on the device (no host sync per step), the rest host-side
+        device_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         sums = torch.zeros(5, dtype=torch.float64)  # loss, steps, donors, cells, wait
         start = tick = time.perf_counter()
-        for batch in make_loader(self.train_data, pin_memory=self.device.type == "cuda"):
+        for batch in self._batches(self.train_data):
             arrived = time.perf_counter()
             self._maybe_fail()
-            sums[1:] += torch.tensor([1, len(batch.donor), float(batch.mask.sum()),
-                                      arrived - tick], dtype=torch.float64)
+            sums[[1, 2, 4]] += torch.tensor([1, len(batch.donor), arrived - tick],
+                                            dtype=torch.float64)
             batch = batch.to(self.device)
-            loss, _, _ = self._loss(batch, with_heads=position.stage == 2)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            loss = self._step(batch, with_heads=position.stage == 2)
             position.step += 1
             position.global_step += 1
-            loss_sum += loss.detach()
+            device_sums[0] += loss.detach()
+            device_sums[1] += batch.mask.sum()
             tick = time.perf_counter()
             if self.rank == 0 and (position.step % self.config.log_every == 0
                                    or position.step == steps):
-                sums[0] = loss_sum.item()
+                sums[[0, 3]] = device_sums.cpu()
                 self._progress(sums, tick - start, steps)
             if (self.config.checkpoint_every and position.step < steps
                     and position.global_step % self.config.checkpoint_every == 0):
                 self._report({"global_step": position.global_step})
         seconds = time.perf_counter() - start
-        sums[0] = loss_sum.item()
+        sums[[0, 3]] = device_sums.cpu()
         totals = self._all_reduce(torch.cat([sums, torch.tensor([seconds], dtype=torch.float64)]))
         n = max(totals[1].item(), 1)
         return {"train_loss": totals[0].item() / n,
                 "donors_per_s": totals[2].item() / (totals[5].item() / self.world_size),
                 "cells_per_s": totals[3].item() / (totals[5].item() / self.world_size),
                 "wait_fraction": totals[4].item() / max(totals[5].item(), 1e-9),
-                "lr": self.scheduler.get_last_lr()[0]}
+                "lr": self.scheduler.get_last_lr()[0], **self._peak_memory()}
+
+    def _step(self, batch: DonorBatch, with_heads: bool) -> torch.Tensor:
+        """One optimisation step on ``batch``; its loss."""
+        loss, _, _ = self._loss(batch, with_heads=with_heads)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss
 
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:
@@ -208,7 +260,7 @@ class Worker:
         self.val_data.set_epoch(0)  # the same validation bags every epoch
         # per task: correct, count, absolute error; plus loss sums
         sums = torch.zeros(3 + 3 * len(self.tasks), dtype=torch.float64)
-        for batch in make_loader(self.val_data):
+        for batch in self._batches(self.val_data):
             batch = batch.to(self.device)
             loss, contrastive, outputs = self._loss(batch, with_heads=supervised)
             sums[:3] += torch.tensor([loss.item(), contrastive.item(), 1])
@@ -256,7 +308,8 @@ class Worker:
                    **metrics}
         state.history.append(metrics)
         if self.rank == 0:
-            _say("epoch " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            log.debug("epoch %s", " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            self.session.progress({"kind": "epoch", **metrics})
         position.epoch += 1
         position.stage_epoch += 1
         position.step = 0
@@ -269,6 +322,26 @@ class Worker:
         self._report(metrics)
 
     # --- plumbing -------------------------------------------------------------------
+
+    def _batches(self, data: DonorBagDataset) -> Iterable[DonorBatch]:
+        """An epoch of ``data``: resident bags as they come, streamed ones through a
+        DataLoader (in page-locked memory for a GPU, so that copies overlap its work)."""
+        if isinstance(data, ResidentBags):
+            return data
+        return make_loader(data, pin_memory=self.device.type == "cuda")
+
+    def _autocast(self) -> AbstractContextManager:
+        """Autocast to the run's precision, or nothing for float32."""
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def _peak_memory(self) -> dict[str, float]:
+        """``{"gpu_peak_mb": ...}``: the most GPU memory this worker's tensors took so far
+        (on CUDA; nothing on CPU)."""
+        if self.device.type != "cuda":
+            return {}
+        return {"gpu_peak_mb": torch.cuda.max_memory_allocated(self.device) / 2**20}
 
     def _maybe_fail(self) -> None:
         """Fault injection: the last worker raises once at ``fail_at_step``."""
@@ -288,10 +361,13 @@ class Worker:
     def _progress(self, sums: torch.Tensor, seconds: float, steps: int) -> None:
         position = self.state.position
         loss, n, donors, cells, wait = sums.tolist()
-        _say(f"stage {position.stage} epoch {position.epoch} step {position.step}/{steps} "
-             f"loss {loss / n:.4f} {donors * self.world_size / seconds:,.0f} donors/s "
-             f"{cells * self.world_size / seconds:,.0f} cells/s "
-             f"waiting {100 * wait / seconds:.0f}%")
+        log.debug("stage %d epoch %d step %d/%d loss %.4f %.0f donors/s %.0f cells/s "
+                  "waiting %.0f%%", position.stage, position.epoch, position.step, steps,
+                  loss / n, donors * self.world_size / seconds,
+                  cells * self.world_size / seconds, 100 * wait / seconds)
+        self.session.progress({"kind": "steps", "stage": position.stage,
+                               "stage_epoch": position.stage_epoch, "step": position.step,
+                               "steps": steps, "loss": loss / n})
 
     def _report(self, metrics: dict[str, Any]) -> None:
         """Report the metrics and the training state to the session (a checkpoint)."""
@@ -301,10 +377,11 @@ class Worker:
         self.session.report(metrics, self.state)
 
 
-def _say(line: str) -> None:
-    """A progress line on the driver's console (through logging: Ray Train echoes a
-    worker's ``print`` twice)."""
-    log.info(line)
+def _float32(out: SampleCLROutput) -> SampleCLROutput:
+    """The model's representations and task outputs in float32 (as they are without
+    autocast), for the losses and metrics."""
+    return out._replace(z=out.z.float(),
+                        task_outputs={k: v.float() for k, v in out.task_outputs.items()})
 
 
 def _fmt(value: Any) -> str:
