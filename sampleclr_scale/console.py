@@ -74,6 +74,7 @@ def say(line: str) -> None:
     """A line for the console that a progress bar may be drawing over (not when quiet)."""
     if verbosity() != "quiet":
         tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()  # in order with the stage headers when stdout is a file
 
 
 def ray_init_options() -> dict[str, Any]:
