@@ -161,3 +161,18 @@ def test_a_store_ingested_to_s3_is_checked(soma_uri, bucket) -> None:
     fs.rm_file(f"{Location(uri).path}/{FEATURES_CHUNK}")
     with pytest.raises(InputError, match=rf"{FEATURES_CHUNK} \(missing\)"):
         BagStore(uri)
+
+
+def test_a_chunk_lost_between_epochs_stops_the_next_one(store) -> None:
+    # the dataset checks the store once; each epoch re-opens it without the open check,
+    # and the read of a lost chunk still names it (the mmap reader keeps its maps, and so
+    # the data, for the process's next epoch)
+    config = LoaderConfig(batch_size=4, cells_per_view=20, reader="zarr", balance=None)
+    dataset = DonorBagDataset(str(store), config, rank=0, world_size=1)
+    assert len(list(dataset)) == len(dataset)
+    (store / FEATURES_CHUNK).unlink()
+    dataset.set_epoch(1)
+    with pytest.raises(InputError, match=rf"{FEATURES_CHUNK} \(missing, found on read\)"):
+        list(dataset)
+    with pytest.raises(InputError, match=rf"{FEATURES_CHUNK} \(missing\)"):
+        DonorBagDataset(str(store), config, rank=0, world_size=1)

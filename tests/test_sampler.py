@@ -212,6 +212,33 @@ def test_balanced_pick_matches_the_quotas_within_the_pool(n, m, k, seed):
         assert len(np.unique(members)) == min(count, int((codes == category).sum()))
 
 
+def test_a_category_larger_than_its_quota_gives_a_uniform_subset():
+    # 10 cells of category 0 with a quota of 5: each cell in half the draws, each pair in
+    # (5/10)(4/9) of them, as a uniform subset without replacement has it
+    codes = np.array([0] * 10 + [1] * 90)
+    draws = 4000
+    chosen = np.zeros((draws, 10), dtype=bool)
+    for seed in range(draws):
+        picked = balanced_pick(codes, 10, np.array([0.5, 0.5]), np.random.default_rng(seed))
+        chosen[seed, picked[picked < 10]] = True
+    assert (chosen.sum(axis=1) == 5).all()
+    assert np.abs(chosen.mean(axis=0) - 0.5).max() < 0.04  # 5 standard errors
+    pairs = (chosen[:, :, None] & chosen[:, None, :]).mean(axis=0)[np.triu_indices(10, 1)]
+    assert np.abs(pairs - 5 / 10 * 4 / 9).max() < 0.04
+
+
+def test_balanced_picks_refuse_batches_too_large_to_sort_at_once():
+    # 2 pools of 2^20 cells in 8,192 categories: their sort words would need 65 bits
+    from sampleclr_scale.data.sampler import balanced_picks
+
+    pools = [np.zeros(2**20, dtype=np.int64)] * 2
+    target = np.full(8192, 1 / 8192)
+    rngs = [np.random.default_rng(0)] * 2
+    with pytest.raises(InputError, match="too many to draw balanced views") as err:
+        balanced_picks(pools, [10, 10], target, rngs)
+    assert "lower the batch size or the view size" in str(err.value)
+
+
 def test_balanced_views_hide_composition():
     # Two donors with opposite compositions give views of the same composition.
     rng = np.random.default_rng(3)

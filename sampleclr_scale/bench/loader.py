@@ -330,46 +330,18 @@ def bench_loader(store_path: str, *, source: str | None, batch_size: int,
     if mappable is not None:
         figures["mmap"] = f"not used: {mappable}"
     features = store.features[:] if in_memory else None
+    usable = [r for r in readers if r != "mmap" or mappable is None]
+    settings = [(r, w) for r in usable for w in workers]
+    if figures["zarrs"] == "installed" and "zarr" in readers:
+        settings.append(("zarrs", 0))
     for kind in views:
         balance = "cell_type" if kind == "balanced" else None
         if balance is not None and balance not in store.code_columns:
             figures[kind] = "the store has no cell_type codes"
             continue
-        config = base.model_copy(update={"balance": balance})
-        results: dict[str, Any] = {}
-        memory = None
-        plans = _plans(store, config)
-        if features is not None:
-            memory = _in_memory(features, plans, config, seconds)
-            results["in_memory_gather"] = memory
-        settings = [(r, w) for r in readers for w in workers if r != "mmap" or mappable is None]
-        if figures["zarrs"] == "installed" and "zarr" in readers:
-            settings.append(("zarrs", 0))
-        for reader, n_workers in settings:
-            name = f"{reader}_{n_workers}_workers"
-            setting = config.model_copy(update={"reader": "zarr" if reader == "zarrs"
-                                                else reader, "num_workers": n_workers})
-            with _zarrs() if reader == "zarrs" else contextlib.nullcontext():
-                result = _loader(store_path, setting, seconds)
-                if reader != "mmap":
-                    result["codec_pipeline"] = type(
-                        BagStore(store_path).features._async_array.codec_pipeline).__name__
-            if memory is not None:
-                result["slowdown_vs_in_memory"] = round(
-                    memory["cells_per_s"] / result["cells_per_s"], 2)
-            results[name] = result
-            print(f"{kind:>8} {name:>16}: {result['cells_per_s']:>12,} cells/s", flush=True)
-        for reader in readers:
-            if reader == "mmap" and mappable is not None:
-                continue
-            result = _read_only(store, reader, plans, config, seconds / 2)
-            if memory is not None:
-                result["slowdown_vs_in_memory"] = round(
-                    memory["cells_per_s"] / result["cells_per_s"], 2)
-            results[f"{reader}_read_only"] = result
-        if store.location.is_local and "zarr" in readers:
-            results["zarr_direct_reads"] = _pipelines(store, plans, seconds / 2)
-        figures[kind] = results
+        figures[kind] = _view_figures(
+            store_path, store, base.model_copy(update={"balance": balance}), features=features,
+            settings=settings, readers=usable, seconds=seconds, label=kind)
     for threads in read_threads or []:
         figures[f"store_{threads}_read_threads"] = _loader(
             store_path, base.model_copy(update={"read_threads": threads}), seconds)
@@ -382,6 +354,43 @@ def bench_loader(store_path: str, *, source: str | None, batch_size: int,
                                        for k, v in naive.items()}
     figures["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return figures
+
+
+def _view_figures(store_path: str, store: BagStore, config: LoaderConfig, *,
+                  features: np.ndarray | None,
+                  settings: list[tuple[str, int]], readers: list[str], seconds: float,
+                  label: str) -> dict[str, Any]:
+    """One kind of views (``config.balance``): the in-memory gather (when ``features``
+    are given), the loader in each ``(reader, workers)`` setting, each reader's reads
+    alone and, locally, Zarr's direct reads; each with its ratio to the gather."""
+    results: dict[str, Any] = {}
+    plans = _plans(store, config)
+    memory = None if features is None else _in_memory(features, plans, config, seconds)
+    if memory is not None:
+        results["in_memory_gather"] = memory
+
+    def add(name: str, result: dict) -> None:
+        if memory is not None:
+            result["slowdown_vs_in_memory"] = round(
+                memory["cells_per_s"] / result["cells_per_s"], 2)
+        results[name] = result
+
+    for reader, n_workers in settings:
+        name = f"{reader}_{n_workers}_workers"
+        setting = config.model_copy(update={"reader": "zarr" if reader == "zarrs"
+                                            else reader, "num_workers": n_workers})
+        with _zarrs() if reader == "zarrs" else contextlib.nullcontext():
+            result = _loader(store_path, setting, seconds)
+            if reader != "mmap":
+                result["codec_pipeline"] = type(
+                    BagStore(store_path).features._async_array.codec_pipeline).__name__
+        add(name, result)
+        print(f"{label:>8} {name:>16}: {result['cells_per_s']:>12,} cells/s", flush=True)
+    for reader in readers:
+        add(f"{reader}_read_only", _read_only(store, reader, plans, config, seconds / 2))
+    if store.location.is_local and "zarr" in readers:
+        results["zarr_direct_reads"] = _pipelines(store, plans, seconds / 2)
+    return results
 
 
 def _default_setting(figures: dict, mappable: bool) -> dict:

@@ -236,7 +236,7 @@ class DonorBagDataset(IterableDataset):
         return batches, worker_steps(len(batches), shard, self.start_step)
 
     def _read_steps(self, batches: np.ndarray, steps: range) -> Iterator[DonorBatch]:
-        store = BagStore(self.store_path)
+        store = BagStore(self.store_path, check=False)  # checked in __init__
         context = _ReadContext.of(store, self)
         threads = self.config.read_threads or (
             1 if store.location.is_local else REMOTE_READ_THREADS)

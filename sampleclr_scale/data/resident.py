@@ -156,7 +156,7 @@ class ResidentBags(DonorBagDataset):
                  standardize: bool = False) -> None:
         super().__init__(store_path, config, split=split, tasks=tasks, rank=rank,
                          world_size=world_size, standardize=standardize)
-        store = BagStore(self.store_path)
+        store = BagStore(self.store_path, check=False)  # checked by DonorBagDataset
         if tuple(features.shape) != (store.n_cells, store.dim):
             raise InputError(f"resident features of shape {tuple(features.shape)} are not "
                              f"those of {store.location} ({store.n_cells}, {store.dim})",
@@ -170,7 +170,7 @@ class ResidentBags(DonorBagDataset):
             torch.from_numpy(s).to(self.device) for s in store.batch_stats)
 
     def __iter__(self) -> Iterator[DonorBatch]:
-        store = BagStore(self.store_path)
+        store = BagStore(self.store_path, check=False)  # checked in __init__
         labels = {c: store.labels(c, kind)[0] for c, kind in self.tasks.items()}
         batches, steps = self.schedule()
         drawn = prefetch(lambda: self._draws(store, batches, labels, steps),

@@ -176,11 +176,11 @@ def balanced_pick(codes: np.ndarray, m: int, target: np.ndarray, rng: np.random.
     pool is smaller). Positions come out grouped by category (the draws with replacement
     after the rest), which no permutation-invariant model notices.
 
-    The draws: every cell of a category with more cells than its quota gets a uniform key
-    and the category takes its quota of cells of smallest keys (a uniform subset without
-    replacement); a category with fewer cells than its quota takes them all and adds
-    uniform draws with replacement from them. :func:`balanced_picks` makes the same picks
-    for many pools at once.
+    The draws: every cell of the pool gets a uniform key, and each category takes its
+    quota of its cells of smallest keys (a uniform subset without replacement); a
+    category with fewer cells than its quota takes them all and adds uniform draws with
+    replacement from them. :func:`balanced_picks` makes the same picks for many pools at
+    once.
     """
     return balanced_picks([codes], [m], target, [rng])[0]
 
@@ -191,7 +191,8 @@ def balanced_picks(pools: list[np.ndarray], sizes: list[int], target: np.ndarray
     rngs[i])``, the same positions and the same draws from each generator (in the order
     of the pools, so pools that share a generator draw in turn), with the work that needs
     no random draw done once for all pools: their categories counted with one
-    ``bincount``, their lists sorted with one stable sort and the picks gathered at once.
+    ``bincount``, all cells ordered by pool, category and key with one sort, and the picks
+    gathered at once.
     """
     picks, bounds = balanced_picks_flat(pools, sizes, target, rngs)
     return [picks[lo:hi] for lo, hi in pairwise(bounds.tolist())]
@@ -201,83 +202,119 @@ def balanced_picks_flat(pools: list[np.ndarray], sizes: list[int], target: np.nd
                         rngs: list[np.random.Generator]) -> tuple[np.ndarray, np.ndarray]:
     """:func:`balanced_picks` as one array: pool ``i``'s positions (in its own pool) are
     ``picks[bounds[i]:bounds[i + 1]]``."""
+    bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    if not pools:
+        return np.zeros(0, dtype=np.int64), bounds
+    groups = _PoolGroups.of(pools, len(target))
     n_categories = len(target)
-    n_pools = len(pools)
-    if not n_pools:
-        return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
-    lengths = np.array([len(p) for p in pools], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    codes = np.concatenate(pools) if n_pools > 1 else np.asarray(pools[0])
-    groups = n_categories + 1  # the categories, then "no category"
-    wide = n_pools * groups >= _INT16_MAX
-    key = codes.astype(np.int32 if wide else np.int16)
-    key[(codes < 0) | (codes >= n_categories)] = n_categories
-    key += np.repeat(np.arange(n_pools, dtype=key.dtype), lengths) * groups
-    counts = np.bincount(key, minlength=n_pools * groups).reshape(n_pools, groups)
-    plans = [_quotas(counts[i, :n_categories] > 0, target, m) for i, m in enumerate(sizes)]
-    quotas = np.zeros_like(counts)
+    plans = [_quotas(groups.counts[i, :n_categories] > 0, target, m)
+             for i, m in enumerate(sizes)]
+    quotas = np.zeros_like(groups.counts)  # cells without a category get none
     for i, plan in enumerate(plans):
         if plan is not None:
             quotas[i, :n_categories] = plan
-    subset = counts > quotas  # categories whose quota is a random subset of their cells
-    subset[:, n_categories] = False  # cells without a category are not chosen
-    subset[[i for i, plan in enumerate(plans) if plan is None]] = False  # uniform pools
-    short = np.maximum(quotas - counts, 0)  # draws with replacement, per pool and category
-    keys = (counts * subset).sum(axis=1)
-    missing = short.sum(axis=1)
-    # the draws, pool by pool in order: a uniform key per cell of a subset category, then
-    # a uniform per draw with replacement
-    draws, uniform = [], {}
-    for i, (m, rng) in enumerate(zip(sizes, rngs, strict=True)):
-        if plans[i] is None:  # no present category has a positive target: uniform cells
-            uniform[i] = rng.choice(int(lengths[i]), size=m, replace=lengths[i] < m)
-        elif keys[i] or missing[i]:
-            draws.append(rng.random(int(keys[i] + missing[i])))
-    flat = counts.ravel()
-    starts = np.cumsum(flat) - flat
-    members = np.argsort(key, kind="stable")  # by pool and category, in pool order
-    group = np.repeat(np.arange(len(flat)), flat)  # of each member
-    if draws:
-        draws_per_pool = keys + missing
-        u = np.concatenate(draws)
-        first = np.cumsum(draws_per_pool) - draws_per_pool
-        # the keys of each pool come first in its draws, then those with replacement
-        key_pool = np.repeat(np.arange(n_pools), keys)
-        keyed = u[np.arange(keys.sum()) - np.repeat(np.cumsum(keys) - keys, keys)
-                  + first[key_pool]]
-        in_subset = np.flatnonzero(subset.ravel()[group])
-        # each subset category's cells in the order of their keys: a uniform order
-        shuffled = in_subset[np.argsort(group[in_subset] + keyed)]
-        members[in_subset] = members[shuffled]
-    # each category's first min(quota, cells) members
-    take = np.minimum(quotas, counts).ravel()
-    chosen = members[np.arange(len(members)) - starts[group] < take[group]]
-    if missing.any():  # uniform draws among the category's members
-        extra_group = np.repeat(np.arange(len(flat)), short.ravel())
-        extra_pool = np.repeat(np.arange(n_pools), missing)
-        position = (np.arange(missing.sum()) - np.repeat(np.cumsum(missing) - missing, missing)
-                    + first[extra_pool] + keys[extra_pool])
-        drawn = members[starts[extra_group]
-                        + (u[position] * flat[extra_group]).astype(np.int64)]
-        taken = take.reshape(counts.shape).sum(axis=1)
-        # each pool's picks, then its draws with replacement
-        pieces = np.stack([taken, missing], axis=1).ravel()
-        sources = np.stack([np.cumsum(taken) - taken,
-                            len(chosen) + np.cumsum(missing) - missing], axis=1).ravel()
-        order = np.repeat(sources - (np.cumsum(pieces) - pieces), pieces)
-        chosen = np.concatenate([chosen, drawn])[order + np.arange(len(order))]
-    sizes_out = np.array(sizes, dtype=np.int64)
-    bounds = np.concatenate([[0], np.cumsum(sizes_out)])
-    kept = np.where([p is None for p in plans], 0, sizes_out)
-    chosen = chosen - np.repeat(offsets[:-1], kept)
-    if uniform:  # splice the uniform pools in
-        done = np.concatenate([[0], np.cumsum(kept)])
-        chosen = np.concatenate([uniform[i] if i in uniform else chosen[done[i]:done[i + 1]]
-                                 for i in range(n_pools)])
-    return chosen, bounds
+    take = np.minimum(quotas, groups.counts)  # without replacement
+    short = quotas - take  # with replacement
+    keys, extra, uniform = _pool_draws(groups.lengths, short.sum(axis=1), sizes, plans, rngs)
+    picks = np.empty(bounds[-1], dtype=np.int64)
+    for i, drawn in uniform.items():
+        picks[bounds[i] : bounds[i + 1]] = drawn
+    members = groups.shuffled(keys)
+    # each pool's picks: its groups' first members, then its draws with replacement
+    starts = _starts(groups.counts.ravel())
+    picks[_ranges(bounds[:-1], take.sum(axis=1))] = members[_ranges(starts, take.ravel())]
+    if extra.size:
+        group = np.repeat(np.arange(groups.counts.size), short.ravel())
+        chosen = starts[group] + (extra * groups.counts.ravel()[group]).astype(np.int64)
+        picks[_ranges(bounds[:-1] + take.sum(axis=1), short.sum(axis=1))] = members[chosen]
+    return picks, bounds
 
 
-_INT16_MAX = 32_767
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    """Where each of consecutive runs of ``lengths`` starts."""
+    return np.cumsum(lengths) - lengths
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``."""
+    return np.arange(int(lengths.sum())) + np.repeat(starts - _starts(lengths), lengths)
+
+
+@dataclass(frozen=True)
+class _PoolGroups:
+    """Many pools' cells grouped by pool and category (group ``K`` of a pool: cells
+    without a category, a code outside ``[0, K)``)."""
+
+    high: np.ndarray
+    """Uint64, per cell of the pools (concatenated): ``pool << category_bits | category``."""
+    category_bits: int
+    lengths: np.ndarray
+    """Cells of each pool."""
+    counts: np.ndarray
+    """Int64 ``[pools, K + 1]``: cells of each group."""
+
+    @classmethod
+    def of(cls, pools: list[np.ndarray], n_categories: int) -> _PoolGroups:
+        lengths = np.array([len(p) for p in pools], dtype=np.int64)
+        category_bits = n_categories.bit_length()
+        # a negative code wraps to a large one: both become "no category"
+        high = np.minimum(np.concatenate(pools).astype(np.uint64), n_categories)
+        high |= np.repeat(np.arange(len(pools), dtype=np.uint64) << np.uint64(category_bits),
+                          lengths)
+        counts = np.bincount(high, minlength=len(pools) << category_bits)
+        return cls(high, category_bits, lengths,
+                   counts.reshape(len(pools), -1)[:, : n_categories + 1])
+
+    def shuffled(self, keys: np.ndarray) -> np.ndarray:
+        """Each cell's position in its pool, sorted by group and, within a group, by
+        ``keys`` (uniform in [0, 1), one per cell): a uniform order of each group.
+
+        One sort of 64-bit words ``pool | category | key | position``, several times
+        faster than an argsort. The key keeps its first :data:`_KEY_BITS` bits whatever
+        the pools, so a pool's order does not depend on the pools drawn with it; cells
+        whose kept bits are equal (about ``n^2 / 2^31`` pairs in a group of ``n`` cells)
+        keep their pool order.
+        """
+        position_bits = max(int(self.lengths.max()) - 1, 1).bit_length()
+        high_bits = (len(self.lengths) - 1).bit_length() + self.category_bits
+        key_bits = _KEY_BITS
+        if high_bits + key_bits + position_bits > 64:
+            raise InputError(f"{len(self.lengths)} pools of up to {self.lengths.max()} cells"
+                             f" in {self.counts.shape[1] - 1} categories are too many to"
+                             " draw balanced views from at once",
+                             "lower the batch size or the view size")
+        words = self.high << np.uint64(key_bits + position_bits)
+        words |= (keys * 2.0**key_bits).astype(np.uint64) << np.uint64(position_bits)
+        words |= _ranges(np.zeros(len(self.lengths), np.int64), self.lengths).astype(np.uint64)
+        words.sort()
+        return (words & np.uint64((1 << position_bits) - 1)).astype(np.int64)
+
+
+_KEY_BITS = 30
+"""Bits of a cell's uniform key in :meth:`_PoolGroups.shuffled`."""
+
+
+def _pool_draws(lengths: np.ndarray, missing: np.ndarray, sizes: list[int],
+                plans: list[np.ndarray | None], rngs: list[np.random.Generator]
+                ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """Every pool's random draws, pool by pool in order (pools sharing a generator draw
+    in turn): a balanced pool (with a plan) draws a uniform key per cell, then a uniform
+    per draw with replacement; a pool without one draws its ``m`` cells uniformly (with
+    replacement if it has fewer). Returns the keys of all pools' cells (zero for
+    uniform pools), the uniforms of the draws with replacement, and the uniform pools'
+    cells."""
+    keys, extra, uniform = [], [], {}
+    for i, (m, plan, rng) in enumerate(zip(sizes, plans, rngs, strict=True)):
+        n = int(lengths[i])
+        if plan is None:  # no present category has a positive target: uniform cells
+            uniform[i] = rng.choice(n, size=m, replace=n < m)
+            keys.append(np.zeros(n))
+        else:
+            u = rng.random(n + int(missing[i]))
+            keys.append(u[:n])
+            extra.append(u[n:])
+    return (np.concatenate(keys), np.concatenate(extra) if extra else np.zeros(0),
+            uniform)
 
 
 @lru_cache(maxsize=4096)

@@ -74,6 +74,11 @@ class BagStore:
     ----------
     location
         Where the store is: a local path or a URI (``s3://``, ``gs://`` ...).
+    check
+        Check on open that every file of the manifest is there at its size (a stat per
+        file locally, one listing remotely). A re-open of a store this process (or its
+        parent) has checked, e.g. once per epoch, skips it; every read still checks the
+        files it reads.
 
     Raises
     ------
@@ -83,7 +88,7 @@ class BagStore:
         and again for each Zarr file when it is read).
     """
 
-    def __init__(self, location: str | Path | Location) -> None:
+    def __init__(self, location: str | Path | Location, *, check: bool = True) -> None:
         self.location = Location(location)
         if not self.location.is_zarr_group():
             raise InputError(
@@ -91,7 +96,8 @@ class BagStore:
                 "build one with `sampleclr-scale ingest SOURCE --out STORE`",
             )
         self.manifest: Manifest = read_manifest(self.location)
-        require_complete(self.location, self.manifest)
+        if check:
+            require_complete(self.location, self.manifest)
         self._group = open_checked_group(self.location, self.manifest)
         self.attrs: dict[str, Any] = dict(self._group.attrs)
         version = self.attrs.get("schema_version")
