@@ -257,17 +257,22 @@ class _PoolGroups:
     def of(cls, pools: list[np.ndarray], n_categories: int) -> _PoolGroups:
         lengths = np.array([len(p) for p in pools], dtype=np.int64)
         category_bits = n_categories.bit_length()
-        # a negative code wraps to a large one: both become "no category"
-        high = np.minimum(np.concatenate(pools).astype(np.uint64), n_categories)
-        high |= np.repeat(np.arange(len(pools), dtype=np.uint64) << np.uint64(category_bits),
-                          lengths)
+        codes = np.concatenate(pools)
+        if np.iinfo(codes.dtype).max < n_categories:
+            codes = codes.astype(np.int64)
+        # as unsigned, a negative code is a large one: both become "no category"
+        category = np.minimum(codes.view(f"u{codes.itemsize}"), n_categories)
+        high = np.repeat(np.arange(len(pools), dtype=np.uint64) << np.uint64(category_bits),
+                         lengths)
+        high |= category
         counts = np.bincount(high, minlength=len(pools) << category_bits)
         return cls(high, category_bits, lengths,
                    counts.reshape(len(pools), -1)[:, : n_categories + 1])
 
     def shuffled(self, keys: np.ndarray) -> np.ndarray:
         """Each cell's position in its pool, sorted by group and, within a group, by
-        ``keys`` (uniform in [0, 1), one per cell): a uniform order of each group.
+        ``keys`` (uniform in [0, 1), one per cell; overwritten): a uniform order of each
+        group.
 
         One sort of 64-bit words ``pool | category | key | position``, several times
         faster than an argsort. The key keeps its first :data:`_KEY_BITS` bits whatever
@@ -283,8 +288,9 @@ class _PoolGroups:
                              f" in {self.counts.shape[1] - 1} categories are too many to"
                              " draw balanced views from at once",
                              "lower the batch size or the view size")
-        words = self.high << np.uint64(key_bits + position_bits)
-        words |= (keys * 2.0**key_bits).astype(np.uint64) << np.uint64(position_bits)
+        words = np.multiply(keys, 2.0**key_bits, out=keys).astype(np.uint64)
+        words <<= np.uint64(position_bits)
+        words |= self.high << np.uint64(key_bits + position_bits)
         words |= _ranges(np.zeros(len(self.lengths), np.int64), self.lengths).astype(np.uint64)
         words.sort()
         return (words & np.uint64((1 << position_bits) - 1)).astype(np.int64)
@@ -303,18 +309,18 @@ def _pool_draws(lengths: np.ndarray, missing: np.ndarray, sizes: list[int],
     replacement if it has fewer). Returns the keys of all pools' cells (zero for
     uniform pools), the uniforms of the draws with replacement, and the uniform pools'
     cells."""
-    keys, extra, uniform = [], [], {}
+    keys, extra, uniform = np.zeros(int(lengths.sum())), np.empty(int(missing.sum())), {}
+    key_at = extra_at = 0
     for i, (m, plan, rng) in enumerate(zip(sizes, plans, rngs, strict=True)):
-        n = int(lengths[i])
+        n, more = int(lengths[i]), int(missing[i])
         if plan is None:  # no present category has a positive target: uniform cells
             uniform[i] = rng.choice(n, size=m, replace=n < m)
-            keys.append(np.zeros(n))
         else:
-            u = rng.random(n + int(missing[i]))
-            keys.append(u[:n])
-            extra.append(u[n:])
-    return (np.concatenate(keys), np.concatenate(extra) if extra else np.zeros(0),
-            uniform)
+            rng.random(out=keys[key_at : key_at + n])
+            rng.random(out=extra[extra_at : extra_at + more])
+            extra_at += more
+        key_at += n
+    return keys, extra, uniform
 
 
 @lru_cache(maxsize=4096)
