@@ -196,3 +196,42 @@ def test_standardize_needs_batch_statistics(store_path):
     batch = next(iter(make_loader(DonorBagDataset(
         store_path, LoaderConfig(batch_size=4, cells_per_view=20)))))
     assert batch.batch is None
+
+
+def _prefetch_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "bag-prefetch" and t.is_alive()]
+
+
+def test_a_batch_read_ahead_fails_in_the_consumer_and_leaving_early_stops_its_thread(
+        store_path, monkeypatch):
+    # batches are drawn and read in a background thread, ahead of the consumer
+    import time
+
+    config = LoaderConfig(batch_size=2, cells_per_view=20, prefetch=2)
+    dataset = DonorBagDataset(store_path, config, rank=0, world_size=1)
+    assert len(dataset) >= 3
+    before = len(_prefetch_threads())
+    for batch in dataset:  # leave after the first batch
+        assert batch.step == 0
+        assert len(_prefetch_threads()) == before + 1
+        break
+    deadline = time.monotonic() + 5
+    while len(_prefetch_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_prefetch_threads()) == before
+
+    draw = DonorBagDataset._draw
+
+    def failing(self, store, donors, context, read=map):
+        if (donors == dataset.schedule()[0][1]).all():
+            raise RuntimeError("the views of step 1 could not be drawn")
+        return draw(self, store, donors, context, read)
+
+    monkeypatch.setattr(DonorBagDataset, "_draw", failing)
+    steps = []
+    with pytest.raises(RuntimeError, match="the views of step 1 could not be drawn"):
+        for batch in dataset:
+            steps.append(batch.step)
+    assert steps == [0]
