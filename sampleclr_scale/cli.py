@@ -363,6 +363,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                           help="loader.resident modes to measure, each with every worker count, "
                           "e.g. never always: streamed vs device-resident bags "
                           f"({_default(LoaderConfig, 'resident')})")
+    training.add_argument("--in-process", dest="in_process", action="store_true",
+                          help="one worker in this process, without Ray (--workers 1)")
     training.add_argument("--json", required=True, help="file to save the figures to")
     training.set_defaults(run=_run_bench("train"))
     _add_bench_quality(kinds)

@@ -101,7 +101,8 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
         figures = bench_train(args.store, workers=[int(w) for w in args.workers.split(",")],
                               preset=args.preset, batch_size=args.batch_size,
                               cells_per_view=args.cells_per_view, epochs=args.epochs,
-                              use_gpu=args.use_gpu, resident=args.resident)
+                              use_gpu=args.use_gpu, resident=args.resident,
+                              in_process=args.in_process)
     elif kind == "quality":
         from sampleclr_scale.bench.quality import bench_quality
 

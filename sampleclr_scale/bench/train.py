@@ -2,11 +2,11 @@
 streamed against device-resident bags, on CPUs or GPUs.
 
 Runs the real ``train`` driver (Ray Train, DDP, the bag-store loader or the resident
-bags) for a few epochs per worker count and ``loader.resident`` mode, and reads the
-per-epoch figures the workers measured: donors/s and cells/s over all workers, the share
-of step time spent waiting for the next batch, and on GPUs the peak memory of a worker's
-tensors. The first epoch (process start-up, first reads, CUDA's start) is left out of the
-figures.
+bags; with ``--in-process``, one worker in this process without Ray) for a few epochs
+per worker count and ``loader.resident`` mode, and reads the per-epoch figures the
+workers measured: donors/s and cells/s over all workers, the share of step time spent
+waiting for the next batch, and on GPUs the peak memory of a worker's tensors. The first
+epoch (process start-up, first reads, CUDA's start) is left out of the figures.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sampleclr_scale.config import LoaderConfig, TrainConfig
+from sampleclr_scale.errors import InputError
 from sampleclr_scale.train.driver import train
 
 
 def bench_train(store: str, *, workers: list[int], preset: str, batch_size: int,
                 cells_per_view: int, epochs: int, use_gpu: bool = False,
-                resident: Sequence[str] | None = None) -> dict:
+                resident: Sequence[str] | None = None, in_process: bool = False) -> dict:
     """Figures for ``sampleclr-scale bench train``.
 
     Parameters
@@ -32,11 +33,17 @@ def bench_train(store: str, *, workers: list[int], preset: str, batch_size: int,
     resident
         ``loader.resident`` modes to measure, each with every worker count (default: the
         config's default alone).
+    in_process
+        Train in this process, without Ray (one worker; ``train(..., in_process=True)``),
+        e.g. on a GPU machine without Ray.
     """
+    if in_process and workers != [1]:
+        raise InputError(f"in-process training has one worker, not {workers}",
+                         "pass --workers 1 with --in-process")
     modes = list(resident or [LoaderConfig.model_fields["resident"].default])
     figures: dict = {"store": Path(store).name, "preset": preset, "batch_size": batch_size,
                      "cells_per_view": cells_per_view, "epochs": epochs, "use_gpu": use_gpu,
-                     "device": _device_name(use_gpu), "runs": []}
+                     "device": _device_name(use_gpu), "in_process": in_process, "runs": []}
     for mode in modes:
         first = None
         for n in workers:
@@ -46,7 +53,8 @@ def bench_train(store: str, *, workers: list[int], preset: str, batch_size: int,
                 "loader": {"batch_size": batch_size, "cells_per_view": cells_per_view,
                            "resident": mode},
             })
-            run_figures = {"workers": n, "resident": mode, **_measure(store, config)}
+            run_figures = {"workers": n, "resident": mode,
+                           **_measure(store, config, in_process)}
             first = first or run_figures
             if run_figures is not first:
                 run_figures["speedup_vs_first"] = round(
@@ -56,11 +64,11 @@ def bench_train(store: str, *, workers: list[int], preset: str, batch_size: int,
     return figures
 
 
-def _measure(store: str, config: TrainConfig) -> dict:
+def _measure(store: str, config: TrainConfig, in_process: bool) -> dict:
     """Train ``config`` into a scratch directory; the means of its epochs after the first."""
     run = Path(tempfile.mkdtemp(prefix=f"bench-train-{config.workers}-"))
     try:
-        history = train(store, str(run / "run"), config).history
+        history = train(store, str(run / "run"), config, in_process=in_process).history
     finally:
         shutil.rmtree(run, ignore_errors=True)
     steady = history[1:] or history
