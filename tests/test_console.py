@@ -74,3 +74,27 @@ def test_quiet_and_verbose_exclude_each_other(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["-q", "-v", "simulate", "--out", str(tmp_path / "x.soma")])
     assert exit_.value.code == 2
+
+
+@pytest.mark.ray
+def test_the_progress_queue_lives_on_the_driver_and_its_loss_never_stops_training(
+        ray_cluster, caplog):
+    # the queue actor is pinned to the driver's node (a lost worker node cannot take it
+    # along); if it is gone anyway, a worker's progress call drops the feed, not the run
+    import ray
+
+    from sampleclr_scale.train.progress import TrainingConsole, ray_feed
+    from sampleclr_scale.train.session import RaySession
+
+    with ray_feed(TrainingConsole({1: 1})) as events:
+        here = ray.get_runtime_context().get_node_id()
+        where = events.actor.__ray_call__.remote(
+            lambda actor: ray.get_runtime_context().get_node_id())
+        assert ray.get(where) == here
+        session = object.__new__(RaySession)  # its Ray Train context is not needed here
+        session.events = events
+        ray.kill(events.actor)
+        for _ in range(2):
+            session.progress({"kind": "steps", "stage": 1})
+        assert session.events is None
+        assert caplog.text.count("progress lines stop: the driver's queue is gone") == 1

@@ -11,6 +11,7 @@ cluster, and Ray's per-report lines never reach it.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -84,10 +85,19 @@ def _epoch_name(event: Event, epochs: dict[int, int]) -> str:
 @contextmanager
 def ray_feed(console: TrainingConsole) -> Iterator[Any]:
     """A Ray queue for the workers' events, drained into ``console`` by a driver thread
-    while the block runs; yields the queue (pass it to the workers)."""
-    from ray.util.queue import Empty, Queue
+    while the block runs; yields the queue (pass it to the workers).
 
-    events = Queue(actor_options={"num_cpus": 0})
+    The queue's actor runs on the driver's node, so that losing another node mid-training
+    does not take it along (the run survives the loss; a run whose driver is lost ends).
+    Should the actor die anyway, the progress lines stop and training goes on.
+    """
+    import ray
+    from ray.exceptions import RayActorError
+    from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     stop = threading.Event()
 
     def drain() -> None:
@@ -96,6 +106,8 @@ def ray_feed(console: TrainingConsole) -> Iterator[Any]:
                 console(events.get(timeout=0.5))
             except (Empty, queue.Empty):
                 continue
+            except RayActorError:
+                return
 
     thread = threading.Thread(target=drain, daemon=True, name="training-progress")
     thread.start()
@@ -104,7 +116,8 @@ def ray_feed(console: TrainingConsole) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join()
-        while not events.empty():
-            console(events.get_nowait())
+        with contextlib.suppress(RayActorError):  # the lines already shown stay
+            while not events.empty():
+                console(events.get_nowait())
+            events.shutdown()
         console.close()
-        events.shutdown()

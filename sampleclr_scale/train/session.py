@@ -10,7 +10,7 @@ runs such as the quality benchmark's many small trainings.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 
 from sampleclr_scale.train.checkpoint import TrainState
+
+logger = logging.getLogger(__name__)
 
 
 class Session(Protocol):
@@ -83,12 +85,22 @@ class RaySession:
             ray.train.report(metrics, checkpoint=attached)
 
     def progress(self, event: dict[str, Any]) -> None:
-        """Queue ``event`` for the driver (never blocks the loop)."""
+        """Queue ``event`` for the driver (never blocks the loop). The console is no
+        reason to stop training: an event the queue has no room for is dropped, and a
+        queue whose actor is gone is not used again."""
+        from ray.exceptions import RayActorError
         from ray.util.queue import Full
 
-        if self.events is not None:
-            with contextlib.suppress(Full):
-                self.events.put_nowait(event)
+        if self.events is None:
+            return
+        try:
+            self.events.put_nowait(event)
+        except Full:
+            pass
+        except RayActorError as err:
+            logger.warning("progress lines stop: the driver's queue is gone (%s)",
+                           type(err).__name__)
+            self.events = None
 
 
 @dataclass
