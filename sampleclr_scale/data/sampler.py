@@ -215,18 +215,20 @@ def balanced_picks_flat(pools: list[np.ndarray], sizes: list[int], target: np.nd
             quotas[i, :n_categories] = plan
     take = np.minimum(quotas, groups.counts)  # without replacement
     short = quotas - take  # with replacement
-    keys, extra, uniform = _pool_draws(groups.lengths, short.sum(axis=1), sizes, plans, rngs)
+    taken, missing = take.sum(axis=1), short.sum(axis=1)
+    keys, extra, uniform = _pool_draws(groups.lengths, missing, sizes, plans, rngs)
     picks = np.empty(bounds[-1], dtype=np.int64)
     for i, drawn in uniform.items():
         picks[bounds[i] : bounds[i + 1]] = drawn
     members = groups.shuffled(keys)
     # each pool's picks: its groups' first members, then its draws with replacement
-    starts = _starts(groups.counts.ravel())
-    picks[_ranges(bounds[:-1], take.sum(axis=1))] = members[_ranges(starts, take.ravel())]
+    counts = groups.counts.ravel()
+    starts = _starts(counts)
+    picks[_ranges(bounds[:-1], taken)] = members[_ranges(starts, take.ravel())]
     if extra.size:
-        group = np.repeat(np.arange(groups.counts.size), short.ravel())
-        chosen = starts[group] + (extra * groups.counts.ravel()[group]).astype(np.int64)
-        picks[_ranges(bounds[:-1] + take.sum(axis=1), short.sum(axis=1))] = members[chosen]
+        group = np.repeat(np.arange(counts.size), short.ravel())
+        chosen = starts[group] + (extra * counts[group]).astype(np.int64)
+        picks[_ranges(bounds[:-1] + taken, missing)] = members[chosen]
     return picks, bounds
 
 
