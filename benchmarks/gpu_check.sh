@@ -56,6 +56,7 @@ if $OFFLINE; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$WORK/site" "$WHEELS"/*.whl >>"$LOG" 2>&1 || fail "pip install of $WHEELS"
   export PYTHONPATH="$ROOT:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  export SAMPLECLR_TESTS_WITHOUT_S3=1  # moto (the local S3 server) is not carried
   CLI=("$PY" -m sampleclr_scale.cli)
   MARKERS="gpu and not ray"
   IN_PROCESS=(--in-process)
