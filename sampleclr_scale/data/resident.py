@@ -33,7 +33,7 @@ from sampleclr_scale.data.loader import (
     DonorBatch,
     ViewBalance,
     prefetch,
-    view_rows,
+    views_of,
 )
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
@@ -190,9 +190,8 @@ class ResidentBags(DonorBagDataset):
         """A batch chosen on the host (in the prefetch thread, in page-locked memory for a
         GPU), holding each cell's store row (int64 ``[B, 2, m]``) in place of its
         features."""
-        views = [view_rows(store, int(donor), seed=self.config.seed, epoch=self.epoch,
-                           view_range=self.config.view_range, balance=self._balance)
-                 for donor in donors]
+        views = views_of(store, donors, seed=self.config.seed, epoch=self.epoch,
+                         view_range=self.config.view_range, balance=self._balance)
         index, mask = view_index(views, self.config.view_range[1])
         drawn = DonorBatch(
             cells=torch.from_numpy(index),
