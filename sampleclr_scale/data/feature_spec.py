@@ -55,11 +55,6 @@ class EmbeddingSpec:
     dim: int
 
     @property
-    def features(self) -> str:
-        """The ``--features`` spelling."""
-        return f"obsm:{self.name}"
-
-    @property
     def fingerprint(self) -> str:
         """SHA-256 of the kind, name and width."""
         return _sha256({"kind": "obsm", "name": self.name, "dim": self.dim})
@@ -95,11 +90,6 @@ class PCASpec:
     def dim(self) -> int:
         """Number of components ``N``."""
         return int(self.components.shape[0])
-
-    @property
-    def features(self) -> str:
-        """The ``--features`` spelling."""
-        return f"pca:{self.dim}"
 
     @property
     def normalisation(self) -> dict[str, Any]:

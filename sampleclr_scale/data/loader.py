@@ -278,7 +278,7 @@ class DonorBagDataset(IterableDataset):
         padded = not mask.all()
         cells = context.buffers.take((len(donors), 2, m, store.dim))
         context.features.read_views(views, cells, read)  # every real cell
-        if padded:
+        if padded:  # first too: no arithmetic on the stale rows of a reused buffer
             cells[~mask] = 0.0
         batch = None if context.donor_batch is None else context.donor_batch[donors]
         if self.standardize:
@@ -354,13 +354,6 @@ class ViewBalance:
         counts = store.category_counts(column).astype(np.float64)
         return cls(open_reader(store, store.codes(column), reader, small=True),
                    counts / counts.sum())
-
-    def views(self, first: int, n: int, sizes: tuple[int, int], rng: np.random.Generator
-              ) -> tuple[np.ndarray, np.ndarray]:
-        """Offsets of two views whose categories follow :attr:`target`
-        (:func:`~sampleclr_scale.data.sampler.view_pools`, ``balanced_pick``)."""
-        (n_a, _, rows), = self.views_of(np.array([first]), np.array([n]), [sizes], [rng])
-        return rows[:n_a] - first, rows[n_a:] - first
 
     def views_of(self, firsts: np.ndarray, counts: np.ndarray,
                  sizes: list[tuple[int, int]], rngs: list[np.random.Generator]
