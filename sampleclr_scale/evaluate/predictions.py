@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import PREDICTIONS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.embed.predictions import predicted_column
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.evaluate.spare import _macro_f1
+from sampleclr_scale.evaluate.spare import macro_f1, spearman
 from sampleclr_scale.storage import Location
 
 
@@ -97,10 +96,10 @@ def task_scores(task: dict[str, Any], predicted: pd.Series, truth: pd.Series
     if kind != "regression":
         codes = y.astype(np.int64), p.astype(np.int64)
         scores["accuracy"] = float(np.mean(y == p)) if n else None
-        scores["macro_f1"] = _macro_f1(*codes, len(task["classes"])) if n else None
+        scores["macro_f1"] = macro_f1(*codes, len(task["classes"])) if n else None
     if kind != "classification":
         scores["mae"] = float(np.mean(np.abs(y - p))) if n else None
-        scores["spearman"] = _spearman(y, p)
+        scores["spearman"] = spearman(y, p, undefined=None)
     return scores
 
 
@@ -109,13 +108,6 @@ def _positions(values: pd.Series, classes: list[Any]) -> np.ndarray:
     lookup = {value: float(code) for code, value in enumerate(classes)}
     return np.array([lookup.get(v, np.nan) if pd.notna(v) else np.nan for v in values],
                     dtype=np.float64)
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman correlation; None when undefined (under 2 values, or a constant side)."""
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    return float(stats.spearmanr(a, b).statistic)
 
 
 def _held_out_predictions(emb_dir: Location, bag: BagStore, held: np.ndarray

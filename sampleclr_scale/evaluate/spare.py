@@ -154,10 +154,10 @@ def information_score(D: np.ndarray, y: Any, kind: Kind, k: int = 3) -> float:
         n_classes = len(np.unique(truth))
         if n_classes < 2:
             return 0.0
-        f1 = _macro_f1(truth.astype(np.int64), predicted.astype(np.int64), len(classes))
+        f1 = macro_f1(truth.astype(np.int64), predicted.astype(np.int64), len(classes))
         score = (f1 - 1.0 / n_classes) / (1.0 - 1.0 / n_classes)
     else:
-        score = _spearman(predicted, truth)
+        score = spearman(predicted, truth)
     return float(np.clip(score, 0.0, 1.0))
 
 
@@ -255,7 +255,7 @@ def trajectory_score(D: np.ndarray, t: Any, root: int, k: int = 15) -> float:
     if known.sum() < 2:
         return 0.0
     pseudotime = diffusion_pseudotime(D, root, k)
-    return float(np.clip(_spearman(pseudotime[known], values[known]), 0.0, 1.0))
+    return float(np.clip(spearman(pseudotime[known], values[known]), 0.0, 1.0))
 
 
 def replicate_score(D: np.ndarray, groups: Any) -> float | None:
@@ -423,7 +423,7 @@ def _knn_on_labelled(D: np.ndarray, values: np.ndarray, k: int, kind: Kind) -> n
     return votes.argmax(axis=1).astype(np.float64)
 
 
-def _macro_f1(truth: np.ndarray, predicted: np.ndarray, n_codes: int) -> float:
+def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_codes: int) -> float:
     """Macro-F1 over the classes present in ``truth`` or ``predicted`` (as scikit-learn)."""
     present = np.union1d(truth, predicted)
     tp = np.bincount(truth[truth == predicted], minlength=n_codes)[present]
@@ -432,10 +432,11 @@ def _macro_f1(truth: np.ndarray, predicted: np.ndarray, n_codes: int) -> float:
     return float(np.mean(2 * tp / (2 * tp + fp + fn)))
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation; 0 when either side is constant."""
+def spearman(a: np.ndarray, b: np.ndarray, undefined: float | None = 0.0) -> float | None:
+    """Spearman correlation; ``undefined`` when it is (under 2 values, or a constant
+    side)."""
     if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
-        return 0.0
+        return undefined
     return float(stats.spearmanr(a, b).statistic)
 
 
