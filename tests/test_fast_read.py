@@ -155,7 +155,7 @@ def test_readers_return_the_rows_asked_for(f16_store, kind):
         "flat": lambda: MmapReader(features, location.path, location.uri, sizes, flat=True),
         "chunks": lambda: MmapReader(features, location.path, location.uri, sizes,
                                      flat=False, max_bytes=3 * 512 * 8 * 2),  # 3 maps
-        "cache": lambda: ChunkCache(features),
+        "cache": lambda: ChunkCache(features),  # small enough to be kept whole
         "cache_small": lambda: ChunkCache(features, max_bytes=1),  # one chunk kept
     }[kind]()
     rng = np.random.default_rng(0)
@@ -169,6 +169,8 @@ def test_readers_return_the_rows_asked_for(f16_store, kind):
     assert reader[5:700].tobytes() == reference[5:700].tobytes()
     if kind == "chunks":
         assert len(reader._chunks) <= 3
+    if kind.startswith("cache"):
+        assert reader.whole == (kind == "cache")
 
 
 def test_auto_maps_a_local_uncompressed_store_and_keeps_zarr_for_the_rest(f32_store, tmp_path):

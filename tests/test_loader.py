@@ -140,7 +140,7 @@ def test_small_donors_get_views_with_replacement(store_path):
 def test_balanced_views_hold_the_cohorts_composition(store_path):
     # Views balanced over cell_type: rows of the right donor, each view's cell types in
     # the quotas of the store's overall composition over the types the donor's pool has.
-    from sampleclr_scale.data.sampler import balanced_quotas, donor_rng, view_pools, view_sizes
+    from sampleclr_scale.data.sampler import ViewDraws, balanced_quotas, pool_windows, view_sizes
 
     store = BagStore(store_path)
     m = 40
@@ -152,8 +152,11 @@ def test_balanced_views_hold_the_cohorts_composition(store_path):
         for i, donor in enumerate(batch.donor.tolist()):
             ids = _row_ids(store, donor)
             first, n = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
-            rng = donor_rng(config.seed, 0, donor)  # the sampler's own draws, replayed
-            pools = view_pools(n, max(view_sizes(rng, config.view_range)), rng)
+            # the sampler's own draws, replayed: each view's pool, a window of the donor
+            draws = ViewDraws.of(config.seed, 0, [donor], len(target))
+            m_max = view_sizes(draws.sizes, config.view_range).max(axis=1)
+            offsets, lengths = pool_windows(np.array([n]), m_max, draws.start)
+            pools = [(offsets[0, v] + np.arange(lengths[0, v])) % n for v in (0, 1)]
             for view, pool in enumerate(pools):
                 rows = np.array([ids[r.numpy().tobytes()] for r in batch.cells[i, view]])
                 assert set(rows - first) <= set(pool)  # drawn from this view's pool

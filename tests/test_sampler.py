@@ -7,14 +7,15 @@ from hypothesis import strategies as st
 
 from sampleclr_scale.data.sampler import (
     Shard,
-    balanced_pick,
+    ViewDraws,
+    balanced_picks,
     balanced_quotas,
-    donor_rng,
-    draw_views,
+    counter_uniforms,
     epoch_permutation,
+    pool_windows,
     rank_batches,
     steps_per_epoch,
-    view_pools,
+    uniform_views,
     view_sizes,
     worker_steps,
 )
@@ -104,69 +105,119 @@ def test_workers_partition_the_steps_in_loader_order(n_steps, n_workers, start):
     assert round_robin == list(range(start, n_steps))
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.integers(1, 5000), st.integers(1, 1200), st.integers(1, 1200), st.integers(0, 2**31))
-def test_views_disjoint_windows_or_with_replacement(n, size_a, size_b, seed):
-    a, b = draw_views(n, size_a, size_b, np.random.default_rng(seed))
-    assert len(a) == size_a and len(b) == size_b
-    assert a.min() >= 0 and b.min() >= 0 and a.max() < n and b.max() < n
-    if n >= size_a + size_b:
-        assert len(np.intersect1d(a, b)) == 0  # disjoint
-        assert len(np.unique(a)) == size_a and len(np.unique(b)) == size_b
-        # each view is a circular window: consecutive offsets modulo n
-        assert np.all(np.diff(a) % n == 1) if size_a > 1 else True
-        assert np.all(np.diff(b) % n == 1) if size_b > 1 else True
+_M64 = (1 << 64) - 1
 
 
-def test_views_cover_every_cell_uniformly():
-    """Each cell is in view A with probability m/n (no edge effect of windows)."""
-    n, m, trials = 50, 10, 20_000
-    hits = np.zeros(n)
-    rng = np.random.default_rng(0)
-    for _ in range(trials):
-        a, b = draw_views(n, m, m, rng)
-        hits[a] += 1
-        hits[b] += 1
-    expected = trials * 2 * m / n
-    # binomial sd = sqrt(trials * p * (1-p)); 5 sd margin
-    sd = np.sqrt(trials * (2 * m / n) * (1 - 2 * m / n))
-    assert np.abs(hits - expected).max() < 5 * sd
+def _splitmix(x):
+    """SplitMix64's step on a Python int: an independent reference of the sampler's."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
 
 
-def test_views_depend_on_seed_epoch_donor_only():
-    first = draw_views(3000, 1000, 1000, donor_rng(1, 4, 17))
-    again = draw_views(3000, 1000, 1000, donor_rng(1, 4, 17))
-    other_epoch = draw_views(3000, 1000, 1000, donor_rng(1, 5, 17))
-    assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
-    assert not np.array_equal(first[0], other_epoch[0])
+def _uniform(seed, epoch, donor, slot):
+    state = _splitmix(seed)
+    for word in (epoch, donor, slot):
+        state = _splitmix(state ^ word)
+    return (state >> 11) / 2**53
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**40), st.integers(0, 1000), st.lists(st.integers(0, 2**31), min_size=1,
+                                                              max_size=6))
+def test_counter_uniforms_are_splitmix_of_seed_epoch_donor_slot(seed, epoch, donors):
+    slots = np.array([0, 1, 7, 2**32 + 3])
+    got = counter_uniforms(seed, epoch, np.array(donors)[:, None], slots)
+    expected = [[_uniform(seed, epoch, d, int(k)) for k in slots] for d in donors]
+    assert got.shape == (len(donors), len(slots))
+    assert np.array_equal(got, np.array(expected))
+
+
+def test_counter_uniforms_are_uniform_and_independent():
+    u = counter_uniforms(5, 2, np.arange(200_000), 0)
+    hist = np.bincount((u * 20).astype(int), minlength=20)
+    assert (u >= 0).all() and (u < 1).all()
+    assert np.abs(hist - 10_000).max() < 5 * np.sqrt(10_000)  # 5 sd
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.01  # neighbouring donors
+    slots = counter_uniforms(5, 2, 7, np.arange(200_000))  # one donor's slots
+    assert abs(slots.mean() - 0.5) < 0.005 and abs(np.corrcoef(slots[:-1], slots[1:])[0, 1]) < 0.01
+    other = counter_uniforms(5, 3, np.arange(200_000), 0)  # the next epoch
+    assert abs(np.corrcoef(u, other)[0, 1]) < 0.01
 
 
 def test_view_sizes_in_range():
-    rng = np.random.default_rng(0)
-    sizes = np.array([view_sizes(rng, (100, 300)) for _ in range(2000)])
-    assert sizes.min() == 100 and sizes.max() == 300
-    assert view_sizes(rng, (7, 7)) == (7, 7)
+    u = counter_uniforms(0, 0, np.arange(4000)[:, None], np.arange(2))
+    sizes = view_sizes(u, (100, 300))
+    assert sizes.shape == (4000, 2) and sizes.min() == 100 and sizes.max() == 300
+    assert (view_sizes(u, (7, 7)) == 7).all()
 
 
-def test_bad_shards_are_refused():
-    with pytest.raises(InputError, match="rank 2 is outside world size 2"):
-        Shard(2, 2)
-    with pytest.raises(InputError, match="worker 1 is outside 1 workers"):
-        Shard(0, 1, 1, 1)
+def _uniform_views_loop(first, n, a, b, seed, epoch, donor):
+    """Independent reference of uniform_views for one donor, from its uniforms."""
+    u_start, u_gap = _uniform(seed, epoch, donor, 2), _uniform(seed, epoch, donor, 3)
+    if n >= a + b:
+        start = int(u_start * n)
+        gap = int(u_gap * (n - a - b + 1))
+        offsets = [(start + i) % n for i in range(a)]
+        offsets += [(start + a + gap + i) % n for i in range(b)]
+    else:
+        offsets = [int(_uniform(seed, epoch, donor, 2**32 + i) * n) for i in range(a + b)]
+    return first + np.array(offsets, dtype=np.int64)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 5000), st.integers(1, 600), st.integers(0, 2**31))
-def test_view_pools_disjoint_halves_of_one_window_or_the_whole_donor(n, m, seed):
-    pool_a, pool_b = view_pools(n, m, np.random.default_rng(seed))
-    if n < 2 * m:
-        assert np.array_equal(pool_a, np.arange(n)) and pool_b is pool_a
-        return
-    width = min(n, 4 * m)
-    assert len(pool_a) + len(pool_b) == width and min(len(pool_a), len(pool_b)) >= m
-    window = np.concatenate([pool_a, pool_b])
-    assert len(np.unique(window)) == width  # disjoint, no row twice
-    assert set(np.diff(window) % n) == ({1} if width > 1 else set())  # one circular run
+@given(st.lists(st.tuples(st.integers(1, 3000), st.integers(1, 800), st.integers(1, 800)),
+                min_size=1, max_size=6),
+       st.integers(0, 2**31), st.integers(0, 50))
+def test_uniform_views_disjoint_windows_or_with_replacement(donors, seed, epoch):
+    counts = np.array([n for n, _, _ in donors], dtype=np.int64)
+    sizes = np.array([(a, b) for _, a, b in donors], dtype=np.int64)
+    firsts = np.cumsum(counts) - counts
+    ids = np.arange(len(donors)) * 11 + 3
+    rows = uniform_views(firsts, counts, sizes, ViewDraws.of(seed, epoch, ids))
+    ends = np.cumsum(sizes.sum(axis=1))
+    for i, (n, a, b) in enumerate(donors):
+        mine = rows[ends[i] - a - b : ends[i]]
+        expected = _uniform_views_loop(firsts[i], n, a, b, seed, epoch, int(ids[i]))
+        assert np.array_equal(mine, expected)
+        assert ((mine >= firsts[i]) & (mine < firsts[i] + n)).all()
+        if n >= a + b:
+            assert len(np.unique(mine)) == a + b  # two disjoint windows
+
+
+def test_uniform_views_cover_every_cell_uniformly():
+    """Each cell is in a view with probability 2m/n (no edge effect of windows)."""
+    n, m, trials = 50, 10, 20_000
+    hits = np.zeros(n)
+    for epoch in range(trials):
+        draws = ViewDraws.of(0, epoch, [3])
+        rows = uniform_views(np.array([0]), np.array([n]), np.array([[m, m]]), draws)
+        hits[rows] += 1
+    expected = trials * 2 * m / n
+    sd = np.sqrt(trials * (2 * m / n) * (1 - 2 * m / n))  # binomial; 5 sd margin
+    assert np.abs(hits - expected).max() < 5 * sd
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 600)), min_size=1, max_size=6),
+       st.integers(0, 2**31))
+def test_pool_windows_disjoint_halves_of_one_window_or_the_whole_donor(donors, seed):
+    n = np.array([d[0] for d in donors])
+    m = np.array([d[1] for d in donors])
+    u = counter_uniforms(seed, 0, np.arange(len(donors)), 2)
+    offsets, lengths = pool_windows(n, m, u)
+    for i, (n_i, m_i) in enumerate(donors):
+        pools = [(offsets[i, v] + np.arange(lengths[i, v])) % n_i for v in (0, 1)]
+        if n_i < 2 * m_i:
+            assert all(np.array_equal(p, np.arange(n_i)) for p in pools)
+            continue
+        width = min(n_i, 4 * m_i)
+        assert offsets[i, 0] == int(u[i] * n_i)
+        assert len(pools[0]) + len(pools[1]) == width and min(lengths[i]) >= m_i
+        window = np.concatenate(pools)
+        assert len(np.unique(window)) == width  # disjoint, no row twice
+        assert set(np.diff(window) % n_i) == ({1} if width > 1 else set())  # one run
 
 
 @settings(max_examples=300, deadline=None)
@@ -184,6 +235,18 @@ def test_quotas_sum_to_m_follow_the_target_and_skip_absent_categories(present, m
     assert np.abs(quotas - expected).max() < 1  # largest-remainder rounding
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 20), st.integers(1, 8), st.integers(0, 2**31))
+def test_quotas_of_many_views_are_each_views(views, k, seed):
+    rng = np.random.default_rng(seed)
+    present = rng.random((views, k)) < 0.6
+    target = rng.dirichlet(np.ones(k))
+    m = rng.integers(1, 2000, size=views)
+    together = balanced_quotas(present, target, m)
+    for i in range(views):
+        assert np.array_equal(together[i], balanced_quotas(present[i], target, int(m[i])))
+
+
 def _loop_pick_counts(codes, m, target):
     """Independent reference: cells per category by repeated largest remainder."""
     present = [k for k in range(len(target)) if (codes == k).any() and target[k] > 0]
@@ -195,48 +258,75 @@ def _loop_pick_counts(codes, m, target):
     return {k: c for k, c in counts.items() if c}
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 400), st.integers(1, 300), st.integers(2, 6), st.integers(0, 2**31))
-def test_balanced_pick_matches_the_quotas_within_the_pool(n, m, k, seed):
+def _loop_picks(codes, m, target, u):
+    """Independent reference of one pool's balanced view: per category, a circular window
+    of its members in pool order from the floor(u * count)-th; all cells as one group
+    when no category applies."""
+    quotas = _loop_pick_counts(codes, m, target)
+    if not quotas:
+        return [(int(u[-1] * len(codes)) + i) % len(codes) for i in range(m)]
+    picks = []
+    for k in sorted(quotas):
+        members = [i for i, c in enumerate(codes) if c == k]
+        start = int(u[k] * len(members))
+        picks += [members[(start + i) % len(members)] for i in range(quotas[k])]
+    return picks
+
+
+def _pools(rng, n_pools, k):
+    """Random pools: codes in [-1, k), some pools without any category."""
+    lengths = rng.integers(1, 300, size=n_pools)
+    codes = [rng.integers(-1, k, size=n) if rng.random() < 0.8 else np.full(n, -1)
+             for n in lengths]
+    return codes, lengths, rng.integers(1, 200, size=n_pools)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 6), st.integers(0, 2**31))
+def test_balanced_picks_are_circular_windows_of_each_category(n_pools, k, seed):
+    # many pools at once, each exactly the plain loop's picks (positions in all codes)
     rng = np.random.default_rng(seed)
-    codes = rng.integers(-1, k, size=n)
+    codes, lengths, sizes = _pools(rng, n_pools, k)
     target = rng.dirichlet(np.ones(k))
-    picked = balanced_pick(codes, m, target, np.random.default_rng(seed + 1))
-    assert len(picked) == m and ((picked >= 0) & (picked < n)).all()
-    if not (codes >= 0).any():
-        return  # no category: uniform cells
-    counts = dict(zip(*np.unique(codes[picked], return_counts=True), strict=True))
-    assert counts == _loop_pick_counts(codes, m, target)
-    for category, count in counts.items():  # without replacement while cells last
-        members = picked[codes[picked] == category]
-        assert len(np.unique(members)) == min(count, int((codes == category).sum()))
+    u = rng.random((n_pools, k + 1))
+    picks = balanced_picks(np.concatenate(codes), lengths, sizes, target, u)
+    assert len(picks) == sizes.sum()
+    at, bounds = np.cumsum(lengths) - lengths, np.concatenate([[0], np.cumsum(sizes)])
+    for p in range(n_pools):
+        mine = picks[bounds[p] : bounds[p + 1]] - at[p]
+        assert mine.tolist() == _loop_picks(codes[p], int(sizes[p]), target, u[p])
+        counts = dict(zip(*np.unique(codes[p][mine], return_counts=True), strict=True))
+        if (codes[p] >= 0).any():
+            assert counts == _loop_pick_counts(codes[p], int(sizes[p]), target)
+        for category, count in counts.items():  # no repeats while cells last, then even
+            members = mine[codes[p][mine] == category]
+            have = int((codes[p] == category).sum())
+            times = np.unique(members, return_counts=True)[1]
+            assert len(times) == min(count, have) and times.max() - times.min() <= 1
 
 
-def test_a_category_larger_than_its_quota_gives_a_uniform_subset():
-    # 10 cells of category 0 with a quota of 5: each cell in half the draws, each pair in
-    # (5/10)(4/9) of them, as a uniform subset without replacement has it
+def test_balanced_picks_of_a_pool_do_not_depend_on_the_pools_drawn_with_it():
+    rng = np.random.default_rng(4)
+    codes, lengths, sizes = _pools(rng, 6, 4)
+    target, u = rng.dirichlet(np.ones(4)), rng.random((6, 5))
+    together = balanced_picks(np.concatenate(codes), lengths, sizes, target, u)
+    alone = [balanced_picks(codes[p], lengths[p : p + 1], sizes[p : p + 1], target, u[p : p + 1])
+             for p in range(6)]
+    at = np.cumsum(lengths) - lengths
+    assert np.array_equal(together, np.concatenate([a + at[p] for p, a in enumerate(alone)]))
+
+
+def test_a_category_larger_than_its_quota_gives_every_cell_the_same_chance():
+    # 10 cells of category 0 with a quota of 5: each cell in half the draws
     codes = np.array([0] * 10 + [1] * 90)
     draws = 4000
     chosen = np.zeros((draws, 10), dtype=bool)
-    for seed in range(draws):
-        picked = balanced_pick(codes, 10, np.array([0.5, 0.5]), np.random.default_rng(seed))
-        chosen[seed, picked[picked < 10]] = True
+    u = counter_uniforms(1, 0, np.arange(draws)[:, None], np.arange(3))
+    for i in range(draws):
+        picked = balanced_picks(codes, [100], [10], np.array([0.5, 0.5]), u[i : i + 1])
+        chosen[i, picked[picked < 10]] = True
     assert (chosen.sum(axis=1) == 5).all()
     assert np.abs(chosen.mean(axis=0) - 0.5).max() < 0.04  # 5 standard errors
-    pairs = (chosen[:, :, None] & chosen[:, None, :]).mean(axis=0)[np.triu_indices(10, 1)]
-    assert np.abs(pairs - 5 / 10 * 4 / 9).max() < 0.04
-
-
-def test_balanced_picks_refuse_batches_too_large_to_sort_at_once():
-    # 2 pools of 2^20 cells in 8,192 categories: their sort words would need 65 bits
-    from sampleclr_scale.data.sampler import balanced_picks
-
-    pools = [np.zeros(2**20, dtype=np.int64)] * 2
-    target = np.full(8192, 1 / 8192)
-    rngs = [np.random.default_rng(0)] * 2
-    with pytest.raises(InputError, match="too many to draw balanced views") as err:
-        balanced_picks(pools, [10, 10], target, rngs)
-    assert "lower the batch size or the view size" in str(err.value)
 
 
 def test_balanced_views_hide_composition():
@@ -244,33 +334,9 @@ def test_balanced_views_hide_composition():
     rng = np.random.default_rng(3)
     target = np.array([0.5, 0.5])
     for share in (0.1, 0.9):
-        codes = (rng.random(4000) < share).astype(np.int64)
-        picked = balanced_pick(codes, 1000, target, rng)
+        codes = (rng.random(4000) < share).astype(np.int8)
+        picked = balanced_picks(codes, [4000], [1000], target, rng.random((1, 3)))
         assert np.bincount(codes[picked], minlength=2).tolist() == [500, 500]
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 200), st.integers(-1, 1)),
-                min_size=1, max_size=8),
-       st.integers(1, 6), st.integers(0, 2**31))
-def test_balanced_picks_of_many_pools_are_each_pools_balanced_pick(pools, k, seed):
-    # Pools drawn together (some sharing a generator, as a donor's two views do, some
-    # without any category: uniform cells) get exactly the picks they get one by one.
-    from sampleclr_scale.data.sampler import balanced_picks
-
-    rng = np.random.default_rng(seed)
-    target = rng.dirichlet(np.ones(k))
-    codes = [rng.integers(-1, k, size=n) if kind >= 0 else np.full(n, -1)
-             for n, _, kind in pools]
-    sizes = [m for _, m, _ in pools]
-    generator = [i // 2 for i in range(len(pools))]  # pools 0 and 1 share one, ...
-    together = [np.random.default_rng([seed, g]) for g in generator]
-    shared = {g: together[i] for i, g in enumerate(generator)}
-    got = balanced_picks(codes, sizes, target, [shared[g] for g in generator])
-    alone = {g: np.random.default_rng([seed, g]) for g in set(generator)}
-    for c, m, g, picked in zip(codes, sizes, generator, got, strict=True):
-        assert np.array_equal(picked, balanced_pick(c, m, target, alone[g]))
-        assert len(picked) == m
 
 
 def test_views_of_many_donors_are_each_donors_view_rows(store_path):
@@ -289,9 +355,5 @@ def test_views_of_many_donors_are_each_donors_view_rows(store_path):
                 alone = view_rows(store, int(donor), seed=3, epoch=2, view_range=view_range,
                                   balance=balance)
                 assert (n_a, n_b) == alone[:2] and np.array_equal(rows, alone[2])
-                if balance is None:  # uniform views: draw_views itself
-                    rng = donor_rng(3, 2, int(donor))
-                    a, b = draw_views(int(store.cells_per_donor[donor]),
-                                      *view_sizes(rng, view_range), rng)
-                    first = store.donor_ptr[donor]
-                    assert np.array_equal(rows, first + np.concatenate([a, b]))
+                first, n = store.donor_ptr[donor], store.cells_per_donor[donor]
+                assert ((rows >= first) & (rows < first + n)).all()

@@ -32,7 +32,7 @@ from sampleclr_scale.bench import peak_rss_mb
 from sampleclr_scale.config import LoaderConfig
 from sampleclr_scale.data.fast_read import mmap_problem, open_reader
 from sampleclr_scale.data.loader import DonorBagDataset, ViewBalance, make_loader, view_rows
-from sampleclr_scale.data.sampler import donor_rng, draw_views, worker_steps
+from sampleclr_scale.data.sampler import worker_steps
 from sampleclr_scale.data.store import BagStore
 
 WARMUP_S = 0.5
@@ -273,7 +273,10 @@ def _naive_soma(store: BagStore, source: str, m: int, n_donors: int) -> dict[str
                     query = " and ".join(f"{k} == '{row[k]}'" for k in keys)
                     ids = exp.obs.read(column_names=["soma_joinid"], value_filter=query
                                        ).concat()["soma_joinid"].to_numpy()
-                for view in draw_views(len(ids), m, m, donor_rng(0, 0, int(donor))):
+                n_a, _, rows = view_rows(store, int(donor), seed=0, epoch=0,
+                                         view_range=(m, m), balance=None)
+                offsets = rows - store.donor_ptr[donor]
+                for view in (offsets[:n_a], offsets[n_a:]):
                     table = array.read(coords=(np.sort(ids[view]),)).tables().concat()
                     cells += len(np.unique(table["soma_dim_0"].to_numpy()))
             seconds = time.perf_counter() - start

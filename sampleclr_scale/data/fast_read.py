@@ -69,7 +69,7 @@ _MAX_RUNS = 8
 _TRACKFD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 """Python 3.13+ maps without keeping a file descriptor open per map."""
 
-_Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
+Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 """``map``, or a thread pool's ``map``."""
 View = tuple[int, int, np.ndarray]
 """One donor's two views: sizes ``n_a``, ``n_b`` and the rows (view A's, then view B's)."""
@@ -133,7 +133,7 @@ class RowReader(ABC):
         """Rows ``start:stop``, as a new array of the store's type."""
         return self.read(np.arange(start, stop, dtype=np.int64))
 
-    def read_views(self, views: list[View], cells: np.ndarray, read: _Mapper = map) -> None:
+    def read_views(self, views: list[View], cells: np.ndarray, read: Mapper = map) -> None:
         """Fill ``cells[i, 0, :n_a]`` and ``cells[i, 1, :n_b]`` with the rows of donor
         ``i``'s views; ``read`` maps per-donor reads where the reader uses it."""
         for i, (n_a, n_b, rows) in enumerate(views):
@@ -167,7 +167,7 @@ class ZarrReader(RowReader):
     def read_range(self, start: int, stop: int) -> np.ndarray:
         return self.array[start:stop]
 
-    def read_views(self, views: list[View], cells: np.ndarray, read: _Mapper = map) -> None:
+    def read_views(self, views: list[View], cells: np.ndarray, read: Mapper = map) -> None:
         blocks = read(lambda rows: read_rows(self.array, rows), [v[2] for v in views])
         for i, ((n_a, n_b, _), rows) in enumerate(zip(views, blocks, strict=True)):
             cells[i, 0, :n_a] = rows[:n_a]
@@ -329,7 +329,7 @@ class MmapReader(_Chunked):
             self._check_rows(rows)
             self._take(self.flat, rows, out)
 
-    def read_views(self, views: list[View], cells: np.ndarray, read: _Mapper = map) -> None:
+    def read_views(self, views: list[View], cells: np.ndarray, read: Mapper = map) -> None:
         m = cells.shape[2]
         if self.flat is None or not all(n_a == n_b == m for n_a, n_b, _ in views):
             super().read_views(views, cells, read)
@@ -452,7 +452,12 @@ def _flat_possible(chunk_bytes: int, n_chunks: int) -> bool:
 
 class ChunkCache(_Chunked):
     """Rows of a Zarr array out of its decoded chunks, each read through Zarr once and
-    kept in an LRU of at most ``max_bytes`` (for small per-row arrays: the ``codes``)."""
+    kept in an LRU of at most ``max_bytes`` (for small per-row arrays: the ``codes``).
+
+    An array of at most ``max_bytes`` in all is read whole on first use and kept as one
+    numpy array, so that scattered rows (the cells of a batch's balanced pools) are one
+    ``numpy.take``.
+    """
 
     kind = "cache"
 
@@ -463,6 +468,30 @@ class ChunkCache(_Chunked):
         super().__init__(array.shape, dtype, chunk_rows,
                          max_bytes // max(chunk_rows * row_bytes, 1))
         self.array = array
+        self.whole = self.shape[0] * row_bytes <= max_bytes
+        """Whether the array is kept whole (:meth:`all_rows`)."""
+        self._all: np.ndarray | None = None
+
+    def all_rows(self) -> np.ndarray:
+        """The whole array (read once), for an array kept whole."""
+        if self._all is None:
+            with self._lock:
+                if self._all is None:
+                    rows = np.asarray(self.array[...])
+                    rows.flags.writeable = False
+                    self._all = rows
+        return self._all
+
+    def read_into(self, rows: np.ndarray, out: np.ndarray) -> None:
+        if not self.whole:
+            super().read_into(rows, out)
+        elif len(rows):
+            self._take(self.all_rows(), np.asarray(rows, dtype=np.int64), out)
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        if not self.whole:
+            return super().read_range(start, stop)
+        return self.all_rows()[start:stop].copy()
 
     def _load(self, chunk: int) -> np.ndarray:
         lo = chunk * self.chunk_rows

@@ -31,16 +31,23 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data.fast_read import RowReader, check_reader, open_reader
+from sampleclr_scale.data.fast_read import (
+    Mapper,
+    RowReader,
+    View,
+    check_reader,
+    open_reader,
+)
 from sampleclr_scale.data.sampler import (
     Shard,
-    balanced_picks_flat,
-    donor_rng,
-    draw_views,
+    ViewDraws,
+    balanced_picks,
+    pool_windows,
     rank_batches,
     steps_per_epoch,
-    view_pools,
+    uniform_views,
     view_sizes,
+    windows,
     worker_steps,
 )
 from sampleclr_scale.data.store import BagStore
@@ -51,8 +58,6 @@ AUTO_BALANCE_COLUMN = "cell_type"
 """The column that ``LoaderConfig.balance: auto`` balances views over, when stored."""
 REMOTE_READ_THREADS = 16
 """Default donors read at once from a store behind a URI (``LoaderConfig.read_threads``)."""
-_Mapper = Callable[[Callable[[np.ndarray], np.ndarray], list[np.ndarray]], Iterator[np.ndarray]]
-"""``map``, or a thread pool's ``map``."""
 
 @dataclass
 class DonorBatch:
@@ -246,14 +251,14 @@ class DonorBagDataset(IterableDataset):
                 yield self._read_batch(store, batches[step], context, step, read)
 
     def _read_batch(self, store: BagStore, donors: np.ndarray, context: _ReadContext,
-                    step: int, read: _Mapper = map) -> DonorBatch:
+                    step: int, read: Mapper = map) -> DonorBatch:
         """One batch; ``read`` maps the per-donor work over the donors (``map`` or a
         pool's): the views' draws, and for the Zarr reader the row reads."""
         views = self._draw(store, donors, context, read)
         return self._assemble(store, donors, views, context, step, read)
 
     def _draw(self, store: BagStore, donors: np.ndarray, context: _ReadContext,
-              read: _Mapper = map) -> list[tuple[int, int, np.ndarray]]:
+              read: Mapper = map) -> list[View]:
         """Each donor's two views: their sizes and rows (:func:`view_rows`); all donors at
         once (:func:`views_of`), or donor by donor in ``read``'s threads, whose codes reads
         then wait for the network in parallel."""
@@ -264,8 +269,8 @@ class DonorBagDataset(IterableDataset):
                          donors))
 
     def _assemble(self, store: BagStore, donors: np.ndarray,
-                  views: list[tuple[int, int, np.ndarray]], context: _ReadContext,
-                  step: int, read: _Mapper = map) -> DonorBatch:
+                  views: list[View], context: _ReadContext,
+                  step: int, read: Mapper = map) -> DonorBatch:
         """The batch of ``views``: their rows read into one ``[B, 2, m, d]`` buffer.
 
         Every reader fills the same buffer with the same rows, so the batches do not
@@ -299,7 +304,7 @@ class DonorBagDataset(IterableDataset):
         )
 
     def _views(self, store: BagStore, donor: int, balance: ViewBalance | None
-               ) -> tuple[int, int, np.ndarray]:
+               ) -> View:
         """Sizes of a donor's two views and their rows (:func:`view_rows`)."""
         return view_rows(store, donor, seed=self.config.seed, epoch=self.epoch,
                          view_range=self.config.view_range, balance=balance)
@@ -307,7 +312,7 @@ class DonorBagDataset(IterableDataset):
 
 def view_rows(store: BagStore, donor: int, *, seed: int, epoch: int,
               view_range: tuple[int, int], balance: ViewBalance | None
-              ) -> tuple[int, int, np.ndarray]:
+              ) -> View:
     """Sizes of a donor's two views in an epoch and their rows in the store (view A's,
     then view B's): the sampler's choice for ``(seed, epoch, donor)``, which every source
     of bags (streamed, device-resident) takes (:func:`views_of` for many donors)."""
@@ -317,33 +322,34 @@ def view_rows(store: BagStore, donor: int, *, seed: int, epoch: int,
 
 def views_of(store: BagStore, donors: Sequence[int] | np.ndarray, *, seed: int, epoch: int,
              view_range: tuple[int, int], balance: ViewBalance | None
-             ) -> list[tuple[int, int, np.ndarray]]:
-    """:func:`view_rows` of each donor (the same views: each donor's draws come from its
-    own generator), with balanced views picked for all donors at once
-    (:func:`~sampleclr_scale.data.sampler.balanced_picks`)."""
+             ) -> list[View]:
+    """:func:`view_rows` of each donor, drawn for all of them at once (the same views:
+    a donor's draws depend on ``(seed, epoch, donor)`` only): uniform views
+    (:func:`~sampleclr_scale.data.sampler.uniform_views`) or balanced ones
+    (:meth:`ViewBalance.views_of`)."""
     donors = np.asarray(donors, dtype=np.int64)
     firsts = store.donor_ptr[donors]
     counts = store.donor_ptr[donors + 1] - firsts
-    rngs = [donor_rng(seed, epoch, int(donor)) for donor in donors.tolist()]
-    sizes = [view_sizes(rng, view_range) for rng in rngs]
     if balance is not None:
-        return balance.views_of(firsts, counts, sizes, rngs)
-    out = []
-    for first, n, (size_a, size_b), rng in zip(firsts.tolist(), counts.tolist(), sizes, rngs,
-                                               strict=True):
-        a, b = draw_views(n, size_a, size_b, rng)
-        out.append((len(a), len(b), first + np.concatenate([a, b])))
-    return out
+        draws = ViewDraws.of(seed, epoch, donors, len(balance.target))
+        sizes = view_sizes(draws.sizes, view_range)
+        rows = balance.rows_of(firsts, counts, sizes, draws)
+    else:
+        draws = ViewDraws.of(seed, epoch, donors)
+        sizes = view_sizes(draws.sizes, view_range)
+        rows = uniform_views(firsts, counts, sizes, draws)
+    ends = np.cumsum(sizes.sum(axis=1)).tolist()
+    return [(n_a, n_b, rows[end - n_a - n_b : end])
+            for (n_a, n_b), end in zip(sizes.tolist(), ends, strict=True)]
 
 
 @dataclass(frozen=True)
 class ViewBalance:
     """Views balanced over a cell-level column: its codes and the cohort's composition."""
 
-    codes: Any
+    codes: RowReader | np.ndarray
     """The store's ``codes/<column>`` array: a :class:`~sampleclr_scale.data.fast_read.RowReader`
-    of it (:func:`~sampleclr_scale.data.fast_read.open_reader`), the Zarr array or the
-    codes in memory."""
+    of it (:func:`~sampleclr_scale.data.fast_read.open_reader`) or the codes in memory."""
     target: np.ndarray
     """Proportion of each category over the whole store."""
 
@@ -355,36 +361,18 @@ class ViewBalance:
         return cls(open_reader(store, store.codes(column), reader, small=True),
                    counts / counts.sum())
 
-    def views_of(self, firsts: np.ndarray, counts: np.ndarray,
-                 sizes: list[tuple[int, int]], rngs: list[np.random.Generator]
-                 ) -> list[tuple[int, int, np.ndarray]]:
-        """:meth:`views` of many donors (first row, cells, view sizes, generator each), as
-        :func:`view_rows` returns them: sizes and rows (view A's, then view B's)."""
-        codes, starts = [], []
-        for first, n, size, rng in zip(firsts.tolist(), counts.tolist(), sizes, rngs,
-                                       strict=True):
-            pool_a, pool_b = view_pools(n, max(size), rng)
-            shared = pool_a is pool_b
-            # the pools are one circular window of the donor's rows: one or two ranges
-            start = int(pool_a[0])
-            stop = start + len(pool_a) + (0 if shared else len(pool_b))
-            window = self.codes[first + start : first + min(stop, n)]
-            if stop > n:
-                window = np.concatenate([window, self.codes[first : first + stop - n]])
-            codes += [window, window] if shared else np.split(window, [len(pool_a)])
-            # where each pool starts in the window (the offset of a pick's row)
-            starts += [start, start] if shared else [start, start + len(pool_a)]
-        m = [size for pair in sizes for size in pair]
-        picks, bounds = balanced_picks_flat(codes, m, self.target,
-                                            [rng for rng in rngs for _ in range(2)])
-        # a pick's row: first + (start + pick) % n, both views of every donor at once
-        each = np.asarray(m, dtype=np.int64)
-        donor = np.repeat(np.arange(len(sizes)), 2)
-        rows = (picks + np.repeat(starts, each)) % np.repeat(counts[donor], each)
-        rows += np.repeat(firsts[donor], each)
-        ends = bounds[2::2].tolist()
-        return [(n_a, n_b, rows[end - n_a - n_b : end])
-                for (n_a, n_b), end in zip(sizes, ends, strict=True)]
+    def rows_of(self, firsts: np.ndarray, counts: np.ndarray, sizes: np.ndarray,
+                draws: ViewDraws) -> np.ndarray:
+        """The rows of many donors' two balanced views (first row, cells and view sizes
+        each), donor after donor (view A's, then view B's): the rows of their pools
+        (:func:`~sampleclr_scale.data.sampler.pool_windows`), one read of those rows'
+        codes, and the picks (:func:`~sampleclr_scale.data.sampler.balanced_picks`)."""
+        offsets, lengths = pool_windows(counts, sizes.max(axis=1), draws.start)
+        lengths = lengths.ravel()
+        donor = np.repeat(np.arange(len(counts)), 2)  # pools 2i, 2i + 1: donor i's views
+        rows = windows(firsts[donor], counts[donor], offsets.ravel(), lengths)
+        codes = self.codes[rows] if isinstance(self.codes, np.ndarray) else self.codes.read(rows)
+        return rows[balanced_picks(codes, lengths, sizes.ravel(), self.target, draws.groups)]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sampleclr_scale.config import LoaderConfig
+from sampleclr_scale.data.fast_read import View
 from sampleclr_scale.data.loader import (
     DonorBagDataset,
     DonorBatch,
@@ -112,7 +113,7 @@ def load_features(store: BagStore, device: torch.device, dtype: torch.dtype,
     return features
 
 
-def view_index(views: list[tuple[int, int, np.ndarray]], m: int
+def view_index(views: list[View], m: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """The row index and mask of a batch's views.
 

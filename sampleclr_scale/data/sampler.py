@@ -8,20 +8,23 @@ incomplete last global step is padded with donors from the start of the permutat
 or dropped with ``drop_last``. A rank's DataLoader workers take its steps round-robin,
 which is the order in which the DataLoader returns them.
 
-A view is a set of rows of one donor. When the donor has enough cells for both views,
-view A is a circular window of the donor's rows starting at a uniform position and view B
-the window that follows it after a uniform gap: disjoint, each cell equally likely to be
-in either, and two range reads at most each. Because the store keeps each donor's cells
-in random order, a window is a uniform random subset. Smaller donors get views drawn
-with replacement. The views of a donor depend on ``(seed, epoch, donor)`` only, not on
-how donors are sharded.
+A view is a set of rows of one donor, drawn for a whole batch of donors at once from
+counter-based uniforms (:func:`counter_uniforms`): a donor's views depend on
+``(seed, epoch, donor)`` only, not on how donors are sharded or batched. The store keeps
+each donor's cells in random order, so a window of its rows is a uniform random subset:
+
+- uniform views (:func:`uniform_views`) are two disjoint circular windows of the
+  donor's rows, each cell equally likely to be in either, two range reads at most each;
+  smaller donors get views drawn with replacement;
+- views balanced over a cell-level column (:func:`balanced_picks`) give each category a
+  fixed share (the cohort's composition, :func:`balanced_quotas`), taken as a circular
+  window of that category's cells within a window of the donor's rows
+  (:func:`pool_windows`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from itertools import pairwise
 
 import numpy as np
 
@@ -88,148 +91,241 @@ def worker_steps(n_steps: int, shard: Shard, start_step: int = 0) -> range:
     return range(start_step + shard.worker, n_steps, shard.n_workers)
 
 
-def view_sizes(rng: np.random.Generator, view_range: tuple[int, int]) -> tuple[int, int]:
-    """Sizes of the two views, uniform in the inclusive range."""
+@dataclass(frozen=True)
+class ViewDraws:
+    """The random numbers of a batch's views: uniforms in [0, 1) from
+    :func:`counter_uniforms`, so that a donor's views depend on ``(seed, epoch, donor)``
+    only, not on the donors drawn with it."""
+
+    seed: int
+    epoch: int
+    donors: np.ndarray
+    """Int64 ``[B]``: the donors' store positions."""
+    sizes: np.ndarray
+    """``[B, 2]``: each donor's two view sizes (:func:`view_sizes`)."""
+    start: np.ndarray
+    """``[B]``: where a donor's views (or its pools, :func:`pool_windows`) start."""
+    gap: np.ndarray
+    """``[B]``: the gap between a donor's two uniform views (:func:`uniform_views`)."""
+    groups: np.ndarray
+    """``[2B, K + 1]``: where each balanced view's window starts in each of its pool's
+    categories (:func:`balanced_picks`); rows ``2i`` and ``2i + 1`` are donor ``i``'s."""
+
+    @classmethod
+    def of(cls, seed: int, epoch: int, donors: np.ndarray, n_categories: int = 0
+           ) -> ViewDraws:
+        """The draws of ``donors`` for views balanced over ``n_categories`` (0: uniform)."""
+        donors = np.asarray(donors, dtype=np.int64)
+        groups = n_categories + 1 if n_categories else 0
+        u = counter_uniforms(seed, epoch, donors[:, None], np.arange(4 + 2 * groups))
+        return cls(seed, epoch, donors, u[:, :2], u[:, 2], u[:, 3],
+                   u[:, 4:].reshape(2 * len(donors), groups))
+
+    def per_cell(self, lengths: np.ndarray) -> np.ndarray:
+        """``lengths[i]`` more uniforms of donor ``i`` (``[B]`` lengths), donor after
+        donor."""
+        slots = _CELL_SLOTS + _ranges(np.zeros(len(lengths), np.int64), lengths)
+        states = _donor_states(self.seed, self.epoch, self.donors)
+        return _uniforms(np.repeat(states, lengths), slots)
+
+
+_CELL_SLOTS = 1 << 32
+"""A donor's :meth:`ViewDraws.per_cell` uniforms are its numbers from this slot on."""
+
+
+def view_sizes(uniforms: np.ndarray, view_range: tuple[int, int]) -> np.ndarray:
+    """Int64 ``[B, 2]``: both views' sizes, uniform in the inclusive range, from ``[B, 2]``
+    uniforms."""
     lo, hi = view_range
-    if lo == hi:
-        return lo, hi
-    a, b = rng.integers(lo, hi + 1, size=2)
-    return int(a), int(b)
+    return lo + (uniforms * (hi - lo + 1)).astype(np.int64)
 
 
-def draw_views(n_cells: int, size_a: int, size_b: int, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Row offsets (relative to the donor's first row) of two views of one donor.
+def uniform_views(firsts: np.ndarray, counts: np.ndarray, sizes: np.ndarray,
+                  draws: ViewDraws) -> np.ndarray:
+    """The rows of many donors' two uniform views, donor after donor (view A's, then
+    view B's).
 
-    Disjoint circular windows when ``n_cells >= size_a + size_b``; otherwise each view
-    is drawn uniformly with replacement.
+    A donor of ``n >= a + b`` cells (``a``, ``b``: its view sizes) gets disjoint circular
+    windows of its rows: view A starts at ``floor(u * n)``, view B after a uniform gap.
+    The store keeps each donor's cells in random order, so each view is a uniform random
+    subset, read with at most two range reads. Smaller donors' views are drawn with
+    replacement.
+
+    Parameters
+    ----------
+    firsts, counts
+        Int64 ``[B]``: each donor's first row and cells.
+    sizes
+        Int64 ``[B, 2]``: its view sizes.
+    draws
+        The donors' :class:`ViewDraws`.
     """
-    if n_cells >= size_a + size_b:
-        start = int(rng.integers(n_cells))
-        gap = int(rng.integers(n_cells - size_a - size_b + 1))
-        a = (start + np.arange(size_a)) % n_cells
-        b = (start + size_a + gap + np.arange(size_b)) % n_cells
-        return a, b
-    return rng.integers(n_cells, size=size_a), rng.integers(n_cells, size=size_b)
+    a, b = sizes[:, 0], sizes[:, 1]
+    start = (draws.start * counts).astype(np.int64)
+    gap = (draws.gap * np.maximum(counts - a - b + 1, 1)).astype(np.int64)
+    offsets = np.stack([start, start + a + gap], axis=1).ravel()
+    donor = np.repeat(np.arange(len(counts)), 2)
+    rows = windows(firsts[donor], counts[donor], offsets, sizes.ravel())
+    small = counts < a + b
+    if small.any():  # with replacement
+        n = np.where(small, a + b, 0)
+        drawn = (draws.per_cell(n) * np.repeat(counts, n)).astype(np.int64)
+        rows[np.repeat(small, a + b)] = np.repeat(firsts, n) + drawn
+    return rows
 
 
-def donor_rng(seed: int, epoch: int, donor: int) -> np.random.Generator:
-    """The generator of one donor's views in one epoch."""
-    return np.random.default_rng([seed, epoch, int(donor)])
+def pool_windows(n_cells: np.ndarray, m: np.ndarray, uniforms: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Where the cells that each balanced view is drawn from lie: per donor, int64
+    ``[B, 2]`` offsets (of the first cell, from the donor's first row) and lengths of two
+    circular windows of the donor's rows, one per view.
 
-
-def view_pools(n_cells: int, m: int, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Row offsets of the cells that each balanced view of ``m`` cells is drawn from.
-
-    When the donor has at least ``2m`` cells, a circular window of ``min(n, 4m)`` rows at
-    a uniform start is cut into two halves, one pool per view: disjoint, each a uniform
+    A donor of ``n >= 2m`` cells (``m``: its larger view) gets a window of ``min(n, 4m)``
+    rows starting at ``floor(u * n)``, cut into two halves: disjoint pools, each a uniform
     random subset of the donor's cells (the store keeps a donor's rows in random order),
-    read with at most two range reads. Smaller donors share one pool, all their cells.
+    read with at most two range reads. Smaller donors' two pools are all their cells.
     """
-    if n_cells < 2 * m:
-        pool = np.arange(n_cells)
-        return pool, pool
-    width = min(n_cells, 4 * m)
-    window = (int(rng.integers(n_cells)) + np.arange(width)) % n_cells
-    return window[: width // 2], window[width // 2 :]
+    n = np.asarray(n_cells, dtype=np.int64)
+    m = np.asarray(m, dtype=np.int64)
+    width = np.minimum(n, 4 * m)
+    half = width // 2
+    start = (uniforms * n).astype(np.int64)
+    offsets = np.stack([start, (start + half) % np.maximum(n, 1)], axis=1)
+    lengths = np.stack([half, width - half], axis=1)
+    whole = n < 2 * m
+    offsets[whole] = 0
+    lengths[whole] = n[whole, None]
+    return offsets, lengths
 
 
-def balanced_quotas(present: np.ndarray, target: np.ndarray, m: int) -> np.ndarray:
+def balanced_quotas(present: np.ndarray, target: np.ndarray, m: np.ndarray | int
+                    ) -> np.ndarray:
     """Cells of each category in a view of ``m``: ``m * target`` renormalised over the
     ``present`` categories, rounded by largest remainder (so they sum to ``m``).
 
     Parameters
     ----------
     present
-        Bool ``[K]``: categories with at least one cell in the pool.
+        Bool ``[K]``, or ``[P, K]`` for ``P`` views at once: categories with at least one
+        cell in the view's pool.
     target
         ``[K]`` non-negative target proportions (e.g. the cohort's composition).
     m
-        Cells in the view.
+        Cells in the view (``[P]`` for ``P`` views).
 
     Returns
     -------
     np.ndarray
-        Int64 ``[K]`` quotas, zero outside ``present`` (all zero if no present category
-        has a positive target).
+        Int64 quotas of ``present``'s shape, zero outside ``present`` (all zero for a view
+        where no present category has a positive target).
     """
-    weights = np.where(present, target, 0.0).astype(np.float64)
-    if weights.sum() <= 0:
-        return np.zeros(len(target), dtype=np.int64)
-    exact = m * weights / weights.sum()
+    weights = np.where(present, np.asarray(target, dtype=np.float64), 0.0)
+    m = np.asarray(m, dtype=np.int64)
+    total = weights.sum(axis=-1, keepdims=True)
+    exact = np.divide(m[..., None] * weights, total, out=np.zeros_like(weights),
+                      where=total > 0)
     quotas = np.floor(exact).astype(np.int64)
-    short = m - int(quotas.sum())
-    quotas[np.argsort(-(exact - quotas), kind="stable")[:short]] += 1
+    short = np.where(total[..., 0] > 0, m - quotas.sum(axis=-1), 0)
+    order = np.argsort(-(exact - quotas), axis=-1, kind="stable")
+    rank = np.argsort(order, axis=-1)  # of each category's remainder, largest first
+    quotas += rank < short[..., None]
     return quotas
 
 
-def balanced_pick(codes: np.ndarray, m: int, target: np.ndarray, rng: np.random.Generator
-                  ) -> np.ndarray:
-    """Positions in a pool of ``m`` cells whose categories follow ``target``.
+def balanced_picks(codes: np.ndarray, lengths: np.ndarray, sizes: np.ndarray,
+                   target: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Views whose categories follow ``target``, picked from many pools at once.
 
-    Each category gets its :func:`balanced_quotas` share of the pool's cells of that
-    category: drawn without replacement when it has enough, otherwise all of them once
-    and the rest drawn with replacement; cells without
-    a category (code -1, or a code without target) are not chosen, unless no cell of the
-    pool has one, in which case the ``m`` cells are uniform (with replacement when the
-    pool is smaller). Positions come out grouped by category (the draws with replacement
-    after the rest), which no permutation-invariant model notices.
+    Pool ``p`` (``lengths[p]`` cells, their codes consecutive in ``codes``) gives a view
+    of ``sizes[p]`` cells: each category its :func:`balanced_quotas` share, taken as a
+    circular window of the pool's cells of that category (in the pool's order, which the
+    store makes random) that starts at the ``floor(u * count)``-th of them, ``u`` the
+    category's number in ``uniforms``. So a category with enough cells gives a uniform
+    random subset without repeats, and one with fewer cells than its quota gives each of
+    them ``floor(quota / count)`` or one more times. Cells without a category (code -1,
+    or one outside the target) are not chosen, unless no cell of the pool has a category
+    with a positive target: then the view is a window of all the pool's cells. One stable
+    sort (of small integers: a radix sort) groups the cells, and every pick is placed
+    with array arithmetic, with no work per pool or per cell in Python.
 
-    The draws: every cell of the pool gets a uniform key, and each category takes its
-    quota of its cells of smallest keys (a uniform subset without replacement); a
-    category with fewer cells than its quota takes them all and adds uniform draws with
-    replacement from them. :func:`balanced_picks` makes the same picks for many pools at
-    once.
+    Parameters
+    ----------
+    codes
+        Integer ``[sum(lengths)]``: the pools' cells' categories, pool after pool.
+    lengths, sizes
+        Int64 ``[P]``: cells in each pool, and in its view.
+    target
+        ``[K]`` proportions of the categories.
+    uniforms
+        ``[P, K + 1]`` in [0, 1): each pool's window starts per category (column ``K``:
+        a pool without categories).
+
+    Returns
+    -------
+    np.ndarray
+        Int64 ``[sum(sizes)]``: positions in ``codes`` of the views' cells, view after
+        view (``sizes[p]`` each), grouped by category within a view.
     """
-    return balanced_picks([codes], [m], target, [rng])[0]
-
-
-def balanced_picks(pools: list[np.ndarray], sizes: list[int], target: np.ndarray,
-                   rngs: list[np.random.Generator]) -> list[np.ndarray]:
-    """:func:`balanced_pick` of each pool: ``balanced_pick(pools[i], sizes[i], target,
-    rngs[i])``, the same positions and the same draws from each generator (in the order
-    of the pools, so pools that share a generator draw in turn), with the work that needs
-    no random draw done once for all pools: their categories counted with one
-    ``bincount``, all cells ordered by pool, category and key with one sort, and the picks
-    gathered at once.
-    """
-    picks, bounds = balanced_picks_flat(pools, sizes, target, rngs)
-    return [picks[lo:hi] for lo, hi in pairwise(bounds.tolist())]
-
-
-def balanced_picks_flat(pools: list[np.ndarray], sizes: list[int], target: np.ndarray,
-                        rngs: list[np.random.Generator]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`balanced_picks` as one array: pool ``i``'s positions (in its own pool) are
-    ``picks[bounds[i]:bounds[i + 1]]``."""
-    bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-    if not pools:
-        return np.zeros(0, dtype=np.int64), bounds
-    groups = _PoolGroups.of(pools, len(target))
+    lengths, sizes = np.asarray(lengths, np.int64), np.asarray(sizes, np.int64)
     n_categories = len(target)
-    plans = [_quotas(groups.counts[i, :n_categories] > 0, target, m)
-             for i, m in enumerate(sizes)]
-    quotas = np.zeros_like(groups.counts)  # cells without a category get none
-    for i, plan in enumerate(plans):
-        if plan is not None:
-            quotas[i, :n_categories] = plan
-    take = np.minimum(quotas, groups.counts)  # without replacement
-    short = quotas - take  # with replacement
-    taken, missing = take.sum(axis=1), short.sum(axis=1)
-    keys, extra, uniform = _pool_draws(groups.lengths, missing, sizes, plans, rngs)
-    picks = np.empty(bounds[-1], dtype=np.int64)
-    for i, drawn in uniform.items():
-        picks[bounds[i] : bounds[i + 1]] = drawn
-    members = groups.shuffled(keys)
-    # each pool's picks: its groups' first members, then its draws with replacement
-    counts = groups.counts.ravel()
-    starts = _starts(counts)
-    picks[_ranges(bounds[:-1], taken)] = members[_ranges(starts, take.ravel())]
-    if extra.size:
-        group = np.repeat(np.arange(counts.size), short.ravel())
-        chosen = starts[group] + (extra * counts[group]).astype(np.int64)
-        picks[_ranges(bounds[:-1] + taken, missing)] = members[chosen]
-    return picks, bounds
+    groups = n_categories + 1  # group K of a pool: its cells without a category
+    key = _group_keys(codes, lengths, n_categories)
+    counts = np.bincount(key, minlength=len(lengths) * groups).reshape(-1, groups)
+    quotas = np.zeros_like(counts)
+    quotas[:, :n_categories] = balanced_quotas(counts[:, :n_categories] > 0, target, sizes)
+    uniform = quotas.sum(axis=1) == 0
+    if uniform.any():  # such a pool's cells are all one group, of quota m
+        cells = np.repeat(uniform, lengths)
+        key[cells] = key[cells] // groups * groups + n_categories
+        counts[uniform], quotas[uniform] = 0, 0
+        counts[uniform, n_categories] = lengths[uniform]
+        quotas[uniform, n_categories] = sizes[uniform]
+    count, quota = counts.ravel(), quotas.ravel()
+    first = (uniforms.ravel() * count).astype(np.int64)
+    return _stable_order(key)[windows(_starts(count), count, first, quota)]
+
+
+def _group_keys(codes: np.ndarray, lengths: np.ndarray, n_categories: int) -> np.ndarray:
+    """Each cell's group, ``pool * (K + 1) + category`` (category ``K``: a code outside
+    ``[0, K)``, -1 for none), as the smallest unsigned type that holds it."""
+    codes = np.asarray(codes)
+    groups = n_categories + 1
+    dtype = np.uint32 if len(lengths) * groups < 2**32 else np.uint64
+    if np.iinfo(codes.dtype).max < n_categories:
+        codes = codes.astype(np.int64)
+    # as unsigned, a negative code is a large one: both become "no category"
+    key = np.minimum(codes.view(f"u{codes.itemsize}"), n_categories).astype(dtype)
+    key += np.repeat(np.arange(len(lengths), dtype=dtype) * dtype(groups), lengths)
+    return key
+
+
+def _stable_order(key: np.ndarray) -> np.ndarray:
+    """``argsort(key, kind="stable")``, as one value sort of ``key << b | position`` words
+    (32 bits where they fit: several times faster than an argsort)."""
+    position_bits = max(len(key) - 1, 1).bit_length()
+    key_bits = max(int(key.max(initial=0)), 1).bit_length()  # with the positions: < 64
+    dtype = np.uint32 if key_bits + position_bits <= 32 else np.uint64
+    words = key.astype(dtype) << dtype(position_bits)
+    words |= np.arange(len(key), dtype=dtype)
+    words.sort()
+    words &= dtype((1 << position_bits) - 1)
+    return words
+
+
+def windows(starts: np.ndarray, counts: np.ndarray, firsts: np.ndarray, lengths: np.ndarray
+            ) -> np.ndarray:
+    """Many circular windows at once: ``concatenate([starts[g] + (firsts[g] +
+    arange(lengths[g])) % counts[g] for every g])`` (``counts[g] > 0`` where
+    ``lengths[g] > 0``), e.g. windows of donors' rows, or of groups' members."""
+    total = int(lengths.sum())
+    dtype = np.int32 if max(total, int(np.max(starts + counts, initial=0))) < 2**31 else np.int64
+    at = np.arange(total, dtype=dtype)  # the member of the window, from its first
+    at += np.repeat((firsts - _starts(lengths)).astype(dtype), lengths)
+    size = np.repeat(counts.astype(dtype), lengths)
+    np.subtract(at, size, out=at, where=at >= size)  # once round
+    np.remainder(at, size, out=at, where=at >= size)  # windows longer than their group
+    at += np.repeat(starts.astype(dtype), lengths)
+    return at
 
 
 def _starts(lengths: np.ndarray) -> np.ndarray:
@@ -242,100 +338,50 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum())) + np.repeat(starts - _starts(lengths), lengths)
 
 
-@dataclass(frozen=True)
-class _PoolGroups:
-    """Many pools' cells grouped by pool and category (group ``K`` of a pool: cells
-    without a category, a code outside ``[0, K)``)."""
+def counter_uniforms(seed: int, epoch: int, donors: np.ndarray, slots: np.ndarray
+                     ) -> np.ndarray:
+    """Uniform floats in [0, 1), each a pure function of ``(seed, epoch, donor, slot)``.
 
-    high: np.ndarray
-    """Uint64, per cell of the pools (concatenated): ``pool << category_bits | category``."""
-    category_bits: int
-    lengths: np.ndarray
-    """Cells of each pool."""
-    counts: np.ndarray
-    """Int64 ``[pools, K + 1]``: cells of each group."""
+    A counter-based generator: the four words are absorbed in turn, each followed by
+    SplitMix64's finaliser (Steele, Lea & Flood, "Fast splittable pseudorandom number
+    generators", OOPSLA 2014), and the top 53 bits of the result make the float. Any
+    batch of donors and slots is drawn with a few array operations, and a donor's numbers
+    do not depend on the donors drawn with it.
 
-    @classmethod
-    def of(cls, pools: list[np.ndarray], n_categories: int) -> _PoolGroups:
-        lengths = np.array([len(p) for p in pools], dtype=np.int64)
-        category_bits = n_categories.bit_length()
-        codes = np.concatenate(pools)
-        if np.iinfo(codes.dtype).max < n_categories:
-            codes = codes.astype(np.int64)
-        # as unsigned, a negative code is a large one: both become "no category"
-        category = np.minimum(codes.view(f"u{codes.itemsize}"), n_categories)
-        high = np.repeat(np.arange(len(pools), dtype=np.uint64) << np.uint64(category_bits),
-                         lengths)
-        high |= category
-        counts = np.bincount(high, minlength=len(pools) << category_bits)
-        return cls(high, category_bits, lengths,
-                   counts.reshape(len(pools), -1)[:, : n_categories + 1])
+    Parameters
+    ----------
+    seed, epoch
+        The run's seed and the epoch (non-negative).
+    donors, slots
+        Integer arrays, broadcast against each other: which donor, which of its numbers.
 
-    def shuffled(self, keys: np.ndarray) -> np.ndarray:
-        """Each cell's position in its pool, sorted by group and, within a group, by
-        ``keys`` (uniform in [0, 1), one per cell; overwritten): a uniform order of each
-        group.
-
-        One sort of 64-bit words ``pool | category | key | position``, several times
-        faster than an argsort. The key keeps its first :data:`_KEY_BITS` bits whatever
-        the pools, so a pool's order does not depend on the pools drawn with it; cells
-        whose kept bits are equal (about ``n^2 / 2^31`` pairs in a group of ``n`` cells)
-        keep their pool order.
-        """
-        position_bits = max(int(self.lengths.max()) - 1, 1).bit_length()
-        high_bits = (len(self.lengths) - 1).bit_length() + self.category_bits
-        key_bits = _KEY_BITS
-        if high_bits + key_bits + position_bits > 64:
-            raise InputError(f"{len(self.lengths)} pools of up to {self.lengths.max()} cells"
-                             f" in {self.counts.shape[1] - 1} categories are too many to"
-                             " draw balanced views from at once",
-                             "lower the batch size or the view size")
-        words = np.multiply(keys, 2.0**key_bits, out=keys).astype(np.uint64)
-        words <<= np.uint64(position_bits)
-        words |= self.high << np.uint64(key_bits + position_bits)
-        words |= _ranges(np.zeros(len(self.lengths), np.int64), self.lengths).astype(np.uint64)
-        words.sort()
-        return (words & np.uint64((1 << position_bits) - 1)).astype(np.int64)
+    Returns
+    -------
+    np.ndarray
+        Float64 of the broadcast shape.
+    """
+    return _uniforms(_donor_states(seed, epoch, donors), slots)
 
 
-_KEY_BITS = 30
-"""Bits of a cell's uniform key in :meth:`_PoolGroups.shuffled`."""
+def _donor_states(seed: int, epoch: int, donors: np.ndarray) -> np.ndarray:
+    """The generator's state once ``(seed, epoch, donor)`` are absorbed, per donor."""
+    state = _mix(_mix(np.array([seed], dtype=np.uint64)) ^ np.uint64(epoch))
+    return _mix(state ^ np.asarray(donors, dtype=np.uint64))
 
 
-def _pool_draws(lengths: np.ndarray, missing: np.ndarray, sizes: list[int],
-                plans: list[np.ndarray | None], rngs: list[np.random.Generator]
-                ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Every pool's random draws, pool by pool in order (pools sharing a generator draw
-    in turn): a balanced pool (with a plan) draws a uniform key per cell, then a uniform
-    per draw with replacement; a pool without one draws its ``m`` cells uniformly (with
-    replacement if it has fewer). Returns the keys of all pools' cells (zero for
-    uniform pools), the uniforms of the draws with replacement, and the uniform pools'
-    cells."""
-    keys, extra, uniform = np.zeros(int(lengths.sum())), np.empty(int(missing.sum())), {}
-    key_at = extra_at = 0
-    for i, (m, plan, rng) in enumerate(zip(sizes, plans, rngs, strict=True)):
-        n, more = int(lengths[i]), int(missing[i])
-        if plan is None:  # no present category has a positive target: uniform cells
-            uniform[i] = rng.choice(n, size=m, replace=n < m)
-        else:
-            rng.random(out=keys[key_at : key_at + n])
-            rng.random(out=extra[extra_at : extra_at + more])
-            extra_at += more
-        key_at += n
-    return keys, extra, uniform
+def _uniforms(states: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """The uniforms of ``slots`` from donor ``states`` (broadcast)."""
+    state = _mix(states ^ np.asarray(slots, dtype=np.uint64))
+    state >>= np.uint64(11)
+    return state * 2.0**-53
 
 
-@lru_cache(maxsize=4096)
-def _quotas_of(present: bytes, target: bytes, m: int) -> np.ndarray | None:
-    quotas = balanced_quotas(np.frombuffer(present, dtype=bool),
-                             np.frombuffer(target, dtype=np.float64), m)
-    if quotas.sum() == 0:
-        return None
-    quotas.flags.writeable = False
-    return quotas
-
-
-def _quotas(present: np.ndarray, target: np.ndarray, m: int) -> np.ndarray | None:
-    """:func:`balanced_quotas` (read-only), None if every quota is zero; remembered per
-    pattern of present categories (most pools of a cohort share one)."""
-    return _quotas_of(present.tobytes(), np.asarray(target, dtype=np.float64).tobytes(), m)
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's step: add the golden gamma, then its finaliser (a bijection)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x

@@ -29,7 +29,7 @@ from scipy.sparse.linalg import eigsh
 from scipy.stats import spearmanr
 from sklearn.neighbors import NearestNeighbors
 
-from sampleclr_scale.data.sampler import balanced_pick
+from sampleclr_scale.data.sampler import balanced_picks, counter_uniforms
 from sampleclr_scale.errors import InputError
 
 if TYPE_CHECKING:
@@ -178,8 +178,9 @@ def select_balanced(codes: np.ndarray, m: int, target: np.ndarray, seed: int = 0
     """Sorted offsets of ``m`` cells of one donor whose categories follow ``target``.
 
     The inference counterpart of training views balanced over a cell-level column
-    (``LoaderConfig.balance``; :func:`~sampleclr_scale.data.sampler.balanced_pick` on all
-    the donor's cells), seeded by ``(seed, donor)`` like :func:`select_cells`.
+    (``LoaderConfig.balance``; :func:`~sampleclr_scale.data.sampler.balanced_picks` with
+    all the donor's cells as the pool), its numbers drawn from ``(seed, donor)``
+    (:func:`~sampleclr_scale.data.sampler.counter_uniforms`, epoch 0).
 
     Parameters
     ----------
@@ -197,8 +198,8 @@ def select_balanced(codes: np.ndarray, m: int, target: np.ndarray, seed: int = 0
     numpy.ndarray
         Int64 ``[m]`` sorted row offsets (repeats where a category has too few cells).
     """
-    rng = np.random.default_rng([seed, int(donor)])
-    return np.sort(balanced_pick(codes, m, target, rng)).astype(np.int64)
+    uniforms = counter_uniforms(seed, 0, np.array([donor]), np.arange(len(target) + 1))
+    return np.sort(balanced_picks(codes, [len(codes)], [m], target, uniforms))
 
 
 def lowest(values: np.ndarray, m: int) -> np.ndarray:
