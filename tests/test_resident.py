@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sampleclr_scale.config import LoaderConfig
+from sampleclr_scale.data.fast_read import view_index
 from sampleclr_scale.data.loader import DonorBagDataset, DonorBatch, make_loader
 from sampleclr_scale.data.resident import (
     RESIDENT_FRACTION,
@@ -16,7 +17,6 @@ from sampleclr_scale.data.resident import (
     load_features,
     resident_dtype,
     use_resident,
-    view_index,
 )
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
@@ -99,6 +99,8 @@ def test_view_index_lays_out_the_rows_as_the_batch():
     assert index.tolist() == [[[10, 11, 0], [20, 21, 22]], [[5, 0, 0], [6, 0, 0]]]
     assert mask.tolist() == [[[True, True, False], [True, True, True]],
                              [[True, False, False], [True, False, False]]]
+    index, mask = view_index([(2, 2, np.array([7, 8, 9, 4]))], m=2)  # no padding
+    assert index.tolist() == [[[7, 8], [9, 4]]] and mask.all() and index.dtype == np.int64
 
 
 def test_resident_features_must_be_the_stores(batch_store, features):

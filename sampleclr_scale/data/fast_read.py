@@ -19,8 +19,8 @@ buffer; :func:`open_reader` chooses one (``LoaderConfig.reader``):
   through the store's :class:`~sampleclr_scale.data.manifest.CheckedStore`. Any store:
   compressed, sharded, remote.
 - :class:`ChunkCache`: a small per-row array read through Zarr (the ``codes``, which
-  ingest compresses), each chunk decoded once and kept in a bounded LRU instead of read
-  once per donor.
+  ingest compresses), read once and kept whole in memory, or for a larger one each chunk
+  decoded once and kept in a bounded LRU.
 
 What the memory maps check: a chunk file is mapped only if it has the size the manifest
 lists for it and the size of a whole chunk; a listed file that is missing or of another
@@ -60,8 +60,9 @@ READERS = ("auto", "zarr", "mmap")
 """Values of ``LoaderConfig.reader``."""
 MAX_MAPPED_BYTES = 4 << 30
 """At most this many bytes of chunk files are mapped at once per reader (LRU beyond)."""
-MAX_CACHED_BYTES = 64 << 20
-"""Decoded chunks a :class:`ChunkCache` keeps, in bytes (32M cells of int16 codes)."""
+MAX_CACHED_BYTES = 256 << 20
+"""Decoded chunks a :class:`ChunkCache` keeps, in bytes (128M cells of int16 codes; an
+array up to this size is kept whole)."""
 _FD_RESERVE = 256
 """File descriptors left to the rest of the process when maps hold one each."""
 _MAX_RUNS = 8
@@ -73,6 +74,33 @@ Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 """``map``, or a thread pool's ``map``."""
 View = tuple[int, int, np.ndarray]
 """One donor's two views: sizes ``n_a``, ``n_b`` and the rows (view A's, then view B's)."""
+
+
+def view_index(views: list[View], m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The row index and mask of a batch's views.
+
+    Parameters
+    ----------
+    views
+        Per donor, from :func:`~sampleclr_scale.data.loader.view_rows`: the sizes of its
+        two views and their rows (view A's, then view B's).
+    m
+        Cells per view after padding.
+
+    Returns
+    -------
+    index, mask
+        Int64 ``[B, 2, m]`` store rows (0 at padding) and bool ``[B, 2, m]``, True for
+        real cells: the layout of :class:`~sampleclr_scale.data.loader.DonorBatch`.
+    """
+    sizes = np.array([(n_a, n_b) for n_a, n_b, _ in views], dtype=np.int64).reshape(-1, 2)
+    mask = np.arange(m) < sizes[..., None]
+    rows = np.concatenate([r for _, _, r in views]) if views else np.zeros(0, np.int64)
+    if mask.all():
+        return rows.reshape(mask.shape), mask
+    index = np.zeros(mask.shape, dtype=np.int64)
+    index[mask] = rows  # donor, view, cell order
+    return index, mask
 
 
 def read_rows(array: Any, rows: np.ndarray) -> np.ndarray:
@@ -330,11 +358,10 @@ class MmapReader(_Chunked):
             self._take(self.flat, rows, out)
 
     def read_views(self, views: list[View], cells: np.ndarray, read: Mapper = map) -> None:
-        m = cells.shape[2]
-        if self.flat is None or not all(n_a == n_b == m for n_a, n_b, _ in views):
+        if self.flat is None:
             super().read_views(views, cells, read)
             return
-        rows = np.concatenate([v[2] for v in views]) if views else np.zeros(0, np.int64)
+        rows = view_index(views, cells.shape[2])[0].reshape(-1)  # padding: row 0's cells
         if len(rows):
             self._check_rows(rows)
             self._take(self.flat, rows, cells.reshape(len(rows), *cells.shape[3:]))

@@ -186,9 +186,11 @@ class DonorBagDataset(IterableDataset):
         store = BagStore(self.store_path)
         self._donors = store.split_donors(split)
         self.balance = resolve_balance(store, config.balance)
-        self._check(store)
+        self._opened(store)
 
-    def _check(self, store: BagStore) -> None:
+    def _opened(self, store: BagStore) -> None:
+        """Check the store (opened and checked once, when the dataset is made) for what
+        the dataset needs; a subclass also reads there what it keeps."""
         for column, kind in self.tasks.items():
             store.labels(column, kind)  # raises a clear error for a missing column
         if self.balance is not None:
@@ -338,6 +340,7 @@ def views_of(store: BagStore, donors: Sequence[int] | np.ndarray, *, seed: int, 
         draws = ViewDraws.of(seed, epoch, donors)
         sizes = view_sizes(draws.sizes, view_range)
         rows = uniform_views(firsts, counts, sizes, draws)
+    rows = rows.astype(np.int64, copy=False)
     ends = np.cumsum(sizes.sum(axis=1)).tolist()
     return [(n_a, n_b, rows[end - n_a - n_b : end])
             for (n_a, n_b), end in zip(sizes.tolist(), ends, strict=True)]

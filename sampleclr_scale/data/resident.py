@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data.fast_read import View
+from sampleclr_scale.data.fast_read import view_index
 from sampleclr_scale.data.loader import (
     DonorBagDataset,
     DonorBatch,
@@ -113,31 +113,6 @@ def load_features(store: BagStore, device: torch.device, dtype: torch.dtype,
     return features
 
 
-def view_index(views: list[View], m: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """The row index and mask of a batch's views.
-
-    Parameters
-    ----------
-    views
-        Per donor, from :func:`~sampleclr_scale.data.loader.view_rows`: the sizes of its
-        two views and their rows (view A's, then view B's).
-    m
-        Cells per view after padding.
-
-    Returns
-    -------
-    index, mask
-        Int64 ``[B, 2, m]`` store rows (0 at padding) and bool ``[B, 2, m]``, True for
-        real cells: the layout of :class:`~sampleclr_scale.data.loader.DonorBatch`.
-    """
-    sizes = np.array([(n_a, n_b) for n_a, n_b, _ in views], dtype=np.int64).reshape(-1, 2)
-    mask = np.arange(m) < sizes[..., None]
-    index = np.zeros(mask.shape, dtype=np.int64)
-    index[mask] = np.concatenate([rows for _, _, rows in views])  # donor, view, cell order
-    return index, mask
-
-
 class ResidentBags(DonorBagDataset):
     """A split's two-view donor bags drawn from features held on a device.
 
@@ -155,19 +130,21 @@ class ResidentBags(DonorBagDataset):
                  split: str = "train", tasks: dict[str, str] | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  standardize: bool = False) -> None:
-        super().__init__(store_path, config, split=split, tasks=tasks, rank=rank,
-                         world_size=world_size, standardize=standardize)
-        store = BagStore(self.store_path, check=False)  # checked by DonorBagDataset
-        if tuple(features.shape) != (store.n_cells, store.dim):
-            raise InputError(f"resident features of shape {tuple(features.shape)} are not "
-                             f"those of {store.location} ({store.n_cells}, {store.dim})",
-                             "load them with load_features from the same store")
         self.features = features
         self.device = features.device
-        self._balance = None if self.balance is None else _in_memory(
-            ViewBalance.of(store, self.balance))
+        super().__init__(store_path, config, split=split, tasks=tasks, rank=rank,
+                         world_size=world_size, standardize=standardize)
+
+    def _opened(self, store: BagStore) -> None:
+        super()._opened(store)
+        if tuple(self.features.shape) != (store.n_cells, store.dim):
+            raise InputError(f"resident features of shape {tuple(self.features.shape)} are "
+                             f"not those of {store.location} ({store.n_cells}, {store.dim})",
+                             "load them with load_features from the same store")
+        # the codes' reader is the process's own, kept whole: the splits share one copy
+        self._balance = None if self.balance is None else ViewBalance.of(store, self.balance)
         self._donor_batch = store.donor_batch
-        self._stats = None if not standardize else tuple(
+        self._stats = None if not self.standardize else tuple(
             torch.from_numpy(s).to(self.device) for s in store.batch_stats)
 
     def __iter__(self) -> Iterator[DonorBatch]:
@@ -217,9 +194,3 @@ class ResidentBags(DonorBagDataset):
             mean, std = (s[batch.batch][:, None, None] for s in self._stats)
             cells = (cells - mean) / std
         return replace(batch, cells=cells.masked_fill_(~batch.mask[..., None], 0.0))
-
-
-def _in_memory(balance: ViewBalance) -> ViewBalance:
-    """``balance`` with the column's codes read into host memory (2-4 bytes a cell), so
-    that drawing balanced views reads no store."""
-    return replace(balance, codes=np.asarray(balance.codes[:]))

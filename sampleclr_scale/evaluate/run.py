@@ -43,6 +43,7 @@ import pyarrow as pa
 
 from sampleclr_scale.data.pseudobulk import donor_means
 from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.embed.config import CELLS_PARQUET, DONORS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import baselines, report
 from sampleclr_scale.evaluate.config import EvaluateConfig
@@ -50,9 +51,6 @@ from sampleclr_scale.evaluate.predictions import prediction_scores
 from sampleclr_scale.evaluate.spare import cosine_distances, root_donor, spare_scores
 from sampleclr_scale.storage import Location, local_directory
 
-EMBEDDINGS_FILE = "donor_embeddings.parquet"
-WEIGHTS_FILE = "cell_weights.parquet"
-PROVENANCE_FILE = "provenance.json"
 RUN_METRICS_FILE = "metrics.jsonl"
 CELL_TYPE_COLUMN = "cell_type"
 BASELINES = ("pseudobulk", "composition", "gloscope", "random")
@@ -94,7 +92,7 @@ def read_embeddings(emb_dir: str | Path | Location) -> tuple[np.ndarray, np.ndar
     table = _embedding_table(emb_dir, ["donor_index", "z"])
     z = table.column("z").combine_chunks()
     if not pa.types.is_fixed_size_list(z.type) or z.null_count or z.values.null_count:
-        raise InputError(f"column z of {Location(emb_dir) / EMBEDDINGS_FILE} is {z.type} with "
+        raise InputError(f"column z of {Location(emb_dir) / DONORS_PARQUET} is {z.type} with "
                          f"{z.null_count} nulls, not fixed_size_list<float32>[D] without nulls",
                          "re-run `sampleclr-scale embed`")
     Z = z.values.to_numpy(zero_copy_only=False).astype(np.float32)
@@ -170,9 +168,9 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
 
 
 def _embedding_table(emb_dir: str | Path | Location, columns: list[str]) -> pa.Table:
-    path = Location(emb_dir) / EMBEDDINGS_FILE
+    path = Location(emb_dir) / DONORS_PARQUET
     if not path.is_file():
-        raise InputError(f"{emb_dir} has no {EMBEDDINGS_FILE}",
+        raise InputError(f"{emb_dir} has no {DONORS_PARQUET}",
                          "pass a directory written by `sampleclr-scale embed`")
     try:
         return path.read_parquet(columns)
@@ -448,7 +446,7 @@ def _cell_weight_figures(first: dict[str, _Run], bag: BagStore, selected: np.nda
                          ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Heatmap and table of mean normalised weight per cell type and head, per method."""
     with_weights = {m: r for m, r in first.items()
-                    if (Location(r.source) / WEIGHTS_FILE).is_file()}
+                    if (Location(r.source) / CELLS_PARQUET).is_file()}
     if not with_weights:
         return {}, {}
     try:
@@ -458,7 +456,7 @@ def _cell_weight_figures(first: dict[str, _Run], bag: BagStore, selected: np.nda
         return {}, {}
     paths, tables = {}, {}
     for method, run in with_weights.items():
-        table, counts = _weight_table(Location(run.source) / WEIGHTS_FILE, bag, selected,
+        table, counts = _weight_table(Location(run.source) / CELLS_PARQUET, bag, selected,
                                       codes, types)
         tables[method] = {"cells": counts.to_dict(), "mean_weight": table.to_dict()}
         paths[method] = report.plot_cell_weights(
