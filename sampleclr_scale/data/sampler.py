@@ -109,7 +109,8 @@ class ViewDraws:
     """``[B]``: the gap between a donor's two uniform views (:func:`uniform_views`)."""
     groups: np.ndarray
     """``[2B, K + 1]``: where each balanced view's window starts in each of its pool's
-    categories (:func:`balanced_picks`); rows ``2i`` and ``2i + 1`` are donor ``i``'s."""
+    categories (:func:`balanced_picks`); rows ``2i`` and ``2i + 1`` are donor ``i``'s
+    (no columns for uniform views)."""
 
     @classmethod
     def of(cls, seed: int, epoch: int, donors: np.ndarray, n_categories: int = 0
@@ -244,9 +245,9 @@ def balanced_picks(codes: np.ndarray, lengths: np.ndarray, sizes: np.ndarray,
     random subset without repeats, and one with fewer cells than its quota gives each of
     them ``floor(quota / count)`` or one more times. Cells without a category (code -1,
     or one outside the target) are not chosen, unless no cell of the pool has a category
-    with a positive target: then the view is a window of all the pool's cells. One stable
-    sort (of small integers: a radix sort) groups the cells, and every pick is placed
-    with array arithmetic, with no work per pool or per cell in Python.
+    with a positive target: then the view is a window of all the pool's cells. One value
+    sort of 32-bit words groups the cells, and every pick is placed with array
+    arithmetic, with no work per pool or per cell in Python.
 
     Parameters
     ----------
@@ -282,12 +283,13 @@ def balanced_picks(codes: np.ndarray, lengths: np.ndarray, sizes: np.ndarray,
         quotas[uniform, n_categories] = sizes[uniform]
     count, quota = counts.ravel(), quotas.ravel()
     first = (uniforms.ravel() * count).astype(np.int64)
-    return _stable_order(key)[windows(_starts(count), count, first, quota)]
+    picks = _stable_order(key)[windows(_starts(count), count, first, quota)]
+    return picks.astype(np.int64)
 
 
 def _group_keys(codes: np.ndarray, lengths: np.ndarray, n_categories: int) -> np.ndarray:
     """Each cell's group, ``pool * (K + 1) + category`` (category ``K``: a code outside
-    ``[0, K)``, -1 for none), as the smallest unsigned type that holds it."""
+    ``[0, K)``, -1 for none), as uint32 (uint64 for more groups)."""
     codes = np.asarray(codes)
     groups = n_categories + 1
     dtype = np.uint32 if len(lengths) * groups < 2**32 else np.uint64
