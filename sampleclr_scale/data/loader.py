@@ -328,19 +328,14 @@ def views_of(store: BagStore, donors: Sequence[int] | np.ndarray, *, seed: int, 
     """:func:`view_rows` of each donor, drawn for all of them at once (the same views:
     a donor's draws depend on ``(seed, epoch, donor)`` only): uniform views
     (:func:`~sampleclr_scale.data.sampler.uniform_views`) or balanced ones
-    (:meth:`ViewBalance.views_of`)."""
+    (:meth:`ViewBalance.rows_of`)."""
     donors = np.asarray(donors, dtype=np.int64)
     firsts = store.donor_ptr[donors]
     counts = store.donor_ptr[donors + 1] - firsts
-    if balance is not None:
-        draws = ViewDraws.of(seed, epoch, donors, len(balance.target))
-        sizes = view_sizes(draws.sizes, view_range)
-        rows = balance.rows_of(firsts, counts, sizes, draws)
-    else:
-        draws = ViewDraws.of(seed, epoch, donors)
-        sizes = view_sizes(draws.sizes, view_range)
-        rows = uniform_views(firsts, counts, sizes, draws)
-    rows = rows.astype(np.int64, copy=False)
+    draws = ViewDraws.of(seed, epoch, donors, 0 if balance is None else len(balance.target))
+    sizes = view_sizes(draws.sizes, view_range)
+    rows = (uniform_views(firsts, counts, sizes, draws) if balance is None
+            else balance.rows_of(firsts, counts, sizes, draws)).astype(np.int64, copy=False)
     ends = np.cumsum(sizes.sum(axis=1)).tolist()
     return [(n_a, n_b, rows[end - n_a - n_b : end])
             for (n_a, n_b), end in zip(sizes.tolist(), ends, strict=True)]
@@ -350,9 +345,10 @@ def views_of(store: BagStore, donors: Sequence[int] | np.ndarray, *, seed: int, 
 class ViewBalance:
     """Views balanced over a cell-level column: its codes and the cohort's composition."""
 
-    codes: RowReader | np.ndarray
-    """The store's ``codes/<column>`` array: a :class:`~sampleclr_scale.data.fast_read.RowReader`
-    of it (:func:`~sampleclr_scale.data.fast_read.open_reader`) or the codes in memory."""
+    codes: RowReader
+    """A reader of the store's ``codes/<column>`` array
+    (:func:`~sampleclr_scale.data.fast_read.open_reader`: kept by the process, whole in
+    memory when read through Zarr)."""
     target: np.ndarray
     """Proportion of each category over the whole store."""
 
@@ -374,8 +370,9 @@ class ViewBalance:
         lengths = lengths.ravel()
         donor = np.repeat(np.arange(len(counts)), 2)  # pools 2i, 2i + 1: donor i's views
         rows = windows(firsts[donor], counts[donor], offsets.ravel(), lengths)
-        codes = self.codes[rows] if isinstance(self.codes, np.ndarray) else self.codes.read(rows)
-        return rows[balanced_picks(codes, lengths, sizes.ravel(), self.target, draws.groups)]
+        picks = balanced_picks(self.codes.read(rows), lengths, sizes.ravel(), self.target,
+                               draws.groups)
+        return rows[picks]
 
 
 @dataclass(frozen=True)
