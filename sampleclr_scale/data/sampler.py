@@ -97,10 +97,9 @@ class ViewDraws:
     :func:`counter_uniforms`, so that a donor's views depend on ``(seed, epoch, donor)``
     only, not on the donors drawn with it."""
 
-    seed: int
-    epoch: int
-    donors: np.ndarray
-    """Int64 ``[B]``: the donors' store positions."""
+    states: np.ndarray
+    """Uint64 ``[B]``: each donor's generator state (:func:`counter_uniforms`), for
+    :meth:`per_cell`."""
     sizes: np.ndarray
     """``[B, 2]``: each donor's two view sizes (:func:`view_sizes`)."""
     start: np.ndarray
@@ -116,18 +115,15 @@ class ViewDraws:
     def of(cls, seed: int, epoch: int, donors: np.ndarray, n_categories: int = 0
            ) -> ViewDraws:
         """The draws of ``donors`` for views balanced over ``n_categories`` (0: uniform)."""
-        donors = np.asarray(donors, dtype=np.int64)
         groups = n_categories + 1 if n_categories else 0
-        u = counter_uniforms(seed, epoch, donors[:, None], np.arange(4 + 2 * groups))
-        return cls(seed, epoch, donors, u[:, :2], u[:, 2], u[:, 3],
-                   u[:, 4:].reshape(2 * len(donors), groups))
+        states = _donor_states(seed, epoch, donors)
+        u = _uniforms(states[:, None], np.arange(4 + 2 * groups))
+        return cls(states, u[:, :2], u[:, 2], u[:, 3], u[:, 4:].reshape(2 * len(states), groups))
 
     def per_cell(self, lengths: np.ndarray) -> np.ndarray:
         """``lengths[i]`` more uniforms of donor ``i`` (``[B]`` lengths), donor after
         donor."""
-        slots = _CELL_SLOTS + _ranges(np.zeros(len(lengths), np.int64), lengths)
-        states = _donor_states(self.seed, self.epoch, self.donors)
-        return _uniforms(np.repeat(states, lengths), slots)
+        return _uniforms(np.repeat(self.states, lengths), _CELL_SLOTS + _within(lengths))
 
 
 _CELL_SLOTS = 1 << 32
@@ -335,9 +331,9 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(lengths) - lengths
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``."""
-    return np.arange(int(lengths.sum())) + np.repeat(starts - _starts(lengths), lengths)
+def _within(lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(n) for n in lengths])``."""
+    return np.arange(int(lengths.sum())) - np.repeat(_starts(lengths), lengths)
 
 
 def counter_uniforms(seed: int, epoch: int, donors: np.ndarray, slots: np.ndarray
