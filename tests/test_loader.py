@@ -225,16 +225,16 @@ def test_a_batch_read_ahead_fails_in_the_consumer_and_leaving_early_stops_its_th
         time.sleep(0.05)
     assert len(_prefetch_threads()) == before
 
-    draw = DonorBagDataset._draw
+    assemble = DonorBagDataset._assemble
 
-    def failing(self, store, donors, context, read=map):
-        if (donors == dataset.schedule()[0][1]).all():
-            raise RuntimeError("the views of step 1 could not be drawn")
-        return draw(self, store, donors, context, read)
+    def failing(self, store, donors, views, context, step, read=map):
+        if step == 1:
+            raise RuntimeError("the rows of step 1 could not be read")
+        return assemble(self, store, donors, views, context, step, read)
 
-    monkeypatch.setattr(DonorBagDataset, "_draw", failing)
+    monkeypatch.setattr(DonorBagDataset, "_assemble", failing)
     steps = []
-    with pytest.raises(RuntimeError, match="the views of step 1 could not be drawn"):
+    with pytest.raises(RuntimeError, match="the rows of step 1 could not be read"):
         for batch in dataset:
             steps.append(batch.step)
     assert steps == [0]

@@ -254,21 +254,12 @@ class DonorBagDataset(IterableDataset):
 
     def _read_batch(self, store: BagStore, donors: np.ndarray, context: _ReadContext,
                     step: int, read: Mapper = map) -> DonorBatch:
-        """One batch; ``read`` maps the per-donor work over the donors (``map`` or a
-        pool's): the views' draws, and for the Zarr reader the row reads."""
-        views = self._draw(store, donors, context, read)
+        """One batch: its views drawn for all donors at once (:func:`views_of`), then read;
+        ``read`` maps the Zarr reader's per-donor reads over the donors (``map`` or a
+        pool's)."""
+        views = views_of(store, donors, seed=self.config.seed, epoch=self.epoch,
+                         view_range=self.config.view_range, balance=context.balance)
         return self._assemble(store, donors, views, context, step, read)
-
-    def _draw(self, store: BagStore, donors: np.ndarray, context: _ReadContext,
-              read: Mapper = map) -> list[View]:
-        """Each donor's two views: their sizes and rows (:func:`view_rows`); all donors at
-        once (:func:`views_of`), or donor by donor in ``read``'s threads, whose codes reads
-        then wait for the network in parallel."""
-        if read is map:
-            return views_of(store, donors, seed=self.config.seed, epoch=self.epoch,
-                            view_range=self.config.view_range, balance=context.balance)
-        return list(read(lambda donor: self._views(store, int(donor), context.balance),
-                         donors))
 
     def _assemble(self, store: BagStore, donors: np.ndarray,
                   views: list[View], context: _ReadContext,
@@ -304,12 +295,6 @@ class DonorBagDataset(IterableDataset):
             epoch=self.epoch,
             step=step,
         )
-
-    def _views(self, store: BagStore, donor: int, balance: ViewBalance | None
-               ) -> View:
-        """Sizes of a donor's two views and their rows (:func:`view_rows`)."""
-        return view_rows(store, donor, seed=self.config.seed, epoch=self.epoch,
-                         view_range=self.config.view_range, balance=balance)
 
 
 def view_rows(store: BagStore, donor: int, *, seed: int, epoch: int,
