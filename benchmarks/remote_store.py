@@ -103,8 +103,8 @@ def main() -> None:
         import fsspec
 
         from sampleclr_scale.bench.loader import bench_loader
-        from sampleclr_scale.data.store import BAG_STORE
         from sampleclr_scale.storage import staged_output
+        from sampleclr_scale.store.bag_store import BAG_STORE
 
         uri = f"s3://{BUCKET}/{Path(args.store).name}"
         fsspec.filesystem("s3").mkdir(BUCKET)

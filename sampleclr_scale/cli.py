@@ -94,7 +94,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 
 def _run_ingest(args: argparse.Namespace) -> None:
     from sampleclr_scale.config import IngestConfig
-    from sampleclr_scale.data.ingest import ingest
+    from sampleclr_scale.ingest.stage import ingest
 
     config = _load(IngestConfig, args, source=args.source, out=args.out)
     report = ingest(config)
@@ -115,7 +115,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> None:
-    from sampleclr_scale.data.manifest import check_store
+    from sampleclr_scale.store.manifest import check_store
 
     print(json.dumps(check_store(args.store), indent=2))
 
@@ -294,7 +294,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> None:
-    from sampleclr_scale.data import synthetic
+    from sampleclr_scale.simulate import cohorts as synthetic
 
     overrides = {} if args.site_effect is None else {"site_effect": args.site_effect}
     spec = synthetic.CohortSpec.for_scenario(

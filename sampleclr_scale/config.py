@@ -131,7 +131,7 @@ class IngestConfig(StageConfig):
     set explicitly to a key with ``donor_id`` there, it is an error."""
     obs_filter: str | None = None
     """Cell filter in a subset of the SOMA value-filter syntax, the same for every source
-    (:mod:`sampleclr_scale.data.obs_filter`): ``column OP literal``, ``column in [...]``,
+    (:mod:`sampleclr_scale.sources.obs_filter`): ``column OP literal``, ``column in [...]``,
     ``and``/``or``/``not``; parsed, never run as Python."""
     primary_only: bool = False
     """Keep only ``is_primary_data == True`` cells (default on for Census sources)."""
@@ -230,14 +230,14 @@ class LoaderConfig(StageConfig):
     read waits for a network round trip, so many reads in flight hide the latency; a
     local disk gains nothing. Default: 1 for a local store, 16 for a store behind a URI."""
     reader: Literal["auto", "zarr", "mmap"] = "auto"
-    """How rows are read from the store (:mod:`sampleclr_scale.data.fast_read`): ``mmap``
+    """How rows are read from the store (:mod:`sampleclr_scale.loading.readers`): ``mmap``
     copies them out of memory maps of the chunk files (a local store whose features are
     stored uncompressed, as ingest writes them), ``zarr`` reads through Zarr (any store:
     compressed, sharded, remote), ``auto`` maps what it can and reads the rest through
     Zarr. The batches are the same with either."""
     resident: Literal["auto", "always", "never"] = "auto"
     """Where training draws the views from: ``"always"`` loads the store's features once
-    into the training device's memory (:mod:`sampleclr_scale.data.resident`) and draws the
+    into the training device's memory (:mod:`sampleclr_scale.loading.resident`) and draws the
     same views as streaming there, by index, with no store reads per step (then
     ``num_workers``, ``read_threads`` and ``reader`` are not used); ``"never"`` streams them
     from the store; ``"auto"`` loads them on a GPU when they take less than half of its free

@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sampleclr_scale.cluster import ensure_ray
-from sampleclr_scale.data import synthetic
 from sampleclr_scale.pipeline import Headers, ModelRecipe, PipelineConfig, run_pipeline
+from sampleclr_scale.simulate import cohorts as synthetic
 
 DEMO_META = ["disease", "severity", "age", "sex", "assay"]
 SOMA_DIR = "cohort.soma"

@@ -255,8 +255,8 @@ class _Run:
 
     def ingest(self) -> int:
         """Ingest the source into the bag store; the number of training donors."""
-        from sampleclr_scale.data.ingest import ingest
-        from sampleclr_scale.data.store import BagStore
+        from sampleclr_scale.ingest.stage import ingest
+        from sampleclr_scale.store.bag_store import BagStore
 
         config = self.config
         self.header("ingest", f"{config.name}: ingest {config.source} -> bag store {self.store}")

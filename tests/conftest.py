@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sampleclr_scale.config import IngestConfig
-from sampleclr_scale.data import synthetic
-from sampleclr_scale.data.ingest import ingest
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.simulate import cohorts as synthetic
 
 META = ["dataset_id", "disease", "severity", "age", "sex", "assay"]
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from sampleclr_scale.cli import main
-from sampleclr_scale.data import batches
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.store import batches
+from sampleclr_scale.store.bag_store import BagStore
 from tests.conftest import ingest_config
 from tests.test_ingest import _source_embedding, _source_obs
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import zarr
 
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.store import BagStore, code_dtype, create_arrays
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.store.bag_store import BagStore, code_dtype, create_arrays
 from tests.conftest import ingest_config
 
 COLUMNS = ["cell_type", "cell_state"]

@@ -13,10 +13,10 @@ import pytest
 import tiledbsoma.io
 
 from sampleclr_scale.config import IngestConfig
-from sampleclr_scale.data import synthetic
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.simulate import cohorts as synthetic
+from sampleclr_scale.store.bag_store import BagStore
 from tests.conftest import META, ingest_config
 
 SPANNING = r"\d+ donor ids occur in more than one dataset_id, e.g. 'donor-\d+' in \['site-"

@@ -15,8 +15,6 @@ import scipy.sparse as sp
 import torch
 
 from sampleclr_scale.cli import main
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.embedder import embed, embed_donors, run_embedding
@@ -28,9 +26,11 @@ from sampleclr_scale.embed.selection import (
     select_cells,
 )
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
 from sampleclr_scale.model import ModelConfig, SampleCLR
 from sampleclr_scale.pipeline import Headers, PipelineConfig, _Run
 from sampleclr_scale.storage import Location
+from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train.artifact import load_model, save_model
 from tests.conftest import ingest_config
 
@@ -376,8 +376,8 @@ def test_embedding_draws_and_standardises_cells_as_the_model_trained(soma_uri, t
     # A model trained on per-batch standardised features and views balanced over cell
     # types embeds each donor from cells in the cohort's cell-type proportions,
     # standardised with the donor's batch statistics.
-    from sampleclr_scale.data.sampler import balanced_quotas
     from sampleclr_scale.embed.selection import select_balanced
+    from sampleclr_scale.loading.views.balanced import balanced_quotas
 
     store_dir = tmp_path / "bags.zarr"
     ingest(ingest_config(soma_uri, store_dir, batch_key=["dataset_id"]))

@@ -12,10 +12,10 @@ import zarr
 
 from sampleclr_scale.cli import main
 from sampleclr_scale.config import IngestConfig, LoaderConfig, TrainConfig
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.loader import DonorBagDataset
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.loading.loader import DonorBagDataset
+from sampleclr_scale.store.bag_store import BagStore
 from tests.conftest import ingest_config
 
 

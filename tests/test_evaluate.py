@@ -15,8 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sampleclr_scale.data.pseudobulk import donor_means
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import EvaluateConfig, evaluate, headline, read_embeddings, report
 from sampleclr_scale.evaluate.baselines import (
@@ -39,6 +37,8 @@ from sampleclr_scale.evaluate.spare import (
 )
 from sampleclr_scale.prior.graph import PriorGraph
 from sampleclr_scale.prior.storage import save_prior
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.pseudobulk import donor_means
 
 # Six donors with distinct distances, so every neighbour order is unambiguous.
 D6 = np.array([

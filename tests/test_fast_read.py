@@ -17,19 +17,19 @@ import torch
 import zarr
 
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data import fast_read
-from sampleclr_scale.data.fast_read import (
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.loading import readers as fast_read
+from sampleclr_scale.loading.loader import DonorBagDataset, make_loader
+from sampleclr_scale.loading.readers import (
     ChunkCache,
     MmapReader,
     ZarrReader,
     mmap_layout,
     open_reader,
 )
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.loader import DonorBagDataset, make_loader
-from sampleclr_scale.data.manifest import write_manifest
-from sampleclr_scale.data.store import BagStore
-from sampleclr_scale.errors import InputError
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.manifest import write_manifest
 from tests.conftest import ingest_config
 
 

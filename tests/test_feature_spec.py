@@ -17,7 +17,12 @@ import zarr
 
 from sampleclr_scale.cli import main
 from sampleclr_scale.config import IngestConfig, TrainConfig
-from sampleclr_scale.data.feature_spec import (
+from sampleclr_scale.embed.config import EmbedConfig
+from sampleclr_scale.embed.embedder import run_embedding
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.feature_spec import (
     SPEC_GROUP,
     EmbeddingSpec,
     PCASpec,
@@ -25,12 +30,7 @@ from sampleclr_scale.data.feature_spec import (
     locate_genes,
     read_spec,
 )
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.manifest import write_manifest
-from sampleclr_scale.data.store import BagStore
-from sampleclr_scale.embed.config import EmbedConfig
-from sampleclr_scale.embed.embedder import run_embedding
-from sampleclr_scale.errors import InputError
+from sampleclr_scale.store.manifest import write_manifest
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.driver import train
 from tests.conftest import ingest_config
@@ -139,7 +139,7 @@ def test_permuted_and_partly_missing_genes_match_a_numpy_reference(pca_store, h5
     source = tmp_path / "permuted.h5ad"
     counts = _rewrite_genes(h5ad_path, source, source_genes, extra=3)
     source_genes += [f"ENSGEXTRA{i}" for i in range(3)]
-    with caplog.at_level(logging.WARNING, "sampleclr_scale.data.feature_spec"):
+    with caplog.at_level(logging.WARNING, "sampleclr_scale.store.feature_spec"):
         store = BagStore(ingest(like_config(str(source), tmp_path / "p.zarr", pca_store)).out)
     assert f"lacks 1 of the feature spec's 20 genes (5.0%), e.g. ['{dropped}']" in caplog.text
     assert store.attrs["counts"]["genes_missing"] == 1
@@ -235,7 +235,7 @@ def test_locate_genes_by_id():
 def test_soma_gene_ids(index, extra, expected, tmp_path):
     import tiledbsoma.io
 
-    from sampleclr_scale.data.sources import SomaSource
+    from sampleclr_scale.sources.cells import SomaSource
 
     var = pd.DataFrame(extra, index=pd.Index(["g1", "g2"], name=index))
     adata = anndata.AnnData(X=sp.csr_matrix(np.ones((3, 2), np.float32)), var=var)
@@ -284,7 +284,7 @@ def test_embed_refuses_a_store_of_another_feature_space(trained_run, pca_store, 
 def test_models_and_stores_from_before_feature_specs(pca_store, caplog):
     spec = BagStore(pca_store).feature_spec
     where = {"run_dir": "RUN", "store": "STORE", "trained_on": "TRAIN"}
-    with caplog.at_level(logging.WARNING, "sampleclr_scale.data.feature_spec"):
+    with caplog.at_level(logging.WARNING, "sampleclr_scale.store.feature_spec"):
         check_same_space(None, spec, **where)  # an older model: embedded, with a warning
     assert "records no feature spec" in caplog.text
     check_same_space(spec.record(), spec, **where)

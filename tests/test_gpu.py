@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from sampleclr_scale.config import LoaderConfig, TrainConfig
-from sampleclr_scale.data.loader import DonorBagDataset, make_loader
-from sampleclr_scale.data.resident import (
+from sampleclr_scale.loading.loader import DonorBagDataset, make_loader
+from sampleclr_scale.loading.resident import (
     ResidentBags,
     load_features,
     resident_dtype,
     use_resident,
 )
-from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train.driver import train
 from tests.test_resident import TASKS, assert_same_batches
 from tests.test_train_paths import RUN, run_in_process

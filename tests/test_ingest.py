@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import tiledbsoma
 
-from sampleclr_scale.data.features import normalise_log1p
-from sampleclr_scale.data.ingest import hash_order_keys, ingest, plan_buckets
-from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.ingest.features import normalise_log1p
+from sampleclr_scale.ingest.stage import hash_order_keys, ingest, plan_buckets
+from sampleclr_scale.store.bag_store import BagStore
 from tests.conftest import META, ingest_config
 
 
@@ -175,8 +175,8 @@ def test_existing_store_is_replaced_only_when_complete(store_path, soma_uri, tmp
                                                        monkeypatch):
     import shutil
 
-    from sampleclr_scale.data import features
     from sampleclr_scale.errors import InputError
+    from sampleclr_scale.ingest import features
 
     out = tmp_path / "keep.zarr"
     shutil.copytree(store_path, out)
@@ -201,7 +201,7 @@ def test_existing_store_is_replaced_only_when_complete(store_path, soma_uri, tmp
 
 def _cell_index(tmp_path):
     """Two obs blocks of five cells over three donor groups; group 1 is dropped."""
-    from sampleclr_scale.data.cell_index import CellIndex
+    from sampleclr_scale.ingest.cell_index import CellIndex
 
     index = CellIndex(tmp_path, ["cell_type"])
     index.append(np.array([0, 2, 5]), np.array([0, 1, 0]),
@@ -243,7 +243,7 @@ def test_cell_index_keeps_missing_values_and_samples_kept_cells(tmp_path):
 
 
 def test_split_keeps_groups_together_and_classes_balanced():
-    from sampleclr_scale.data.split import split_donors
+    from sampleclr_scale.ingest.split import split_donors
 
     rng = np.random.default_rng(0)
     donors = pd.DataFrame({"site": rng.integers(0, 10, 200).astype(str),
@@ -282,7 +282,7 @@ def test_a_census_copy_named_like_a_version_opens_as_a_folder(census_uri, monkey
     """``census:census-copy`` names a local folder when one is there (a version otherwise)."""
     from pathlib import Path
 
-    from sampleclr_scale.data.sources import _absolute, open_source
+    from sampleclr_scale.sources.cells import _absolute, open_source
 
     monkeypatch.chdir(Path(census_uri).parent)
     name = Path(census_uri).name

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data.loader import DonorBagDataset, make_loader
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.loader import DonorBagDataset, make_loader
+from sampleclr_scale.store.bag_store import BagStore
 
 
 def _row_ids(store: BagStore, donor: int) -> dict[bytes, int]:
@@ -140,7 +140,8 @@ def test_small_donors_get_views_with_replacement(store_path):
 def test_balanced_views_hold_the_cohorts_composition(store_path):
     # Views balanced over cell_type: rows of the right donor, each view's cell types in
     # the quotas of the store's overall composition over the types the donor's pool has.
-    from sampleclr_scale.data.sampler import ViewDraws, balanced_quotas, pool_windows, view_sizes
+    from sampleclr_scale.loading.views.balanced import balanced_quotas, pool_windows
+    from sampleclr_scale.loading.views.draws import ViewDraws, view_sizes
 
     store = BagStore(store_path)
     m = 40

@@ -17,12 +17,12 @@ import zarr
 
 from sampleclr_scale.cli import main
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.loader import DonorBagDataset
-from sampleclr_scale.data.manifest import MANIFEST_FILE, check_store, read_manifest
-from sampleclr_scale.data.store import DONORS_FILE, BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.loading.loader import DonorBagDataset
 from sampleclr_scale.storage import Location
+from sampleclr_scale.store.bag_store import DONORS_FILE, BagStore
+from sampleclr_scale.store.manifest import MANIFEST_FILE, check_store, read_manifest
 from tests.conftest import ingest_config
 
 FEATURES_CHUNK = "features/c/1/0"  # the test store's second (last) chunk of 4096 rows

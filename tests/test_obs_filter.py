@@ -11,10 +11,10 @@ import pyarrow as pa
 import pytest
 import tiledbsoma
 
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.obs_filter import parse_filter
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.sources.obs_filter import parse_filter
+from sampleclr_scale.store.bag_store import BagStore
 from tests.conftest import ingest_config
 
 

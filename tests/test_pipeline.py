@@ -18,15 +18,15 @@ import yaml
 
 from sampleclr_scale.cli import main
 from sampleclr_scale.config import IngestConfig, TrainConfig, read_yaml
-from sampleclr_scale.data.cohort import DONOR_SEPARATOR
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import EvaluateConfig
 from sampleclr_scale.evaluate.spare import ordered_values
+from sampleclr_scale.ingest.cohort import DONOR_SEPARATOR
+from sampleclr_scale.ingest.stage import ingest
 from sampleclr_scale.pipeline import STORE_DIR, PipelineConfig, _merge, run_pipeline
+from sampleclr_scale.store.bag_store import BagStore
 from tests.conftest import PAPER_DATASETS
 
 PIPELINES = Path(__file__).parents[1] / "pipelines"

@@ -16,13 +16,13 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score
 
 from sampleclr_scale.config import TrainConfig
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.embedder import embed
 from sampleclr_scale.embed.predictions import ordinal_probabilities
 from sampleclr_scale.evaluate import EvaluateConfig, evaluate, headline, report
 from sampleclr_scale.evaluate.predictions import task_scores
+from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.driver import train
 

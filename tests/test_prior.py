@@ -10,8 +10,6 @@ import pytest
 import zarr
 from scipy.spatial.distance import cdist
 
-from sampleclr_scale.data.pseudobulk import donor_means
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.prior.build import _read_subsamples, build_prior
 from sampleclr_scale.prior.config import PriorConfig
@@ -25,6 +23,8 @@ from sampleclr_scale.prior.similarity import (
     symmetric_kl,
 )
 from sampleclr_scale.prior.storage import available_priors, load_prior, save_prior
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.pseudobulk import donor_means
 
 
 def _reference_kl(x: np.ndarray, y: np.ndarray, k: int) -> float:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data.fast_read import view_index
-from sampleclr_scale.data.loader import DonorBagDataset, DonorBatch, make_loader
-from sampleclr_scale.data.resident import (
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.loader import DonorBagDataset, DonorBatch, make_loader
+from sampleclr_scale.loading.readers import view_index
+from sampleclr_scale.loading.resident import (
     RESIDENT_FRACTION,
     ResidentBags,
     choose_resident,
@@ -18,8 +19,7 @@ from sampleclr_scale.data.resident import (
     resident_dtype,
     use_resident,
 )
-from sampleclr_scale.data.store import BagStore
-from sampleclr_scale.errors import InputError
+from sampleclr_scale.store.bag_store import BagStore
 
 TASKS = {"severity": "ordinal", "age": "regression"}
 CPU = torch.device("cpu")

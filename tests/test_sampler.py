@@ -5,21 +5,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampleclr_scale.data.sampler import (
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.schedule import (
     Shard,
-    ViewDraws,
-    balanced_picks,
-    balanced_quotas,
-    counter_uniforms,
     epoch_permutation,
-    pool_windows,
     rank_batches,
     steps_per_epoch,
-    uniform_views,
-    view_sizes,
     worker_steps,
 )
-from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.views.balanced import balanced_picks, balanced_quotas, pool_windows
+from sampleclr_scale.loading.views.draws import ViewDraws, counter_uniforms, view_sizes
+from sampleclr_scale.loading.views.uniform import uniform_views
 
 layouts = st.tuples(
     st.integers(1, 300),  # donors
@@ -342,18 +338,18 @@ def test_balanced_views_hide_composition():
 def test_views_of_many_donors_are_each_donors_view_rows(store_path):
     # uniform and balanced views, fixed and variable sizes, small and large donors: the
     # batch's draw (vectorised) gives every donor its own view_rows
-    from sampleclr_scale.data.loader import ViewBalance, view_rows, views_of
-    from sampleclr_scale.data.store import BagStore
+    from sampleclr_scale.loading.views import BalancedViews, UniformViews, view_rows, views_of
+    from sampleclr_scale.store.bag_store import BagStore
 
     store = BagStore(store_path)
     donors = np.arange(store.n_donors)
-    for balance in (None, ViewBalance.of(store, "cell_type")):
+    for draw in (UniformViews(), BalancedViews.of(store, "cell_type")):
         for view_range in ((50, 50), (20, 60), (150, 150)):
             together = views_of(store, donors, seed=3, epoch=2, view_range=view_range,
-                                balance=balance)
+                                draw=draw)
             for donor, (n_a, n_b, rows) in zip(donors, together, strict=True):
                 alone = view_rows(store, int(donor), seed=3, epoch=2, view_range=view_range,
-                                  balance=balance)
+                                  draw=draw)
                 assert (n_a, n_b) == alone[:2] and np.array_equal(rows, alone[2])
                 first, n = store.donor_ptr[donor], store.cells_per_donor[donor]
                 assert ((rows >= first) & (rows < first + n)).all()

@@ -23,13 +23,13 @@ import pytest
 
 from sampleclr_scale.cli import main
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.loader import DonorBagDataset, make_loader
-from sampleclr_scale.data.store import BAG_STORE, BagStore
 from sampleclr_scale.embed.writeback import read_back
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.outputs import OutputKind, claim
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.loading.loader import DonorBagDataset, make_loader
 from sampleclr_scale.storage import Location, local_directory, staged_output
+from sampleclr_scale.storage.outputs import OutputKind, claim
+from sampleclr_scale.store.bag_store import BAG_STORE, BagStore
 from sampleclr_scale.train.artifact import load_model
 from tests.conftest import ingest_config
 
@@ -236,7 +236,7 @@ def test_an_empty_folder_is_replaced_and_a_file_never(tmp_path) -> None:
 
 _FIRST_RUN = """
 import sys, time
-from sampleclr_scale.outputs import OutputKind, claim
+from sampleclr_scale.storage.outputs import OutputKind, claim
 from sampleclr_scale.storage import staged_output
 
 kind = OutputKind("a test output", "zarr.json", recognise=lambda where: True)

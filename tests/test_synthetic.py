@@ -13,7 +13,8 @@ import pytest
 import tiledbsoma
 from scipy import sparse, stats
 
-from sampleclr_scale.data.synthetic import (
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.simulate.cohorts import (
     CensusDataset,
     CohortSpec,
     ground_truth,
@@ -22,7 +23,6 @@ from sampleclr_scale.data.synthetic import (
     write_h5ad,
     write_soma,
 )
-from sampleclr_scale.errors import InputError
 
 TINY = CohortSpec(
     n_donors=12,

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from sampleclr_scale.config import LoaderConfig, TrainConfig
-from sampleclr_scale.data.ingest import ingest
-from sampleclr_scale.data.loader import DonorBagDataset, make_loader
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.loading.loader import DonorBagDataset, make_loader
 from sampleclr_scale.model import flatten_views, split_views
+from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train.artifact import MODEL_FILE, load_model
 from sampleclr_scale.train.checkpoint import STATE_FILE, Position, TrainState, cpu_copy
 from sampleclr_scale.train.driver import METRICS_FILE, STORE_FILE, train

@@ -48,7 +48,7 @@ def streamed(batch_store, tmp_path_factory) -> tuple[list[dict], dict]:
 
 
 def test_resident_bags_train_to_the_same_weights(batch_store, streamed, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="sampleclr_scale.data.resident")
+    caplog.set_level(logging.INFO, logger="sampleclr_scale.loading.resident")
     history, weights = run_in_process(batch_store, tmp_path / "resident",
                                       loader={"resident": "always"})
     assert "resident on cpu" in caplog.text  # the features were loaded, not streamed

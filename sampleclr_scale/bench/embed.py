@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.embedder import run_embedding
 from sampleclr_scale.embed.selection import eigenvector_centrality, knn_graph, lowest
 from sampleclr_scale.model import SampleCLR
+from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train.artifact import load_model
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sampleclr_scale.bench import peak_rss_mb, run_in_child
 from sampleclr_scale.config import IngestConfig
-from sampleclr_scale.data import synthetic
+from sampleclr_scale.simulate import cohorts as synthetic
 
 CELLS_PER_DONOR = (200, 4000)  # log-uniform range of the simulated cohorts
 
@@ -43,7 +43,7 @@ def bench_config(source: str, out: Path) -> IngestConfig:
 
 def ingest_figures(config: IngestConfig) -> dict:
     """Run ``config`` in this process; its counts, time and this process's peak RSS."""
-    from sampleclr_scale.data.ingest import ingest
+    from sampleclr_scale.ingest.stage import ingest
 
     report = ingest(config)
     return {"cells": report.n_cells, "donors": report.n_donors,

@@ -11,7 +11,7 @@ read like any epoch's.
 
 The reference is the same work done from memory: the store's features are read once into
 a numpy array, the rows of every batch of the epoch are computed with the loader's own
-sampler (:func:`~sampleclr_scale.data.loader.view_rows`), and each batch is one
+sampler (:func:`~sampleclr_scale.loading.loader.view_rows`), and each batch is one
 ``numpy.take`` of its rows into a preallocated ``[B, 2, m, d]`` float32 buffer, timed the
 same way in the same run. ``slowdown_vs_in_memory`` is the in-memory cells/s over a
 setting's. The sampling (the views' draws) is the loader's cost only; ``<reader>_read_only``
@@ -30,10 +30,11 @@ import numpy as np
 
 from sampleclr_scale.bench import peak_rss_mb
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data.fast_read import mmap_problem, open_reader
-from sampleclr_scale.data.loader import DonorBagDataset, ViewBalance, make_loader, view_rows
-from sampleclr_scale.data.sampler import worker_steps
-from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.loading.loader import DonorBagDataset, make_loader
+from sampleclr_scale.loading.readers import mmap_problem, open_reader
+from sampleclr_scale.loading.schedule import worker_steps
+from sampleclr_scale.loading.views import UniformViews, open_view_draw, view_rows
+from sampleclr_scale.store.bag_store import BagStore
 
 WARMUP_S = 0.5
 """Seconds after every worker's first batch before the clock starts."""
@@ -106,9 +107,9 @@ def _plans(store: BagStore, config: LoaderConfig) -> list[list[np.ndarray]]:
     epoch, as the loader draws them."""
     dataset = DonorBagDataset(store.location.uri, config)
     batches, steps = dataset.schedule()
-    balance = None if dataset.balance is None else ViewBalance.of(store, dataset.balance)
+    draw = open_view_draw(store, dataset.balance)
     return [[view_rows(store, int(donor), seed=config.seed, epoch=dataset.epoch,
-                       view_range=config.view_range, balance=balance)[2]
+                       view_range=config.view_range, draw=draw)[2]
              for donor in batches[step]] for step in steps]
 
 
@@ -179,16 +180,16 @@ def _zarrs() -> Iterator[None]:
 
 
 def _pipelines(store: BagStore, plans: list[list[np.ndarray]], seconds: float) -> dict:
-    """Per-donor range reads of the same rows (:func:`~sampleclr_scale.data.fast_read.read_rows`)
+    """Per-donor range reads of the same rows (:func:`~sampleclr_scale.loading.readers.read_rows`)
     from the features array opened directly (a plain ``LocalStore``, no manifest checks),
     with zarr-python's default codec pipeline and with zarrs' (when installed), in
     cells/s: what the Zarr reader's codec pipeline costs. Through the store's
-    :class:`~sampleclr_scale.data.manifest.CheckedStore` zarr-python keeps its own
+    :class:`~sampleclr_scale.store.manifest.CheckedStore` zarr-python keeps its own
     pipeline (zarrs reads only stores it opens itself), which ``codec_pipeline`` of each
     loader setting records."""
     import zarr
 
-    from sampleclr_scale.data.fast_read import read_rows
+    from sampleclr_scale.loading.readers import read_rows
 
     figures: dict[str, Any] = {}
     for name, pipeline in (("zarr_python", None), ("zarrs", "zarrs.ZarrsCodecPipeline")):
@@ -274,7 +275,7 @@ def _naive_soma(store: BagStore, source: str, m: int, n_donors: int) -> dict[str
                     ids = exp.obs.read(column_names=["soma_joinid"], value_filter=query
                                        ).concat()["soma_joinid"].to_numpy()
                 n_a, _, rows = view_rows(store, int(donor), seed=0, epoch=0,
-                                         view_range=(m, m), balance=None)
+                                         view_range=(m, m), draw=UniformViews())
                 offsets = rows - store.donor_ptr[donor]
                 for view in (offsets[:n_a], offsets[n_a:]):
                     table = array.read(coords=(np.sort(ids[view]),)).tables().concat()

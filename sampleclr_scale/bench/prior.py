@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import ray
 
 from sampleclr_scale.cluster import ensure_ray
-from sampleclr_scale.data.manifest import write_manifest
-from sampleclr_scale.data.store import BAG_STORE, DONORS_FILE, create_arrays, finish_arrays
 from sampleclr_scale.prior.build import build_prior
 from sampleclr_scale.prior.config import PriorConfig
 from sampleclr_scale.prior.graph import PriorGraph
 from sampleclr_scale.storage import staged_output
+from sampleclr_scale.store.bag_store import BAG_STORE, DONORS_FILE, create_arrays, finish_arrays
+from sampleclr_scale.store.manifest import write_manifest
 
 _CELLS_RANGE = (200, 400)  # cells per donor, uniform
 _COMPONENTS = 8  # mixture components shared by all donors

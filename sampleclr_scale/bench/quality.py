@@ -1,6 +1,6 @@
 """Quality benchmark: which SampleCLR settings retain what pseudobulk cannot see.
 
-For each simulated scenario (:mod:`sampleclr_scale.data.synthetic`: ``shape``, where
+For each simulated scenario (:mod:`sampleclr_scale.simulate.cohorts`: ``shape``, where
 severity changes only the shape of within-type cell-state distributions, and ``mixed``,
 the demo's cohort) a cohort is written as a SOMA experiment and run through the real
 pipeline (:func:`~sampleclr_scale.pipeline.run_pipeline`): ingest with the site as
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sampleclr_scale.data import synthetic
 from sampleclr_scale.pipeline import ModelRecipe, PipelineConfig, run_pipeline
+from sampleclr_scale.simulate import cohorts as synthetic
 
 _UNIFORM = {"standardize": "none", "loader": {"balance": None}}
 PAPER = {"model": {"pooling": "cells", "center": False}, **_UNIFORM}

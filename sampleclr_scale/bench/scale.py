@@ -24,13 +24,13 @@ from sampleclr_scale.bench.ingest import bench_config, ingest_figures, simulated
 from sampleclr_scale.bench.memory import ProcessPeaks
 from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.config import TrainConfig
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.embedder import run_embedding
 from sampleclr_scale.prior.build import build_prior
 from sampleclr_scale.prior.config import PriorConfig
 from sampleclr_scale.prior.graph import prior_summary
 from sampleclr_scale.prior.storage import save_prior
+from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train.driver import train
 
 CELLS_PER_DONOR = (500, 5000)  # about 2,000 cells per donor: 10M cells ~ 5,000 donors

@@ -10,8 +10,8 @@ from pydantic import Field, model_validator
 from sampleclr_scale.config import StageConfig
 from sampleclr_scale.embed.selection import SelectionMode
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.outputs import files_output
 from sampleclr_scale.storage import ZARR_COMMIT
+from sampleclr_scale.storage.outputs import files_output
 
 DONORS_PARQUET = "donor_embeddings.parquet"
 DONORS_H5AD = "donor_embeddings.h5ad"

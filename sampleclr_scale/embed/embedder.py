@@ -58,8 +58,6 @@ import torch
 
 from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.console import progress
-from sampleclr_scale.data.feature_spec import check_same_space
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import (
     CELLS_PARQUET,
@@ -76,6 +74,8 @@ from sampleclr_scale.embed.selection import select_balanced, select_cells
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import SampleCLR
 from sampleclr_scale.storage import Location, staged_output
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.feature_spec import check_same_space
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.setup import TaskInfo
 

@@ -29,11 +29,12 @@ from scipy.sparse.linalg import eigsh
 from scipy.stats import spearmanr
 from sklearn.neighbors import NearestNeighbors
 
-from sampleclr_scale.data.sampler import balanced_picks, counter_uniforms
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.views.balanced import balanced_picks
+from sampleclr_scale.loading.views.draws import counter_uniforms
 
 if TYPE_CHECKING:
-    from sampleclr_scale.data.store import BagStore
+    from sampleclr_scale.store.bag_store import BagStore
 
 SelectionMode = Literal["centrality", "random", "all"]
 """``centrality`` (SampleCLR's inference rule), ``random`` (seeded uniform) or ``all``."""
@@ -178,9 +179,9 @@ def select_balanced(codes: np.ndarray, m: int, target: np.ndarray, seed: int = 0
     """Sorted offsets of ``m`` cells of one donor whose categories follow ``target``.
 
     The inference counterpart of training views balanced over a cell-level column
-    (``LoaderConfig.balance``; :func:`~sampleclr_scale.data.sampler.balanced_picks` with
+    (``LoaderConfig.balance``; :func:`~sampleclr_scale.loading.views.balanced.balanced_picks` with
     all the donor's cells as the pool), its numbers drawn from ``(seed, donor)``
-    (:func:`~sampleclr_scale.data.sampler.counter_uniforms`, epoch 0).
+    (:func:`~sampleclr_scale.loading.views.draws.counter_uniforms`, epoch 0).
 
     Parameters
     ----------

@@ -68,7 +68,6 @@ import scipy.sparse as sp
 import zarr
 
 from sampleclr_scale.config import is_census
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import (
     CELLS_PARQUET,
     DONORS_PARQUET,
@@ -79,8 +78,9 @@ from sampleclr_scale.embed.config import (
     check_write_back,
 )
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.outputs import zarr_output
 from sampleclr_scale.storage import Location, staged_output
+from sampleclr_scale.storage.outputs import zarr_output
+from sampleclr_scale.store.bag_store import BagStore
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Baseline donor representations computed from a bag store, for comparison with SampleCLR.
 
 - Pseudobulk: each donor's mean cell features
-  (:func:`~sampleclr_scale.data.pseudobulk.donor_means`).
+  (:func:`~sampleclr_scale.store.pseudobulk.donor_means`).
 - Cell-type composition: each donor's fractions of cell types, from the cell table.
 - Random vectors: the floor every method should clear.
 - GloScope (Wang et al. 2024): the divergences behind the store's ``gloscope`` prior,
@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.prior.storage import available_priors, load_prior
+from sampleclr_scale.store.bag_store import BagStore
 
 
 def composition(store: BagStore, column: str = "cell_type") -> np.ndarray:

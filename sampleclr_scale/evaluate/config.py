@@ -1,6 +1,6 @@
 """What the evaluation stage scores: covariates, their kinds, neighbours, baseline seeds.
 
-The defaults fit the simulated cohort (``sampleclr_scale.data.synthetic``): disease,
+The defaults fit the simulated cohort (``sampleclr_scale.simulate.cohorts``): disease,
 severity and age are relevant, site, assay and sex technical, severity the trajectory
 rooted at the healthiest donors.
 """

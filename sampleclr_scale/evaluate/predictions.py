@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import PREDICTIONS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.embed.predictions import predicted_column
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate.spare import macro_f1, spearman
 from sampleclr_scale.storage import Location
+from sampleclr_scale.store.bag_store import BagStore
 
 
 def prediction_scores(named: list[tuple[str, Location]], bag: BagStore, held: np.ndarray

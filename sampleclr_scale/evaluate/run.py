@@ -41,8 +41,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sampleclr_scale.data.pseudobulk import donor_means
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.embed.config import CELLS_PARQUET, DONORS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import baselines, report
@@ -50,6 +48,8 @@ from sampleclr_scale.evaluate.config import EvaluateConfig
 from sampleclr_scale.evaluate.predictions import prediction_scores
 from sampleclr_scale.evaluate.spare import cosine_distances, root_donor, spare_scores
 from sampleclr_scale.storage import Location, local_directory
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.pseudobulk import donor_means
 
 RUN_METRICS_FILE = "metrics.jsonl"
 CELL_TYPE_COLUMN = "cell_type"

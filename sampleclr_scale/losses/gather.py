@@ -19,20 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sampleclr_scale._distributed import rank_and_world_size
 from sampleclr_scale.errors import InputError
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the world size of the default process group.
-
-    Returns
-    -------
-    tuple of int
-        ``(rank, world_size)``; ``(0, 1)`` when no default process group is initialised.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_gather_cat(x: Tensor, world_size: int) -> Tensor:

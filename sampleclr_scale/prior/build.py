@@ -27,8 +27,6 @@ import ray
 
 from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.console import progress
-from sampleclr_scale.data.pseudobulk import BLOCK_ROWS, donor_means
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.prior.config import PriorConfig
 from sampleclr_scale.prior.graph import PriorGraph, symmetric_graph
@@ -39,6 +37,8 @@ from sampleclr_scale.prior.similarity import (
     symmetric_kl,
     unit_rows,
 )
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.pseudobulk import BLOCK_ROWS, donor_means
 
 _MAX_TASKS = 256  # Ray tasks per stage, at most
 _MIN_ITEMS_PER_TASK = 32  # donors or pairs per Ray task, at least

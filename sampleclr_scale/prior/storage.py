@@ -19,11 +19,11 @@ import numpy as np
 import zarr
 
 from sampleclr_scale import __version__
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.outputs import zarr_output
 from sampleclr_scale.prior.graph import KINDS, PriorGraph
 from sampleclr_scale.storage import Location, staged_output
+from sampleclr_scale.storage.outputs import zarr_output
+from sampleclr_scale.store.bag_store import BagStore
 
 PRIORS_GROUP = "priors"
 PRIOR = zarr_output("a prior", ("kind", "params", "n_donors"), "rows")

@@ -29,7 +29,7 @@ def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
     ``standardize`` records whether the model saw cell features standardised per
     technical batch, ``balance`` the cell-level column its views were balanced over, so
     that embedding does the same; ``feature_spec`` the store's feature-spec record
-    (:meth:`~sampleclr_scale.data.feature_spec.PCASpec.record`), so that embedding refuses
+    (:meth:`~sampleclr_scale.store.feature_spec.PCASpec.record`), so that embedding refuses
     a store of another feature space.
     """
     path = Location(run_dir) / MODEL_FILE

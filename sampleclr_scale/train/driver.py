@@ -26,10 +26,10 @@ from pydantic import ValidationError
 
 from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.config import TrainConfig
-from sampleclr_scale.data.loader import resolve_balance
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.loader import resolve_balance
 from sampleclr_scale.storage import Location
+from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState

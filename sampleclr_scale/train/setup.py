@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from sampleclr_scale.config import LoaderConfig, TrainConfig
-from sampleclr_scale.data.loader import check_views_fit
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.loader import check_views_fit
 from sampleclr_scale.losses import TaskLoss, build_objective
 from sampleclr_scale.model import ModelConfig, TaskSpec, recommended_preset
+from sampleclr_scale.store.bag_store import BagStore
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Each worker streams its own shard of two-view donor bags from the bag store (or draws the
 same bags from the store's features held in its device's memory: ``loader.resident``,
-:mod:`sampleclr_scale.data.resident`), encodes them with its DDP replica of SampleCLR (under
+:mod:`sampleclr_scale.loading.resident`), encodes them with its DDP replica of SampleCLR (under
 bf16 autocast on CUDA: ``precision``; compiled with ``compile``) and computes the
 contrastive loss of its rows against the global batch of all workers (the loss gathers
 with gradients, DDP averages the gradients). Stage 1 trains the aggregator and encoder on
@@ -28,17 +28,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from sampleclr_scale.config import TrainConfig
-from sampleclr_scale.data.loader import DonorBagDataset, DonorBatch, make_loader
-from sampleclr_scale.data.resident import (
+from sampleclr_scale.loading.loader import DonorBagDataset, DonorBatch, make_loader
+from sampleclr_scale.loading.resident import (
     ResidentBags,
     load_features,
     resident_dtype,
     use_resident,
 )
-from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.losses import ordinal_predict
 from sampleclr_scale.model import SampleCLR, SampleCLROutput, flatten_views, split_views
 from sampleclr_scale.storage import Location
+from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.checkpoint import Position, TrainState, cpu_copy
 from sampleclr_scale.train.schedule import warmup_cosine

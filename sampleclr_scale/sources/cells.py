@@ -23,8 +23,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sampleclr_scale.config import is_census
-from sampleclr_scale.data.obs_filter import Filter
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.sources.obs_filter import Filter
 
 _OBS_BLOCK = 1 << 20  # obs rows read at a time
 GENE_ID_COLUMN = "feature_id"
@@ -62,7 +62,7 @@ class CellSource(ABC):
         ------
         InputError
             If the filter's literals do not fit the types of its columns
-            (:meth:`~sampleclr_scale.data.obs_filter.Filter.check_types`).
+            (:meth:`~sampleclr_scale.sources.obs_filter.Filter.check_types`).
         """
 
     @abstractmethod

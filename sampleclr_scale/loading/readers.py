@@ -16,7 +16,7 @@ buffer; :func:`open_reader` chooses one (``LoaderConfig.reader``):
   of them (and a share of the open-file limit: before Python 3.13 a map holds a file
   descriptor), least recently used unmapped beyond.
 - :class:`ZarrReader`: each read is a Zarr read (few range reads, :func:`read_rows`)
-  through the store's :class:`~sampleclr_scale.data.manifest.CheckedStore`. Any store:
+  through the store's :class:`~sampleclr_scale.store.manifest.CheckedStore`. Any store:
   compressed, sharded, remote.
 - :class:`ChunkCache`: a small per-row array read through Zarr (the ``codes``, which
   ingest compresses), read once and kept whole in memory, or for a larger one each chunk
@@ -50,11 +50,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sampleclr_scale.data.manifest import read_error
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.store.manifest import read_error
 
 if TYPE_CHECKING:
-    from sampleclr_scale.data.store import BagStore
+    from sampleclr_scale.store.bag_store import BagStore
 
 READERS = ("auto", "zarr", "mmap")
 """Values of ``LoaderConfig.reader``."""
@@ -82,7 +82,7 @@ def view_index(views: list[View], m: int) -> tuple[np.ndarray, np.ndarray]:
     Parameters
     ----------
     views
-        Per donor, from :func:`~sampleclr_scale.data.loader.view_rows`: the sizes of its
+        Per donor, from :func:`~sampleclr_scale.loading.loader.view_rows`: the sizes of its
         two views and their rows (view A's, then view B's).
     m
         Cells per view after padding.
@@ -91,7 +91,7 @@ def view_index(views: list[View], m: int) -> tuple[np.ndarray, np.ndarray]:
     -------
     index, mask
         Int64 ``[B, 2, m]`` store rows (0 at padding) and bool ``[B, 2, m]``, True for
-        real cells: the layout of :class:`~sampleclr_scale.data.loader.DonorBatch`.
+        real cells: the layout of :class:`~sampleclr_scale.loading.loader.DonorBatch`.
     """
     sizes = np.array([(n_a, n_b) for n_a, n_b, _ in views], dtype=np.int64).reshape(-1, 2)
     mask = np.arange(m) < sizes[..., None]

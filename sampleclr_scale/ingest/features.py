@@ -4,7 +4,7 @@ Both readers take sorted source ids and return float32 rows, so ingest can strea
 source in large sequential blocks. PCA is fitted on a random subsample of the cohort and
 then applied block by block: memory depends on the subsample and the block, not on the
 number of cells. Each reader has the spec of its features
-(:mod:`~sampleclr_scale.data.feature_spec`); :func:`like_features` reads another store's
+(:mod:`~sampleclr_scale.store.feature_spec`); :func:`like_features` reads another store's
 spec and applies it to the source instead of fitting one.
 """
 
@@ -17,17 +17,17 @@ import numpy as np
 import scipy.sparse as sp
 
 from sampleclr_scale.config import IngestConfig
-from sampleclr_scale.data.cell_index import CellIndex
-from sampleclr_scale.data.feature_spec import (
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.cell_index import CellIndex
+from sampleclr_scale.sources.cells import CellSource
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.feature_spec import (
     EmbeddingSpec,
     FeatureSpec,
     PCASpec,
     check_missing_genes,
     locate_genes,
 )
-from sampleclr_scale.data.sources import CellSource
-from sampleclr_scale.data.store import BagStore
-from sampleclr_scale.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -62,16 +62,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage.location import ZARR_COMMIT, Location
 
 if TYPE_CHECKING:
     import fsspec
 
-    from sampleclr_scale.storage import Location
-
 log = logging.getLogger(__name__)
 
-ZARR_COMMIT = "zarr.json"
-"""Commit file of a Zarr group: written last, checked by readers."""
 _SHOWN = 5
 """Entries of a folder named when it is refused."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.store.bag_store import BagStore
 
 BLOCK_ROWS = 1 << 18
 """Feature rows read at once."""

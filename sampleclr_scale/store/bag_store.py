@@ -14,12 +14,12 @@ Layout (a contract between stages; ARCHITECTURE.md lists them all)::
       feature_spec/             the PCA of pca:N features: mean float32 [n_genes],
                                 components float32 [N, n_genes]; attributes genes (ids,
                                 in column order) and normalisation (target_sum, log1p)
-                                (:mod:`~sampleclr_scale.data.feature_spec`)
+                                (:mod:`~sampleclr_scale.store.feature_spec`)
       donors.parquet            one row per donor: key, metadata, n_cells, split
                                 (and the int32 batch code with --batch-key)
       cells.parquet             cell-level columns, one row per store row (optional)
       manifest.json             every file above with its size and CRC32, written last
-                                (:mod:`~sampleclr_scale.data.manifest`)
+                                (:mod:`~sampleclr_scale.store.manifest`)
 
 Attributes: ``schema_version``, ``source``, ``features``, ``feature_spec`` (``kind``:
 ``obsm`` with ``name``, or ``pca`` with ``n_components`` and ``n_genes``; ``dim``;
@@ -44,17 +44,17 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from sampleclr_scale.data.batches import standardize
-from sampleclr_scale.data.feature_spec import FeatureSpec, read_spec
-from sampleclr_scale.data.manifest import (
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage import Location
+from sampleclr_scale.storage.outputs import zarr_output
+from sampleclr_scale.store.batches import standardize
+from sampleclr_scale.store.feature_spec import FeatureSpec, read_spec
+from sampleclr_scale.store.manifest import (
     Manifest,
     open_checked_group,
     read_manifest,
     require_complete,
 )
-from sampleclr_scale.errors import InputError
-from sampleclr_scale.outputs import zarr_output
-from sampleclr_scale.storage import Location
 
 SCHEMA_VERSION = 1
 DONORS_FILE = "donors.parquet"
@@ -118,7 +118,7 @@ class BagStore:
 
     @cached_property
     def feature_spec(self) -> FeatureSpec | None:
-        """What defines the store's features (:mod:`~sampleclr_scale.data.feature_spec`);
+        """What defines the store's features (:mod:`~sampleclr_scale.store.feature_spec`);
         None for PCA features ingested before the PCA was stored."""
         return read_spec(self.attrs, self._group)
 

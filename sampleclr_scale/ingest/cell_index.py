@@ -26,7 +26,7 @@ class CellIndex:
     """The cohort's cells on disk: one :func:`cell_records` record per cell.
 
     Written once, in source order, by
-    :func:`~sampleclr_scale.data.cohort.select_cohort` (``donor`` then holds the
+    :func:`~sampleclr_scale.ingest.cohort.select_cohort` (``donor`` then holds the
     donor *group* of the obs block), and read back by :meth:`blocks`, which keeps the cells
     of selected donors and gives their donor positions. Cell-level columns are int32 codes
     into per-column value lists (-1 for missing) that stay in memory: they grow with the

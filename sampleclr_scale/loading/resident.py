@@ -4,11 +4,11 @@ and the streaming loader's two-view batches drawn there by index.
 When a cohort fits on the accelerator (50M cells x 50 dimensions take 5 GB in bfloat16),
 reading it from the store every step is wasted work: :func:`load_features` copies the
 store's ``features`` onto the device once, in blocks, and :class:`ResidentBags` yields the
-same :class:`~sampleclr_scale.data.loader.DonorBatch` es as the streaming
-:class:`~sampleclr_scale.data.loader.DonorBagDataset` for the same seed, epoch, rank and
+same :class:`~sampleclr_scale.loading.loader.DonorBatch` es as the streaming
+:class:`~sampleclr_scale.loading.loader.DonorBagDataset` for the same seed, epoch, rank and
 world size: the donors of each step come from its
-:meth:`~sampleclr_scale.data.loader.DonorBagDataset.schedule`, each donor's rows from
-:func:`~sampleclr_scale.data.loader.view_rows` (both the sampler's choice). Per batch only
+:meth:`~sampleclr_scale.loading.loader.DonorBagDataset.schedule`, each donor's rows from
+:func:`~sampleclr_scale.loading.views.view_rows` (both the sampler's choice). Per batch only
 the row index (int64 ``[B, 2, m]``), its mask and the donors' ids, labels and batch codes
 travel to the device, and one gather there builds the views, standardised per technical
 batch when asked. The rows are
@@ -28,16 +28,15 @@ import numpy as np
 import torch
 
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data.fast_read import view_index
-from sampleclr_scale.data.loader import (
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.loader import (
     DonorBagDataset,
     DonorBatch,
-    ViewBalance,
     prefetch,
-    views_of,
 )
-from sampleclr_scale.data.store import BagStore
-from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.readers import view_index
+from sampleclr_scale.loading.views import open_view_draw, views_of
+from sampleclr_scale.store.bag_store import BagStore
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def load_features(store: BagStore, device: torch.device, dtype: torch.dtype,
 class ResidentBags(DonorBagDataset):
     """A split's two-view donor bags drawn from features held on a device.
 
-    Takes the parameters of :class:`~sampleclr_scale.data.loader.DonorBagDataset`, and
+    Takes the parameters of :class:`~sampleclr_scale.loading.loader.DonorBagDataset`, and
     yields its batches (iterate it directly, not through a DataLoader), with every tensor
     on the features' device.
 
@@ -142,7 +141,7 @@ class ResidentBags(DonorBagDataset):
                              f"not those of {store.location} ({store.n_cells}, {store.dim})",
                              "load them with load_features from the same store")
         # the codes' reader is the process's own, kept whole: the splits share one copy
-        self._balance = None if self.balance is None else ViewBalance.of(store, self.balance)
+        self._views = open_view_draw(store, self.balance)
         self._donor_batch = store.donor_batch
         self._stats = None if not self.standardize else tuple(
             torch.from_numpy(s).to(self.device) for s in store.batch_stats)
@@ -169,7 +168,7 @@ class ResidentBags(DonorBagDataset):
         GPU), holding each cell's store row (int64 ``[B, 2, m]``) in place of its
         features."""
         views = views_of(store, donors, seed=self.config.seed, epoch=self.epoch,
-                         view_range=self.config.view_range, balance=self._balance)
+                         view_range=self.config.view_range, draw=self._views)
         index, mask = view_index(views, self.config.view_range[1])
         drawn = DonorBatch(
             cells=torch.from_numpy(index),

@@ -122,7 +122,7 @@ def _write_census_info(info: tiledbsoma.Collection, counts: pd.Series, n_donors:
             ],
             "value": [
                 "2.4.0",
-                "synthetic (sampleclr_scale.data.synthetic)",
+                "synthetic (sampleclr_scale.simulate.cohorts)",
                 str(counts.sum()),
                 str(counts.xs(True, level=1).sum()),
                 str(n_donors),

@@ -59,10 +59,10 @@ import pandas as pd
 from anndata.experimental import concat_on_disk
 from scipy import sparse
 
-from sampleclr_scale.data._soma_writer import write_census_collection, write_experiment
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.outputs import OutputKind
+from sampleclr_scale.simulate._soma_writer import write_census_collection, write_experiment
 from sampleclr_scale.storage import Location, staged_output
+from sampleclr_scale.storage.outputs import OutputKind
 
 __all__ = [
     "CensusDataset",

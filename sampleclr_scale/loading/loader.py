@@ -3,10 +3,11 @@
 :class:`DonorBagDataset` is a torch ``IterableDataset`` yielding whole batches
 (:class:`DonorBatch`) of ``B`` donors: a float tensor ``[B, 2, m, d]`` with both views, a
 mask for padded cells, the donors' store positions and their task labels. Which donors
-and which cells come from :mod:`sampleclr_scale.data.sampler`; this module only reads
+come from :mod:`sampleclr_scale.loading.schedule` and which cells from the view draw
+(:mod:`sampleclr_scale.loading.views`); this module only reads
 them, in a background thread that stays ``prefetch`` batches ahead.
 
-The rows come through a :class:`~sampleclr_scale.data.fast_read.RowReader`
+The rows come through a :class:`~sampleclr_scale.loading.readers.RowReader`
 (``LoaderConfig.reader``): on a local store whose features are stored uncompressed, as
 ingest writes them, from memory maps of the chunk files, a whole batch with one
 ``numpy.take`` into its buffer; otherwise through Zarr, where each donor costs one range
@@ -20,7 +21,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,29 +31,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sampleclr_scale._distributed import rank_and_world_size
 from sampleclr_scale.config import LoaderConfig
-from sampleclr_scale.data.fast_read import (
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.loading.readers import (
     Mapper,
     RowReader,
     View,
     check_reader,
     open_reader,
 )
-from sampleclr_scale.data.sampler import (
-    Shard,
-    ViewDraws,
-    balanced_picks,
-    pool_windows,
-    rank_batches,
-    steps_per_epoch,
-    uniform_views,
-    view_sizes,
-    windows,
-    worker_steps,
-)
-from sampleclr_scale.data.store import BagStore
-from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses.gather import rank_and_world_size
+from sampleclr_scale.loading.schedule import Shard, rank_batches, steps_per_epoch, worker_steps
+from sampleclr_scale.loading.views import ViewDraw, open_view_draw, views_of
+from sampleclr_scale.store.bag_store import BagStore
 
 AUTO_BALANCE_COLUMN = "cell_type"
 """The column that ``LoaderConfig.balance: auto`` balances views over, when stored."""
@@ -234,7 +225,7 @@ class DonorBagDataset(IterableDataset):
 
     def schedule(self) -> tuple[np.ndarray, range]:
         """This rank's donors of each step of the epoch (int64 ``[steps, B]``,
-        :func:`~sampleclr_scale.data.sampler.rank_batches`) and the steps that this
+        :func:`~sampleclr_scale.loading.schedule.rank_batches`) and the steps that this
         process (or DataLoader worker) produces, from the start step on."""
         shard = self._shard()
         batches = rank_batches(self._donors, seed=self.config.seed, epoch=self.epoch,
@@ -258,7 +249,7 @@ class DonorBagDataset(IterableDataset):
         ``read`` maps the Zarr reader's per-donor reads over the donors (``map`` or a
         pool's)."""
         views = views_of(store, donors, seed=self.config.seed, epoch=self.epoch,
-                         view_range=self.config.view_range, balance=context.balance)
+                         view_range=self.config.view_range, draw=context.views)
         return self._assemble(store, donors, views, context, step, read)
 
     def _assemble(self, store: BagStore, donors: np.ndarray,
@@ -268,7 +259,7 @@ class DonorBagDataset(IterableDataset):
 
         Every reader fills the same buffer with the same rows, so the batches do not
         depend on the reader; padding stays zero, standardisation is one pass over the
-        batch (the per-element arithmetic of :func:`~sampleclr_scale.data.batches.standardize`).
+        batch (the per-element arithmetic of :func:`~sampleclr_scale.store.batches.standardize`).
         """
         m = self.config.view_range[1]
         sizes = np.array([(n_a, n_b) for n_a, n_b, _ in views], dtype=np.int64)
@@ -297,76 +288,14 @@ class DonorBagDataset(IterableDataset):
         )
 
 
-def view_rows(store: BagStore, donor: int, *, seed: int, epoch: int,
-              view_range: tuple[int, int], balance: ViewBalance | None
-              ) -> View:
-    """Sizes of a donor's two views in an epoch and their rows in the store (view A's,
-    then view B's): the sampler's choice for ``(seed, epoch, donor)``, which every source
-    of bags (streamed, device-resident) takes (:func:`views_of` for many donors)."""
-    return views_of(store, [donor], seed=seed, epoch=epoch, view_range=view_range,
-                    balance=balance)[0]
-
-
-def views_of(store: BagStore, donors: Sequence[int] | np.ndarray, *, seed: int, epoch: int,
-             view_range: tuple[int, int], balance: ViewBalance | None
-             ) -> list[View]:
-    """:func:`view_rows` of each donor, drawn for all of them at once (the same views:
-    a donor's draws depend on ``(seed, epoch, donor)`` only): uniform views
-    (:func:`~sampleclr_scale.data.sampler.uniform_views`) or balanced ones
-    (:meth:`ViewBalance.rows_of`)."""
-    donors = np.asarray(donors, dtype=np.int64)
-    firsts = store.donor_ptr[donors]
-    counts = store.donor_ptr[donors + 1] - firsts
-    draws = ViewDraws.of(seed, epoch, donors, 0 if balance is None else len(balance.target))
-    sizes = view_sizes(draws.sizes, view_range)
-    rows = (uniform_views(firsts, counts, sizes, draws) if balance is None
-            else balance.rows_of(firsts, counts, sizes, draws)).astype(np.int64, copy=False)
-    ends = np.cumsum(sizes.sum(axis=1)).tolist()
-    return [(n_a, n_b, rows[end - n_a - n_b : end])
-            for (n_a, n_b), end in zip(sizes.tolist(), ends, strict=True)]
-
-
-@dataclass(frozen=True)
-class ViewBalance:
-    """Views balanced over a cell-level column: its codes and the cohort's composition."""
-
-    codes: RowReader
-    """A reader of the store's ``codes/<column>`` array
-    (:func:`~sampleclr_scale.data.fast_read.open_reader`: kept by the process, whole in
-    memory when read through Zarr)."""
-    target: np.ndarray
-    """Proportion of each category over the whole store."""
-
-    @classmethod
-    def of(cls, store: BagStore, column: str, reader: str = "auto") -> ViewBalance:
-        """The balance over ``column``, its codes read by ``reader``
-        (``LoaderConfig.reader``; decoded chunks kept when they are read through Zarr)."""
-        counts = store.category_counts(column).astype(np.float64)
-        return cls(open_reader(store, store.codes(column), reader, small=True),
-                   counts / counts.sum())
-
-    def rows_of(self, firsts: np.ndarray, counts: np.ndarray, sizes: np.ndarray,
-                draws: ViewDraws) -> np.ndarray:
-        """The rows of many donors' two balanced views (first row, cells and view sizes
-        each), donor after donor (view A's, then view B's): the rows of their pools
-        (:func:`~sampleclr_scale.data.sampler.pool_windows`), one read of those rows'
-        codes, and the picks (:func:`~sampleclr_scale.data.sampler.balanced_picks`)."""
-        offsets, lengths = pool_windows(counts, sizes.max(axis=1), draws.start)
-        lengths = lengths.ravel()
-        donor = np.repeat(np.arange(len(counts)), 2)  # pools 2i, 2i + 1: donor i's views
-        rows = windows(firsts[donor], counts[donor], offsets.ravel(), lengths)
-        picks = balanced_picks(self.codes.read(rows), lengths, sizes.ravel(), self.target,
-                               draws.groups)
-        return rows[picks]
-
-
 @dataclass(frozen=True)
 class _ReadContext:
     """What one pass over a store reads batches with (opened once per pass, per process)."""
 
     features: RowReader
     """Reader of the features (``LoaderConfig.reader``)."""
-    balance: ViewBalance | None
+    views: ViewDraw
+    """How the donors' views are drawn (uniform, or balanced over ``balance``)."""
     labels: dict[str, np.ndarray]
     donor_batch: np.ndarray | None
     stats: tuple[np.ndarray, np.ndarray] | None
@@ -377,8 +306,7 @@ class _ReadContext:
         reader = dataset.config.reader
         return cls(
             features=open_reader(store, store.features, reader),
-            balance=None if dataset.balance is None else ViewBalance.of(
-                store, dataset.balance, reader),
+            views=open_view_draw(store, dataset.balance, reader),
             labels={c: store.labels(c, kind)[0] for c, kind in dataset.tasks.items()},
             donor_batch=store.donor_batch,
             stats=store.batch_stats if dataset.standardize else None,

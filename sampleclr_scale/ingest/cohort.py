@@ -1,10 +1,10 @@
 """Cohort selection: which cells, grouped into which donors, split how.
 
 Works on obs columns only; features are read later, in blocks. The obs blocks stream once
-into the on-disk cell index (:mod:`~sampleclr_scale.data.cell_index`) and the per-donor
-counts of the donor table (:mod:`~sampleclr_scale.data.donors`); then cells without a
+into the on-disk cell index (:mod:`~sampleclr_scale.ingest.cell_index`) and the per-donor
+counts of the donor table (:mod:`~sampleclr_scale.ingest.donors`); then cells without a
 donor, small and special donors are dropped and the rest split
-(:mod:`~sampleclr_scale.data.split`). Memory holds per-donor tables and one block, not the
+(:mod:`~sampleclr_scale.ingest.split`). Memory holds per-donor tables and one block, not the
 cells: the same at 1M and 100M cells.
 
 Donor ids that repeat across datasets (CELLxGENE's ``donor_id`` is unique only within a
@@ -31,12 +31,12 @@ import numpy as np
 import pandas as pd
 
 from sampleclr_scale.config import IngestConfig
-from sampleclr_scale.data.cell_index import CellIndex
-from sampleclr_scale.data.donors import DonorCounts
-from sampleclr_scale.data.obs_filter import Filter, parse_filter
-from sampleclr_scale.data.sources import CellSource
-from sampleclr_scale.data.split import split_donors
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.cell_index import CellIndex
+from sampleclr_scale.ingest.donors import DonorCounts
+from sampleclr_scale.ingest.split import split_donors
+from sampleclr_scale.sources.cells import CellSource
+from sampleclr_scale.sources.obs_filter import Filter, parse_filter
 
 log = logging.getLogger(__name__)
 

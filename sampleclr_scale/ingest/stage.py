@@ -1,25 +1,25 @@
 """Ingest: source -> cohort -> features -> donor-sorted bag store, out of core.
 
 The cohort's obs columns are read first, into a per-cell index on disk
-(:class:`~sampleclr_scale.data.cell_index.CellIndex`). The features are then read once, in
+(:class:`~sampleclr_scale.ingest.cell_index.CellIndex`). The features are then read once, in
 large sequential blocks of cells (sorted source ids). Each block's cell records and
 feature rows are appended to spill files, one pair per *bucket* of consecutive donors
 holding about ``bucket_bytes`` of them. A second pass loads one bucket at a time, orders
 its rows by (donor, a keyed hash of the source id) and writes them to the store in
 sequence. With ``--batch-key``, the written rows also update per-batch feature moments
-(:mod:`~sampleclr_scale.data.batches`), stored as ``batch_mean`` and ``batch_std``.
+(:mod:`~sampleclr_scale.store.batches`), stored as ``batch_mean`` and ``batch_std``.
 With ``--cell-columns``, each bucket also writes its rows' category codes to
 ``codes/<column>`` and adds them to per-category counts (the ``cell_codes`` attribute).
 Peak memory is one read block plus one bucket, whatever the number of cells; disk
 traffic is one extra write and read of the features and of the cell index.
 
-The features' spec (:mod:`~sampleclr_scale.data.feature_spec`) is stored with them: a
+The features' spec (:mod:`~sampleclr_scale.store.feature_spec`) is stored with them: a
 fitted PCA, or with ``--features-like STORE`` the spec of that store, applied to this
 source instead of a fit, so the two stores share one feature space.
 
 The within-donor order is a hash of ``(seed, source id)``, so the store is the same for
 any block or bucket size. The last file written is the store's manifest
-(:mod:`~sampleclr_scale.data.manifest`), before the store is published.
+(:mod:`~sampleclr_scale.store.manifest`), before the store is published.
 """
 
 from __future__ import annotations
@@ -39,13 +39,12 @@ import pyarrow.parquet as pq
 from sampleclr_scale import __version__
 from sampleclr_scale.config import IngestConfig
 from sampleclr_scale.console import progress
-from sampleclr_scale.data.batches import CohortBatches
-from sampleclr_scale.data.cohort import Cohort, select_cohort
-from sampleclr_scale.data.feature_spec import write_spec
-from sampleclr_scale.data.features import like_features, make_features
-from sampleclr_scale.data.manifest import write_manifest
-from sampleclr_scale.data.sources import open_source
-from sampleclr_scale.data.store import (
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.cohort import Cohort, select_cohort
+from sampleclr_scale.ingest.features import like_features, make_features
+from sampleclr_scale.sources.cells import open_source
+from sampleclr_scale.storage import staged_output
+from sampleclr_scale.store.bag_store import (
     BAG_STORE,
     CELLS_FILE,
     CODES_GROUP,
@@ -53,8 +52,9 @@ from sampleclr_scale.data.store import (
     create_arrays,
     finish_arrays,
 )
-from sampleclr_scale.errors import InputError
-from sampleclr_scale.storage import staged_output
+from sampleclr_scale.store.batches import CohortBatches
+from sampleclr_scale.store.feature_spec import write_spec
+from sampleclr_scale.store.manifest import write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ does not change the store's :attr:`Manifest.fingerprint`. Files not listed are i
 
 **Checks**
 
-- On open (:func:`require_complete`, in every :class:`~sampleclr_scale.data.store.BagStore`):
+- On open (:func:`require_complete`, in every :class:`~sampleclr_scale.store.bag_store.BagStore`):
   every listed file is there with its size: a ``stat`` per file locally, one listing of
   the store on object storage (``fs.find``: a paginated LIST, not a request per file).
 - On read (:class:`CheckedStore`, which the store's Zarr group reads through): a listed
@@ -257,7 +257,7 @@ def read_error(root: Location | str, key: str, expected: int, actual: int | None
                ) -> InputError:
     """The error for listed file ``key`` found missing (``actual`` None) or of ``actual``
     bytes instead of ``expected`` when it is read (:class:`CheckedStore`, and the memory
-    maps of :mod:`~sampleclr_scale.data.fast_read`)."""
+    maps of :mod:`~sampleclr_scale.loading.readers`)."""
     problem = _size_problem(expected, actual) or "as listed"
     return _damaged(root, {key: f"{problem}, found on read"})
 

@@ -1,0 +1,9 @@
+"""The bag store: the format every stage after ingest reads.
+
+- :mod:`~sampleclr_scale.store.bag_store`: :class:`BagStore`, reading a store (layout,
+  schema version, donor table, codes);
+- :mod:`~sampleclr_scale.store.manifest`: the files ingest wrote, checked on open;
+- :mod:`~sampleclr_scale.store.feature_spec`: what defines a store's feature space;
+- :mod:`~sampleclr_scale.store.batches`: technical batches and their feature statistics;
+- :mod:`~sampleclr_scale.store.pseudobulk`: each donor's mean features.
+"""
