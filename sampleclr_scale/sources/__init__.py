@@ -5,3 +5,8 @@ Owns the :class:`~sampleclr_scale.sources.cells.CellSource` interface, its imple
 spelling) and the obs-filter language (:mod:`~sampleclr_scale.sources.obs_filter`).
 Nothing here writes.
 """
+
+from sampleclr_scale.sources.cells import CellSource, H5adSource, SomaSource, open_source
+from sampleclr_scale.sources.obs_filter import Filter, parse_filter
+
+__all__ = ["CellSource", "Filter", "H5adSource", "SomaSource", "open_source", "parse_filter"]

@@ -7,3 +7,7 @@
 - :mod:`~sampleclr_scale.store.batches`: technical batches and their feature statistics;
 - :mod:`~sampleclr_scale.store.pseudobulk`: each donor's mean features.
 """
+
+from sampleclr_scale.store.bag_store import BagStore
+
+__all__ = ["BagStore"]
