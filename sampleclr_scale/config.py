@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses.registry import default_loss_config, loss_config_type
+from sampleclr_scale.losses.configs import default_loss_config, loss_config_type
 
 
 class StageConfig(BaseModel):
@@ -273,7 +273,7 @@ class TaskConfig(StageConfig):
 
 LossConfig = loss_config_type()
 """The self-supervised objective: one of the configs registered in
-:mod:`sampleclr_scale.losses.registry` (where the objectives and their settings are),
+:mod:`sampleclr_scale.losses.configs` (where the objectives' settings are),
 chosen by ``kind``; a mapping without ``kind`` is X-CLR."""
 
 

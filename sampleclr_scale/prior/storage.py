@@ -20,7 +20,8 @@ import zarr
 
 from sampleclr_scale import __version__
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.prior.graph import KINDS, PriorGraph
+from sampleclr_scale.prior.graph import PriorGraph
+from sampleclr_scale.prior.kinds import KINDS
 from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.storage.outputs import zarr_output
 from sampleclr_scale.store.bag_store import BagStore
