@@ -19,15 +19,11 @@ import zarr
 from sampleclr_scale.config import LoaderConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.stage import ingest
-from sampleclr_scale.loading import readers as fast_read
+from sampleclr_scale.loading import mapped, readers
 from sampleclr_scale.loading.loader import DonorBagDataset, make_loader
-from sampleclr_scale.loading.readers import (
-    ChunkCache,
-    MmapReader,
-    ZarrReader,
-    mmap_layout,
-    open_reader,
-)
+from sampleclr_scale.loading.mapped import ChunkCache, MmapReader, mmap_layout
+from sampleclr_scale.loading.readers import open_reader
+from sampleclr_scale.loading.rows import ZarrReader
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.manifest import write_manifest
 from tests.conftest import ingest_config
@@ -106,7 +102,7 @@ def test_mmap_and_zarr_give_byte_identical_batches(request, store_name, balance,
 def test_both_mapped_layouts_and_workers_give_the_same_batches(f16_store, monkeypatch):
     config = LoaderConfig(batch_size=4, cells_per_view=40, reader="mmap", seed=1)
     flat = _epoch(f16_store, config, standardize=True)
-    monkeypatch.setattr(fast_read, "_flat_possible", lambda *_: False)
+    monkeypatch.setattr(mapped, "_flat_possible", lambda *_: False)
     chunks = _epoch(f16_store, config, standardize=True)
     _assert_same(flat, chunks)
     workers = _epoch(f16_store, config.model_copy(update={"num_workers": 2}), standardize=True)
@@ -294,7 +290,7 @@ def test_a_remote_store_is_read_through_zarr_with_the_same_batches(f32_store, bu
     uri = f"{bucket}/f32/bags.zarr"
     upload_store(f32_store, uri)
     remote = BagStore(uri)
-    assert "not on a local file system" in fast_read.mmap_problem(remote, remote.features)
+    assert "not on a local file system" in readers.mmap_problem(remote, remote.features)
     assert open_reader(remote, remote.features).kind == "zarr"
     with pytest.raises(InputError, match="not on a local file system"):
         DonorBagDataset(uri, LoaderConfig(batch_size=3, cells_per_view=30, reader="mmap"))
