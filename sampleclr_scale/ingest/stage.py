@@ -42,7 +42,7 @@ from sampleclr_scale.console import progress
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.cohort import Cohort, select_cohort
 from sampleclr_scale.ingest.features import like_features, make_features
-from sampleclr_scale.sources.cells import open_source
+from sampleclr_scale.sources.registry import open_source
 from sampleclr_scale.storage import staged_output
 from sampleclr_scale.store.bag_store import (
     BAG_STORE,
