@@ -19,7 +19,7 @@ Exact under DDP: the columns are gathered with :func:`gather_with_grad`, so the 
 reaching this rank's embeddings sums the contributions of every rank's rows. DDP averages
 gradients over ranks; the average of the per-rank losses (each a mean over ``b`` local
 rows) is the mean over all ``B`` rows, so the averaged gradients are those of a 1-process
-run on the concatenated batch (``tests/test_distributed_loss.py`` checks this). The
+run on the concatenated batch (``tests/losses/test_distributed_loss.py`` checks this). The
 donor ids and batch codes of the columns are gathered with :func:`gather_no_grad`, so the
 restriction to the anchor's batch is exact over the global batch too.
 """

@@ -285,7 +285,7 @@ def test_bench_loader_times_every_setting_against_the_in_memory_gather(f16_store
 
 
 def test_a_remote_store_is_read_through_zarr_with_the_same_batches(f32_store, bucket):
-    from tests.test_storage import upload_store
+    from tests.storage.test_storage import upload_store
 
     uri = f"{bucket}/f32/bags.zarr"
     upload_store(f32_store, uri)
