@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from sampleclr_scale.prior.kinds import PriorKind
+from sampleclr_scale._types import PriorKind
 
 Temperature = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 """A positive finite temperature."""

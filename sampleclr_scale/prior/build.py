@@ -174,7 +174,7 @@ PairsBuilder = Callable[[BagStore, PriorConfig, bool, dict[str, Any], dict[str, 
 """A prior's pairs ``(store, config, dense, params, timings)``: it records its settings in
 ``params`` and its seconds per stage in ``timings``."""
 PRIOR_BUILDERS: dict[str, PairsBuilder] = {"pseudobulk": _pseudobulk, "gloscope": _gloscope}
-"""The builder of each prior kind (every one of :data:`~sampleclr_scale.prior.kinds.KINDS`):
+"""The builder of each prior kind (every one of :data:`~sampleclr_scale._types.PRIOR_KINDS`):
 a new prior is its math (pure numpy, e.g. in :mod:`~sampleclr_scale.prior.similarity`), its
 name in ``PriorKind`` and its builder here."""
 

@@ -278,7 +278,7 @@ def test_save_load_replace_and_missing(store_path, dense_priors, tmp_path):
 
 
 def test_every_prior_kind_has_its_builder():
+    from sampleclr_scale._types import PRIOR_KINDS
     from sampleclr_scale.prior.build import PRIOR_BUILDERS
-    from sampleclr_scale.prior.kinds import KINDS
 
-    assert set(PRIOR_BUILDERS) == set(KINDS)
+    assert set(PRIOR_BUILDERS) == set(PRIOR_KINDS)
