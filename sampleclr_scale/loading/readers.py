@@ -60,19 +60,13 @@ def open_reader(store: BagStore, array: Any, mode: str = "auto", *,
         raise InputError(f"unknown loader.reader {mode!r}", f"use one of {READERS}")
     problem = mmap_problem(store, array) if mode != "zarr" else "zarr asked for"
     if problem is None:
-        return _kept(store, array, "mmap", lambda: MmapReader(
+        return KEPT.get(store, array, "mmap", lambda: MmapReader(
             array, store.location.path, store.location.uri, store.manifest.sizes))
     if mode == "mmap" and not small:
         raise _cannot_map(store, array, problem)
     if small:
-        return _kept(store, array, "cache", lambda: ChunkCache(array))
+        return KEPT.get(store, array, "cache", lambda: ChunkCache(array))
     return ZarrReader(array)
-
-
-_KEPT: OrderedDict[tuple, RowReader] = OrderedDict()
-
-
-_KEPT_LOCK = threading.Lock()
 
 
 KEPT_READERS = 8
@@ -80,23 +74,44 @@ KEPT_READERS = 8
 same store (the next epoch), so that nothing is mapped or decoded again."""
 
 
-def _kept(store: BagStore, array: Any, kind: str, make: Callable[[], RowReader]
-          ) -> RowReader:
-    """The process's reader of ``kind`` for ``array`` of ``store`` (as its manifest is now:
-    a store ingested again is a new one), made once. A store whose files changed since is
-    refused by its open check before any of its readers is used."""
-    key = (store.location.uri, store.fingerprint, array.path, kind)
-    with _KEPT_LOCK:
-        reader = _KEPT.get(key)
-        if reader is not None:
-            _KEPT.move_to_end(key)
-            return reader
-    reader = make()
-    with _KEPT_LOCK:
-        reader = _KEPT.setdefault(key, reader)
-        while len(_KEPT) > KEPT_READERS:
-            _KEPT.popitem(last=False)
-    return reader
+class KeptReaders:
+    """The readers with state that this process keeps, least recently used dropped first.
+
+    A reader is kept under ``(store URI, store fingerprint, array, kind)``: a store
+    ingested again is a new one, and a store whose files changed since is refused by its
+    open check before any of its readers is used. Thread-safe; one instance per process
+    (:data:`KEPT`), since a DataLoader worker or a Ray worker is a process of its own.
+    """
+
+    def __init__(self, capacity: int = KEPT_READERS) -> None:
+        self.capacity = capacity
+        self._readers: OrderedDict[tuple, RowReader] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, store: BagStore, array: Any, kind: str, make: Callable[[], RowReader]
+            ) -> RowReader:
+        """The kept reader of ``kind`` for ``array`` of ``store``, made once."""
+        key = (store.location.uri, store.fingerprint, array.path, kind)
+        with self._lock:
+            reader = self._readers.get(key)
+            if reader is not None:
+                self._readers.move_to_end(key)
+                return reader
+        reader = make()
+        with self._lock:
+            reader = self._readers.setdefault(key, reader)
+            while len(self._readers) > self.capacity:
+                self._readers.popitem(last=False)
+        return reader
+
+    def clear(self) -> None:
+        """Forget every kept reader (their maps close when nothing else holds them)."""
+        with self._lock:
+            self._readers.clear()
+
+
+KEPT = KeptReaders()
+"""This process's kept readers."""
 
 
 def check_reader(store: BagStore, mode: str) -> None:

@@ -314,3 +314,30 @@ def test_batch_buffers_are_reused_only_once_nothing_refers_to_them(f32_store):
     del views, batch
     seen = {b.cells.data_ptr() for b in make_loader(dataset)}  # each dropped at once
     assert len(seen) <= config.prefetch + 4
+
+
+def test_kept_readers_are_made_once_per_key_and_dropped_least_recently_used():
+    from types import SimpleNamespace
+
+    from sampleclr_scale.loading.readers import KeptReaders
+
+    kept, made = KeptReaders(capacity=2), []
+
+    def store(uri):
+        return SimpleNamespace(location=SimpleNamespace(uri=uri), fingerprint="f")
+
+    def get(uri):
+        return kept.get(store(uri), SimpleNamespace(path="features"), "mmap",
+                        lambda: made.append(uri) or object())
+
+    first = get("a")
+    assert get("a") is first and made == ["a"]
+    get("b")
+    get("a")  # a is now the most recently used
+    get("c")  # drops b
+    get("a")
+    get("b")
+    assert made == ["a", "b", "c", "b"]
+    kept.clear()
+    get("a")
+    assert made[-1] == "a"
