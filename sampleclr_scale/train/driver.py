@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from sampleclr_scale.cluster import ensure_ray
+from sampleclr_scale.cluster import check_resources, ensure_ray, is_local
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.loading.loader import resolve_balance
@@ -36,6 +38,9 @@ from sampleclr_scale.train.checkpoint import TrainState
 from sampleclr_scale.train.progress import TrainingConsole, ray_feed
 from sampleclr_scale.train.session import LocalSession
 from sampleclr_scale.train.worker import Worker, train_worker
+
+if TYPE_CHECKING:
+    from ray.train.torch import TorchConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +123,8 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
         setup.local_device(config)  # no GPU for use_gpu: refused before the run is written
     run = Location(run_dir)
     _check_run_dir(run, config, resume, store)
+    if not in_process:  # Ray would wait forever for what it does not have
+        check_resources(config.workers, config.use_gpu)
     (run / STORE_FILE).write_text(json.dumps({"uri": store.location.uri,
                                               "fingerprint": store.fingerprint}, indent=2))
     (run / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
@@ -153,21 +160,38 @@ def _fit_ray(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
     """The training loop on Ray Train workers, their progress on this console; the latest
     checkpoint's state."""
     ensure_ray()
-    with ray_feed(_console(config)) as events:
-        return _fit_trainer(store, run, config, events)
+    with ray_feed(_console(config)) as events, _torch_config(config) as torch_config:
+        return _fit_trainer(store, run, config, events, torch_config)
+
+
+@contextlib.contextmanager
+def _torch_config(config: TrainConfig) -> Iterator[TorchConfig]:
+    """How the workers form their process group: on a local Ray through a file in a
+    private folder (no listener on the network: :mod:`~sampleclr_scale.train.rendezvous`),
+    on a cluster through Ray's ``TCPStore``."""
+    from ray.train.torch import TorchConfig
+
+    backend = "nccl" if config.use_gpu else "gloo"
+    if not is_local():
+        yield TorchConfig(backend=backend)
+        return
+    from sampleclr_scale.train.rendezvous import LocalTorchConfig
+
+    with tempfile.TemporaryDirectory(prefix="sampleclr-rendezvous-") as folder:
+        yield LocalTorchConfig(backend=backend, folder=folder)
 
 
 def _fit_trainer(store: BagStore, run: Location, config: TrainConfig,
-                 events: Any) -> TrainState:
+                 events: Any, torch_config: TorchConfig) -> TrainState:
     """Run the ``TorchTrainer``; the latest checkpoint's state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"),
                            "store": store.location.uri, "run_dir": run.uri, "events": events},
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      placement_strategy=config.placement),
         run_config=RunConfig(
