@@ -280,7 +280,7 @@ chosen by ``kind``; a mapping without ``kind`` is X-CLR."""
 class OptimConfig(StageConfig):
     """AdamW with a learning rate scaled to the global batch, warm-up, cosine decay."""
 
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     """Learning rate at ``reference_batch`` donors per global step."""
     reference_batch: int = Field(default=32, ge=1)
     """Global batch size at which ``lr`` applies."""

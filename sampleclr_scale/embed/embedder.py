@@ -341,6 +341,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
             z = np.zeros((store.n_donors, model.config.output_dim), dtype=np.float32)
             outputs: dict[str, np.ndarray] = {}
             n_cells = _write_cells(results, z, outputs, staging / CELLS_PARQUET)
+            _check_finite(store, z, outputs, run_dir)
             seconds = time.perf_counter() - start
             provenance = _provenance(store, run_dir, config, artifact, n_cells, seconds)
             _write_donors(staging, store, z, provenance, artifact["tasks"], outputs)
@@ -355,6 +356,21 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
                        out / PROVENANCE_FILE, store.n_donors, n_cells, round(startup, 3),
                        round(seconds, 3), round(rate, 1),
                        out / PREDICTIONS_PARQUET if artifact["tasks"] else None)
+
+
+def _check_finite(store: BagStore, z: np.ndarray, outputs: dict[str, np.ndarray],
+                  run_dir: str | Path) -> None:
+    """Refuse to publish a NaN or infinite vector or head output (the staged output is
+    discarded)."""
+    bad = ~np.isfinite(z).all(axis=1)
+    for values in outputs.values():
+        bad |= ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        donors = store.donors["donor"].iloc[np.flatnonzero(bad)[:3]].tolist()
+        raise InputError(f"the model of {run_dir} gives {int(bad.sum())} donors a NaN or "
+                         f"infinite embedding (e.g. {donors}); nothing was written",
+                         "check the store (`sampleclr-scale check STORE`: non-finite "
+                         "features) and retrain the model")
 
 
 def _check_fits(store: BagStore, artifact: dict[str, Any], input_dim: int,

@@ -96,6 +96,10 @@ def read_embeddings(emb_dir: str | Path | Location) -> tuple[np.ndarray, np.ndar
                          f"{z.null_count} nulls, not fixed_size_list<float32>[D] without nulls",
                          "re-run `sampleclr-scale embed`")
     Z = z.values.to_numpy(zero_copy_only=False).astype(np.float32)
+    if not np.isfinite(Z).all():
+        raise InputError(f"column z of {Location(emb_dir) / DONORS_PARQUET} holds NaN or "
+                         "infinite values", "embed again with a model whose training "
+                         "converged (`sampleclr-scale embed` refuses to write such vectors)")
     donor_index = table.column("donor_index").to_numpy().astype(np.int64)
     return donor_index, Z.reshape(len(z), z.type.list_size)
 

@@ -11,6 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import ModelConfig, SampleCLR
 from sampleclr_scale.storage import Location
@@ -52,5 +54,12 @@ def load_model(run_dir: str | Path | Location) -> tuple[SampleCLR, dict[str, Any
         "and embed with the new RUN")
     model = SampleCLR(ModelConfig.model_validate(artifact["model_config"]))
     model.load_state_dict(artifact["state_dict"])
+    bad = [name for name, value in model.state_dict().items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise InputError(f"the trained model {path} has NaN or infinite weights ({bad[0]}"
+                         f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): its "
+                         "training diverged", "train it again with a lower optim.lr "
+                         "(sampleclr-scale train refuses to write such a model)")
     artifact["tasks"] = [TaskInfo(**t) for t in artifact["tasks"]]
     return model.eval(), artifact

@@ -37,7 +37,7 @@ from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
 from sampleclr_scale.train.progress import TrainingConsole, ray_feed
 from sampleclr_scale.train.session import LocalSession
-from sampleclr_scale.train.worker import Worker, train_worker
+from sampleclr_scale.train.worker import DIVERGED_FILE, Worker, train_worker
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchConfig
@@ -128,7 +128,10 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
     (run / STORE_FILE).write_text(json.dumps({"uri": store.location.uri,
                                               "fingerprint": store.fingerprint}, indent=2))
     (run / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+    if (run / DIVERGED_FILE).exists():  # left by an earlier try of this run
+        (run / DIVERGED_FILE).remove()
     state = _fit_in_process(store, run, config) if in_process else _fit_ray(store, run, config)
+    _check_converged(run, config, kept=not in_process)
     weights = state.best_model if state.best_model is not None else state.model
     model_path = save_model(run, model_config=setup.model_config(store, config, tasks),
                             state_dict=weights, tasks=tasks,
@@ -143,7 +146,25 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
     return TrainResult(run, model_path, state.history)
 
 
-def _fit_in_process(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
+def _check_converged(run: Location, config: TrainConfig, kept: bool) -> None:
+    """Refuse to publish a run whose workers stopped on a non-finite loss or weights
+    (:class:`~sampleclr_scale.train.worker.DivergedError`); ``kept``: the run keeps its
+    checkpoints (on Ray)."""
+    marker = run / DIVERGED_FILE
+    if not marker.is_file():
+        return
+    where = json.loads(marker.read_text())
+    raise InputError(
+        f"training diverged in stage {where['stage']}, epoch {where['epoch']} (step "
+        f"{where['global_step']}): {where['reason']}. No model was written"
+        + (f"; {run} keeps its last good checkpoint" if kept else ""),
+        f"train into a new --out with a lower optim.lr (this run's: {config.optim.lr:g}) "
+        "or precision: fp32, and check the store (`sampleclr-scale check STORE`): NaN or "
+        "infinite features, or a technical batch whose features do not vary, diverge too")
+
+
+def _fit_in_process(store: BagStore, run: Location, config: TrainConfig
+                    ) -> TrainState | None:
     """The training loop in this process; the finished run's state."""
     console = _console(config)
     session = LocalSession(device=setup.local_device(config), on_progress=console)
@@ -156,7 +177,7 @@ def _fit_in_process(store: BagStore, run: Location, config: TrainConfig) -> Trai
     return session.latest
 
 
-def _fit_ray(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
+def _fit_ray(store: BagStore, run: Location, config: TrainConfig) -> TrainState | None:
     """The training loop on Ray Train workers, their progress on this console; the latest
     checkpoint's state."""
     ensure_ray()
@@ -182,7 +203,7 @@ def _torch_config(config: TrainConfig) -> Iterator[TorchConfig]:
 
 
 def _fit_trainer(store: BagStore, run: Location, config: TrainConfig,
-                 events: Any, torch_config: TorchConfig) -> TrainState:
+                 events: Any, torch_config: TorchConfig) -> TrainState | None:
     """Run the ``TorchTrainer``; the latest checkpoint's state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -203,6 +224,8 @@ def _fit_trainer(store: BagStore, run: Location, config: TrainConfig,
     log.info("training on %s with %d workers (global batch %d donors, lr %.2e)",
              store.location, config.workers, config.global_batch, config.learning_rate)
     result = trainer.fit()
+    if result.checkpoint is None:  # the run diverged before its first checkpoint
+        return None
     with result.checkpoint.as_directory() as directory:
         return TrainState.load(directory)
 
