@@ -283,7 +283,7 @@ class _Run:
     def train(self, model: str, n_train: int) -> str:
         """Train ``model`` (resuming an interrupted run); its run directory."""
         from sampleclr_scale.train.artifact import MODEL_FILE
-        from sampleclr_scale.train.driver import train
+        from sampleclr_scale.train.driver import CONFIG_FILE, train
 
         run_dir = self.out / RUNS_DIR / model
         train_config = _fit_batch(self.config, model, self.train_overrides, n_train)
@@ -291,8 +291,8 @@ class _Run:
                  else f"with {train_config.workers} Ray Train workers")
         self.header("train", f"train {model} {where} -> {run_dir}")
         if not (run_dir / MODEL_FILE).exists():
-            train(str(self.store), str(run_dir), train_config, resume=True,
-                  in_process=self.in_process)
+            train(str(self.store), str(run_dir), train_config,
+                  resume=(run_dir / CONFIG_FILE).exists(), in_process=self.in_process)
         return str(run_dir)
 
     def embed(self, model: str) -> list[str]:

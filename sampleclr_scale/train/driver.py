@@ -30,7 +30,8 @@ from sampleclr_scale.cluster import check_resources, ensure_ray, is_local
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.loading.loader import resolve_balance
-from sampleclr_scale.storage import Location
+from sampleclr_scale.storage import Location, claim
+from sampleclr_scale.storage.outputs import check_apart
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
@@ -65,10 +66,16 @@ def _check_run_dir(run: Location, config: TrainConfig, resume: bool, store: BagS
     """Refuse to mix runs: an existing run continues only with ``resume``, its config and
     its store."""
     saved = run / CONFIG_FILE
+    if run.is_file():
+        raise InputError(f"--out {run} is a file, not a folder", "choose another --out")
     if not saved.is_file():
         if run.children():
             raise InputError(f"{run} exists and is not a training run",
                              "choose an empty or new --out")
+        if resume:
+            raise InputError(f"--resume: {run} holds no training run to continue",
+                             "train without --resume to start one, or name the --out of "
+                             "the run to continue")
         return
     if not resume:
         raise InputError(f"run {run} already exists",
@@ -122,16 +129,31 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
     if in_process:
         setup.local_device(config)  # no GPU for use_gpu: refused before the run is written
     run = Location(run_dir)
-    _check_run_dir(run, config, resume, store)
-    if not in_process:  # Ray would wait forever for what it does not have
-        check_resources(config.workers, config.use_gpu)
+    check_apart(run, [store.location])
+    with claim(run):  # one run writes RUN at a time: a second is refused
+        _check_run_dir(run, config, resume, store)
+        if not in_process:  # Ray would wait forever for what it does not have
+            check_resources(config.workers, config.use_gpu)
+        _start(run, store, config)
+        state = (_fit_in_process(store, run, config) if in_process
+                 else _fit_ray(store, run, config))
+        _check_converged(run, config, kept=not in_process)
+        model_path = _publish(run, store, config, tasks, state)
+    return TrainResult(run, model_path, state.history)
+
+
+def _start(run: Location, store: BagStore, config: TrainConfig) -> None:
+    """Record the run's store and settings (checked by ``--resume``)."""
     (run / STORE_FILE).write_text(json.dumps({"uri": store.location.uri,
                                               "fingerprint": store.fingerprint}, indent=2))
     (run / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
     if (run / DIVERGED_FILE).exists():  # left by an earlier try of this run
         (run / DIVERGED_FILE).remove()
-    state = _fit_in_process(store, run, config) if in_process else _fit_ray(store, run, config)
-    _check_converged(run, config, kept=not in_process)
+
+
+def _publish(run: Location, store: BagStore, config: TrainConfig, tasks: list[setup.TaskInfo],
+             state: TrainState) -> Location:
+    """Write the finished run's model (its best weights) and metrics; the model's path."""
     weights = state.best_model if state.best_model is not None else state.model
     model_path = save_model(run, model_config=setup.model_config(store, config, tasks),
                             state_dict=weights, tasks=tasks,
@@ -143,7 +165,7 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
                             else store.feature_spec.record())
     (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
     log.info("model written to %s", model_path)
-    return TrainResult(run, model_path, state.history)
+    return model_path
 
 
 def _check_converged(run: Location, config: TrainConfig, kept: bool) -> None:
