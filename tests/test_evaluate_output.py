@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate.config import EvaluateConfig
+from sampleclr_scale.evaluate.report import md, write_report
 from sampleclr_scale.evaluate.run import evaluate
 from sampleclr_scale.storage import Location, claim
 from sampleclr_scale.store.bag_store import BagStore
@@ -58,3 +61,35 @@ def test_a_second_run_on_the_same_out_is_refused(store_path, emb, tmp_path):
     evaluate([str(emb)], store_path, str(out), CONFIG)  # free again
     evaluate([str(emb)], store_path, str(out), CONFIG)  # and a report replaces a report
     assert (out / "report.md").is_file()
+
+
+HOSTILE = "d1\n# heading <script>alert(1)</script> | x ![i](http://e/x.png) `c`"
+
+
+def test_md_shows_any_value_as_its_text():
+    assert md("a\nb\r\n\tc") == "a b c"
+    assert md("# heading") == "\\# heading"
+    assert md("<script>") == "&lt;script&gt;"
+    assert md("a | b") == "a \\| b"
+    assert md("[x](y)") == "\\[x\\]\\(y\\)"
+    assert md("plain words 1.5") == "plain words 1.5"
+
+
+def test_hostile_names_stay_text_in_the_report(store_path, emb, tmp_path):
+    import json
+
+    out = tmp_path / "report"
+    metrics = evaluate([str(emb)], store_path, str(out), CONFIG)
+    metrics = json.loads(json.dumps(metrics))
+    metrics["trajectory_root"] = HOSTILE  # a donor id
+    metrics["methods"] = {HOSTILE if k == "emb" else k: v for k, v in metrics["methods"].items()}
+    metrics["skipped"][HOSTILE] = HOSTILE
+    metrics["figures"]["maps"] = {HOSTILE: "figures/map x.png"}
+    text = write_report(metrics, out).read_text()
+    assert "<script>" not in text and "![i](" not in text and "`c`" not in text
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert not [h for h in headings if "heading" in h]
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    widths = {len(re.findall(r"(?<!\\)\|", line)) for line in table[:6]}
+    assert len(widths) == 1, table[:6]  # every row of the score table has its columns
+    assert "figures/map%20x.png" in text
