@@ -115,9 +115,13 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> None:
+    from sampleclr_scale.store.bag_store import BagStore
+    from sampleclr_scale.store.invariants import check_contents
     from sampleclr_scale.store.manifest import check_store
 
-    print(json.dumps(check_store(args.store), indent=2))
+    report = check_store(args.store)
+    report |= check_contents(BagStore(args.store))
+    print(json.dumps(report, indent=2))
 
 
 # --- train ------------------------------------------------------------------------------

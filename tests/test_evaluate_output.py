@@ -71,8 +71,8 @@ def test_md_shows_any_value_as_its_text():
     assert md("# heading") == "\\# heading"
     assert md("<script>") == "&lt;script&gt;"
     assert md("a | b") == "a \\| b"
-    assert md("[x](y)") == "\\[x\\]\\(y\\)"
-    assert md("plain words 1.5") == "plain words 1.5"
+    assert md("[x](y) *b* `c` ~~s~~") == "\\[x\\](y) \\*b\\* \\`c\\` \\~\\~s\\~\\~"
+    assert md("held_out _em_ a-b 1.5") == "held_out \\_em\\_ a-b 1.5"
 
 
 def test_hostile_names_stay_text_in_the_report(store_path, emb, tmp_path):

@@ -44,7 +44,9 @@ _PREDICTION_SCORES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mae": "MA
 
 # ---- text --------------------------------------------------------------------------
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~-])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|~#])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+"""What formats inline markdown: backslash, code, emphasis, links and images (their
+brackets), table cells, strikethrough, headings, and ``_`` except inside a word."""
 
 
 def md(value: object) -> str:
@@ -53,12 +55,12 @@ def md(value: object) -> str:
     Donor ids, column, run and method names come from users' data: a newline would end a
     table row or start a heading, ``|`` split a table cell, ``<script>`` be raw HTML,
     ``*``, ``_``, ``[..](..)`` and backticks format or link. Runs of white space
-    (newlines included) become one space, ``&``, ``<`` and ``>`` HTML entities, and
-    markdown's punctuation is escaped with a backslash. Every value written into
+    (newlines included) become one space, ``&``, ``<`` and ``>`` HTML entities, and the
+    punctuation that formats inline markdown is escaped with a backslash. Every value written into
     ``report.md`` goes through here (numbers excepted).
     """
     text = html.escape(" ".join(str(value).split()), quote=False)
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    return _MARKDOWN_SPECIAL.sub(lambda match: "\\" + match[0], text)
 
 
 def _image(label: object, path: str) -> str:

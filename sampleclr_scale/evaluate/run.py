@@ -141,6 +141,8 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
         raise InputError("no embeddings to evaluate", "pass --embeddings EMB [EMB ...]")
     bag = BagStore(store)
     named = _name_embeddings(embeddings)
+    for _, path in named:  # a missing input is named before --out is looked at
+        _embedding_table(path, ["donor_index"])
     logs = _training_logs(run_dirs, named)
     inputs = [bag.location, *(path for _, path in named),
               *(Location(source) for source, _ in logs.values())]
