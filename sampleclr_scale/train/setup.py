@@ -170,3 +170,19 @@ def _check_batches(store: BagStore, config: TrainConfig) -> None:
         raise InputError(f"{' and '.join(wanted)} need the donors' technical batches; the "
                          f"store {store.location} has none",
                          "re-ingest with --batch-key COL ... (e.g. --batch-key dataset_id)")
+    if config.loss.needs_batches and store.donor_batch is not None:
+        _check_same_batch_negatives(store)
+
+
+def _check_same_batch_negatives(store: BagStore) -> None:
+    """Refuse negatives drawn within technical batches where no batch has two training
+    donors: no step would have a negative, and the loss would be 0 from the start."""
+    per_batch = np.bincount(store.donor_batch[store.split_donors("train")])
+    if per_batch.max(initial=0) < 2:
+        raise InputError(
+            "loss.negatives: same_batch contrasts each donor only with training donors of "
+            f"its own technical batch, and no batch of {store.location} (--batch-key "
+            f"{' '.join(store.batch_key)}) has two: no step would have a negative, and the "
+            "loss would be 0 without learning anything",
+            "use loss.negatives: all, or re-ingest with a --batch-key that groups several "
+            "donors (e.g. dataset_id)")
