@@ -24,3 +24,12 @@ def test_same_batch_negatives_without_two_donors_in_any_batch_are_refused(soma_u
                                          r"negative.*fix: use loss.negatives: all"):
         train(str(store), str(tmp_path / "run"), config, in_process=True)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("option", "columns"), [
+    ("meta", ["disease", "split", "n_cells"]), ("batch_key", ["batch"])])
+def test_columns_named_like_the_stores_own_are_refused(soma_uri, tmp_path, option, columns):
+    with pytest.raises(InputError, match=rf"(?s)--{option.replace('_', '-')} names .*which the "
+                                         r"store's donor table holds itself.*fix: leave"):
+        ingest(ingest_config(soma_uri, tmp_path / "s.zarr", **{option: columns}))
+    assert not (tmp_path / "s.zarr").exists()
