@@ -297,7 +297,7 @@ class _Run:
 
     def embed(self, model: str) -> list[str]:
         """Embed every donor with ``model``, once per cell choice; the embeddings."""
-        from sampleclr_scale.embed.embedder import embed
+        from sampleclr_scale.embed.embedder import complete_write_back, embed
 
         config = self.config
         write_back = config.write_back
@@ -309,10 +309,13 @@ class _Run:
             emb_dir = self.out / EMBEDDINGS_DIR / label
             self.header("embed", f"embed every donor with {model} ({mode} cells){back} "
                         f"-> {emb_dir}")
+            settings = config.embed_config(label, mode, self.embed_overrides)
             if not emb_dir.exists():
                 embed(str(self.store), str(self.out / RUNS_DIR / model), str(emb_dir),
-                      config.embed_config(label, mode, self.embed_overrides),
-                      write_back=write_back)
+                      settings, write_back=write_back)
+            else:  # a write-back that a killed run left unfinished is finished now
+                complete_write_back(str(self.store), str(self.out / RUNS_DIR / model),
+                                    str(emb_dir), settings, write_back=write_back)
             embeddings.append(str(emb_dir))
         return embeddings
 

@@ -394,6 +394,27 @@ def write_back_store(embeddings: str | Path | Location, store_path: str | Path |
     return parent / run
 
 
+def has_run(uri: str | Path | Location, run: str) -> bool:
+    """Whether ``run`` was written back completely into ``uri``: a bag store's
+    ``embeddings/<run>`` group, or a SOMA experiment's ``sampleclr/<run>`` marked
+    complete (a staging member left by a killed write-back does not count)."""
+    try:
+        location = Location(uri)
+    except InputError:  # a URI scheme only TileDB knows, e.g. tiledb://
+        location = None
+    if location is not None and location.is_zarr_group():
+        return (location / STORE_FOLDER / run).is_zarr_group()
+    import tiledbsoma
+
+    uri = str(uri) if "://" in str(uri) else str(Path(uri).resolve())
+    if not tiledbsoma.Experiment.exists(uri):
+        return False
+    with tiledbsoma.Experiment.open(uri) as exp:
+        if COLLECTION not in exp or run not in exp[COLLECTION]:
+            return False
+        return bool(exp[COLLECTION][run].metadata.get("complete"))
+
+
 def read_back(uri: str | Path, run: str) -> tuple[pd.DataFrame, sp.coo_array]:
     """Results written back under ``run``, from a SOMA experiment or a bag store.
 
