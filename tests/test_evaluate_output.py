@@ -34,6 +34,10 @@ def test_a_foreign_folder_or_an_input_is_never_written(store_path, emb, tmp_path
     with pytest.raises(InputError, match=r"(?s)is a folder holding .*data.csv.*not a report"):
         evaluate([str(emb)], store_path, str(mine), CONFIG)
     assert (mine / "report.md").read_text() == "my notes"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(InputError, match=r"is a file, not a report"):
+        evaluate([str(emb)], store_path, str(tmp_path / "file"), CONFIG)
+    assert (tmp_path / "file").read_text() == "mine"
     for where in (store_path, str(emb), f"{emb}/report"):
         with pytest.raises(InputError, match="which this stage reads"):
             evaluate([str(emb)], store_path, where, CONFIG)

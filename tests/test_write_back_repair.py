@@ -45,3 +45,19 @@ def test_a_soma_write_back_killed_before_its_publish_is_finished(store_path, som
     donors, _ = writeback.read_back(experiment, "r1")
     assert len(donors) == BagStore(store).n_donors
     assert complete_write_back(store, run, out, settings, write_back=experiment) == {}
+
+
+def test_a_write_back_into_a_store_a_file_or_a_foreign_folder_is_refused(store_path,
+                                                                         tmp_path):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    for target, what in ((store_path, r"a bag store \(a Zarr group\)"),
+                         (tmp_path / "file", "a file"),
+                         (tmp_path / "folder", "a folder that is not a SOMA experiment")):
+        with pytest.raises(InputError, match=rf"--write-back .* is {what}: writing back "
+                                             r"would create a SOMA experiment inside it"):
+            embed(store_path, tmp_path / "run", tmp_path / "emb", EmbedConfig(run_name="r"),
+                  write_back=str(target))
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "emb").exists()
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["notes.txt"]

@@ -311,7 +311,10 @@ def _write_back_plan(store_path: str | Path, run_dir: str | Path, config: EmbedC
     refused before any work where they are wrong."""
     store = BagStore(store_path)
     run = check_run_name(config.run_name or Location(run_dir).name)
-    return store, run, writeback.soma_target(store, write_back)
+    target = writeback.soma_target(store, write_back)
+    if target is not None:
+        writeback.check_soma_target(target)
+    return store, run, target
 
 
 def _write_back(out: Location, store: BagStore, run: str, target: str | None,

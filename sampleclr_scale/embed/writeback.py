@@ -221,6 +221,33 @@ def write_back_soma(embeddings: str | Path | Location, uri: str, run: str) -> st
     return _publish(home, staging, run)
 
 
+def check_soma_target(uri: str) -> None:
+    """Refuse a write-back target that exists but is no SOMA experiment (a bag store, a
+    file, a folder of other files): the write-back would create an experiment inside it.
+
+    Raises
+    ------
+    InputError
+        Saying what is there.
+    """
+    import tiledbsoma
+
+    try:
+        where = Location(uri)
+    except InputError:  # a URI scheme only TileDB knows, e.g. tiledb://
+        return
+    if not where.exists() or tiledbsoma.Experiment.exists(str(uri)):
+        return
+    what = ("a bag store (a Zarr group)" if where.is_zarr_group() else
+            "a file" if where.is_file() else "a folder that is not a SOMA experiment"
+            if where.children() else None)
+    if what is not None:
+        raise InputError(f"--write-back {uri} is {what}: writing back would create a SOMA "
+                         "experiment inside it",
+                         "write back into the SOMA experiment the store was ingested from, "
+                         "or a new path (--no-write-back writes the embedding folder only)")
+
+
 def _prepare(uri: str, top: int) -> tuple[str, int]:
     """Check (or create) the experiment and its ``sampleclr`` collection.
 
