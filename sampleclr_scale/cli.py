@@ -115,9 +115,19 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> None:
+    from sampleclr_scale.storage import Location
+    from sampleclr_scale.store.bag_store import BagStore
+    from sampleclr_scale.store.invariants import check_contents
     from sampleclr_scale.store.manifest import check_store
 
-    print(json.dumps(check_store(args.store), indent=2))
+    where = Location(args.store)
+    if not where.exists() or where.is_file():
+        raise InputError(f"{where} {'is a file' if where.exists() else 'does not exist'}, "
+                         "not a bag store", "name the folder (or URI) that `sampleclr-scale "
+                         "ingest` wrote")
+    report = check_store(where)
+    report |= check_contents(BagStore(where))
+    print(json.dumps(report, indent=2))
 
 
 # --- train ------------------------------------------------------------------------------

@@ -44,10 +44,10 @@ import pyarrow as pa
 from sampleclr_scale.embed.config import CELLS_PARQUET, DONORS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import baselines, report
-from sampleclr_scale.evaluate.config import EvaluateConfig
+from sampleclr_scale.evaluate.config import METRICS_FILE, REPORT, EvaluateConfig
 from sampleclr_scale.evaluate.predictions import prediction_scores
 from sampleclr_scale.evaluate.spare import cosine_distances, root_donor, spare_scores
-from sampleclr_scale.storage import Location, local_directory
+from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.pseudobulk import donor_means
 
@@ -96,6 +96,10 @@ def read_embeddings(emb_dir: str | Path | Location) -> tuple[np.ndarray, np.ndar
                          f"{z.null_count} nulls, not fixed_size_list<float32>[D] without nulls",
                          "re-run `sampleclr-scale embed`")
     Z = z.values.to_numpy(zero_copy_only=False).astype(np.float32)
+    if not np.isfinite(Z).all():
+        raise InputError(f"column z of {Location(emb_dir) / DONORS_PARQUET} holds NaN or "
+                         "infinite values", "embed again with a model whose training "
+                         "converged (`sampleclr-scale embed` refuses to write such vectors)")
     donor_index = table.column("donor_index").to_numpy().astype(np.int64)
     return donor_index, Z.reshape(len(z), z.type.list_size)
 
@@ -112,7 +116,9 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
     store : str
         The bag store the embeddings were made from (a local path or a URI).
     out : str
-        Report directory, a local path or a URI (created; files in it are overwritten).
+        Report directory, a local path or a URI: published whole once complete,
+        replacing an earlier report (never anything else: a folder of other files, an
+        input, another stage's output), while this run holds its lock.
     config : EvaluateConfig
         Covariates and settings.
     run_dirs : list of str, optional
@@ -134,12 +140,28 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
     if not embeddings:
         raise InputError("no embeddings to evaluate", "pass --embeddings EMB [EMB ...]")
     bag = BagStore(store)
+    named = _name_embeddings(embeddings)
+    for _, path in named:  # a missing input is named before --out is looked at
+        _embedding_table(path, ["donor_index"])
+    logs = _training_logs(run_dirs, named)
+    inputs = [bag.location, *(path for _, path in named),
+              *(Location(source) for source, _ in logs.values())]
+    # a report replaces only a report: never an input, a user's folder or another output
+    with staged_output(out, True, kind=REPORT, inputs=inputs) as staging:
+        metrics, runs, selected, donors = _scores(bag, named, config)
+        staging.mkdir()
+        _write_outputs(metrics, runs, bag, selected, donors, config, logs, staging)
+    return metrics
+
+
+def _scores(bag: BagStore, named: list[tuple[str, Location]], config: EvaluateConfig
+            ) -> tuple[dict[str, Any], list[_Run], np.ndarray, pd.DataFrame]:
+    """The metrics of every run and baseline (see :func:`evaluate`), the runs, the scored
+    donors' positions and their table."""
     config.check_columns(bag.donors, str(bag.location))
     selected = _selected_donors(bag, config.split)
     donors = bag.donors.iloc[selected].reset_index(drop=True)
     root = _trajectory_root(donors, config, str(bag.location))
-    named = _name_embeddings(embeddings)
-    logs = _training_logs(run_dirs, named)
     runs = []
     for name, path in named:
         Z = _aligned(path, bag, selected)
@@ -160,8 +182,7 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
         "predictions": prediction_scores(named, bag, bag.split_donors(HELD_OUT_SPLIT)),
         "skipped": skipped,
     }
-    _write_outputs(metrics, runs, bag, selected, donors, config, logs, out)
-    return metrics
+    return metrics, runs, selected, donors
 
 
 # ---- inputs ------------------------------------------------------------------------
@@ -396,14 +417,13 @@ def _aggregate(flat: list[dict[str, float | None]]) -> tuple[dict, dict | None]:
 
 def _write_outputs(metrics: dict[str, Any], runs: list[_Run], bag: BagStore,
                    selected: np.ndarray, donors: pd.DataFrame, config: EvaluateConfig,
-                   logs: dict[str, tuple[str, list[dict[str, Any]]]], out: str) -> None:
+                   logs: dict[str, tuple[str, list[dict[str, Any]]]], out_dir: Path) -> None:
     """Draw the figures, add what describes them to ``metrics``, write ``metrics.json``
-    and ``report.md`` into ``out`` (a URI: written locally, then uploaded)."""
-    with local_directory(out) as out_dir:
-        metrics |= _figures(runs, bag, selected, donors, config, logs, out_dir,
-                            metrics["skipped"])
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        report.write_report(metrics, out_dir)
+    and ``report.md`` into the staged report ``out_dir``."""
+    metrics |= _figures(runs, bag, selected, donors, config, logs, out_dir,
+                        metrics["skipped"])
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    report.write_report(metrics, out_dir)
 
 
 def _figures(runs: list[_Run], bag: BagStore, selected: np.ndarray, donors: pd.DataFrame,

@@ -131,9 +131,27 @@ class _Spill:
         return cells, rows
 
 
+STORE_DONOR_COLUMNS = ("donor", "n_cells", "split", "batch")
+"""The donor table's own columns, which no obs column may replace."""
+
+
+def _check_own_columns(config: IngestConfig) -> None:
+    """Refuse ``--meta`` and ``--batch-key`` columns named like the donor table's own
+    columns: they would be replaced by the store's values without a word."""
+    for option, columns in (("--meta", config.meta), ("--batch-key", config.batch_key)):
+        clash = [c for c in columns if c in STORE_DONOR_COLUMNS]
+        if clash:
+            raise InputError(
+                f"{option} names {clash}, which the store's donor table holds itself "
+                f"({', '.join(STORE_DONOR_COLUMNS)}): the source's values would be replaced",
+                f"leave {clash} out of {option}, or copy the column under another name in "
+                "the source")
+
+
 def ingest(config: IngestConfig) -> IngestReport:
     """Build a bag store from ``config.source`` at ``config.out`` (atomically)."""
     start = time.perf_counter()
+    _check_own_columns(config)
     like = [config.features_like] if config.features_like is not None else []
     with (open_source(config.source, config.measurement, config.organism) as source,
           staged_output(config.out, config.overwrite, kind=BAG_STORE,
