@@ -130,6 +130,7 @@ def search_donors(atlas: str | os.PathLike | Location, *,
         raise InputError(f"k = {k} must be at least 1", "ask for one or more neighbours")
     atlas = Location(atlas)
     meta = _atlas_table(atlas)
+    atlas_vectors = read_vectors(atlas)
     if query is not None:
         query = Location(query)
         check_same_model(_provenance(atlas), _provenance(query), atlas, query)
@@ -138,10 +139,11 @@ def search_donors(atlas: str | os.PathLike | Location, *,
         own = None
     else:
         own = _atlas_positions(meta, donors, atlas)
-        vectors, names = read_vectors(atlas)[own], list(donors)
-    if vectors.shape[1] != _width(atlas):
+        vectors, names = atlas_vectors[own], list(donors)
+    if vectors.shape[1] != atlas_vectors.shape[1]:
         raise InputError(f"the vectors of {query} are {vectors.shape[1]}-wide, the atlas's "
-                         f"{_width(atlas)}-wide", "embed the query with the atlas's model")
+                         f"{atlas_vectors.shape[1]}-wide",
+                         "embed the query with the atlas's model")
     index, built = open_index(atlas, settings, rebuild)
     k = min(k, index.meta["n"] - (own is not None))
     positions, distances = index.search(vectors, k + (own is not None))
@@ -149,7 +151,7 @@ def search_donors(atlas: str | os.PathLike | Location, *,
         positions, distances = drop_self(positions, distances, own, k)
     info = {"atlas": atlas.uri, "query": None if query is None else query.uri,
             "k": k, "index_built": built, "index": index.meta}
-    return _result(meta, read_vectors(atlas), names, positions, distances, info)
+    return _result(meta, atlas_vectors, names, positions, distances, info)
 
 
 def drop_self(positions: np.ndarray, distances: np.ndarray, own: np.ndarray,
@@ -208,10 +210,6 @@ def _atlas_table(atlas: Location) -> pd.DataFrame:
                          "pass the atlas's embedding folder (`sampleclr-scale embed --out`)")
     schema = path.parquet_file().schema_arrow
     return path.read_parquet([c for c in schema.names if c != "z"]).to_pandas()
-
-
-def _width(emb: Location) -> int:
-    return (emb / DONORS_PARQUET).parquet_file().schema_arrow.field("z").type.list_size
 
 
 def _donor_names(emb: Location) -> list[str]:
