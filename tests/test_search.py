@@ -68,14 +68,20 @@ def _exact(Z: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
 
 
-def test_recall_at_10_against_exact_search(atlas, tmp_path):
+HNSW = IndexSettings(exact_limit=0)  # the graph index whatever the size
+
+
+@pytest.mark.parametrize(("settings", "least"), [(HNSW, 0.95), (IndexSettings(), 0.999)])
+def test_recall_at_10_against_exact_search(atlas, tmp_path, settings, least):
     path, Z = atlas
     queries = _vectors(300, 1)
-    result = search_donors(path, query=_folder(tmp_path / "new", queries, "new_"), k=10)
+    result = search_donors(path, query=_folder(tmp_path / "new", queries, "new_"), k=10,
+                           settings=settings)
+    assert result.info["index"]["kind"] == ("hnsw" if settings is HNSW else "exact")
     found = result.table["donor_index"].to_numpy().reshape(300, 10)
     exact = _exact(Z, queries, 10)
     recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
-    assert recall >= 0.95
+    assert recall >= least
     table = result.table
     assert list(table.columns[:3]) == ["query", "rank", "distance"]
     assert {"donor", "donor_index", "disease"} <= set(table.columns)
@@ -88,7 +94,7 @@ def test_recall_at_10_against_exact_search(atlas, tmp_path):
 
 def test_atlas_donors_as_queries_are_not_their_own_neighbours(atlas):
     path, Z = atlas
-    result = search_donors(path, donors=["atlas_5", "atlas_17"], k=5)
+    result = search_donors(path, donors=["atlas_5", "atlas_17"], k=5, settings=HNSW)
     table = result.table
     assert table["query"].tolist() == ["atlas_5"] * 5 + ["atlas_17"] * 5
     assert "atlas_5" not in table["donor"].iloc[:5].tolist()
@@ -107,22 +113,25 @@ def test_drop_self_keeps_order_and_length():
 
 def test_index_is_saved_reused_and_rebuilt_when_stale(atlas):
     path, Z = atlas
-    index, built = open_index(path)
+    index, built = open_index(path, HNSW)
     assert built and (path / SEARCH_INDEX_DIR / INDEX_FILE).is_file()
     meta = index_meta(path)
-    assert meta["n"] == 3000 and meta["dim"] == DIM
-    again, built = open_index(path)
+    assert meta["n"] == 3000 and meta["dim"] == DIM and meta["kind"] == "hnsw"
+    again, built = open_index(path, HNSW)
     assert not built
     queries = _vectors(50, 2)
-    fresh = build_hnsw(Z, IndexSettings())
-    fresh.hnsw.efSearch = IndexSettings().ef_search
+    fresh = build_hnsw(Z, HNSW)
+    fresh.hnsw.efSearch = HNSW.ef_search
     _, expected = fresh.search(unit_rows(queries).astype(np.float32), 10)
     for opened in (index, again):  # the saved index answers as the one just built
         np.testing.assert_array_equal(opened.search(queries, 10)[0], expected)
     assert EMBEDDINGS.recognise(Location(path))  # embed --overwrite still replaces it
     _folder_rewrite(path, Z[:2000])
-    index, built = open_index(path)
+    index, built = open_index(path, HNSW)
     assert built and index.meta["n"] == 2000 and index_meta(path)["n"] == 2000
+    index, built = open_index(path)  # 2,000 donors: the default settings want it exact
+    assert built and index.meta["kind"] == "exact"
+    np.testing.assert_array_equal(index.search(queries, 10)[0], _exact(Z[:2000], queries, 10))
 
 
 def _folder_rewrite(path: Path, Z: np.ndarray) -> None:

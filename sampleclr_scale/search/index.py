@@ -1,17 +1,19 @@
 """The donor search index of an embedding folder: built once, saved beside the embeddings.
 
-``EMB/search_index/`` holds ``index.faiss`` (a faiss HNSW graph over the donors' unit
-vectors; inner product = cosine similarity) and ``index.json`` (written last: the
+``EMB/search_index/`` holds ``index.faiss`` (a faiss index over the donors' unit vectors,
+inner product = cosine similarity: exact up to ``IndexSettings.exact_limit`` donors, an
+HNSW graph above) and ``index.json`` (written last: the
 fingerprint of the ``donor_embeddings.parquet`` it was built from, the number and width
 of the vectors, the settings). It is built with
 :func:`~sampleclr_scale.storage.staged_output` (atomic; a concurrent build is refused)
 and rebuilt whenever the embeddings' fingerprint no longer matches (``embed
 --overwrite`` wrote new ones), so a stale index is never searched.
 
-Why faiss HNSW (measured in benchmarks/README.md, "Donor search"): among the field's
-libraries it reached recall@10 >= 0.95 at 15,000 and 1,000,000 donors with the most
-queries per second and the fastest build; pynndescent builds ~10x slower (numba
-compilation included), and hnswlib has no wheels (it needs a compiler).
+Why faiss (measured in benchmarks/README.md, "Donor search"): its exact search answers
+thousands of queries per CPU-second at tens of thousands of donors, and its HNSW reached
+recall@10 >= 0.95 at 1,000,000 donors with more queries per second and a faster build
+than pynndescent (numba, whose compilation alone takes minutes here); hnswlib has no
+wheels (it needs a compiler).
 
 Row ``i`` of the index is row ``i`` of ``donor_embeddings.parquet``.
 """
@@ -45,10 +47,13 @@ FORMAT = 1
 
 @dataclass(frozen=True)
 class IndexSettings:
-    """HNSW settings (Malkov & Yashunin 2018), chosen by ``bench search``.
+    """Index settings: exact or HNSW (Malkov & Yashunin 2018), chosen by ``bench search``.
 
     Attributes
     ----------
+    exact_limit : int
+        Up to this many donors the index is exact (faiss ``IndexFlatIP``: recall 1, and
+        at 15,000 donors as fast as HNSW); above, HNSW.
     m : int
         Links per node of the graph (memory ``~ 2 m`` ints per donor).
     ef_construction : int
@@ -57,6 +62,7 @@ class IndexSettings:
         Candidates kept while searching (queries/s against recall).
     """
 
+    exact_limit: int = 50_000
     m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
@@ -94,7 +100,8 @@ class DonorIndex:
             cosine distances ``1 - cos`` in ``[0, 2]``, nearest first.
         """
         unit = np.ascontiguousarray(unit_rows(queries), dtype=np.float32)
-        self.index.hnsw.efSearch = max(self.meta["settings"]["ef_search"], k)
+        if self.meta["kind"] == "hnsw":
+            self.index.hnsw.efSearch = max(self.meta["settings"]["ef_search"], k)
         similarity, positions = self.index.search(unit, k)
         return positions.astype(np.int64), np.clip(1.0 - similarity.astype(np.float64), 0, 2)
 
@@ -139,6 +146,16 @@ def build_hnsw(vectors: np.ndarray, settings: IndexSettings) -> faiss.Index:
     return index
 
 
+def build_exact(vectors: np.ndarray) -> faiss.Index:
+    """A faiss exact inner-product index over the unit rows of ``vectors``."""
+    import faiss
+
+    unit = np.ascontiguousarray(unit_rows(vectors), dtype=np.float32)
+    index = faiss.IndexFlatIP(unit.shape[1])
+    index.add(unit)
+    return index
+
+
 def build_index(emb: str | os.PathLike | Location,
                 settings: IndexSettings | None = None) -> dict[str, Any]:
     """Build ``EMB/search_index`` from the embeddings (replacing an index there); its meta.
@@ -156,10 +173,11 @@ def build_index(emb: str | os.PathLike | Location,
     vectors = read_vectors(emb)
     if len(vectors) == 0:
         raise InputError(f"{emb} holds no donors", "embed a store with donors")
-    index = build_hnsw(vectors, settings)
+    exact = len(vectors) <= settings.exact_limit
+    index = build_exact(vectors) if exact else build_hnsw(vectors, settings)
     meta = {"format": FORMAT, "fingerprint": fingerprint, "n": len(vectors),
             "dim": int(vectors.shape[1]), "library": f"faiss {faiss.__version__}",
-            "kind": "hnsw", "settings": vars(settings)}
+            "kind": "exact" if exact else "hnsw", "settings": vars(settings)}
     with staged_output(emb / SEARCH_INDEX_DIR, True, kind=SEARCH_INDEX,
                        inputs=[emb / DONORS_PARQUET]) as staging:
         staging.mkdir(parents=True)
@@ -185,9 +203,11 @@ def is_current(meta: dict[str, Any] | None, fingerprint: str,
     ``settings`` (its construction; ``ef_search`` only needs the meta updated)."""
     if meta is None or meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint:
         return False
+    if (meta.get("kind") == "exact") != (meta.get("n", 0) <= settings.exact_limit):
+        return False
     built = meta.get("settings", {})
-    return (built.get("m"), built.get("ef_construction")) == (settings.m,
-                                                               settings.ef_construction)
+    return meta["kind"] == "exact" or (built.get("m"), built.get("ef_construction")) == (
+        settings.m, settings.ef_construction)
 
 
 def open_index(emb: str | os.PathLike | Location, settings: IndexSettings | None = None,
