@@ -399,16 +399,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     training.add_argument("--json", required=True, help="file to save the figures to")
     training.set_defaults(run=_run_bench("train"))
     _add_bench_quality(kinds)
-    search = kinds.add_parser("search", help="donor search: recall@10 vs exact, queries/s, "
-                              "index build time and size at simulated atlas sizes")
-    search.add_argument("--donors", type=int, nargs="+", default=[15_000, 1_000_000])
-    search.add_argument("--dim", type=int, default=32, help="width of the donor vectors")
-    search.add_argument("--queries", type=int, default=1000, help="query donors per size")
-    search.add_argument("--compare-max", dest="compare_max", type=int, default=200_000,
-                        help="also time pynndescent up to this many donors")
-    search.add_argument("--workdir", default="bench_out/search", help="scratch directory")
-    search.add_argument("--json", required=True, help="file to save the figures to")
-    search.set_defaults(run=_run_bench("search"))
+    _add_bench_search(kinds)
 
 
 def _add_bench_loader(kinds: argparse._SubParsersAction) -> None:
@@ -447,6 +438,19 @@ def _add_bench_quality(kinds: argparse._SubParsersAction) -> None:
                          help="scratch directory (a re-run resumes from it)")
     quality.add_argument("--json", required=True, help="file to save the figures to")
     quality.set_defaults(run=_run_bench("quality"))
+
+
+def _add_bench_search(kinds: argparse._SubParsersAction) -> None:
+    search = kinds.add_parser("search", help="donor search: recall@10 vs exact, queries/s, "
+                              "index build time and size at simulated atlas sizes")
+    search.add_argument("--donors", type=int, nargs="+", default=[15_000, 1_000_000])
+    search.add_argument("--dim", type=int, default=32, help="width of the donor vectors")
+    search.add_argument("--queries", type=int, default=1000, help="query donors per size")
+    search.add_argument("--compare-max", dest="compare_max", type=int, default=200_000,
+                        help="also time pynndescent up to this many donors")
+    search.add_argument("--workdir", default="bench_out/search", help="scratch directory")
+    search.add_argument("--json", required=True, help="file to save the figures to")
+    search.set_defaults(run=_run_bench("search"))
 
 
 def _run_bench(kind: str) -> Callable[[argparse.Namespace], None]:
