@@ -30,7 +30,8 @@ Outputs, in ``out`` (built in a temporary sibling and published atomically):
   ordinal level as its donor-table value, a regression value in the target's units) and
   ``<task>_p_<class>`` (class or level probabilities), computed from the heads' outputs
   of the same forward pass as ``z`` (:mod:`~sampleclr_scale.embed.predictions`).
-- ``provenance.json``: checkpoint, store, source, config, model config, the tasks
+- ``provenance.json``: checkpoint, store, source, config, model config, the model's
+  feature-spec record (``feature_spec``, compared by ``search``), the tasks
   (``tasks``: column, kind, weight, classes, target mean and std), versions, time.
 
 :func:`embed` then writes the results back (:mod:`~sampleclr_scale.embed.writeback`),
@@ -501,6 +502,7 @@ def _provenance(store: BagStore, run_dir: str | Path, config: EmbedConfig,
         "store_source_kind": store.attrs.get("source_kind"),
         "donor_key": list(store.attrs.get("donor_key", [])),
         "features": store.attrs.get("features"),
+        "feature_spec": artifact.get("feature_spec"),  # the model's; search compares them
         "config": config.model_dump(mode="json"),
         "model_config": artifact["model_config"],
         "tasks": [asdict(task) for task in artifact["tasks"]],

@@ -174,7 +174,7 @@ def write_report(metrics: dict[str, Any], out: Path) -> Path:
     if figures["maps"]:
         lines += ["", f"## Donor maps ({metrics['map_method'].upper()})", "",
                   "Left to right: each SampleCLR method (its first run) and pseudobulk, "
-                  "computed on the scored donors.", ""]
+                  "computed on the scored donors" + _drawn(metrics) + ".", ""]
         lines += [_image(col, path) for col, path in figures["maps"].items()]
     if figures["cell_weights"]:
         lines += ["", "## Cell weights", "",
@@ -402,6 +402,15 @@ def _notes(metrics: dict[str, Any]) -> list[str]:
     notes += [f"Not evaluated: {md(name)} ({md(why)})."
               for name, why in metrics["skipped"].items()]
     return [f"- {note}" for note in notes]
+
+
+def _drawn(metrics: dict[str, Any]) -> str:
+    """How many donors the maps draw, when a sample (the scores use every donor)."""
+    drawn = metrics.get("map_donors")
+    if drawn is None or drawn >= metrics["n_donors"]:
+        return ""
+    return (f" (a uniform sample of {drawn:,} of the {metrics['n_donors']:,} donors; "
+            "the scores use every donor)")
 
 
 def _num(value: float | None, digits: int = 4) -> str:

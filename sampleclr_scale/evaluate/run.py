@@ -45,8 +45,13 @@ from sampleclr_scale.embed.config import CELLS_PARQUET, DONORS_PARQUET, PROVENAN
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import baselines, report
 from sampleclr_scale.evaluate.config import METRICS_FILE, REPORT, EvaluateConfig
+from sampleclr_scale.evaluate.neighbours import (
+    distances_if_small,
+    map_sample,
+    representation_scores,
+)
 from sampleclr_scale.evaluate.predictions import prediction_scores
-from sampleclr_scale.evaluate.spare import cosine_distances, root_donor, spare_scores
+from sampleclr_scale.evaluate.spare import root_donor
 from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.pseudobulk import donor_means
@@ -61,12 +66,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 @dataclass
 class _Run:
-    """One representation: its method, run name, distances, and vectors if any."""
+    """One representation: its method, run name, distances (None above
+    ``neighbours.DENSE_LIMIT`` donors: scored on its vectors), and vectors if any."""
 
     method: str
     name: str
     kind: str  # "sampleclr" or "baseline"
-    D: np.ndarray
+    D: np.ndarray | None
     Z: np.ndarray | None = None
     source: str | None = None
 
@@ -165,7 +171,7 @@ def _scores(bag: BagStore, named: list[tuple[str, Location]], config: EvaluateCo
     runs = []
     for name, path in named:
         Z = _aligned(path, bag, selected)
-        runs.append(_Run(_method_of(name), name, "sampleclr", cosine_distances(Z), Z, path.uri))
+        runs.append(_Run(_method_of(name), name, "sampleclr", distances_if_small(Z), Z, path.uri))
     skipped: dict[str, str] = {}
     runs += _baseline_runs(bag, selected, config, runs[0].Z.shape[1], skipped)
     methods = _score(runs, donors, config)
@@ -274,10 +280,11 @@ def _aligned(emb_dir: Location, bag: BagStore, selected: np.ndarray) -> np.ndarr
 def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, dim: int,
                    skipped: dict[str, str]) -> list[_Run]:
     pb = donor_means(bag)[selected]
-    runs = [_Run("pseudobulk", "pseudobulk", "baseline", cosine_distances(pb), pb)]
+    runs = [_Run("pseudobulk", "pseudobulk", "baseline", distances_if_small(pb), pb)]
     try:
         comp = baselines.composition(bag, CELL_TYPE_COLUMN)[selected]
-        runs.append(_Run("composition", "composition", "baseline", cosine_distances(comp), comp))
+        runs.append(_Run("composition", "composition", "baseline", distances_if_small(comp),
+                         comp))
     except InputError as err:
         skipped["composition"] = err.problem
     gloscope = baselines.gloscope_distances(bag.location.uri)
@@ -287,7 +294,7 @@ def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, 
         runs.append(_Run("gloscope", "gloscope", "baseline", gloscope[np.ix_(selected, selected)]))
     for seed in range(config.seeds):
         Z = baselines.random_vectors(len(selected), dim, seed)
-        runs.append(_Run("random", f"random_seed{seed}", "baseline", cosine_distances(Z), Z))
+        runs.append(_Run("random", f"random_seed{seed}", "baseline", distances_if_small(Z), Z))
     return runs
 
 
@@ -317,10 +324,11 @@ def _score(runs: list[_Run], donors: pd.DataFrame, config: EvaluateConfig,
         donors = donors.iloc[subset].reset_index(drop=True)
     methods: dict[str, Any] = {}
     for run in runs:
-        D = run.D if subset is None else run.D[np.ix_(subset, subset)]
+        D = run.D if subset is None or run.D is None else run.D[np.ix_(subset, subset)]
+        Z = run.Z if subset is None or run.Z is None else run.Z[subset]
         entry = methods.setdefault(run.method, {"kind": run.kind, "runs": {}})
         entry["runs"][run.name] = {"source": run.source,
-                                   "scores": spare_scores(D, donors, config)}
+                                   "scores": representation_scores(donors, config, D, Z)}
     keys = _score_keys(config)
     for entry in methods.values():
         flat = [_flatten(r["scores"], keys) for r in entry["runs"].values()]
@@ -437,11 +445,13 @@ def _figures(runs: list[_Run], bag: BagStore, selected: np.ndarray, donors: pd.D
         if run.kind == "sampleclr":
             first.setdefault(run.method, run)
     method = report.map_method(len(selected))
-    map_paths = _map_figures(first, runs, donors, config, fig_dir, method)
+    drawn = map_sample(len(donors))
+    map_paths = _map_figures(first, runs, donors, config, fig_dir, method, drawn)
     weight_paths, weights = _cell_weight_figures(first, bag, selected, fig_dir, skipped)
     curve_paths, training = _training_figures(logs, fig_dir)
     return {
         "map_method": method,
+        "map_donors": len(drawn),
         "cell_weights": weights,
         "training": training,
         "figures": {kind: {name: str(p.relative_to(out_dir)) for name, p in paths.items()}
@@ -451,10 +461,14 @@ def _figures(runs: list[_Run], bag: BagStore, selected: np.ndarray, donors: pd.D
 
 
 def _map_figures(first: dict[str, _Run], runs: list[_Run], donors: pd.DataFrame,
-                 config: EvaluateConfig, fig_dir: Path, method: str) -> dict[str, Path]:
-    """Donor maps of each SampleCLR method and pseudobulk, one PNG per covariate."""
+                 config: EvaluateConfig, fig_dir: Path, method: str,
+                 drawn: np.ndarray) -> dict[str, Path]:
+    """Donor maps of each SampleCLR method and pseudobulk, one PNG per covariate, of the
+    donors at positions ``drawn`` (all of them up to ``neighbours.MAP_DONORS``)."""
     pseudobulk_run = next(r for r in runs if r.method == "pseudobulk")
-    maps = {name: run.Z for name, run in first.items()} | {"pseudobulk": pseudobulk_run.Z}
+    maps = {name: run.Z[drawn] for name, run in first.items()}
+    maps["pseudobulk"] = pseudobulk_run.Z[drawn]
+    donors = donors.iloc[drawn].reset_index(drop=True)
     covariates = {**config.relevant, **config.technical}
     if config.trajectory is not None:
         covariates.setdefault(config.trajectory, "ordinal")
