@@ -14,7 +14,7 @@ from sampleclr_scale.evaluate.report import md, write_report
 from sampleclr_scale.evaluate.run import evaluate
 from sampleclr_scale.storage import Location, claim
 from sampleclr_scale.store.bag_store import BagStore
-from tests.test_evaluate import _write_embedding
+from tests.evaluate.test_evaluate import _write_embedding
 
 CONFIG = EvaluateConfig(seeds=1)
 

@@ -23,7 +23,7 @@ from sampleclr_scale.evaluate.spare import (
 )
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.pseudobulk import donor_means
-from tests.test_evaluate import _write_embedding, _write_run
+from tests.evaluate.test_evaluate import _write_embedding, _write_run
 
 SMALL_BLOCK = 997  # distances per block: many blocks of a few rows, a ragged last one
 

@@ -23,7 +23,7 @@ from sampleclr_scale.train.artifact import MODEL_FILE, save_model
 from sampleclr_scale.train.driver import train
 from sampleclr_scale.train.session import LocalSession
 from sampleclr_scale.train.worker import DIVERGED_FILE, Worker
-from tests.test_evaluate import _write_embedding
+from tests.evaluate.test_evaluate import _write_embedding
 
 TINY = {"preset": "small", "loader": {"batch_size": 4, "cells_per_view": 16, "seed": 1},
         "epochs": 2, "workers": 1, "log_every": 100, "seed": 1,
