@@ -24,6 +24,7 @@ any block or bucket size. The last file written is the store's manifest
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -42,7 +43,7 @@ from sampleclr_scale.console import progress
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.cohort import Cohort, select_cohort
 from sampleclr_scale.ingest.features import like_features, make_features
-from sampleclr_scale.sources.cells import open_source
+from sampleclr_scale.sources.cells import CellSource, open_source
 from sampleclr_scale.storage import staged_output
 from sampleclr_scale.store.bag_store import (
     BAG_STORE,
@@ -131,11 +132,38 @@ class _Spill:
         return cells, rows
 
 
-def ingest(config: IngestConfig) -> IngestReport:
-    """Build a bag store from ``config.source`` at ``config.out`` (atomically)."""
+def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestReport:
+    """Build a bag store from ``config.source`` at ``config.out`` (atomically).
+
+    Parameters
+    ----------
+    config
+        The cohort, its features and the store's layout (``sampleclr-scale ingest``'s
+        settings).
+    source
+        An open source to read instead of opening ``config.source`` (e.g. an
+        :class:`~sampleclr_scale.sources.anndata.AnnDataSource` of an AnnData object in
+        memory); the caller closes it.
+
+    Returns
+    -------
+    IngestReport
+        Where the store is, its counts and the time taken.
+
+    Examples
+    --------
+    >>> from sampleclr_scale import IngestConfig, ingest
+    >>> report = ingest(IngestConfig(source=h5ad_path, out=f"{tmp}/bags.zarr",
+    ...                              features="obsm:scvi", donor_key=["dataset_id", "donor_id"],
+    ...                              meta=["severity"], cell_columns=["cell_type"], min_cells=20))
+    >>> report.n_donors, report.dim
+    (24, 8)
+    """
     start = time.perf_counter()
     like = [config.features_like] if config.features_like is not None else []
-    with (open_source(config.source, config.measurement, config.organism) as source,
+    opened = (contextlib.nullcontext(source) if source is not None
+              else open_source(config.source, config.measurement, config.organism))
+    with (opened as source,
           staged_output(config.out, config.overwrite, kind=BAG_STORE,
                         inputs=[source.uri, *like]) as staging,
           # named after the staging path, so a killed run's spill files go with it
