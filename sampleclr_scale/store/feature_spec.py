@@ -144,6 +144,28 @@ def read_spec(attrs: dict[str, Any], group: zarr.Group) -> FeatureSpec | None:
                    target_sum=float(sub.attrs["normalisation"]["target_sum"]))
 
 
+SPEC_FOLDER = "feature_spec.zarr"
+"""A saved model's copy of its training store's feature spec (a Zarr group with the
+``feature_spec`` attribute and, for PCA, the ``feature_spec/`` arrays), written by
+:meth:`sampleclr_scale.api.SampleCLR.save` so that the run directory alone puts a new
+cohort in the model's space (``ingest --features-like RUN``)."""
+
+
+def write_spec_folder(path: str, spec: FeatureSpec) -> None:
+    """Write ``spec`` as a Zarr group at ``path`` (:data:`SPEC_FOLDER`)."""
+    group = zarr.open_group(path, mode="w")
+    group.attrs["feature_spec"] = write_spec(group, spec)
+
+
+def read_spec_folder(path: str) -> FeatureSpec | None:
+    """The spec written by :func:`write_spec_folder` at ``path``; None where there is none."""
+    try:
+        group = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    return read_spec(dict(group.attrs), group)
+
+
 def locate_genes(genes: tuple[str, ...], source_genes: np.ndarray) -> np.ndarray:
     """Column of each of ``genes`` among ``source_genes`` (matched by id); -1 if absent.
 
