@@ -159,6 +159,11 @@ class SampleCLR:
             Train (a local Ray, or the cluster that ``RAY_ADDRESS`` names).
         use_gpu
             Train on GPUs; default: when torch sees one.
+
+        Notes
+        -----
+        Unless ``loader={"batch_size": ...}`` was given, a cohort of fewer training
+        samples than the default batch (32 per worker) trains on batches of all of them.
         **config
             More :class:`~sampleclr_scale.config.TrainConfig` settings for this run.
 
@@ -172,12 +177,16 @@ class SampleCLR:
                    "use_gpu": torch.cuda.is_available() if use_gpu is None else use_gpu}
         if max_epochs is not None:
             updates["epochs"] = max_epochs
-        values = {**self.config.model_dump(exclude_unset=True), **updates}
-        self.config = TrainConfig.from_layers({"SampleCLR(...).train(...)": values})
         if self._store is None:
             self._store = str(self._workdir / "store.zarr")
             ingest_anndata(self.adata, self._setup, self._store)
             self._stores[id(self.adata)] = (self.adata, self._store)
+        values = {**self.config.model_dump(exclude_unset=True), **updates}
+        if "batch_size" not in self.config.loader.model_fields_set:
+            n_train = len(BagStore(self._store).split_donors("train"))
+            batch = min(self.config.loader.batch_size, max(n_train // workers, 1))
+            values["loader"] = {**values.get("loader", {}), "batch_size": batch}
+        self.config = TrainConfig.from_layers({"SampleCLR(...).train(...)": values})
         run = self._workdir / "run"
         shutil.rmtree(run, ignore_errors=True)
         self._embedded.clear()

@@ -307,6 +307,19 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
         For a Census-sourced store without ``write_back`` (Census is read-only) or a
         ``write_back`` that names no experiment (``none``, ...), before any work is done;
         for a model that does not fit the store.
+
+    Examples
+    --------
+    Continuing the example of :func:`~sampleclr_scale.train.driver.train`, without Ray
+    and without writing back:
+
+    >>> import anndata
+    >>> from sampleclr_scale.stages import embed
+    >>> result = embed(f"{tmp}/bags.zarr", f"{tmp}/run", f"{tmp}/embeddings",
+    ...                scs.EmbedConfig(cells=200), write_back=False, in_process=True)
+    >>> donors = anndata.read_h5ad(result.h5ad)
+    >>> donors.shape, "severity_pred" in donors.obs
+    ((24, 32), True)
     """
     if write_back is False:
         return run_embedding(store_path, run_dir, out, config, in_process)

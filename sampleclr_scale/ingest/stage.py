@@ -152,10 +152,16 @@ def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestRepo
 
     Examples
     --------
-    >>> from sampleclr_scale import IngestConfig, ingest
-    >>> report = ingest(IngestConfig(source=h5ad_path, out=f"{tmp}/bags.zarr",
-    ...                              features="obsm:scvi", donor_key=["dataset_id", "donor_id"],
-    ...                              meta=["severity"], cell_columns=["cell_type"], min_cells=20))
+    A simulated cohort written as an ``.h5ad`` file (``tmp`` is a scratch folder), into a
+    store of its samples' cells:
+
+    >>> import sampleclr_scale as scs
+    >>> from sampleclr_scale.stages import ingest
+    >>> scs.simulated_anndata(n_donors=24, seed=0).write_h5ad(f"{tmp}/cohort.h5ad")
+    >>> report = ingest(scs.IngestConfig(
+    ...     source=f"{tmp}/cohort.h5ad", out=f"{tmp}/bags.zarr", features="obsm:scvi",
+    ...     donor_key=["sample"], meta=["severity", "disease"], cell_columns=["cell_type"],
+    ...     min_cells=20))
     >>> report.n_donors, report.dim
     (24, 8)
     """
