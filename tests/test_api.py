@@ -230,3 +230,19 @@ def test_docstring_examples_run(tmp_path):
         console.configure("normal")
     assert runner.summarize(verbose=False).failed == 0
 
+
+
+def test_the_tutorial_runs(tmp_path, monkeypatch):
+    """docs/tutorial.py, end to end on a tiny cohort."""
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAMPLECLR_TUTORIAL_QUICK", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    script = Path(__file__).resolve().parents[1] / "docs" / "tutorial.py"
+    namespace = runpy.run_path(str(script), run_name="__main__")
+    assert (tmp_path / "donor_map.png").stat().st_size > 0
+    assert (tmp_path / "saved_model" / "model.pt").is_file()
+    assert namespace["new_donors"].n_obs == 4
+    assert namespace["weights"].index.equals(namespace["adata"].obs_names)
