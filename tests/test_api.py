@@ -246,3 +246,18 @@ def test_the_tutorial_runs(tmp_path, monkeypatch):
     assert (tmp_path / "saved_model" / "model.pt").is_file()
     assert namespace["new_donors"].n_obs == 4
     assert namespace["weights"].index.equals(namespace["adata"].obs_names)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_more_workers_train_on_ray_train(ray_cluster, tmp_path):
+    """``train(workers=2)``: the same run on Ray Train, which writes its checkpoints (slow:
+    Ray Train's start alone is most of a minute on 2 cores)."""
+    adata = _cohort(16, seed=4)
+    scs.SampleCLR.setup_anndata(adata, sample_key="sample", features="scvi", min_cells=20)
+    model = scs.SampleCLR(adata, workdir=tmp_path, epochs=1, supervised_epochs=0,
+                          loader={"cells_per_view": 32})
+    model.train(workers=2)
+    assert model.config.workers == 2 and model.config.global_batch <= 13
+    assert (tmp_path / "run" / "ray").is_dir()
+    assert model.get_sample_representation().n_obs == 16
