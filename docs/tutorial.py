@@ -48,7 +48,7 @@ N_DONORS, EPOCHS = (16, 2) if QUICK else (120, 20)
 # `sample` column (`site/donor`) names a donor.
 
 # %%
-adata = scs.simulated_anndata(n_donors=N_DONORS, min_cells=60, max_cells=300, seed=0)
+adata = scs.simulated_anndata(n_donors=N_DONORS, min_cells=100, max_cells=600, seed=0)
 print(adata)
 
 # %% [markdown]
@@ -76,9 +76,9 @@ scs.SampleCLR.setup_anndata(adata, sample_key="sample", batch_key="dataset_id",
 # this machine or on the cluster `RAY_ADDRESS` names, and `use_gpu=True` on GPUs.
 
 # %%
-model = scs.SampleCLR(adata, epochs=EPOCHS, supervised_epochs=max(EPOCHS // 4, 1),
-                      tasks={"severity": "ordinal"},
-                      loader={"cells_per_view": 64 if QUICK else 200})
+model = scs.SampleCLR(adata, epochs=EPOCHS, supervised_epochs=max(EPOCHS // 2, 1),
+                      freeze_epochs=2, patience=None, tasks={"severity": "ordinal"},
+                      loader={"cells_per_view": 64 if QUICK else 300})
 model.train()
 
 # %% [markdown]
@@ -153,7 +153,7 @@ print(relative.groupby(adata.obs["cell_type"].to_numpy()).mean().sort_values())
 # width, most genes missing) is refused with an error that says so.
 
 # %%
-new = scs.simulated_anndata(n_donors=max(N_DONORS // 4, 4), min_cells=60, max_cells=300,
+new = scs.simulated_anndata(n_donors=max(N_DONORS // 4, 4), min_cells=100, max_cells=600,
                             seed=1)
 new_donors = model.get_sample_representation(new)
 print(new_donors.obs[["severity", "severity_pred"]].head())

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
 from sampleclr_scale.api.anndata_setup import (
     AnnDataSetup,
@@ -297,7 +298,10 @@ class SampleCLR:
         run = Location(directory)
         setup, like = _saved_setup(run, artifact)
         model = cls.__new__(cls)
-        model.config = TrainConfig.model_validate(artifact["train_config"] or {})
+        try:
+            model.config = TrainConfig.model_validate(artifact["train_config"] or {})
+        except ValidationError:  # a run of an older version: its settings are history
+            model.config = TrainConfig(workers=1)
         model._setup, model._like, model._run = setup, like, run.uri
         model._workdir = _workdir(model, workdir)
         model._stores, model._embedded = {}, {}
