@@ -167,6 +167,23 @@ def test_a_run_of_the_command_line_loads(kind, cohort, tmp_path):
     np.testing.assert_array_equal(with_adata[from_store.obs_names].X, from_store.X)
 
 
+def test_a_store_of_a_soma_experiment_trains_and_embeds(store_path, tmp_path):
+    """``from_store``: the atlas route (a store ingested from a SOMA experiment)."""
+    from sampleclr_scale.store.bag_store import BagStore
+
+    model = scs.SampleCLR.from_store(store_path, workdir=tmp_path, epochs=1,
+                                     supervised_epochs=1, tasks={"severity": "ordinal"},
+                                     loader={"cells_per_view": 32})
+    assert model._setup.sample_key == ["dataset_id", "donor_id"]
+    model.train()
+    donors = model.get_sample_representation()
+    store = BagStore(store_path)
+    assert donors.n_obs == store.n_donors and "severity_pred" in donors.obs
+    weights = model.get_cell_weights(mode="all")
+    assert weights.index.name == "source_joinid" and len(weights) == store.n_cells
+    assert set(weights.index) == set(store.source_joinid())
+
+
 @pytest.fixture
 def small() -> anndata.AnnData:
     return _cohort(6, seed=3)

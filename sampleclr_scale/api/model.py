@@ -83,9 +83,14 @@ class SampleCLR:
         if setup is None:
             raise InputError("this AnnData is not set up for SampleCLR",
                              "call SampleCLR.setup_anndata(adata, sample_key=...) first")
+        self._start(adata, setup, _train_config(setup, config), workdir)
+
+    def _start(self, adata: Any, setup: AnnDataSetup, config: TrainConfig,
+               workdir: str | Path | None) -> None:
+        """The state of a new model (``__init__``, :meth:`from_store` and :meth:`load`)."""
         self.adata = adata
         self._setup = setup
-        self.config = _train_config(setup, config)
+        self.config = config
         self._workdir = _workdir(self, workdir)
         self._store: str | None = None
         self._run: str | None = None
@@ -93,6 +98,33 @@ class SampleCLR:
         self._stores: dict[int, tuple[Any, str]] = {}
         self._embedded: dict[tuple[str, str], Path] = {}
         self.history: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_store(cls, store: str | Path, workdir: str | Path | None = None,
+                   **config: Any) -> SampleCLR:
+        """A model to train on a bag store that the ingest stage built: from a SOMA
+        experiment, CELLxGENE Census or an ``.h5ad`` too large for a notebook.
+
+        Parameters
+        ----------
+        store
+            The bag store (a local path or a URI), e.g. from ``sampleclr-scale ingest
+            census --out STORE ...``.
+        workdir, **config
+            As for :class:`SampleCLR`.
+
+        Returns
+        -------
+        SampleCLR
+            An untrained model; its samples are the store's donors, its cell weights are
+            indexed by the cells' ids in the source (``soma_joinid``).
+        """
+        location = Location(store).uri
+        setup = AnnDataSetup.from_ingest(BagStore(location).attrs)
+        model = cls.__new__(cls)
+        model._start(None, setup, _train_config(setup, config), workdir)
+        model._store = location
+        return model
 
     @staticmethod
     def setup_anndata(adata: Any, sample_key: str | list[str],
@@ -171,7 +203,7 @@ class SampleCLR:
         """
         import torch
 
-        if self.adata is None:
+        if self.adata is None and self._store is None:
             raise InputError("this model was loaded without an AnnData to train on",
                              "create a new SampleCLR(adata, ...) to train")
         updates = {**config, "workers": workers,
@@ -232,14 +264,19 @@ class SampleCLR:
         pandas.DataFrame
             Indexed like ``adata.obs_names``, one column per head (``head_0`` ...): the
             cell's weight in its sample's bag (averaged over repeats, for samples with
-            fewer cells than ``cells``), NaN for cells the embedding did not choose.
+            fewer cells than ``cells``), NaN for cells the embedding did not choose. A
+            model without an AnnData (:meth:`from_store`, :meth:`load` of a run of the
+            command line) gives the chosen cells only, indexed by their ids in the source
+            (``source_joinid``: ``soma_joinid``, or the row of an ``.h5ad``).
         """
         import pyarrow.parquet as pq
 
-        target = self._target(adata)
         cells = pq.read_table(self._embedding(adata, settings) / CELLS_PARQUET).to_pandas()
         heads = [c for c in cells.columns if c.startswith("head_")]
         mean = cells.groupby("source_joinid")[heads].mean()
+        if adata is None and self.adata is None:  # a store's cells: by their source ids
+            return mean.astype(np.float32)
+        target = self._target(adata)
         out = pd.DataFrame(np.nan, index=target.obs_names.copy(), columns=heads,
                            dtype=np.float32)
         out.iloc[mean.index.to_numpy()] = mean.to_numpy(dtype=np.float32)
@@ -299,14 +336,12 @@ class SampleCLR:
         setup, like = _saved_setup(run, artifact)
         model = cls.__new__(cls)
         try:
-            model.config = TrainConfig.model_validate(artifact["train_config"] or {})
+            config = TrainConfig.model_validate(artifact["train_config"] or {})
         except ValidationError:  # a run of an older version: its settings are history
-            model.config = TrainConfig(workers=1)
-        model._setup, model._like, model._run = setup, like, run.uri
-        model._workdir = _workdir(model, workdir)
-        model._stores, model._embedded = {}, {}
+            config = TrainConfig(workers=1)
+        model._start(adata, setup, config, workdir)
+        model._like, model._run = like, run.uri
         model.history = list(artifact.get("history") or [])
-        model.adata, model._store = adata, None
         if adata is None and like is not None and Location(like).exists() and \
                 not (Location(like) / SPEC_FOLDER).exists():
             model._store = like  # a command-line run: its training store
