@@ -192,14 +192,15 @@ class SampleCLR:
             Train (a local Ray, or the cluster that ``RAY_ADDRESS`` names).
         use_gpu
             Train on GPUs; default: when torch sees one.
+        **config
+            More :class:`~sampleclr_scale.config.TrainConfig` settings for this run.
 
         Notes
         -----
         Unless ``loader={"batch_size": ...}`` was given, a cohort of fewer training
         samples than the default batch (32 per worker) trains on batches of all of them.
-        **config
-            More :class:`~sampleclr_scale.config.TrainConfig` settings for this run.
-
+        The bag store is built once, at the first call (in the working directory); a
+        second call trains a new run on it.
         """
         import torch
 
@@ -359,8 +360,9 @@ class SampleCLR:
         """The AnnData whose cells are meant: ``adata``, else the model's."""
         target = adata if adata is not None else self.adata
         if target is None:
-            raise InputError("this model has no AnnData of its own (it was loaded without "
-                             "one)", "pass adata=, or load it with SampleCLR.load(dir, adata)")
+            raise InputError("this model has no AnnData of its own (it was loaded or built "
+                             "from a store without one)",
+                             "pass adata=, or load it with SampleCLR.load(dir, adata)")
         return target
 
     def _store_of(self, adata: Any) -> str:
