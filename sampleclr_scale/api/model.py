@@ -313,7 +313,7 @@ class SampleCLR:
         (path / SETUP_FILE).write_text(self._setup.model_dump_json(indent=2))
         spec = BagStore(self._like).feature_spec if self._like else None
         if spec is not None:
-            write_spec_folder(str(path / SPEC_FOLDER), spec)
+            write_spec_folder(Location(path / SPEC_FOLDER), spec)
         return path
 
     @classmethod

@@ -217,7 +217,7 @@ def _stored_spec(location: str) -> FeatureSpec:
     InputError
         For a store whose PCA was ingested before specs were stored.
     """
-    saved = read_spec_folder(str(Location(location) / SPEC_FOLDER))
+    saved = read_spec_folder(Location(location) / SPEC_FOLDER)
     if saved is not None:
         return saved
     spec = BagStore(location).feature_spec

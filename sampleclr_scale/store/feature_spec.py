@@ -31,6 +31,7 @@ import pandas as pd
 import zarr
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +152,18 @@ SPEC_FOLDER = "feature_spec.zarr"
 cohort in the model's space (``ingest --features-like RUN``)."""
 
 
-def write_spec_folder(path: str, spec: FeatureSpec) -> None:
-    """Write ``spec`` as a Zarr group at ``path`` (:data:`SPEC_FOLDER`)."""
-    group = zarr.open_group(path, mode="w")
+def write_spec_folder(location: Location, spec: FeatureSpec) -> None:
+    """Write ``spec`` as a Zarr group at ``location`` (:data:`SPEC_FOLDER`)."""
+    group = location.open_group(mode="w")
     group.attrs["feature_spec"] = write_spec(group, spec)
 
 
-def read_spec_folder(path: str) -> FeatureSpec | None:
-    """The spec written by :func:`write_spec_folder` at ``path``; None where there is none."""
-    try:
-        group = zarr.open_group(path, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+def read_spec_folder(location: Location) -> FeatureSpec | None:
+    """The spec written by :func:`write_spec_folder` at ``location``; None where there is
+    none (a bag store, a run of the command line)."""
+    if not location.is_zarr_group():
         return None
+    group = location.open_group(mode="r")
     return read_spec(dict(group.attrs), group)
 
 
