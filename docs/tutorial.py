@@ -183,11 +183,14 @@ print(new_donors.obs[["severity", "severity_pred"]].head())
 # takes it as it is:
 #
 # ```bash
-# sampleclr-scale ingest new.h5ad --out new.zarr --features-like saved_model --donor-key sample
+# sampleclr-scale ingest new.h5ad --out new.zarr --features-like saved_model \
+#     --donor-key sample --cell-columns cell_type
 # sampleclr-scale embed --store new.zarr --checkpoint saved_model --out new_embeddings
 # ```
 #
-# A run trained by `sampleclr-scale train` loads here too: `SampleCLR.load(RUN)` embeds its
+# (`--cell-columns cell_type`: a model trained on views balanced over the cell types draws
+# its cells for embedding the same way, so the new store needs them.) A run trained by
+# `sampleclr-scale train` loads here too: `SampleCLR.load(RUN)` embeds its
 # training store, `SampleCLR.load(RUN, adata)` your AnnData.
 
 # %%
