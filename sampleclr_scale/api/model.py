@@ -198,7 +198,9 @@ class SampleCLR:
         Notes
         -----
         Unless ``loader={"batch_size": ...}`` was given, a cohort of fewer training
-        samples than the default batch (32 per worker) trains on batches of all of them.
+        samples than the default batch (32 per worker) trains on batches of all of them;
+        unless ``loader={"cells_per_view": ...}`` was given, a view holds at most half of
+        the median sample's cells (1000 by default: the paper's).
         The bag store is built once, at the first call (in the working directory); a
         second call trains a new run on it.
         """
@@ -216,10 +218,7 @@ class SampleCLR:
             ingest_anndata(self.adata, self._setup, self._store)
             self._stores[id(self.adata)] = (self.adata, self._store)
         values = {**self.config.model_dump(exclude_unset=True), **updates}
-        if "batch_size" not in self.config.loader.model_fields_set:
-            n_train = len(BagStore(self._store).split_donors("train"))
-            batch = min(self.config.loader.batch_size, max(n_train // workers, 1))
-            values["loader"] = {**values.get("loader", {}), "batch_size": batch}
+        values["loader"] = _fitted_loader(self.config, BagStore(self._store), workers)
         self.config = TrainConfig.from_layers({"SampleCLR(...).train(...)": values})
         run = self._workdir / "run"
         shutil.rmtree(run, ignore_errors=True)
@@ -421,6 +420,19 @@ def _train_config(setup: AnnDataSetup, config: dict[str, Any]) -> TrainConfig:
         raise InputError(f"tasks {varying} are not sample-level obs columns (one value per "
                          "sample)", f"use one of {setup.metadata}")
     return result
+
+
+def _fitted_loader(config: TrainConfig, store: BagStore, workers: int) -> dict[str, Any]:
+    """The loader settings with the defaults the user left fitted to a small cohort: a
+    batch of at most the training samples, views of at most half the median sample."""
+    loader = config.loader.model_dump(exclude_unset=True)
+    if "batch_size" not in config.loader.model_fields_set:
+        n_train = len(store.split_donors("train"))
+        loader["batch_size"] = min(config.loader.batch_size, max(n_train // workers, 1))
+    if "cells_per_view" not in config.loader.model_fields_set:
+        half = int(np.median(store.cells_per_donor)) // 2
+        loader["cells_per_view"] = min(config.loader.cells_per_view, max(half, 1))
+    return loader
 
 
 def _workdir(owner: object, workdir: str | Path | None) -> Path:
