@@ -10,7 +10,8 @@ Three verbosities (``sampleclr-scale -q`` / default / ``-v``):
 - ``verbose``: DEBUG from everything, Ray's worker output forwarded to the console.
 
 Progress bars are tqdm's, on stderr, and switch themselves off when stderr is not a
-terminal (a log file, CI), so logs hold lines, not carriage returns.
+terminal (a log file, CI), so logs hold lines, not carriage returns. In a Jupyter kernel
+they are always on, as notebook widgets where ipywidgets is installed (``tqdm.auto``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,30 @@ def progress(total: int | None, desc: str, unit: str, **options: Any) -> tqdm:
     **options
         More :class:`tqdm.tqdm` options.
     """
+    quiet = verbosity() == "quiet"
+    if _in_notebook():
+        return _notebook_bar()(total=total, desc=desc, unit=unit, leave=False, disable=quiet,
+                               **options)
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                leave=False, disable=True if verbosity() == "quiet" else None, **options)
+                leave=False, disable=True if quiet else None, **options)
+
+
+def _in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (whose streams are no terminals)."""
+    shell = sys.modules.get("IPython")
+    ipython = getattr(shell, "get_ipython", lambda: None)() if shell is not None else None
+    return ipython is not None and type(ipython).__name__ == "ZMQInteractiveShell"
+
+
+def _notebook_bar() -> type[tqdm]:
+    """``tqdm.auto``'s widget bar where ipywidgets is installed, else a text bar."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return tqdm
+    from tqdm.auto import tqdm as auto
+
+    return auto
 
 
 def say(line: str) -> None:

@@ -41,6 +41,8 @@ only.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import logging
 import platform
@@ -244,12 +246,16 @@ class EmbedWorker:
         The bag store and the training run (``RUN/model.pt``).
     config
         The embedding config as a mapping.
+    limit_threads
+        Use one CPU thread (an actor holds one CPU); an in-process worker leaves the
+        process's setting alone.
     """
 
-    def __init__(self, store_path: str, run_dir: str, config: dict[str, Any]) -> None:
+    def __init__(self, store_path: str, run_dir: str, config: dict[str, Any],
+                 limit_threads: bool = True) -> None:
         self.config = EmbedConfig.model_validate(config)
         self.device = "cuda" if self.config.use_gpu else "cpu"
-        if not self.config.use_gpu:
+        if limit_threads and not self.config.use_gpu:
             torch.set_num_threads(1)
         self.store = BagStore(store_path)
         model, artifact = load_model(run_dir)
@@ -268,7 +274,8 @@ class EmbedWorker:
 
 
 def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: EmbedConfig,
-          write_back: str | Literal[False] | None = None) -> EmbedResult:
+          write_back: str | Literal[False] | None = None, *,
+          in_process: bool = False) -> EmbedResult:
     """Embed every donor, write the outputs to ``out``, then write the results back.
 
     Parameters
@@ -286,6 +293,9 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
         :func:`~sampleclr_scale.embed.writeback.soma_target` for the default); the results
         are then also written into the store, under ``embeddings/<run>``. False writes
         nothing back (``--no-write-back``): only ``out``.
+    in_process
+        Embed in this process without Ray (``config.workers`` is not used), as a notebook
+        does; the outputs are the same as the actors'.
 
     Returns
     -------
@@ -298,11 +308,24 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
         For a Census-sourced store without ``write_back`` (Census is read-only) or a
         ``write_back`` that names no experiment (``none``, ...), before any work is done;
         for a model that does not fit the store.
+
+    Examples
+    --------
+    Continuing the example of :func:`~sampleclr_scale.train.driver.train`, without Ray
+    and without writing back:
+
+    >>> import anndata
+    >>> from sampleclr_scale.stages import embed
+    >>> result = embed(f"{tmp}/bags.zarr", f"{tmp}/run", f"{tmp}/embeddings",
+    ...                scs.EmbedConfig(cells=200), write_back=False, in_process=True)
+    >>> donors = anndata.read_h5ad(result.h5ad)
+    >>> donors.shape, "severity_pred" in donors.obs
+    ((24, 32), True)
     """
     if write_back is False:
-        return run_embedding(store_path, run_dir, out, config)
+        return run_embedding(store_path, run_dir, out, config, in_process)
     store, run, target = _write_back_plan(store_path, run_dir, config, write_back)
-    result = run_embedding(store_path, run_dir, out, config)
+    result = run_embedding(store_path, run_dir, out, config, in_process)
     return replace(result, write_back=_write_back(result.out, store, run, target))
 
 
@@ -345,32 +368,28 @@ def complete_write_back(store_path: str | Path, run_dir: str | Path, out: str | 
 
 
 def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
-                  config: EmbedConfig) -> EmbedResult:
-    """Embed every donor and write the outputs to ``out``, without writing back."""
-    import ray
-    from ray.util import ActorPool
+                  config: EmbedConfig, in_process: bool = False) -> EmbedResult:
+    """Embed every donor and write the outputs to ``out``, without writing back.
 
+    ``in_process`` embeds in this process, with no Ray (one :class:`EmbedWorker`, not
+    an actor; ``config.workers`` is not used); the outputs are the same.
+    """
     store = BagStore(store_path)
     model, artifact = load_model(run_dir)
     _check_fits(store, artifact, model.config.input_dim, run_dir)
     tasks = [list(range(a, min(a + config.batch_donors, store.n_donors)))
              for a in range(0, store.n_donors, config.batch_donors)]
     begin = time.perf_counter()
-    ensure_ray()
-    actor = ray.remote(EmbedWorker).options(num_cpus=1, num_gpus=int(config.use_gpu))
-    actors = [actor.remote(store.location.uri, Location(run_dir).uri,
-                           config.model_dump(mode="json"))
-              for _ in range(min(config.workers, len(tasks)))]
-    try:
-        ray.get([a.ready.remote() for a in actors])
+    workers = _local_results if in_process else _actor_results
+    with workers(store, run_dir, config, tasks) as results:
         startup = time.perf_counter() - begin
-        log.info("embedding %d donors with %d actors (%s, %d cells per donor)",
-                 store.n_donors, len(actors), config.mode, config.cells)
+        log.info("embedding %d donors %s (%s, %d cells per donor)", store.n_donors,
+                 "in this process" if in_process else f"with {config.workers} actors",
+                 config.mode, config.cells)
         with staged_output(out, config.overwrite, kind=EMBEDDINGS,
                            inputs=[store.location, run_dir]) as staging:
             staging.mkdir()
             start = time.perf_counter()
-            results = ActorPool(actors).map(lambda a, donors: a.embed.remote(donors), tasks)
             z = np.zeros((store.n_donors, model.config.output_dim), dtype=np.float32)
             outputs: dict[str, np.ndarray] = {}
             n_cells = _write_cells(results, z, outputs, staging / CELLS_PARQUET)
@@ -378,17 +397,45 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
             seconds = time.perf_counter() - start
             provenance = _provenance(store, run_dir, config, artifact, n_cells, seconds)
             _write_donors(staging, store, z, provenance, artifact["tasks"], outputs)
-    finally:
-        for a in actors:
-            ray.kill(a)
     out = Location(out)
-    rate = store.n_donors / seconds
+    rate = store.n_donors / max(seconds, 1e-9)
     log.info("embedded %d donors in %.1f s (%.1f donors/s) into %s", store.n_donors, seconds,
              rate, out)
     return EmbedResult(out, out / DONORS_PARQUET, out / DONORS_H5AD, out / CELLS_PARQUET,
                        out / PROVENANCE_FILE, store.n_donors, n_cells, round(startup, 3),
                        round(seconds, 3), round(rate, 1),
                        out / PREDICTIONS_PARQUET if artifact["tasks"] else None)
+
+
+@contextlib.contextmanager
+def _actor_results(store: BagStore, run_dir: str | Path, config: EmbedConfig,
+                   tasks: list[list[int]]) -> Iterator[Iterator[EmbeddedBatch]]:
+    """The tasks' results, in task order, from a pool of Ray actors (ready when this
+    yields; killed after)."""
+    import ray
+    from ray.util import ActorPool
+
+    ensure_ray()
+    actor = ray.remote(EmbedWorker).options(num_cpus=1, num_gpus=int(config.use_gpu))
+    actors = [actor.remote(store.location.uri, Location(run_dir).uri,
+                           config.model_dump(mode="json"))
+              for _ in range(min(config.workers, len(tasks)))]
+    try:
+        ray.get([a.ready.remote() for a in actors])
+        yield ActorPool(actors).map(lambda a, donors: a.embed.remote(donors), tasks)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+@contextlib.contextmanager
+def _local_results(store: BagStore, run_dir: str | Path, config: EmbedConfig,
+                   tasks: list[list[int]]) -> Iterator[Iterator[EmbeddedBatch]]:
+    """The tasks' results, in task order, computed in this process by one
+    :class:`EmbedWorker` (the actors' code, without Ray)."""
+    worker = EmbedWorker(store.location.uri, Location(run_dir).uri,
+                         config.model_dump(mode="json"), limit_threads=False)
+    yield (worker.embed(donors) for donors in tasks)
 
 
 def _check_finite(store: BagStore, z: np.ndarray, outputs: dict[str, np.ndarray],
@@ -489,11 +536,17 @@ def _write_donors(directory: Path, store: BagStore, z: np.ndarray, provenance: d
     (directory / PROVENANCE_FILE).write_text(text + "\n")
 
 
+def _version(package: str) -> str | None:
+    """An installed package's version, without importing it (None if not installed)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _provenance(store: BagStore, run_dir: str | Path, config: EmbedConfig,
                 artifact: dict[str, Any], n_cells: int, seconds: float) -> dict[str, Any]:
     """Where the embeddings come from: model, store, source, settings, versions."""
-    import ray
-
     return {
         "checkpoint": Location(run_dir).uri,
         "run_name": config.run_name or Location(run_dir).name,
@@ -511,6 +564,6 @@ def _provenance(store: BagStore, run_dir: str | Path, config: EmbedConfig,
         "n_cells": n_cells,
         "seconds": round(seconds, 3),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "ray": ray.__version__, "numpy": np.__version__},
+                     "ray": _version("ray"), "numpy": np.__version__},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

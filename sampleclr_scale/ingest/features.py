@@ -20,13 +20,16 @@ from sampleclr_scale.config import IngestConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.cell_index import CellIndex
 from sampleclr_scale.sources.base import CellSource
+from sampleclr_scale.storage import Location
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.feature_spec import (
+    SPEC_FOLDER,
     EmbeddingSpec,
     FeatureSpec,
     PCASpec,
     check_missing_genes,
     locate_genes,
+    read_spec_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -206,13 +209,17 @@ def like_features(source: CellSource, config: IngestConfig) -> EmbeddingFeatures
 
 
 def _stored_spec(location: str) -> FeatureSpec:
-    """The feature spec of the store at ``location``.
+    """The feature spec of the store at ``location``, or of a saved model there (a run
+    directory with :data:`~sampleclr_scale.store.feature_spec.SPEC_FOLDER`).
 
     Raises
     ------
     InputError
         For a store whose PCA was ingested before specs were stored.
     """
+    saved = read_spec_folder(Location(location) / SPEC_FOLDER)
+    if saved is not None:
+        return saved
     spec = BagStore(location).feature_spec
     if spec is None:
         raise InputError(f"bag store {location} does not store its PCA (it was ingested by an "

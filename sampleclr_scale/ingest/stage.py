@@ -24,6 +24,7 @@ any block or bucket size. The last file written is the store's manifest
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -42,6 +43,7 @@ from sampleclr_scale.console import progress
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.cohort import Cohort, select_cohort
 from sampleclr_scale.ingest.features import like_features, make_features
+from sampleclr_scale.sources.base import CellSource
 from sampleclr_scale.sources.registry import open_source
 from sampleclr_scale.storage import staged_output
 from sampleclr_scale.store.bag_store import (
@@ -148,12 +150,45 @@ def _check_own_columns(config: IngestConfig) -> None:
                 "the source")
 
 
-def ingest(config: IngestConfig) -> IngestReport:
-    """Build a bag store from ``config.source`` at ``config.out`` (atomically)."""
+def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestReport:
+    """Build a bag store from ``config.source`` at ``config.out`` (atomically).
+
+    Parameters
+    ----------
+    config
+        The cohort, its features and the store's layout (``sampleclr-scale ingest``'s
+        settings).
+    source
+        An open source to read instead of opening ``config.source`` (e.g. an
+        :class:`~sampleclr_scale.sources.anndata.AnnDataSource` of an AnnData object in
+        memory); the caller closes it.
+
+    Returns
+    -------
+    IngestReport
+        Where the store is, its counts and the time taken.
+
+    Examples
+    --------
+    A simulated cohort written as an ``.h5ad`` file (``tmp`` is a scratch folder), into a
+    store of its samples' cells:
+
+    >>> import sampleclr_scale as scs
+    >>> from sampleclr_scale.stages import ingest
+    >>> scs.simulated_anndata(n_donors=24, seed=0).write_h5ad(f"{tmp}/cohort.h5ad")
+    >>> report = ingest(scs.IngestConfig(
+    ...     source=f"{tmp}/cohort.h5ad", out=f"{tmp}/bags.zarr", features="obsm:scvi",
+    ...     donor_key=["sample"], meta=["severity", "disease"], cell_columns=["cell_type"],
+    ...     min_cells=20))
+    >>> report.n_donors, report.dim
+    (24, 8)
+    """
     start = time.perf_counter()
     _check_own_columns(config)
     like = [config.features_like] if config.features_like is not None else []
-    with (open_source(config.source, config.measurement, config.organism) as source,
+    opened = (contextlib.nullcontext(source) if source is not None
+              else open_source(config.source, config.measurement, config.organism))
+    with (opened as source,
           staged_output(config.out, config.overwrite, kind=BAG_STORE,
                         inputs=[source.uri, *like]) as staging,
           # named after the staging path, so a killed run's spill files go with it

@@ -31,6 +31,7 @@ import pandas as pd
 import zarr
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,28 @@ def read_spec(attrs: dict[str, Any], group: zarr.Group) -> FeatureSpec | None:
     return PCASpec(genes=tuple(sub.attrs["genes"]), mean=sub["mean"][:],
                    components=sub["components"][:],
                    target_sum=float(sub.attrs["normalisation"]["target_sum"]))
+
+
+SPEC_FOLDER = "feature_spec.zarr"
+"""A saved model's copy of its training store's feature spec (a Zarr group with the
+``feature_spec`` attribute and, for PCA, the ``feature_spec/`` arrays), written by
+:meth:`sampleclr_scale.api.SampleCLR.save` so that the run directory alone puts a new
+cohort in the model's space (``ingest --features-like RUN``)."""
+
+
+def write_spec_folder(location: Location, spec: FeatureSpec) -> None:
+    """Write ``spec`` as a Zarr group at ``location`` (:data:`SPEC_FOLDER`)."""
+    group = location.open_group(mode="w")
+    group.attrs["feature_spec"] = write_spec(group, spec)
+
+
+def read_spec_folder(location: Location) -> FeatureSpec | None:
+    """The spec written by :func:`write_spec_folder` at ``location``; None where there is
+    none (a bag store, a run of the command line)."""
+    if not location.is_zarr_group():
+        return None
+    group = location.open_group(mode="r")
+    return read_spec(dict(group.attrs), group)
 
 
 def locate_genes(genes: tuple[str, ...], source_genes: np.ndarray) -> np.ndarray:

@@ -119,7 +119,42 @@ def _check_run_store(run: Location, store: BagStore) -> None:
 
 def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = False,
           in_process: bool = False) -> TrainResult:
-    """Train SampleCLR on a bag store with Ray Train; see the module docstring."""
+    """Train SampleCLR on a bag store with Ray Train, or in this process; see the module
+    docstring.
+
+    Parameters
+    ----------
+    store_path
+        The bag store (a local path or a URI).
+    run_dir
+        The run directory: ``model.pt``, ``metrics.jsonl``, ``train_config.json``,
+        ``store.json`` and Ray's checkpoints (``ray/``).
+    config
+        The run's settings (``sampleclr-scale train --config``).
+    resume
+        Continue the interrupted run in ``run_dir`` (same settings, same store).
+    in_process
+        Train in this process without Ray (``config.workers`` must be 1): no checkpoints
+        on storage, the same training loop.
+
+    Returns
+    -------
+    TrainResult
+        The run directory, the model file and every epoch's metrics.
+
+    Examples
+    --------
+    Continuing the example of :func:`~sampleclr_scale.ingest.stage.ingest` (``tmp`` is a
+    scratch folder):
+
+    >>> from sampleclr_scale.stages import train
+    >>> config = scs.TrainConfig(epochs=2, supervised_epochs=1, workers=1,
+    ...                          tasks=[{"column": "severity", "kind": "ordinal"}],
+    ...                          loader={"cells_per_view": 64, "batch_size": 8})
+    >>> result = train(f"{tmp}/bags.zarr", f"{tmp}/run", config, in_process=True)
+    >>> [(m["stage"], m["epoch"]) for m in result.history]
+    [(1, 0), (1, 1), (2, 2)]
+    """
     store = BagStore(store_path)
     tasks = setup.check_run(store, config)
     if in_process and config.workers != 1:

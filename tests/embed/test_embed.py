@@ -213,6 +213,21 @@ def test_z_and_weights_equal_a_direct_model_call(embedded, setup):
 
 
 @pytest.mark.ray
+def test_in_process_embedding_equals_the_actors(embedded, setup, tmp_path):
+    """One implementation, two places: the in-process worker chooses the actors' cells and
+    computes their vectors (up to float sums over another number of threads)."""
+    local = run_embedding(setup["store"], setup["run"], tmp_path / "local", CONFIG,
+                          in_process=True)
+    np.testing.assert_allclose(_z(local.donor_embeddings), _z(embedded.donor_embeddings),
+                               rtol=1e-5, atol=1e-6)
+    cells, expected = _cells(local), _cells(embedded)
+    columns = ["donor_index", "store_row", "source_joinid"]
+    assert cells[columns].equals(expected[columns])
+    np.testing.assert_allclose(cells[["head_0", "head_1"]], expected[["head_0", "head_1"]],
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.ray
 def test_rerun_is_identical_and_random_mode_differs(embedded, setup):
     again = run_embedding(setup["store"], setup["run"], setup["root"] / "again", CONFIG)
     assert np.array_equal(_z(again.donor_embeddings), _z(embedded.donor_embeddings))

@@ -1,0 +1,37 @@
+"""The stage functions, as the command line runs them, for scripts and notebooks.
+
+``ingest``, ``train``, ``embed`` and ``evaluate`` cannot be names of the package itself,
+where they name the stages' subpackages, so they are here (imported on first use, so
+that this module stays light)::
+
+    from sampleclr_scale.stages import embed, evaluate, ingest, train
+
+Each reads and writes storage only (a bag store, a run directory, an embedding folder, a
+report), so a stage run here and one run by ``sampleclr-scale`` are interchangeable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "ingest": "sampleclr_scale.ingest.stage",
+    "build_prior": "sampleclr_scale.prior.build",
+    "train": "sampleclr_scale.train.driver",
+    "embed": "sampleclr_scale.embed.embedder",
+    "evaluate": "sampleclr_scale.evaluate.run",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
