@@ -75,8 +75,9 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="keep only is_primary_data == True cells (default for Census)")
     p.add_argument("--min-cells", dest="min_cells", type=int, help="drop smaller donors")
     p.add_argument("--meta", nargs="+", help="donor-level obs columns to keep")
-    p.add_argument("--cell-columns", nargs="+", dest="cell_columns",
-                   help="cell-level obs columns to keep (e.g. cell_type)")
+    p.add_argument("--cell-columns", nargs="*", dest="cell_columns",
+                   help="cell-level obs columns to keep (default: cell_type when the source "
+                   "has it; give the flag with no column to keep none)")
     p.add_argument("--batch-key", nargs="+", dest="batch_key",
                    help="donor-level obs column(s) naming a technical batch (e.g. dataset_id "
                    "assay): kept in the donor table, with per-batch feature mean and std")

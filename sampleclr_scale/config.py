@@ -141,8 +141,11 @@ class IngestConfig(StageConfig):
     """Donors with fewer cells (after all filters) are dropped and counted."""
     meta: list[str] = Field(default_factory=list)
     """Donor-level obs columns kept in the donor table (e.g. disease, sex, age)."""
-    cell_columns: list[str] = Field(default_factory=list)
-    """Cell-level obs columns kept in the cell table (e.g. cell_type)."""
+    cell_columns: list[str] | None = None
+    """Cell-level obs columns kept in the cell table and as per-row codes (e.g.
+    cell_type). None (the default): ``cell_type`` when the source has that column, so
+    that training balances its views over cell types and the evaluation scores the
+    cell-type baselines without an optional flag; an empty list keeps none."""
     batch_key: list[str] = Field(default_factory=list)
     """Obs column(s) naming a donor's technical batch (e.g. ``dataset_id``, ``assay``, a
     site or pool column); the batch is the combination of their values and must be the

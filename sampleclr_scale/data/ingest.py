@@ -57,6 +57,9 @@ from sampleclr_scale.errors import InputError
 from sampleclr_scale.storage import staged_output
 
 log = logging.getLogger(__name__)
+DEFAULT_CELL_COLUMN = "cell_type"
+"""The cell-level column ingest records when ``--cell-columns`` is not given and the
+source has it (CELLxGENE Census and the simulated cohorts do)."""
 
 
 def hash_order_keys(ids: np.ndarray, seed: int) -> np.ndarray:
@@ -141,6 +144,7 @@ def ingest(config: IngestConfig) -> IngestReport:
           # named after the staging path, so a killed run's spill files go with it
           tempfile.TemporaryDirectory(dir=staging.parent,
                                       prefix=f".{staging.name}.spill-") as spill):
+        config = with_default_cell_columns(config, source.obs_columns)
         # another store's features are checked against the source before the cohort is read
         features = like_features(source, config) if like else None
         cohort = select_cohort(source, config, Path(spill))
@@ -183,6 +187,19 @@ def ingest(config: IngestConfig) -> IngestReport:
              report.n_cells, report.n_donors, report.dim, report.seconds,
              report.cells_per_second)
     return report
+
+
+def with_default_cell_columns(config: IngestConfig, obs_columns: list[str]) -> IngestConfig:
+    """``config`` with ``cell_columns`` resolved: unset (None) means
+    :data:`DEFAULT_CELL_COLUMN` when the source has it (logged), else none."""
+    if config.cell_columns is not None:
+        return config
+    found = [DEFAULT_CELL_COLUMN] if DEFAULT_CELL_COLUMN in obs_columns else []
+    if found:
+        log.info("recording cell-level column %r (views are balanced over it and the "
+                 "evaluation scores cell-type baselines; --cell-columns sets others, an "
+                 "empty --cell-columns none)", DEFAULT_CELL_COLUMN)
+    return config.model_copy(update={"cell_columns": found})
 
 
 def _unrecorded(config: IngestConfig) -> set[str]:

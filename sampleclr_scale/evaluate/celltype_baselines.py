@@ -25,7 +25,8 @@ import numpy as np
 from sampleclr_scale.data.batches import BatchMoments
 from sampleclr_scale.data.store import BagStore
 
-__all__ = ["PSEUDOCOUNT", "TypeMoments", "center_per_batch", "clr", "pair_moments",
+__all__ = ["PSEUDOCOUNT", "TypeMoments", "celltype_representations", "center_per_batch",
+           "clr", "pair_moments",
            "standardized_type_means", "store_type_moments", "type_moments",
            "type_pseudobulk"]
 
@@ -162,3 +163,36 @@ def standardized_type_means(count: np.ndarray, mean: np.ndarray, m2: np.ndarray,
     sigma[sigma < min_std] = 1.0
     z = (mean - mu[batch]) / sigma[batch]
     return np.where(count[..., None] > 0, z, 0.0).reshape(len(count), -1)
+
+
+def celltype_representations(store: BagStore, column: str,
+                             pseudobulk: np.ndarray) -> dict[str, np.ndarray]:
+    """Every baseline of this module for all donors of ``store`` (``[n_donors, D]`` each).
+
+    Parameters
+    ----------
+    store
+        A bag store with ``codes/<column>`` (ingested with that cell column).
+    column
+        The cell-type column.
+    pseudobulk
+        ``[n_donors, d]`` mean features of each donor (centred per batch here).
+
+    Returns
+    -------
+    dict
+        ``composition_clr`` and ``celltype_pseudobulk``; with a batch key also
+        ``composition_clr_centred``, ``celltype_pseudobulk_centred``,
+        ``celltype_standardized`` and ``pseudobulk_centred``.
+    """
+    n_types = len(store.category_counts(column))
+    count, mean, m2 = store_type_moments(store, column, n_types)
+    reps = {"composition_clr": clr(count), "celltype_pseudobulk": type_pseudobulk(count, mean)}
+    batch = store.donor_batch
+    if batch is not None:
+        batch = np.asarray(batch, dtype=np.int64)
+        reps |= {"composition_clr_centred": center_per_batch(reps["composition_clr"], batch),
+                 "celltype_pseudobulk_centred": type_pseudobulk(count, mean, batch),
+                 "celltype_standardized": standardized_type_means(count, mean, m2, batch),
+                 "pseudobulk_centred": center_per_batch(pseudobulk, batch)}
+    return reps
