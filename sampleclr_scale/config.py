@@ -319,11 +319,15 @@ class TrainConfig(StageConfig):
     """First epochs of stage 2 that train only the supervised heads."""
     patience: int | None = Field(default=10, ge=1)
     """Stop a stage after this many epochs without a better validation loss."""
-    standardize: Literal["auto", "batch", "none"] = "none"
+    standardize: Literal["auto", "batch", "batch_cell_type", "none"] = "none"
     """Cell features as the model sees them: ``"batch"`` standardises each feature within
     the donor's technical batch (the store's statistics from ``ingest --batch-key``),
-    ``"none"`` keeps the stored features, ``"auto"`` is ``"batch"`` when the store has
-    batch statistics. Embedding applies the same. The centred bags of the default model
+    ``"batch_cell_type"`` maps each cell with the shrunk location and scale of its (batch,
+    cell type) pair onto its cell type's over the cohort (ComBat-like, per cell type; the
+    store's ``batch_type_scale``/``batch_type_offset`` from ``ingest --batch-key`` with
+    ``cell_type`` codes; ``sampleclr_scale/data/type_batches.py``), ``"none"`` keeps the
+    stored features, ``"auto"`` is ``"batch"`` when the store has batch statistics.
+    Embedding applies the same. The centred bags of the default model
     already ignore an additive site shift; standardising on top rescales each site by
     statistics that its donors' biology also sets, which cost batch mixing and held-out
     scores on the mixed scenario (benchmarks/README.md, "Quality")."""

@@ -46,16 +46,34 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "prior": {"standardize": "batch", "loss": {"prior": "gloscope"}},
     "supervised": {"standardize": "batch",
                    "tasks": [{"column": "severity", "kind": "ordinal"}]},
+    "type_standardized": {"standardize": "batch_cell_type"},
+    "type_standardized_uniform": {"standardize": "batch_cell_type", "loader": {"balance": None}},
+    "type_standardized_supervised": {"standardize": "batch_cell_type",
+                                     "tasks": [{"column": "severity", "kind": "ordinal"}]},
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types; the variants
 above it leave some of that out. ``standardized`` adds per-site standardisation, and the
-variants below it add one thing each to ``standardized`` (as they were measured)."""
+variants below it add one thing each to ``standardized`` (as they were measured).
+``type_standardized*`` replace the per-site standardisation with the per-(site, cell type)
+correction (``standardize: batch_cell_type``), with balanced or uniform views."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},
+    "shape_celltype": {"scenario": "shape", "n_donors": 160,
+                       **synthetic.CELL_TYPE_SITE_EFFECTS},
+    "mixed_celltype": {"scenario": "mixed", "n_donors": 160,
+                       **synthetic.CELL_TYPE_SITE_EFFECTS},
+    "composition": {"n_donors": 160},
+    "realistic": {"n_donors": 160},
+    "realistic_confounded": {"scenario": "realistic", "n_donors": 160, "confounding": 0.8},
 }
-"""The cohorts: CohortSpec.for_scenario overrides (the demo's cohort is ``mixed``)."""
+"""The cohorts: CohortSpec.for_scenario overrides (``scenario``: the simulator's scenario
+when the name is not one). The demo's cohort is ``mixed``; ``shape`` and ``mixed`` have an
+additive site shift only, the others per-cell-type site effects
+(``synthetic.CELL_TYPE_SITE_EFFECTS``: a shift per (site, cell type), a gain per (site,
+feature), a technical composition shift), ``realistic_confounded`` puts 80 % of the most
+severe donors into one site."""
 _META = ["disease", "severity", "age", "sex", "assay"]
 
 
@@ -93,8 +111,9 @@ def bench_quality(*, scenarios: list[str], variants: list[str], seeds: list[int]
                                "scenarios": {}}
     for scenario in scenarios:
         begin = time.perf_counter()
-        spec = synthetic.CohortSpec.for_scenario(scenario, n_genes=50,
-                                                 **SCENARIOS[scenario])
+        overrides = dict(SCENARIOS[scenario])
+        spec = synthetic.CohortSpec.for_scenario(overrides.pop("scenario", scenario),
+                                                 n_genes=50, **overrides)
         out = workdir / scenario
         soma = out / "cohort.soma"
         if not soma.exists():

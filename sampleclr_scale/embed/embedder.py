@@ -60,6 +60,7 @@ from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.console import progress
 from sampleclr_scale.data.feature_spec import check_same_space
 from sampleclr_scale.data.store import BagStore
+from sampleclr_scale.data.type_batches import apply_affine
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import (
     CELLS_PARQUET,
@@ -136,8 +137,8 @@ def training_balance(artifact: dict[str, Any]) -> str | None:
 
 
 def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: EmbedConfig,
-                 device: str = "cpu", standardize: bool = False, balance: str | None = None
-                 ) -> EmbeddedBatch:
+                 device: str = "cpu", standardize: bool | str | None = False,
+                 balance: str | None = None) -> EmbeddedBatch:
     """Select cells and embed a run of donors (the body of one task).
 
     Parameters
@@ -154,8 +155,9 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
     device
         Torch device of the model.
     standardize
-        Standardise each donor's cells with its batch's statistics, as the model was
-        trained (the artifact's ``standardize``).
+        Standardise each donor's cells as the model was trained (the artifact's
+        ``standardize``): True or ``"batch"`` with its batch's statistics,
+        ``"batch_cell_type"`` with its (batch, cell type) pairs' maps.
     balance
         The cell-level column the model's training views were balanced over
         (``LoaderConfig.balance``): ``mode: random`` then draws the cells the same way
@@ -174,13 +176,17 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         target = counts / counts.sum()
     batch = store.donor_batch if standardize else None
     codes = None if target is None else store.codes(balance)
+    maps = store.batch_type_maps if standardize == "batch_cell_type" else None
     bags, rows = [], []
     for donor in donors:
         start, stop = int(store.donor_ptr[donor]), int(store.donor_ptr[donor + 1])
         if config.mode == "centrality" and config.graph_cells is not None:
             stop = min(stop, start + config.graph_cells)
         x = np.asarray(store.features[start:stop], dtype=np.float32)
-        if standardize:
+        if maps is not None:
+            x = apply_affine(x, maps[0], maps[1], int(batch[donor]),
+                             np.asarray(store.codes(maps[2])[start:stop]))
+        elif standardize:
             x = store.standardize(x, int(batch[donor]))
         if target is None:
             chosen = select_cells(x, config.cells, config.mode, k=config.k, seed=config.seed,
@@ -253,7 +259,8 @@ class EmbedWorker:
         self.store = BagStore(store_path)
         model, artifact = load_model(run_dir)
         self.model = model.to(self.device)
-        self.standardize = bool(artifact.get("standardize", False))
+        mode = artifact.get("standardize")
+        self.standardize = "batch" if mode is True else (mode or None)
         self.balance = training_balance(artifact)
 
     def ready(self) -> bool:
@@ -369,6 +376,11 @@ def _check_fits(store: BagStore, artifact: dict[str, Any], input_dim: int,
             f"store {store.location} has {store.dim}",
             "embed with a model trained on this store's features",
         )
+    if artifact.get("standardize") == "batch_cell_type" and store.batch_type_maps is None:
+        raise InputError(
+            f"the model in {run_dir} was trained on features corrected per (batch, cell "
+            f"type); the store {store.location} has no such statistics",
+            "ingest the store with --batch-key and cell_type codes (--cell-columns cell_type)")
     if artifact.get("standardize") and store.batch_stats is None:
         raise InputError(
             f"the model in {run_dir} was trained on features standardised per technical "

@@ -99,12 +99,12 @@ def load_prior_tensor(store: BagStore, config: TrainConfig) -> torch.Tensor | No
     return load_prior(store.location.uri, config.loss.store_prior).to_torch_dense()
 
 
-def standardizes(store: BagStore, config: TrainConfig) -> bool:
-    """Whether the run standardises cell features per technical batch (see
-    ``TrainConfig.standardize``)."""
+def standardizes(store: BagStore, config: TrainConfig) -> str | None:
+    """How the run standardises cell features (see ``TrainConfig.standardize``):
+    ``"batch"``, ``"batch_cell_type"`` or None (not at all)."""
     if config.standardize == "auto":
-        return store.batch_stats is not None
-    return config.standardize == "batch"
+        return "batch" if store.batch_stats is not None else None
+    return None if config.standardize == "none" else config.standardize
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -164,6 +164,7 @@ def _check_batches(store: BagStore, config: TrainConfig) -> None:
     """Batch-aware settings need a store ingested with ``--batch-key``."""
     wanted = [name for name, on in (
         ("standardize: batch", config.standardize == "batch"),
+        ("standardize: batch_cell_type", config.standardize == "batch_cell_type"),
         ("loss.negatives: same_batch", config.loss.needs_batches),
     ) if on]
     if wanted and store.donor_batch is None:
