@@ -331,6 +331,12 @@ class TrainConfig(StageConfig):
     already ignore an additive site shift; standardising on top rescales each site by
     statistics that its donors' biology also sets, which cost batch mixing and held-out
     scores on the mixed scenario (benchmarks/README.md, "Quality")."""
+    composition_channel: float = Field(default=0.0, ge=0.0)
+    """Weight of the batch-aware composition channel that ``embed`` appends to every
+    donor embedding: the CLR of the donor's cell-type counts, centred per technical batch
+    when the store has batches, next to the learned vector scaled to unit norm
+    (``sampleclr_scale/data/composition.py``). 0 leaves the learned vector alone. Needs
+    the store's ``cell_type`` codes."""
     workers: int = Field(default=2, ge=1)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False

@@ -56,19 +56,6 @@ def test_type_moments_match_a_loop_whatever_the_slicing(tiny: dict) -> None:
         np.testing.assert_allclose(a, b, atol=1e-9)
 
 
-def test_clr_and_centring_match_plain_formulas() -> None:
-    counts = np.array([[10, 0, 5], [1, 1, 1], [0, 0, 7]])
-    for row, got in zip(counts, cb.clr(counts), strict=True):
-        logs = [math.log(c + 0.5) for c in row]
-        np.testing.assert_allclose(got, [v - sum(logs) / 3 for v in logs])
-    X = np.arange(12, dtype=float).reshape(4, 3)
-    batch = np.array([5, 2, 5, 2])
-    expected = X.copy()
-    for b in (2, 5):
-        expected[batch == b] -= X[batch == b].mean(0)
-    np.testing.assert_allclose(cb.center_per_batch(X, batch), expected)
-
-
 def test_standardized_type_means_match_cells_standardised_per_pair(tiny: dict) -> None:
     t = tiny
     count, mean, m2 = _loop_moments(t)

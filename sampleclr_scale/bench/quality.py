@@ -50,6 +50,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "type_standardized_uniform": {"standardize": "batch_cell_type", "loader": {"balance": None}},
     "type_standardized_supervised": {"standardize": "batch_cell_type",
                                      "tasks": [{"column": "severity", "kind": "ordinal"}]},
+    "type_composition": {"standardize": "batch_cell_type", "composition_channel": 1.0},
+    "type_composition_half": {"standardize": "batch_cell_type", "composition_channel": 0.5},
+    "composition_channel": {"composition_channel": 1.0},
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types; the variants

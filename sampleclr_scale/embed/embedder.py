@@ -58,6 +58,7 @@ import torch
 
 from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.console import progress
+from sampleclr_scale.data.composition import composition_channel, donor_type_counts
 from sampleclr_scale.data.feature_spec import check_same_space
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.data.type_batches import apply_affine
@@ -82,6 +83,8 @@ from sampleclr_scale.train.setup import TaskInfo
 
 log = logging.getLogger(__name__)
 
+COMPOSITION_COLUMN = "cell_type"
+"""The cell-level column of the composition channel (``TrainConfig.composition_channel``)."""
 _CELL_BUDGET = 1 << 20
 """Most cells (bags x padded bag length) in one forward pass (``mode: all``)."""
 
@@ -318,6 +321,16 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
     return replace(result, write_back=locations)
 
 
+def _with_composition(store: BagStore, z: np.ndarray, artifact: dict[str, Any]) -> np.ndarray:
+    """``z`` with the composition channel of a model trained with
+    ``composition_channel > 0`` (:func:`~sampleclr_scale.data.composition.composition_channel`)."""
+    weight = float((artifact.get("train_config") or {}).get("composition_channel", 0.0))
+    if weight <= 0:
+        return z
+    counts = donor_type_counts(store, COMPOSITION_COLUMN)
+    return composition_channel(z, counts, store.donor_batch, weight)
+
+
 def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
                   config: EmbedConfig) -> EmbedResult:
     """Embed every donor and write the outputs to ``out``, without writing back."""
@@ -348,6 +361,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
             z = np.zeros((store.n_donors, model.config.output_dim), dtype=np.float32)
             outputs: dict[str, np.ndarray] = {}
             n_cells = _write_cells(results, z, outputs, staging / CELLS_PARQUET)
+            z = _with_composition(store, z, artifact)
             seconds = time.perf_counter() - start
             provenance = _provenance(store, run_dir, config, artifact, n_cells, seconds)
             _write_donors(staging, store, z, provenance, artifact["tasks"], outputs)
@@ -386,6 +400,12 @@ def _check_fits(store: BagStore, artifact: dict[str, Any], input_dim: int,
             f"the model in {run_dir} was trained on features standardised per technical "
             f"batch; the store {store.location} has no batch statistics",
             "ingest the store with --batch-key (the batch columns of the training store)")
+    if ((artifact.get("train_config") or {}).get("composition_channel", 0.0) > 0
+            and COMPOSITION_COLUMN not in store.code_columns):
+        raise InputError(
+            f"the model in {run_dir} appends a composition channel; the store "
+            f"{store.location} has no {COMPOSITION_COLUMN} codes",
+            f"ingest with --cell-columns {COMPOSITION_COLUMN}")
     if training_balance(artifact) is not None:
         store.codes(training_balance(artifact))  # the column the views were balanced over
     check_prediction_columns(artifact["tasks"], ["donor_index", *store.donors.columns],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from sampleclr_scale.data.batches import BatchMoments
+from sampleclr_scale.data.composition import PSEUDOCOUNT, center_per_batch, clr
 from sampleclr_scale.data.store import BagStore
 
 __all__ = ["PSEUDOCOUNT", "TypeMoments", "celltype_representations", "center_per_batch",
@@ -30,8 +31,6 @@ __all__ = ["PSEUDOCOUNT", "TypeMoments", "celltype_representations", "center_per
            "standardized_type_means", "store_type_moments", "type_moments",
            "type_pseudobulk"]
 
-PSEUDOCOUNT = 0.5
-"""Added to every cell-type count before the log-ratio (zeros have no logarithm)."""
 _BLOCK_ROWS = 1 << 18
 
 
@@ -85,24 +84,6 @@ def store_type_moments(store: BagStore, column: str, n_types: int,
         rows = np.asarray(store.features[lo:hi], dtype=np.float64)
         moments.add_cells(rows, donor_of_row[lo:hi], np.asarray(codes[lo:hi], np.int64))
     return moments.arrays()
-
-
-def clr(counts: np.ndarray, pseudocount: float = PSEUDOCOUNT) -> np.ndarray:
-    """Centred log-ratio of each row of ``counts`` (``[N, K]``) plus ``pseudocount``."""
-    logs = np.log(np.asarray(counts, dtype=np.float64) + pseudocount)
-    return logs - logs.mean(axis=1, keepdims=True)
-
-
-def center_per_batch(X: np.ndarray, batch: np.ndarray) -> np.ndarray:
-    """``X`` (``[N, ...]``) minus the mean of the rows of each row's batch (codes ``[N]``)."""
-    X = np.asarray(X, dtype=np.float64)
-    _, inverse = np.unique(batch, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    flat = X.reshape(len(X), -1)
-    sums = np.zeros((inverse.max() + 1, flat.shape[1]))
-    np.add.at(sums, inverse, flat)
-    means = sums / np.bincount(inverse)[:, None]
-    return (flat - means[inverse]).reshape(X.shape)
 
 
 def pair_moments(count: np.ndarray, mean: np.ndarray, m2: np.ndarray, batch: np.ndarray,
