@@ -136,18 +136,21 @@ def bench_quality(*, scenarios: list[str], variants: list[str], seeds: list[int]
 
 
 COLUMNS = (("information/severity", "severity"), ("information", "information"),
-           ("batch", "batch mixing"), ("trajectory", "trajectory"), ("total", "total"))
+           ("batch", "batch mixing"), ("batch/dataset_id", "site mixing"),
+           ("trajectory", "trajectory"), ("total", "total"))
 """The flat SPARE scores in :func:`quality_table`, with their headings."""
 
 
 def quality_table(scenario: dict[str, Any]) -> str:
     """One scenario's scores as a markdown table: mean +- std over seeds, all donors, then
     the held-out donors' severity and total."""
-    head = [label for _, label in COLUMNS] + ["held-out severity", "held-out total"]
+    head = [label for _, label in COLUMNS] + ["held-out severity", "held-out site mixing",
+                                              "held-out total"]
     lines = ["| method | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
     for name, method in scenario["methods"].items():
         cells = [_cell(method["all"], key) for key, _ in COLUMNS]
-        cells += [_cell(method["held_out"], key) for key in ("information/severity", "total")]
+        cells += [_cell(method["held_out"], key)
+                  for key in ("information/severity", "batch/dataset_id", "total")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
