@@ -326,8 +326,8 @@ class TrainConfig(StageConfig):
     cell type) pair onto its cell type's over the cohort (ComBat-like, per cell type; the
     store's ``batch_type_scale``/``batch_type_offset`` from ``ingest --batch-key`` with
     ``cell_type`` codes; ``sampleclr_scale/data/type_batches.py``), ``"none"`` keeps the
-    stored features, ``"auto"`` is ``"batch"`` when the store has batch statistics.
-    Embedding applies the same. The centred bags of the default model
+    stored features, ``"auto"`` is ``"batch_cell_type"`` when the store has those
+    statistics and ``"none"`` otherwise. Embedding applies the same. The centred bags of the default model
     already ignore an additive site shift; standardising on top rescales each site by
     statistics that its donors' biology also sets, which cost batch mixing and held-out
     scores on the mixed scenario (benchmarks/README.md, "Quality")."""

@@ -323,10 +323,18 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
 
 def _with_composition(store: BagStore, z: np.ndarray, artifact: dict[str, Any]) -> np.ndarray:
     """``z`` with the composition channel of a model trained with
-    ``composition_channel > 0`` (:func:`~sampleclr_scale.data.composition.composition_channel`)."""
+    ``composition_channel > 0`` (:func:`~sampleclr_scale.data.composition.composition_channel`);
+    unchanged, with a warning, for a store without ``cell_type`` codes."""
     weight = float((artifact.get("train_config") or {}).get("composition_channel", 0.0))
     if weight <= 0:
         return z
+    if COMPOSITION_COLUMN not in store.code_columns:
+        log.warning("no composition channel: the store %s has no %s codes (ingest with "
+                    "--cell-columns %s to add it)", store.location, COMPOSITION_COLUMN,
+                    COMPOSITION_COLUMN)
+        return z
+    log.info("appending the composition channel (weight %g, %s)", weight,
+             "CLR centred per batch" if store.donor_batch is not None else "CLR")
     counts = donor_type_counts(store, COMPOSITION_COLUMN)
     return composition_channel(z, counts, store.donor_batch, weight)
 
@@ -400,12 +408,6 @@ def _check_fits(store: BagStore, artifact: dict[str, Any], input_dim: int,
             f"the model in {run_dir} was trained on features standardised per technical "
             f"batch; the store {store.location} has no batch statistics",
             "ingest the store with --batch-key (the batch columns of the training store)")
-    if ((artifact.get("train_config") or {}).get("composition_channel", 0.0) > 0
-            and COMPOSITION_COLUMN not in store.code_columns):
-        raise InputError(
-            f"the model in {run_dir} appends a composition channel; the store "
-            f"{store.location} has no {COMPOSITION_COLUMN} codes",
-            f"ingest with --cell-columns {COMPOSITION_COLUMN}")
     if training_balance(artifact) is not None:
         store.codes(training_balance(artifact))  # the column the views were balanced over
     check_prediction_columns(artifact["tasks"], ["donor_index", *store.donors.columns],

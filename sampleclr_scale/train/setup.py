@@ -6,6 +6,7 @@ model) and the workers (which build the same objects), so both see one definitio
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,11 +14,13 @@ import torch
 from torch import nn
 
 from sampleclr_scale.config import LoaderConfig, TrainConfig
-from sampleclr_scale.data.loader import check_views_fit
+from sampleclr_scale.data.loader import check_views_fit, resolve_balance
 from sampleclr_scale.data.store import BagStore
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.losses import TaskLoss, build_objective
 from sampleclr_scale.model import ModelConfig, TaskSpec, recommended_preset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,33 @@ def standardizes(store: BagStore, config: TrainConfig) -> str | None:
     """How the run standardises cell features (see ``TrainConfig.standardize``):
     ``"batch"``, ``"batch_cell_type"`` or None (not at all)."""
     if config.standardize == "auto":
-        return "batch" if store.batch_stats is not None else None
+        return "batch_cell_type" if store.batch_type_maps is not None else None
     return None if config.standardize == "none" else config.standardize
+
+
+def describe_run(store: BagStore, config: TrainConfig) -> str:
+    """What the run balances its views over, how it corrects batches and whether embed
+    appends the composition channel, each with why: the settings that depend on what
+    ingest recorded (``cell_type`` codes, ``--batch-key``), said plainly."""
+    balance = resolve_balance(store, config.loader.balance)
+    mode = standardizes(store, config)
+    has_types = "cell_type" in store.code_columns
+    parts = [
+        f"views balanced over {balance!r} (composition cannot tell donors apart)"
+        if balance else "uniform views (the store has no cell_type codes)"
+        if config.loader.balance == "auto" else "uniform views (loader.balance: null)",
+        {"batch_cell_type": "cells corrected per (batch, cell type)",
+         "batch": "cells standardised per batch"}.get(
+            mode or "", "no batch correction" + (
+                " (the store has no --batch-key with cell_type codes)"
+                if config.standardize == "auto" else "")),
+        (f"composition channel of weight {config.composition_channel:g}"
+         + (" (CLR centred per batch)" if store.donor_batch is not None else ""))
+        if config.composition_channel > 0 and has_types
+        else "no composition channel" + (" (the store has no cell_type codes)"
+                                         if config.composition_channel > 0 else ""),
+    ]
+    return "; ".join(parts)
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -155,6 +183,7 @@ def check_run(store: BagStore, config: TrainConfig) -> list[TaskInfo]:
         )
     check_views_fit(store, config.loader)
     _check_batches(store, config)
+    log.info("training: %s", describe_run(store, config))
     load_prior_tensor(store, config)  # a missing prior fails here, not in every worker
     model_config(store, config, tasks)
     return tasks
