@@ -327,10 +327,11 @@ class TrainConfig(StageConfig):
     store's ``batch_type_scale``/``batch_type_offset`` from ``ingest --batch-key`` with
     ``cell_type`` codes; ``sampleclr_scale/data/type_batches.py``), ``"none"`` keeps the
     stored features, ``"auto"`` is ``"batch_cell_type"`` when the store has those
-    statistics and ``"none"`` otherwise. Embedding applies the same. The centred bags of the default model
-    already ignore an additive site shift; standardising on top rescales each site by
-    statistics that its donors' biology also sets, which cost batch mixing and held-out
-    scores on the mixed scenario (benchmarks/README.md, "Quality")."""
+    statistics and ``"none"`` otherwise. Embedding applies the same. Per-batch
+    standardisation rescales each site by statistics that its donors' biology and
+    composition also set, which cost batch mixing and held-out scores on the mixed
+    scenario; the per-(batch, cell type) correction removes per-type site shifts and gains
+    (benchmarks/README.md, "Quality")."""
     composition_channel: float = Field(default=0.0, ge=0.0)
     """Weight of the batch-aware composition channel that ``embed`` appends to every
     donor embedding: the CLR of the donor's cell-type counts, centred per technical batch
