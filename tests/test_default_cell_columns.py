@@ -21,3 +21,23 @@ def test_explicit_cell_columns_are_kept_even_when_empty() -> None:
     assert with_default_cell_columns(_config(cell_columns=[]), obs).cell_columns == []
     assert with_default_cell_columns(_config(cell_columns=["cell_state"]),
                                      obs).cell_columns == ["cell_state"]
+
+
+def test_train_says_what_it_balances_and_corrects(batch_store, store_path) -> None:
+    from sampleclr_scale.config import TrainConfig
+    from sampleclr_scale.data.store import BagStore
+    from sampleclr_scale.train.setup import describe_run, standardizes
+
+    with_batches, without = BagStore(batch_store), BagStore(store_path)
+    config = TrainConfig(standardize="auto", composition_channel=1.0)
+    assert standardizes(with_batches, config) == "batch_cell_type"
+    assert standardizes(without, config) is None
+    assert standardizes(with_batches, TrainConfig(standardize="none")) is None
+    text = describe_run(with_batches, config)
+    assert "balanced over 'cell_type'" in text and "per (batch, cell type)" in text
+    assert "composition channel of weight 1 (CLR centred per batch)" in text
+    text = describe_run(without, config)
+    assert "no batch correction (the store has no --batch-key" in text
+    uniform = TrainConfig(loader={"balance": None}, composition_channel=0.0)
+    assert "uniform views (loader.balance: null)" in describe_run(without, uniform)
+    assert "no composition channel" in describe_run(without, uniform)
