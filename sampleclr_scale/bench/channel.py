@@ -5,8 +5,8 @@ run's learned donor vectors, the store's cell-type counts and its batches, appli
 ``embed`` after the model. So a sweep over its weight needs no training: for every
 embedding ``BASE_seedN`` of a ``bench quality`` scenario directory, this writes
 ``BASE_cW_seedN`` (the vectors with the channel of weight ``W``, exactly what ``embed``
-writes for a model trained with ``composition_channel: W``) and scores them all with the
-evaluation stage, next to the baselines.
+writes for a model trained with ``composition_channel: W``) and scores them with the
+evaluation stage, next to the scenario's other runs and the baselines.
 
 Run: ``python -m sampleclr_scale.bench.channel WORKDIR/SCENARIO BASE W [W ...] --json F``.
 """
@@ -42,7 +42,8 @@ def channel_sweep(scenario_dir: Path, base: str, weights: list[float]) -> dict[s
     runs = sorted(p for p in (scenario_dir / "embeddings").glob(f"{base}_seed*"))
     if not runs:
         raise SystemExit(f"no {base}_seed* embeddings under {scenario_dir / 'embeddings'}")
-    named = [f"{p.name}={p}" for p in runs]
+    every = sorted(p for p in (scenario_dir / "embeddings").iterdir() if p.is_dir())
+    named = [f"{p.name}={p}" for p in every]  # every trained run, scored alongside
     for weight in weights:
         for path in runs:
             seed = path.name.rsplit("_seed", 1)[1]
