@@ -319,7 +319,7 @@ class TrainConfig(StageConfig):
     """First epochs of stage 2 that train only the supervised heads."""
     patience: int | None = Field(default=10, ge=1)
     """Stop a stage after this many epochs without a better validation loss."""
-    standardize: Literal["auto", "batch", "batch_cell_type", "none"] = "none"
+    standardize: Literal["auto", "batch", "batch_cell_type", "none"] = "auto"
     """Cell features as the model sees them: ``"batch"`` standardises each feature within
     the donor's technical batch (the store's statistics from ``ingest --batch-key``),
     ``"batch_cell_type"`` maps each cell with the shrunk location and scale of its (batch,
@@ -332,12 +332,15 @@ class TrainConfig(StageConfig):
     composition also set, which cost batch mixing and held-out scores on the mixed
     scenario; the per-(batch, cell type) correction removes per-type site shifts and gains
     (benchmarks/README.md, "Quality")."""
-    composition_channel: float = Field(default=0.0, ge=0.0)
+    composition_channel: float = Field(default=2.0, ge=0.0)
     """Weight of the batch-aware composition channel that ``embed`` appends to every
     donor embedding: the CLR of the donor's cell-type counts, centred per technical batch
     when the store has batches, next to the learned vector scaled to unit norm
-    (``sampleclr_scale/data/composition.py``). 0 leaves the learned vector alone. Needs
-    the store's ``cell_type`` codes."""
+    (``sampleclr_scale/data/composition.py``). Balanced views keep composition out of the
+    learned vector (so it cannot be a donor's fingerprint in training); the channel puts it
+    back, batch-aware. 0 leaves the learned vector alone; a store without ``cell_type``
+    codes gets no channel (embed warns). The default 2 was chosen by the worst scenario of
+    the quality benchmark (benchmarks/README.md, "Cohorts like real ones")."""
     workers: int = Field(default=2, ge=1)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False

@@ -28,38 +28,41 @@ from typing import Any
 from sampleclr_scale.data import synthetic
 from sampleclr_scale.pipeline import ModelRecipe, PipelineConfig, run_pipeline
 
-_UNIFORM = {"standardize": "none", "loader": {"balance": None}}
+_OFF = {"standardize": "none", "composition_channel": 0.0}  # the batch handling before #20
+_UNIFORM = {**_OFF, "loader": {"balance": None}}
 PAPER = {"model": {"pooling": "cells", "center": False}, **_UNIFORM}
 """The published model: weighted sums of raw cell features, uniform views, no batch
 handling."""
+_TYPE = {"standardize": "batch_cell_type", "composition_channel": 0.0}
+_ORDINAL = {"tasks": [{"column": "severity", "kind": "ordinal"}]}
 VARIANTS: dict[str, dict[str, Any]] = {
     "paper": PAPER,
     "paper_batchnorm": {**PAPER, "model": {**PAPER["model"], "norm": "batchnorm"}},
     "learned": {"model": {"center": False}, **_UNIFORM},
     "centred": {"model": {"pooling": "cells"}, **_UNIFORM},
     "learned_centred": _UNIFORM,
+    "balanced": _OFF,
+    "balanced_supervised": {**_OFF, **_ORDINAL},
+    "batch_standardized": {**_OFF, "standardize": "batch", "loader": {"balance": None}},
+    "standardized": {**_OFF, "standardize": "batch"},
+    "same_batch": {**_OFF, "standardize": "batch", "loss": {"negatives": "same_batch"}},
+    "prior": {**_OFF, "standardize": "batch", "loss": {"prior": "gloscope"}},
+    "supervised": {**_OFF, "standardize": "batch", **_ORDINAL},
+    "type_standardized": _TYPE,
+    "type_standardized_uniform": {**_TYPE, "loader": {"balance": None}},
+    "type_standardized_supervised": {**_TYPE, **_ORDINAL},
     "default": {},
-    "default_supervised": {"tasks": [{"column": "severity", "kind": "ordinal"}]},
-    "batch_standardized": {"standardize": "batch", "loader": {"balance": None}},
-    "standardized": {"standardize": "batch"},
-    "same_batch": {"standardize": "batch", "loss": {"negatives": "same_batch"}},
-    "prior": {"standardize": "batch", "loss": {"prior": "gloscope"}},
-    "supervised": {"standardize": "batch",
-                   "tasks": [{"column": "severity", "kind": "ordinal"}]},
-    "type_standardized": {"standardize": "batch_cell_type"},
-    "type_standardized_uniform": {"standardize": "batch_cell_type", "loader": {"balance": None}},
-    "type_standardized_supervised": {"standardize": "batch_cell_type",
-                                     "tasks": [{"column": "severity", "kind": "ordinal"}]},
-    "type_composition": {"standardize": "batch_cell_type", "composition_channel": 1.0},
-    "type_composition_half": {"standardize": "batch_cell_type", "composition_channel": 0.5},
-    "composition_channel": {"composition_channel": 1.0},
+    "default_supervised": _ORDINAL,
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
-cell features pooled from centred bags, views balanced over cell types; the variants
-above it leave some of that out. ``standardized`` adds per-site standardisation, and the
-variants below it add one thing each to ``standardized`` (as they were measured).
-``type_standardized*`` replace the per-site standardisation with the per-(site, cell type)
-correction (``standardize: batch_cell_type``), with balanced or uniform views."""
+cell features pooled from centred bags, views balanced over cell types, the per-(site,
+cell type) correction (``standardize: auto`` with the store's statistics) and the
+composition channel of weight 2. ``balanced`` is the default before issue #20 (no batch
+handling, no channel); the variants above it leave some of that out, ``standardized``
+adds per-site standardisation and the variants below it add one thing each to it (as they
+were measured). ``type_standardized*`` replace the per-site standardisation with the
+per-(site, cell type) correction, with balanced or uniform views, without the channel (the
+channel's weight is swept on their runs by :mod:`sampleclr_scale.bench.channel`)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},
