@@ -102,6 +102,7 @@ def test_cramers_v_and_the_confounding_table() -> None:
                             {"site": "categorical", "sex": "categorical"})
     assert out["severity"]["site"]["cramers_v"] > 0.7 > 0.3 > out["severity"]["sex"]["cramers_v"]
     assert out["severity"]["site"]["ami"] > 0.3 and out["age"]["site"]["n"] == 200
+    assert out["severity"]["site"]["p_value"] < 1e-6 < out["severity"]["sex"]["p_value"]
     assert "Confounded: severity with site" in confounding_sentences(out)[0]
     donors["site"] = rng.choice(["s1", "s2"], 200)
     calm = confounding_table(donors, {"severity": "ordinal"}, {"site": "categorical"})

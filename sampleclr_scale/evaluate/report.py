@@ -366,12 +366,14 @@ def _confounding_section(metrics: dict[str, Any]) -> list[str]:
     table = block["table"]
     technical = list(next(iter(table.values())))
     lines = ["", "## Confounding (relevant vs technical covariates)", "",
-             "Cramér's V (adjusted mutual information) over the scored donors; 0: "
-             "independent, 1: one determines the other.", "",
+             "Cramér's V (adjusted mutual information; chi-square p-value) over the scored "
+             "donors; 0: independent, 1: one determines the other.", "",
              "| relevant | " + " | ".join(technical) + " |",
              "|---|" + "---|" * len(technical)]
     for rel, row in table.items():
-        cells = [f"{_num(e['cramers_v'], 2)} ({_num(e['ami'], 2)})" for e in row.values()]
+        cells = [f"{_num(e['cramers_v'], 2)} ({_num(e['ami'], 2)}; "
+                 f"{'-' if e['p_value'] is None else format(e['p_value'], '.2g')})"
+                 for e in row.values()]
         lines.append(f"| {rel} | " + " | ".join(cells) + " |")
     return [*lines, "", *block["meaning"]]
 
