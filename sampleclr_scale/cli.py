@@ -75,8 +75,9 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="keep only is_primary_data == True cells (default for Census)")
     p.add_argument("--min-cells", dest="min_cells", type=int, help="drop smaller donors")
     p.add_argument("--meta", nargs="+", help="donor-level obs columns to keep")
-    p.add_argument("--cell-columns", nargs="+", dest="cell_columns",
-                   help="cell-level obs columns to keep (e.g. cell_type)")
+    p.add_argument("--cell-columns", nargs="*", dest="cell_columns",
+                   help="cell-level obs columns to keep (default: cell_type when the source "
+                   "has it; give the flag with no column to keep none)")
     p.add_argument("--batch-key", nargs="+", dest="batch_key",
                    help="donor-level obs column(s) naming a technical batch (e.g. dataset_id "
                    "assay): kept in the donor table, with per-batch feature mean and std")
@@ -322,14 +323,25 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-cells", type=int, default=3000)
     p.add_argument("--genes", type=int, default=200)
     p.add_argument("--dim", type=int, default=32, help="width of the obsm embedding")
-    p.add_argument("--scenario", choices=["mixed", "shape", "composition"], default="mixed",
+    p.add_argument("--scenario", choices=["mixed", "shape", "composition", "realistic"],
+                   default="mixed",
                    help="what severity changes: composition and within-type states (mixed), "
-                   "only the shape of within-type state distributions (shape), or only "
-                   "composition; each with its default effect sizes and site shift")
+                   "only the shape of within-type state distributions (shape), only "
+                   "composition (composition), or composition, one type's mean state and "
+                   "another's split (realistic); each with its default effect sizes and "
+                   "site effects (composition and realistic: per-cell-type site effects)")
     p.add_argument("--site-effect", type=float,
                    help="additive technical shift per site (default: the scenario's)")
-    p.add_argument("--site-composition", type=float, default=0.0,
-                   help="sd of a technical per-site change of cell-type log-proportions")
+    p.add_argument("--site-composition", type=float,
+                   help="sd of a technical per-site change of cell-type log-proportions "
+                   "(default: the scenario's)")
+    p.add_argument("--site-type-effect", type=float,
+                   help="sd of a shift per (site, cell type) (default: the scenario's)")
+    p.add_argument("--site-gain", type=float,
+                   help="sd of a log gain per (site, feature) (default: the scenario's)")
+    p.add_argument("--confounding", type=float,
+                   help="probability that a donor of the top severity level is put in "
+                   "site 0 (a confounded design; default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_simulate)
 
@@ -337,11 +349,14 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 def _run_simulate(args: argparse.Namespace) -> None:
     from sampleclr_scale.simulate import cohorts as synthetic
 
-    overrides = {} if args.site_effect is None else {"site_effect": args.site_effect}
+    optional = ("site_effect", "site_composition", "site_type_effect", "site_gain",
+                "confounding")
+    overrides = {name: getattr(args, name) for name in optional
+                 if getattr(args, name) is not None}
     spec = synthetic.CohortSpec.for_scenario(
         args.scenario, n_donors=args.donors, min_cells=args.min_cells,
         max_cells=args.max_cells, n_genes=args.genes, embedding_dim=args.dim,
-        site_composition=args.site_composition, seed=args.seed, **overrides)
+        seed=args.seed, **overrides)
     if args.format == "h5ad":
         where = synthetic.write_h5ad(spec, args.out)
     else:

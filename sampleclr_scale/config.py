@@ -141,8 +141,11 @@ class IngestConfig(StageConfig):
     """Donors with fewer cells (after all filters) are dropped and counted."""
     meta: list[str] = Field(default_factory=list)
     """Donor-level obs columns kept in the donor table (e.g. disease, sex, age)."""
-    cell_columns: list[str] = Field(default_factory=list)
-    """Cell-level obs columns kept in the cell table (e.g. cell_type)."""
+    cell_columns: list[str] | None = None
+    """Cell-level obs columns kept in the cell table and as per-row codes (e.g.
+    cell_type). None (the default): ``cell_type`` when the source has that column, so
+    that training balances its views over cell types and the evaluation scores the
+    cell-type baselines without an optional flag; an empty list keeps none."""
     batch_key: list[str] = Field(default_factory=list)
     """Obs column(s) naming a donor's technical batch (e.g. ``dataset_id``, ``assay``, a
     site or pool column); the batch is the combination of their values and must be the
@@ -316,14 +319,28 @@ class TrainConfig(StageConfig):
     """First epochs of stage 2 that train only the supervised heads."""
     patience: int | None = Field(default=10, ge=1)
     """Stop a stage after this many epochs without a better validation loss."""
-    standardize: Literal["auto", "batch", "none"] = "none"
+    standardize: Literal["auto", "batch", "batch_cell_type", "none"] = "auto"
     """Cell features as the model sees them: ``"batch"`` standardises each feature within
     the donor's technical batch (the store's statistics from ``ingest --batch-key``),
-    ``"none"`` keeps the stored features, ``"auto"`` is ``"batch"`` when the store has
-    batch statistics. Embedding applies the same. The centred bags of the default model
-    already ignore an additive site shift; standardising on top rescales each site by
-    statistics that its donors' biology also sets, which cost batch mixing and held-out
-    scores on the mixed scenario (benchmarks/README.md, "Quality")."""
+    ``"batch_cell_type"`` maps each cell with the shrunk location and scale of its (batch,
+    cell type) pair onto its cell type's over the cohort (ComBat-like, per cell type; the
+    store's ``batch_type_scale``/``batch_type_offset`` from ``ingest --batch-key`` with
+    ``cell_type`` codes; ``sampleclr_scale/store/type_batches.py``), ``"none"`` keeps the
+    stored features, ``"auto"`` is ``"batch_cell_type"`` when the store has those
+    statistics and ``"none"`` otherwise. Embedding applies the same. Per-batch
+    standardisation rescales each site by statistics that its donors' biology and
+    composition also set, which cost batch mixing and held-out scores on the mixed
+    scenario; the per-(batch, cell type) correction removes per-type site shifts and gains
+    (benchmarks/README.md, "Quality")."""
+    composition_channel: float = Field(default=2.0, ge=0.0)
+    """Weight of the batch-aware composition channel that ``embed`` appends to every
+    donor embedding: the CLR of the donor's cell-type counts, centred per technical batch
+    when the store has batches, next to the learned vector scaled to unit norm
+    (``sampleclr_scale/store/composition.py``). Balanced views keep composition out of the
+    learned vector (so it cannot be a donor's fingerprint in training); the channel puts it
+    back, batch-aware. 0 leaves the learned vector alone; a store without ``cell_type``
+    codes gets no channel (embed warns). The default 2 was chosen by the worst scenario of
+    the quality benchmark (benchmarks/README.md, "Cohorts like real ones")."""
     workers: int = Field(default=2, ge=1, strict=True)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False

@@ -28,34 +28,58 @@ from typing import Any
 from sampleclr_scale.pipeline import ModelRecipe, PipelineConfig, run_pipeline
 from sampleclr_scale.simulate import cohorts as synthetic
 
-_UNIFORM = {"standardize": "none", "loader": {"balance": None}}
+_OFF = {"standardize": "none", "composition_channel": 0.0}  # the batch handling before #20
+_UNIFORM = {**_OFF, "loader": {"balance": None}}
 PAPER = {"model": {"pooling": "cells", "center": False}, **_UNIFORM}
 """The published model: weighted sums of raw cell features, uniform views, no batch
 handling."""
+_TYPE = {"standardize": "batch_cell_type", "composition_channel": 0.0}
+_ORDINAL = {"tasks": [{"column": "severity", "kind": "ordinal"}]}
 VARIANTS: dict[str, dict[str, Any]] = {
     "paper": PAPER,
     "paper_batchnorm": {**PAPER, "model": {**PAPER["model"], "norm": "batchnorm"}},
     "learned": {"model": {"center": False}, **_UNIFORM},
     "centred": {"model": {"pooling": "cells"}, **_UNIFORM},
     "learned_centred": _UNIFORM,
+    "balanced": _OFF,
+    "balanced_supervised": {**_OFF, **_ORDINAL},
+    "batch_standardized": {**_OFF, "standardize": "batch", "loader": {"balance": None}},
+    "standardized": {**_OFF, "standardize": "batch"},
+    "same_batch": {**_OFF, "standardize": "batch", "loss": {"negatives": "same_batch"}},
+    "prior": {**_OFF, "standardize": "batch", "loss": {"prior": "gloscope"}},
+    "supervised": {**_OFF, "standardize": "batch", **_ORDINAL},
+    "type_standardized": _TYPE,
+    "type_standardized_uniform": {**_TYPE, "loader": {"balance": None}},
+    "type_standardized_supervised": {**_TYPE, **_ORDINAL},
     "default": {},
-    "default_supervised": {"tasks": [{"column": "severity", "kind": "ordinal"}]},
-    "batch_standardized": {"standardize": "batch", "loader": {"balance": None}},
-    "standardized": {"standardize": "batch"},
-    "same_batch": {"standardize": "batch", "loss": {"negatives": "same_batch"}},
-    "prior": {"standardize": "batch", "loss": {"prior": "gloscope"}},
-    "supervised": {"standardize": "batch",
-                   "tasks": [{"column": "severity", "kind": "ordinal"}]},
+    "default_supervised": _ORDINAL,
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
-cell features pooled from centred bags, views balanced over cell types; the variants
-above it leave some of that out. ``standardized`` adds per-site standardisation, and the
-variants below it add one thing each to ``standardized`` (as they were measured)."""
+cell features pooled from centred bags, views balanced over cell types, the per-(site,
+cell type) correction (``standardize: auto`` with the store's statistics) and the
+composition channel of weight 2. ``balanced`` is the default before issue #20 (no batch
+handling, no channel); the variants above it leave some of that out, ``standardized``
+adds per-site standardisation and the variants below it add one thing each to it (as they
+were measured). ``type_standardized*`` replace the per-site standardisation with the
+per-(site, cell type) correction, with balanced or uniform views, without the channel (the
+channel's weight is swept on their runs by :mod:`sampleclr_scale.bench.channel`)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},
+    "shape_celltype": {"scenario": "shape", "n_donors": 160,
+                       **synthetic.CELL_TYPE_SITE_EFFECTS},
+    "mixed_celltype": {"scenario": "mixed", "n_donors": 160,
+                       **synthetic.CELL_TYPE_SITE_EFFECTS},
+    "composition": {"n_donors": 160},
+    "realistic": {"n_donors": 160},
+    "realistic_confounded": {"scenario": "realistic", "n_donors": 160, "confounding": 0.8},
 }
-"""The cohorts: CohortSpec.for_scenario overrides (the demo's cohort is ``mixed``)."""
+"""The cohorts: CohortSpec.for_scenario overrides (``scenario``: the simulator's scenario
+when the name is not one). The demo's cohort is ``mixed``; ``shape`` and ``mixed`` have an
+additive site shift only, the others per-cell-type site effects
+(``synthetic.CELL_TYPE_SITE_EFFECTS``: a shift per (site, cell type), a gain per (site,
+feature), a technical composition shift), ``realistic_confounded`` puts 80 % of the most
+severe donors into one site."""
 _META = ["disease", "severity", "age", "sex", "assay"]
 
 
@@ -93,8 +117,9 @@ def bench_quality(*, scenarios: list[str], variants: list[str], seeds: list[int]
                                "scenarios": {}}
     for scenario in scenarios:
         begin = time.perf_counter()
-        spec = synthetic.CohortSpec.for_scenario(scenario, n_genes=50,
-                                                 **SCENARIOS[scenario])
+        overrides = dict(SCENARIOS[scenario])
+        spec = synthetic.CohortSpec.for_scenario(overrides.pop("scenario", scenario),
+                                                 n_genes=50, **overrides)
         out = workdir / scenario
         soma = out / "cohort.soma"
         if not soma.exists():
@@ -114,18 +139,21 @@ def bench_quality(*, scenarios: list[str], variants: list[str], seeds: list[int]
 
 
 COLUMNS = (("information/severity", "severity"), ("information", "information"),
-           ("batch", "batch mixing"), ("trajectory", "trajectory"), ("total", "total"))
+           ("batch", "batch mixing"), ("batch/dataset_id", "site mixing"),
+           ("trajectory", "trajectory"), ("total", "total"))
 """The flat SPARE scores in :func:`quality_table`, with their headings."""
 
 
 def quality_table(scenario: dict[str, Any]) -> str:
     """One scenario's scores as a markdown table: mean +- std over seeds, all donors, then
     the held-out donors' severity and total."""
-    head = [label for _, label in COLUMNS] + ["held-out severity", "held-out total"]
+    head = [label for _, label in COLUMNS] + ["held-out severity", "held-out site mixing",
+                                              "held-out total"]
     lines = ["| method | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
     for name, method in scenario["methods"].items():
         cells = [_cell(method["all"], key) for key, _ in COLUMNS]
-        cells += [_cell(method["held_out"], key) for key in ("information/severity", "total")]
+        cells += [_cell(method["held_out"], key)
+                  for key in ("information/severity", "batch/dataset_id", "total")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -78,12 +78,16 @@ from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import SampleCLR
 from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.composition import composition_channel, donor_type_counts
 from sampleclr_scale.store.feature_spec import check_same_space
+from sampleclr_scale.store.type_batches import apply_affine
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.setup import TaskInfo
 
 log = logging.getLogger(__name__)
 
+COMPOSITION_COLUMN = "cell_type"
+"""The cell-level column of the composition channel (``TrainConfig.composition_channel``)."""
 _CELL_BUDGET = 1 << 20
 """Most cells (bags x padded bag length) in one forward pass (``mode: all``)."""
 
@@ -139,8 +143,8 @@ def training_balance(artifact: dict[str, Any]) -> str | None:
 
 
 def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: EmbedConfig,
-                 device: str = "cpu", standardize: bool = False, balance: str | None = None
-                 ) -> EmbeddedBatch:
+                 device: str = "cpu", standardize: bool | str | None = False,
+                 balance: str | None = None) -> EmbeddedBatch:
     """Select cells and embed a run of donors (the body of one task).
 
     Parameters
@@ -157,8 +161,9 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
     device
         Torch device of the model.
     standardize
-        Standardise each donor's cells with its batch's statistics, as the model was
-        trained (the artifact's ``standardize``).
+        Standardise each donor's cells as the model was trained (the artifact's
+        ``standardize``): True or ``"batch"`` with its batch's statistics,
+        ``"batch_cell_type"`` with its (batch, cell type) pairs' maps.
     balance
         The cell-level column the model's training views were balanced over
         (``LoaderConfig.balance``): ``mode: random`` then draws the cells the same way
@@ -177,13 +182,17 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         target = counts / counts.sum()
     batch = store.donor_batch if standardize else None
     codes = None if target is None else store.codes(balance)
+    maps = store.batch_type_maps if standardize == "batch_cell_type" else None
     bags, rows = [], []
     for donor in donors:
         start, stop = int(store.donor_ptr[donor]), int(store.donor_ptr[donor + 1])
         if config.mode == "centrality" and config.graph_cells is not None:
             stop = min(stop, start + config.graph_cells)
         x = np.asarray(store.features[start:stop], dtype=np.float32)
-        if standardize:
+        if maps is not None:
+            x = apply_affine(x, maps[0], maps[1], int(batch[donor]),
+                             np.asarray(store.codes(maps[2])[start:stop]))
+        elif standardize:
             x = store.standardize(x, int(batch[donor]))
         if target is None:
             chosen = select_cells(x, config.cells, config.mode, k=config.k, seed=config.seed,
@@ -260,7 +269,8 @@ class EmbedWorker:
         self.store = BagStore(store_path)
         model, artifact = load_model(run_dir)
         self.model = model.to(self.device)
-        self.standardize = bool(artifact.get("standardize", False))
+        mode = artifact.get("standardize")
+        self.standardize = "batch" if mode is True else (mode or None)
         self.balance = training_balance(artifact)
 
     def ready(self) -> bool:
@@ -367,6 +377,24 @@ def complete_write_back(store_path: str | Path, run_dir: str | Path, out: str | 
     return _write_back(Location(out), store, run, target, only_missing=True)
 
 
+def _with_composition(store: BagStore, z: np.ndarray, artifact: dict[str, Any]) -> np.ndarray:
+    """``z`` with the composition channel of a model trained with
+    ``composition_channel > 0`` (:func:`~sampleclr_scale.store.composition.composition_channel`);
+    unchanged, with a warning, for a store without ``cell_type`` codes."""
+    weight = float((artifact.get("train_config") or {}).get("composition_channel", 0.0))
+    if weight <= 0:
+        return z
+    if COMPOSITION_COLUMN not in store.code_columns:
+        log.warning("no composition channel: the store %s has no %s codes (ingest with "
+                    "--cell-columns %s to add it)", store.location, COMPOSITION_COLUMN,
+                    COMPOSITION_COLUMN)
+        return z
+    log.info("appending the composition channel (weight %g, %s)", weight,
+             "CLR centred per batch" if store.donor_batch is not None else "CLR")
+    counts = donor_type_counts(store, COMPOSITION_COLUMN)
+    return composition_channel(z, counts, store.donor_batch, weight)
+
+
 def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
                   config: EmbedConfig, in_process: bool = False) -> EmbedResult:
     """Embed every donor and write the outputs to ``out``, without writing back.
@@ -394,6 +422,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
             outputs: dict[str, np.ndarray] = {}
             n_cells = _write_cells(results, z, outputs, staging / CELLS_PARQUET)
             _check_finite(store, z, outputs, run_dir)
+            z = _with_composition(store, z, artifact)
             seconds = time.perf_counter() - start
             provenance = _provenance(store, run_dir, config, artifact, n_cells, seconds)
             _write_donors(staging, store, z, provenance, artifact["tasks"], outputs)
@@ -465,6 +494,11 @@ def _check_fits(store: BagStore, artifact: dict[str, Any], input_dim: int,
             f"store {store.location} has {store.dim}",
             "embed with a model trained on this store's features",
         )
+    if artifact.get("standardize") == "batch_cell_type" and store.batch_type_maps is None:
+        raise InputError(
+            f"the model in {run_dir} was trained on features corrected per (batch, cell "
+            f"type); the store {store.location} has no such statistics",
+            "ingest the store with --batch-key and cell_type codes (--cell-columns cell_type)")
     if artifact.get("standardize") and store.batch_stats is None:
         raise InputError(
             f"the model in {run_dir} was trained on features standardised per technical "

@@ -169,6 +169,7 @@ def write_report(metrics: dict[str, Any], out: Path) -> Path:
         *_held_out_section(metrics),
         *_notes(metrics),
         *_predictions_section(metrics),
+        *_confounding_section(metrics),
     ]
     figures = metrics["figures"]
     if figures["maps"]:
@@ -381,6 +382,27 @@ def _predictions_section(metrics: dict[str, Any]) -> list[str]:
                      *(_num(scores.get(key), 3) for key in _PREDICTION_SCORES)]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _confounding_section(metrics: dict[str, Any]) -> list[str]:
+    """The confounding table: Cramér's V (adjusted mutual information) of each relevant
+    covariate (rows) against each technical one (columns), and what it means."""
+    block = metrics.get("confounding")
+    if not block or not block["table"]:
+        return []
+    table = block["table"]
+    technical = list(next(iter(table.values())))
+    lines = ["", "## Confounding (relevant vs technical covariates)", "",
+             "Cramér's V (adjusted mutual information; chi-square p-value) over the scored "
+             "donors; 0: independent, 1: one determines the other.", "",
+             "| relevant | " + " | ".join(technical) + " |",
+             "|---|" + "---|" * len(technical)]
+    for rel, row in table.items():
+        cells = [f"{_num(e['cramers_v'], 2)} ({_num(e['ami'], 2)}; "
+                 f"{'-' if e['p_value'] is None else format(e['p_value'], '.2g')})"
+                 for e in row.values()]
+        lines.append(f"| {rel} | " + " | ".join(cells) + " |")
+    return [*lines, "", *block["meaning"]]
 
 
 def _notes(metrics: dict[str, Any]) -> list[str]:

@@ -43,8 +43,9 @@ import pyarrow as pa
 
 from sampleclr_scale.embed.config import CELLS_PARQUET, DONORS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.evaluate import baselines, report
+from sampleclr_scale.evaluate import baselines, celltype_baselines, report
 from sampleclr_scale.evaluate.config import METRICS_FILE, REPORT, EvaluateConfig
+from sampleclr_scale.evaluate.confounding import confounding_sentences, confounding_table
 from sampleclr_scale.evaluate.neighbours import (
     distances_if_small,
     map_sample,
@@ -58,7 +59,9 @@ from sampleclr_scale.store.pseudobulk import donor_means
 
 RUN_METRICS_FILE = "metrics.jsonl"
 CELL_TYPE_COLUMN = "cell_type"
-BASELINES = ("pseudobulk", "composition", "gloscope", "random")
+BASELINES = ("pseudobulk", "composition", "gloscope", "random", "composition_clr",
+             "celltype_pseudobulk", "composition_clr_centred", "celltype_pseudobulk_centred",
+             "celltype_standardized", "pseudobulk_centred")
 HELD_OUT_SPLIT = "validation"  # the donors.parquet split scored as held-out
 _SEED_SUFFIX = re.compile(r"^(?P<method>.+)_seed\d+$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -188,6 +191,9 @@ def _scores(bag: BagStore, named: list[tuple[str, Location]], config: EvaluateCo
         "predictions": prediction_scores(named, bag, bag.split_donors(HELD_OUT_SPLIT)),
         "skipped": skipped,
     }
+    confounding = confounding_table(donors, config.relevant, config.technical)
+    metrics["confounding"] = {"table": confounding,
+                              "meaning": confounding_sentences(confounding)}
     return metrics, runs, selected, donors
 
 
@@ -279,7 +285,8 @@ def _aligned(emb_dir: Location, bag: BagStore, selected: np.ndarray) -> np.ndarr
 
 def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, dim: int,
                    skipped: dict[str, str]) -> list[_Run]:
-    pb = donor_means(bag)[selected]
+    means = donor_means(bag)
+    pb = means[selected]
     runs = [_Run("pseudobulk", "pseudobulk", "baseline", distances_if_small(pb), pb)]
     try:
         comp = baselines.composition(bag, CELL_TYPE_COLUMN)[selected]
@@ -287,6 +294,13 @@ def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, 
                          comp))
     except InputError as err:
         skipped["composition"] = err.problem
+    if CELL_TYPE_COLUMN in bag.code_columns:
+        reps = celltype_baselines.celltype_representations(bag, CELL_TYPE_COLUMN, means)
+        runs += [_Run(name, name, "baseline", distances_if_small(Z[selected]), Z[selected])
+                 for name, Z in reps.items()]
+    else:
+        skipped["celltype"] = (f"the store has no codes/{CELL_TYPE_COLUMN} (ingest with "
+                               f"--cell-columns {CELL_TYPE_COLUMN})")
     gloscope = baselines.gloscope_distances(bag.location.uri)
     if gloscope is None:
         skipped["gloscope"] = "no dense gloscope prior in the store (`sampleclr-scale prior`)"

@@ -57,8 +57,12 @@ from sampleclr_scale.store.bag_store import (
 from sampleclr_scale.store.batches import CohortBatches
 from sampleclr_scale.store.feature_spec import write_spec
 from sampleclr_scale.store.manifest import write_manifest
+from sampleclr_scale.store.type_batches import PRIOR_CELLS, CellTypeBatches
 
 log = logging.getLogger(__name__)
+DEFAULT_CELL_COLUMN = "cell_type"
+"""The cell-level column ingest records when ``--cell-columns`` is not given and the
+source has it (CELLxGENE Census and the simulated cohorts do)."""
 
 
 def hash_order_keys(ids: np.ndarray, seed: int) -> np.ndarray:
@@ -194,6 +198,7 @@ def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestRepo
           # named after the staging path, so a killed run's spill files go with it
           tempfile.TemporaryDirectory(dir=staging.parent,
                                       prefix=f".{staging.name}.spill-") as spill):
+        config = with_default_cell_columns(config, source.obs_columns)
         # another store's features are checked against the source before the cohort is read
         features = like_features(source, config) if like else None
         cohort = select_cohort(source, config, Path(spill))
@@ -208,8 +213,10 @@ def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestRepo
                                             for c in cohort.cells.columns})
         batches = (CohortBatches(cohort.donors, config.batch_key, features.dim)
                    if config.batch_key else None)
+        type_batches = _type_batches(cohort, batches, features.dim)
         donor_ptr, donors, cell_codes = _write_sorted(cohort, features, group, staging,
-                                                      Path(spill), config, batches)
+                                                      Path(spill), config, batches,
+                                                      type_batches)
         attrs = {
             "created_by": f"sampleclr-scale {__version__}",
             "source": source.uri,
@@ -225,7 +232,8 @@ def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestRepo
         }
         if cell_codes:  # without --cell-columns the attributes are as before codes existed
             attrs["cell_codes"] = cell_codes
-        arrays = _finish_batches(batches, donors, attrs) if batches is not None else {}
+        arrays = (_finish_batches(batches, donors, attrs, type_batches)
+                  if batches is not None else {})
         finish_arrays(group, donor_ptr, attrs, arrays)
         pq.write_table(pa.Table.from_pandas(donors, preserve_index=False),
                        staging / DONORS_FILE)
@@ -236,6 +244,19 @@ def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestRepo
              report.n_cells, report.n_donors, report.dim, report.seconds,
              report.cells_per_second)
     return report
+
+
+def with_default_cell_columns(config: IngestConfig, obs_columns: list[str]) -> IngestConfig:
+    """``config`` with ``cell_columns`` resolved: unset (None) means
+    :data:`DEFAULT_CELL_COLUMN` when the source has it (logged), else none."""
+    if config.cell_columns is not None:
+        return config
+    found = [DEFAULT_CELL_COLUMN] if DEFAULT_CELL_COLUMN in obs_columns else []
+    if found:
+        log.info("recording cell-level column %r (views are balanced over it and the "
+                 "evaluation scores cell-type baselines; --cell-columns sets others, an "
+                 "empty --cell-columns none)", DEFAULT_CELL_COLUMN)
+    return config.model_copy(update={"cell_columns": found})
 
 
 def _unrecorded(config: IngestConfig) -> set[str]:
@@ -252,21 +273,38 @@ def _unrecorded(config: IngestConfig) -> set[str]:
     return unset
 
 
-def _finish_batches(batches: CohortBatches, donors: pd.DataFrame,
-                    attrs: dict[str, Any]) -> dict[str, np.ndarray]:
+def _type_batches(cohort: Cohort, batches: CohortBatches | None,
+                  dim: int) -> CellTypeBatches | None:
+    """Per-(batch, cell type) moments to fill, with a batch key and cell-type codes."""
+    if batches is None or DEFAULT_CELL_COLUMN not in cohort.cells.columns:
+        return None
+    n_types = len(cohort.cells.categories(DEFAULT_CELL_COLUMN))
+    return CellTypeBatches(batches.codes, batches.labels, DEFAULT_CELL_COLUMN, n_types, dim)
+
+
+def _finish_batches(batches: CohortBatches, donors: pd.DataFrame, attrs: dict[str, Any],
+                    type_batches: CellTypeBatches | None = None) -> dict[str, np.ndarray]:
     """Add the ``batch`` code column to ``donors`` and the ``batch`` attribute to ``attrs``;
-    return the ``batch_mean`` and ``batch_std`` arrays."""
+    return the ``batch_mean`` and ``batch_std`` arrays, and with ``type_batches`` the
+    per-(batch, cell type) maps (:mod:`~sampleclr_scale.store.type_batches`)."""
     codes, labels, mean, std = batches.finish(donors)
     donors["batch"] = codes
     attrs["batch"] = {"key": batches.key, "labels": labels}
     log.info("%d batches of %s; per-batch feature mean and std stored", len(labels),
              "+".join(batches.key))
-    return {"batch_mean": mean, "batch_std": std}
+    arrays = {"batch_mean": mean, "batch_std": std}
+    if type_batches is not None:
+        arrays |= type_batches.finish(labels)
+        attrs["batch"]["cell_type"] = {"column": type_batches.column,
+                                       "prior_cells": PRIOR_CELLS}
+        log.info("per-(batch, %s) location and scale stored", type_batches.column)
+    return arrays
 
 
 def _write_sorted(
     cohort: Cohort, features: Any, group: Any, staging: Path, spill_dir: Path,
     config: IngestConfig, batches: CohortBatches | None = None,
+    type_batches: CellTypeBatches | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame, dict[str, dict[str, list]]]:
     """The two passes: spill source blocks into donor buckets, then write bucket by bucket.
 
@@ -288,7 +326,7 @@ def _write_sorted(
     n_buckets = int(bucket_of_donor[-1]) + 1
     spill = _Spill(spill_dir, n_buckets, features.dim, records)
     _spill_blocks(cohort, features, bucket_of_donor, spill, config.read_block)
-    writer = _BucketWriter(cohort, group, staging, config, batches)
+    writer = _BucketWriter(cohort, group, staging, config, batches, type_batches)
     for bucket in range(n_buckets):
         writer.write(*spill.load(bucket))
     writer.close()
@@ -331,8 +369,10 @@ class _BucketWriter:
     """
 
     def __init__(self, cohort: Cohort, group: Any, staging: Path, config: IngestConfig,
-                 batches: CohortBatches | None) -> None:
+                 batches: CohortBatches | None,
+                 type_batches: CellTypeBatches | None = None) -> None:
         self._cohort = cohort
+        self._type_batches = type_batches
         self._group = group
         self._staging = staging
         self._config = config
@@ -358,6 +398,9 @@ class _BucketWriter:
         self.written += np.bincount(cells["donor"], minlength=donors)
         if self._batches is not None:
             self._batches.add(stored, cells["donor"])
+        if self._type_batches is not None:
+            column = self._cohort.cells.columns.index(self._type_batches.column)
+            self._type_batches.add(stored, cells["donor"], cells["codes"][:, column])
         if self._cohort.cells.columns:
             self._write_cells(cells["codes"], self.offset, stop)
         self.offset = stop

@@ -39,7 +39,10 @@ from sampleclr_scale.loading.rows import Mapper, RowReader, View
 from sampleclr_scale.loading.schedule import Shard, rank_batches, steps_per_epoch, worker_steps
 from sampleclr_scale.loading.views import ViewDraw, open_view_draw, views_of
 from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.type_batches import apply_affine
 
+TYPE_MODE = "batch_cell_type"
+"""``standardize`` value of the per-(batch, cell type) correction."""
 AUTO_BALANCE_COLUMN = "cell_type"
 """The column that ``LoaderConfig.balance: auto`` balances views over, when stored."""
 REMOTE_READ_THREADS = 16
@@ -137,8 +140,11 @@ class DonorBagDataset(IterableDataset):
         (``ray.train.get_context()``) or, when None, from the default torch process
         group (rank 0 of 1 without one).
     standardize
-        Standardise each donor's cells with its technical batch's statistics
-        (:meth:`BagStore.standardize`; stores ingested with ``--batch-key``).
+        ``True`` or ``"batch"``: standardise each donor's cells with its technical batch's
+        statistics (:meth:`BagStore.standardize`; stores ingested with ``--batch-key``);
+        ``"batch_cell_type"``: map each cell with its (batch, cell type) pair's shrunk
+        location and scale (:mod:`~sampleclr_scale.store.type_batches`; stores ingested
+        with ``--batch-key`` and ``cell_type`` codes); False or None: neither.
 
     Call :meth:`set_epoch` before each epoch; :meth:`set_start_step` to resume mid-epoch.
     The object holds no open files, so it pickles into spawned DataLoader workers.
@@ -153,7 +159,7 @@ class DonorBagDataset(IterableDataset):
         tasks: dict[str, str] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
-        standardize: bool = False,
+        standardize: bool | str | None = False,
     ) -> None:
         super().__init__()
         self.store_path = str(store_path)
@@ -181,6 +187,10 @@ class DonorBagDataset(IterableDataset):
             store.labels(column, kind)  # raises a clear error for a missing column
         if self.balance is not None:
             store.codes(self.balance)  # raises a clear error for a missing column
+        if self.standardize == TYPE_MODE and store.batch_type_maps is None:
+            raise InputError(f"bag store {store.location} has no per-(batch, cell type) "
+                             "statistics", "re-ingest with --batch-key COL ... from a source "
+                             "with a cell_type column, or train with standardize: batch")
         if self.standardize and store.batch_stats is None:
             raise InputError(f"bag store {store.location} has no per-batch statistics to "
                              "standardise with", "re-ingest with --batch-key COL ..., or "
@@ -265,7 +275,13 @@ class DonorBagDataset(IterableDataset):
         if padded:  # first too: no arithmetic on the stale rows of a reused buffer
             cells[~mask] = 0.0
         batch = None if context.donor_batch is None else context.donor_batch[donors]
-        if self.standardize:
+        if self.standardize == TYPE_MODE:
+            scale, offset, _ = context.type_maps
+            types = _view_types(views, context.type_codes, cells.shape[:3])
+            cells[:] = apply_affine(cells, scale, offset, batch[:, None, None], types)
+            if padded:
+                cells[~mask] = 0.0
+        elif self.standardize:
             mean, std = context.stats
             codes = batch.astype(np.intp)
             cells -= mean[codes][:, None, None]
@@ -295,6 +311,8 @@ class _ReadContext:
     donor_batch: np.ndarray | None
     stats: tuple[np.ndarray, np.ndarray] | None
     buffers: _Buffers
+    type_maps: tuple[np.ndarray, np.ndarray, str] | None = None
+    type_codes: RowReader | None = None
 
     @classmethod
     def of(cls, store: BagStore, dataset: DonorBagDataset) -> _ReadContext:
@@ -306,7 +324,32 @@ class _ReadContext:
             donor_batch=store.donor_batch,
             stats=store.batch_stats if dataset.standardize else None,
             buffers=_Buffers(dataset.config.prefetch + 4),
+            **_type_context(store, dataset.standardize, reader),
         )
+
+
+def _type_context(store: BagStore, standardize: bool | str | None,
+                  reader: str) -> dict[str, Any]:
+    """The per-(batch, cell type) maps and a reader of the codes that index them, when
+    the dataset standardises that way."""
+    if standardize != TYPE_MODE:
+        return {}
+    maps = store.batch_type_maps
+    return {"type_maps": maps,
+            "type_codes": open_reader(store, store.codes(maps[2]), reader, small=True)}
+
+
+def _view_types(views: list[View], codes: RowReader, shape: tuple[int, ...]) -> np.ndarray:
+    """Int64 ``shape`` (``[B, 2, m]``) cell-type code of each cell of the views (-1 for
+    padding), read in one call."""
+    types = np.full(shape, -1, dtype=np.int64)
+    read = codes.read(np.concatenate([rows for _, _, rows in views]))
+    start = 0
+    for i, (n_a, n_b, _) in enumerate(views):
+        types[i, 0, :n_a] = read[start:start + n_a]
+        types[i, 1, :n_b] = read[start + n_a:start + n_a + n_b]
+        start += n_a + n_b
+    return types
 
 
 class _Buffers:

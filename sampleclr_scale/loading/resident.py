@@ -128,7 +128,11 @@ class ResidentBags(DonorBagDataset):
     def __init__(self, store_path: str, config: LoaderConfig, *, features: torch.Tensor,
                  split: str = "train", tasks: dict[str, str] | None = None,
                  rank: int | None = None, world_size: int | None = None,
-                 standardize: bool = False) -> None:
+                 standardize: bool | str | None = False) -> None:
+        if standardize == "batch_cell_type":
+            raise InputError("device-resident bags do not apply the per-(batch, cell type) "
+                             "correction", "stream the bags (loader.resident: off), as "
+                             "training does with standardize: batch_cell_type")
         self.features = features
         self.device = features.device
         super().__init__(store_path, config, split=split, tasks=tasks, rank=rank,

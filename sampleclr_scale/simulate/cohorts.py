@@ -18,8 +18,15 @@ that sees cell *distributions* (SampleCLR) can beat one that sees only per-donor
   another, and each donor has a small random offset of its own.
 - Technical effects. Each site (Census ``dataset_id``) shifts the embedding by a fixed
   random vector of scale ``site_effect`` (an imperfectly batch-corrected scVI latent) and
-  scales the library size; the two assays differ in library size. Sites are assigned
-  independently of severity.
+  scales the library size; the two assays differ in library size. On request
+  (:mod:`~sampleclr_scale.simulate.site_effects`) each site also shifts each cell type by its
+  own vector, multiplies each embedding feature by its own gain and moves the composition
+  a little. Sites are assigned independently of severity unless ``confounding`` puts most
+  of the most severe donors into site 0.
+- Scenarios like real cohorts. ``composition``: severity only expands CD14 monocytes and
+  shrinks CD4 T cells; ``realistic``: the same composition change half as strong, CD14
+  monocytes' mean state shifted along a program, CD8 T cells' states split. Both come with
+  the per-cell-type site effects (``CELL_TYPE_SITE_EFFECTS``).
 
 Outputs. ``obsm[embedding_name]`` is a near-isometric linear image of the latent state
 plus the site shift and a little noise. ``X`` holds negative-binomial raw counts: a
@@ -61,6 +68,7 @@ from scipy import sparse
 
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.simulate._soma_writer import write_census_collection, write_experiment
+from sampleclr_scale.simulate.site_effects import SiteEffects, confounded_sites
 from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.storage.outputs import OutputKind
 
@@ -83,10 +91,13 @@ class _CellType(NamedTuple):
     shape: ShapeKind | None  # the type's severity-driven shape change in the "shape" scenario
 
 
-ShapeKind = Literal["split", "spread", "substate"]
-"""A mean-preserving change of one cell type's state distribution along its direction."""
-Scenario = Literal["mixed", "shape", "composition"]
-"""What severity changes: composition and within-type states, states only, composition only."""
+ShapeKind = Literal["split", "spread", "substate", "shift"]
+"""A change of one cell type's state distribution along its direction: mean-preserving
+(``split``, ``spread``, ``substate``) or a shift of the whole type (``shift``, a program
+such as interferon response that moves the type's mean; only in ``realistic``)."""
+Scenario = Literal["mixed", "shape", "composition", "realistic"]
+"""What severity changes: composition and within-type states, states only, composition
+only, or composition (half as strongly) plus one type's mean state plus another's split."""
 
 _CELL_TYPES: tuple[_CellType, ...] = (
     _CellType("CD14 monocyte", 0.20, 1.0, True, "split"),
@@ -100,16 +111,30 @@ _CELL_TYPES: tuple[_CellType, ...] = (
     _CellType("plasmacytoid dendritic cell", 0.02, -0.8, False, None),
     _CellType("plasmablast", 0.01, 1.5, False, None),
 )
-# Each scenario's defaults: what changes with severity, and a strong site shift.
+# Per-cell-type site effects of the cohorts like real ones (composition, realistic), and
+# available to the others (bench quality's shape_celltype, mixed_celltype).
+CELL_TYPE_SITE_EFFECTS: dict[str, float] = {
+    "site_effect": 0.5, "site_type_effect": 0.6, "site_gain": 0.25, "site_composition": 0.2}
+# Each scenario's defaults: what changes with severity, and the site effects.
 _SCENARIOS: dict[str, dict[str, float]] = {
     "mixed": {},
     "shape": {"composition_effect": 0.0, "state_effect": 1.0, "site_effect": 1.0},
-    "composition": {"state_effect": 0.0, "site_effect": 1.0},
+    "composition": {"state_effect": 0.0, "composition_effect": 0.35,
+                    **CELL_TYPE_SITE_EFFECTS},
+    "realistic": {"composition_effect": 0.2, "state_effect": 0.6,
+                  **CELL_TYPE_SITE_EFFECTS},
 }
+# composition and realistic: severity moves only these types' log-proportions (one
+# expands, one shrinks, as neutrophils and lymphocytes do in severe COVID-19) and, in
+# realistic, shifts one type's mean state and splits another's.
+_TWO_TYPE_COMPOSITION = {"CD14 monocyte": 1.0, "CD4 T cell": -1.0}
+_REALISTIC_SHAPES: dict[str, ShapeKind] = {"CD14 monocyte": "shift", "CD8 T cell": "split"}
+_SHIFT_GAIN = 1.5  # "shift": the type's mean moves by this times severity * state_effect
 _SPREAD_GAIN = 0.5  # "spread": sd along v grows by this times severity * state_effect
 _SUBSTATE_SHARE = 0.1  # "substate": share of the type's cells per severity level
 _SUBSTATE_SHIFT = 3.0  # "substate": distance of the sub-state from the type's state
-_CELL_STATES = ("base", "split+", "split-", "spread", "substate")  # obs column cell_state
+# obs column cell_state
+_CELL_STATES = ("base", "split+", "split-", "spread", "substate", "shift")
 _ASSAYS = ("10x 3' v3", "10x 5' v2")  # site i uses _ASSAYS[i % 2]
 _ASSAY_UMIS = (5000.0, 3000.0)  # mean library size per assay
 _DISEASES = ("normal", "COVID-19")
@@ -173,6 +198,14 @@ class CohortSpec:
     site_composition
         Sd of a per-site technical change of the log-proportions of every cell type
         (e.g. a dissociation protocol that loses some types); 0 disables it.
+    site_type_effect, site_gain
+        Sd of a shift of the embedding per (site, cell type), and of a log gain per
+        (site, embedding feature) (:mod:`~sampleclr_scale.simulate.site_effects`); 0 disables
+        them. Per-site centring or standardisation does not remove either.
+    confounding
+        Probability that a donor of the highest severity level is moved into site 0
+        (swapping with a lower-level donor there): a design where one batch holds
+        mostly one severity level. 0 keeps sites independent of severity.
     duplicate_fraction
         Extra copies, as a fraction of a donor's cells, with ``is_primary_data == False``.
     special_donor_cells
@@ -195,6 +228,9 @@ class CohortSpec:
     state_effect: float = 1.5
     site_effect: float = 0.5
     site_composition: float = 0.0
+    site_type_effect: float = 0.0
+    site_gain: float = 0.0
+    confounding: float = 0.0
     duplicate_fraction: float = 0.0
     special_donor_cells: int = 0
     seed: int = 0
@@ -229,6 +265,10 @@ class CohortSpec:
             ("state_effect", _is_real(self.state_effect), "a finite number >= 0"),
             ("site_effect", _is_real(self.site_effect), "a finite number >= 0"),
             ("site_composition", _is_real(self.site_composition), "a finite number >= 0"),
+            ("site_type_effect", _is_real(self.site_type_effect), "a finite number >= 0"),
+            ("site_gain", _is_real(self.site_gain), "a finite number >= 0"),
+            ("confounding", _is_real(self.confounding) and self.confounding <= 1,
+             "a number in [0, 1]"),
             (
                 "duplicate_fraction",
                 _is_real(self.duplicate_fraction) and self.duplicate_fraction <= 1,
@@ -251,7 +291,8 @@ class CohortSpec:
         Parameters
         ----------
         scenario
-            ``"mixed"`` (the defaults of this class), ``"shape"`` or ``"composition"``.
+            ``"mixed"`` (the defaults of this class), ``"shape"``, ``"composition"`` or
+            ``"realistic"``.
         **overrides
             Any other field.
 
@@ -369,13 +410,14 @@ def ground_truth(spec: CohortSpec) -> dict[str, Any]:
         ``"spread"``, ``"substate"`` or None). Each cell's own state is the obs column
         ``cell_state``.
     """
-    effects = ("composition_effect", "state_effect", "site_effect", "site_composition")
+    effects = ("composition_effect", "state_effect", "site_effect", "site_composition",
+               "site_type_effect", "site_gain", "confounding")
     return {
         "scenario": spec.scenario,
         **{name: float(getattr(spec, name)) for name in effects},
         "cell_types": {
             t.name: {"proportion": t.proportion,
-                     "composition": t.composition * spec.composition_effect + 0.0,
+                     "composition": _composition_of(spec, t) * spec.composition_effect + 0.0,
                      "shape": _shape_of(spec, t) if spec.state_effect > 0 else None}
             for t in _CELL_TYPES[: spec.n_cell_types]
         },
@@ -386,7 +428,16 @@ def _shape_of(spec: CohortSpec, cell_type: _CellType) -> ShapeKind | None:
     """The within-type change of ``cell_type`` in the cohort's scenario."""
     if spec.scenario == "mixed":
         return "split" if cell_type.state else None
+    if spec.scenario == "realistic":
+        return _REALISTIC_SHAPES.get(cell_type.name)
     return cell_type.shape if spec.scenario == "shape" else None
+
+
+def _composition_of(spec: CohortSpec, cell_type: _CellType) -> float:
+    """The type's log-proportion change per severity level, before ``composition_effect``."""
+    if spec.scenario in ("composition", "realistic"):
+        return _TWO_TYPE_COMPOSITION.get(cell_type.name, 0.0)
+    return cell_type.composition
 
 
 def simulate_donors(spec: CohortSpec) -> pd.DataFrame:
@@ -409,6 +460,8 @@ def simulate_donors(spec: CohortSpec) -> pd.DataFrame:
     n = spec.n_donors
     severity = rng.permutation(np.arange(n) % spec.severity_levels)
     site = rng.permutation(np.arange(n) % spec.n_sites)
+    site = confounded_sites(site, severity, spec.n_sites, spec.severity_levels,
+                            spec.confounding, spec.seed)
     within_site = pd.Series(site).groupby(site).cumcount().to_numpy()
     age_trend = 10.0 * severity / (spec.severity_levels - 1)
     age = np.clip(np.round(45.0 + age_trend + rng.normal(0.0, 14.0, n)), *_AGE_RANGE)
@@ -589,6 +642,7 @@ class _Model:
     site_shifts: np.ndarray  # [S, D]
     site_library: np.ndarray  # [S] multiplicative library factor
     site_log_proportions: np.ndarray  # [S, K] technical change of the composition
+    site_effects: SiteEffects  # per-(site, type) shifts and per-(site, feature) gains
     gene_base: np.ndarray  # [G] baseline log abundance
     gene_loadings: np.ndarray  # [L, G]
 
@@ -601,7 +655,7 @@ class _Model:
             type_means=rng.normal(0.0, _TYPE_SPREAD, (len(types), dim)),
             state_dirs=_unit_rows(rng.normal(size=(len(types), dim))),
             log_proportions=np.log([t.proportion for t in types]),
-            composition=np.array([t.composition for t in types]),
+            composition=np.array([_composition_of(spec, t) for t in types]),
             shapes=tuple(_shape_of(spec, t) for t in types),
             age_dir=_unit_rows(rng.normal(size=(1, dim)))[0],
             sex_dir=_unit_rows(rng.normal(size=(1, dim)))[0],
@@ -614,6 +668,9 @@ class _Model:
             gene_loadings=rng.normal(0.0, _GENE_LOADING, (dim, spec.n_genes)),
             site_log_proportions=spec.site_composition * np.random.default_rng(
                 [spec.seed, _SITE_STREAM]).normal(size=(spec.n_sites, len(types))),
+            site_effects=SiteEffects.draw(spec.seed, spec.n_sites, len(types),
+                                          spec.embedding_dim, spec.site_type_effect,
+                                          spec.site_gain),
         )
 
 
@@ -673,7 +730,8 @@ def _simulate_block(spec: CohortSpec, model: _Model, unit: _Unit) -> _Block:
             latent[members] += offsets
             states[members] = codes if strength > 0 else 0
 
-    embedding = latent @ model.embed_map + model.site_shifts[site]
+    embedding = model.site_effects.apply(latent @ model.embed_map, types, site)
+    embedding += model.site_shifts[site]
     embedding += rng.normal(0.0, _EMBED_NOISE, embedding.shape)
     expression = _softmax(model.gene_base + latent @ model.gene_loadings)
     library = _ASSAY_UMIS[unit.codes["assay"]] * model.site_library[site]
@@ -721,7 +779,14 @@ def _substate(deviation: np.ndarray, strength: float, direction: np.ndarray,
     return np.outer(shift, direction), codes
 
 
-_SHAPE_CHANGES = {"split": _split, "spread": _spread, "substate": _substate}
+def _shift(deviation: np.ndarray, strength: float, direction: np.ndarray,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Every cell moves by ``_SHIFT_GAIN * strength`` along ``direction`` (the mean moves)."""
+    codes = np.full(len(deviation), _CELL_STATES.index("shift"))
+    return np.tile(_SHIFT_GAIN * strength * direction, (len(deviation), 1)), codes
+
+
+_SHAPE_CHANGES = {"split": _split, "spread": _spread, "substate": _substate, "shift": _shift}
 
 
 # ---------------------------------------------------------------------------- tables

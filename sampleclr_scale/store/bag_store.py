@@ -9,6 +9,9 @@ Layout (a contract between stages; ARCHITECTURE.md lists them all)::
       source_joinid             int64 [n_cells]; the row's id in the source
       codes/<column>            int16|int32 [n_cells]; per --cell-columns column, the row's
                                 category code (-1: missing), chunked like features
+      batch_type_scale, batch_type_offset   float32 [n_batches, K + 1, d]; the
+                                per-(batch, cell type) correction (with --batch-key and
+                                cell_type codes; data/type_batches.py)
       batch_mean, batch_std     float32 [n_batches, d]; per-batch feature mean and
                                 population std (with --batch-key only)
       feature_spec/             the PCA of pca:N features: mean float32 [n_genes],
@@ -240,6 +243,18 @@ class BagStore:
             return None
         return (self._group["batch_mean"][:].astype(np.float32),
                 self._group["batch_std"][:].astype(np.float32))
+
+    @cached_property
+    def batch_type_maps(self) -> tuple[np.ndarray, np.ndarray, str] | None:
+        """Float32 ``[n_batches, K + 1, d]`` scale and offset of the per-(batch, cell
+        type) correction (:mod:`~sampleclr_scale.store.type_batches`) and the cell-type
+        column whose codes index them; None when ingest had no batch key or no
+        ``cell_type`` codes."""
+        record = (self.attrs.get("batch") or {}).get("cell_type")
+        if not self.batch_key or record is None:
+            return None
+        return (self._group["batch_type_scale"][:].astype(np.float32),
+                self._group["batch_type_offset"][:].astype(np.float32), record["column"])
 
     def standardize(self, rows: np.ndarray, donor_batch: np.ndarray | int) -> np.ndarray:
         """Feature rows standardised with their batch's statistics, in float32.

@@ -23,16 +23,16 @@ MODEL_FILE = "model.pt"
 
 def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
                state_dict: dict[str, Any], tasks: list[TaskInfo], train_config: dict[str, Any],
-               store: str, history: list[dict[str, Any]], standardize: bool = False,
+               store: str, history: list[dict[str, Any]], standardize: bool | str | None = False,
                balance: str | None = None,
                feature_spec: dict[str, Any] | None = None) -> Location:
     """Write ``run_dir/model.pt`` atomically (a local path or a URI).
 
-    ``standardize`` records whether the model saw cell features standardised per
-    technical batch, ``balance`` the cell-level column its views were balanced over, so
-    that embedding does the same; ``feature_spec`` the store's feature-spec record
-    (:meth:`~sampleclr_scale.store.feature_spec.PCASpec.record`), so that embedding refuses
-    a store of another feature space.
+    ``standardize`` records how the model saw cell features standardised (``"batch"``,
+    ``"batch_cell_type"``; None or False: not), ``balance`` the cell-level column its
+    views were balanced over, so that embedding does the same; ``feature_spec`` the
+    store's feature-spec record (:meth:`~sampleclr_scale.store.feature_spec.PCASpec.record`),
+    so that embedding refuses a store of another feature space.
     """
     path = Location(run_dir) / MODEL_FILE
     path.write_torch({"model_config": model_config.model_dump(mode="json"),

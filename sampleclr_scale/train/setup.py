@@ -6,6 +6,7 @@ model) and the workers (which build the same objects), so both see one definitio
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from sampleclr_scale.loading.loader import check_views_fit, resolve_balance
 from sampleclr_scale.losses import TaskLoss, build_objective
 from sampleclr_scale.model import ModelConfig, TaskSpec, recommended_preset
 from sampleclr_scale.store.bag_store import BagStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,37 @@ def load_prior_tensor(store: BagStore, config: TrainConfig) -> torch.Tensor | No
     return load_prior(store.location.uri, config.loss.store_prior).to_torch_dense()
 
 
-def standardizes(store: BagStore, config: TrainConfig) -> bool:
-    """Whether the run standardises cell features per technical batch (see
-    ``TrainConfig.standardize``)."""
+def standardizes(store: BagStore, config: TrainConfig) -> str | None:
+    """How the run standardises cell features (see ``TrainConfig.standardize``):
+    ``"batch"``, ``"batch_cell_type"`` or None (not at all)."""
     if config.standardize == "auto":
-        return store.batch_stats is not None
-    return config.standardize == "batch"
+        return "batch_cell_type" if store.batch_type_maps is not None else None
+    return None if config.standardize == "none" else config.standardize
+
+
+def describe_run(store: BagStore, config: TrainConfig) -> str:
+    """What the run balances its views over, how it corrects batches and whether embed
+    appends the composition channel, each with why: the settings that depend on what
+    ingest recorded (``cell_type`` codes, ``--batch-key``), said plainly."""
+    balance = resolve_balance(store, config.loader.balance)
+    mode = standardizes(store, config)
+    has_types = "cell_type" in store.code_columns
+    parts = [
+        f"views balanced over {balance!r} (composition cannot tell donors apart)"
+        if balance else "uniform views (the store has no cell_type codes)"
+        if config.loader.balance == "auto" else "uniform views (loader.balance: null)",
+        {"batch_cell_type": "cells corrected per (batch, cell type)",
+         "batch": "cells standardised per batch"}.get(
+            mode or "", "no batch correction" + (
+                " (the store has no --batch-key with cell_type codes)"
+                if config.standardize == "auto" else "")),
+        (f"composition channel of weight {config.composition_channel:g}"
+         + (" (CLR centred per batch)" if store.donor_batch is not None else ""))
+        if config.composition_channel > 0 and has_types
+        else "no composition channel" + (" (the store has no cell_type codes)"
+                                         if config.composition_channel > 0 else ""),
+    ]
+    return "; ".join(parts)
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -158,6 +186,7 @@ def check_run(store: BagStore, config: TrainConfig) -> list[TaskInfo]:
     if balance is not None:
         store.categories(balance)  # a column without codes fails here, not in a worker
     _check_batches(store, config)
+    log.info("training: %s", describe_run(store, config))
     load_prior_tensor(store, config)  # a missing prior fails here, not in every worker
     _check_model_size(model_config(store, config, tasks))
     return tasks
@@ -186,6 +215,7 @@ def _check_batches(store: BagStore, config: TrainConfig) -> None:
     """Batch-aware settings need a store ingested with ``--batch-key``."""
     wanted = [name for name, on in (
         ("standardize: batch", config.standardize == "batch"),
+        ("standardize: batch_cell_type", config.standardize == "batch_cell_type"),
         ("loss.negatives: same_batch", config.loss.needs_batches),
     ) if on]
     if wanted and store.donor_batch is None:

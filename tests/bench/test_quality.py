@@ -15,8 +15,13 @@ def test_every_variant_is_a_valid_training_config_of_one_change():
     paper = recipe.train_config("paper_seed1")
     assert (default.model.get("pooling"), paper.model["pooling"]) == (None, "cells")
     assert paper.loader.balance is None and default.loader.balance == "auto"
-    assert default.standardize == "none"
+    assert default.standardize == "auto" and default.composition_channel == 2.0
+    before = recipe.train_config("balanced_seed0")
+    assert (before.standardize, before.composition_channel) == ("none", 0.0)
     assert recipe.train_config("standardized_seed0").standardize == "batch"
+    typed = recipe.train_config("type_standardized_seed0")
+    assert (typed.standardize, typed.composition_channel) == ("batch_cell_type", 0.0)
+    assert paper.composition_channel == 0.0
     assert paper.seed == paper.loader.seed == 1 and default.workers == 1
     supervised = recipe.train_config("supervised_seed0")
     assert [t.column for t in supervised.tasks] == ["severity"]
@@ -36,6 +41,6 @@ def test_table_shows_mean_and_std_over_seeds():
     }}
     lines = quality_table(scenario).splitlines()
     assert lines[0].startswith("| method | severity |") and len(lines) == 4
-    assert lines[2] == ("| default | 0.50 ± 0.01 | 0.25 ± 0.01 | 0.75 ± 0.01 | 0.12 ± 0.01 "
-                        "| 0.40 ± 0.01 | 0.50 | 0.40 |")
-    assert lines[3].endswith("| 0.40 | - | - |")
+    assert lines[2] == ("| default | 0.50 ± 0.01 | 0.25 ± 0.01 | 0.75 ± 0.01 | - | 0.12 ± 0.01 "
+                        "| 0.40 ± 0.01 | 0.50 | - | 0.40 |")
+    assert lines[3].endswith("| 0.40 | - | - | - |")

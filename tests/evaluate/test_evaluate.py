@@ -386,7 +386,17 @@ def test_evaluate_end_to_end(store_path, tmp_path, no_umap):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     expected = {"sampleclr", "pseudobulk", "composition", "random"}
+    if "cell_type" in store.code_columns:
+        expected |= {"composition_clr", "celltype_pseudobulk"}
+        if store.donor_batch is not None:
+            expected |= {"composition_clr_centred", "celltype_pseudobulk_centred",
+                         "celltype_standardized", "pseudobulk_centred"}
     assert set(saved["methods"]) == expected | ({"gloscope"} if built else set())
+    confounding = saved["confounding"]["table"]
+    assert set(confounding) == set(config.relevant)
+    assert set(confounding["severity"]) == set(config.technical)
+    assert "## Confounding" in (out / "report.md").read_text()
+    assert saved["confounding"]["meaning"][0] in (out / "report.md").read_text()
     sampleclr, random = saved["methods"]["sampleclr"], saved["methods"]["random"]
     assert sampleclr["n_runs"] == 2 and set(sampleclr["runs"]) == {"sampleclr_seed0",
                                                                    "sampleclr_seed1"}

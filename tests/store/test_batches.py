@@ -86,13 +86,16 @@ def test_batch_stats_do_not_depend_on_the_bucket_size(batch_stores):
     assert np.array_equal(a.features[:], b.features[:])
     np.testing.assert_allclose(a.batch_stats[0], b.batch_stats[0], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(a.batch_stats[1], b.batch_stats[1], rtol=1e-6, atol=1e-7)
+    for x, y in zip(a.batch_type_maps[:2], b.batch_type_maps[:2], strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # per (batch, type) too
 
 
 def test_batch_codes_labels_and_donor_table(batch_stores, store_path):
     store = batch_stores["default"]
     labels = ["site-0|10x 3' v3", "site-1|10x 5' v2", "site-2|10x 3' v3", "site-3|10x 5' v2"]
     assert store.batch_key == BATCH_KEY and store.batch_labels == labels
-    assert store.attrs["batch"] == {"key": BATCH_KEY, "labels": labels}
+    assert store.attrs["batch"] == {"key": BATCH_KEY, "labels": labels,
+                                    "cell_type": {"column": "cell_type", "prior_cells": 50.0}}
     assert store.attrs["ingest"]["batch_key"] == BATCH_KEY
     donors = store.donors
     assert donors["batch"].dtype == np.int32 and store.donor_batch.dtype == np.int32

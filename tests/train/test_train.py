@@ -99,7 +99,7 @@ def test_one_process_on_the_global_batch_trains_as_two_workers(reference_run, st
     _, artifact = load_model(result.run_dir)
     _, ray_artifact = load_model(reference_run.run_dir)
     assert artifact["balance"] == ray_artifact["balance"] == "cell_type"  # loader: auto
-    assert artifact["standardize"] is ray_artifact["standardize"] is False  # no batch key
+    assert artifact["standardize"] is ray_artifact["standardize"] is None  # no batch key
     with pytest.raises(InputError, match="in-process run has one worker"):
         train(store_path, str(tmp_path / "two"), TrainConfig.from_mapping(RUN),
               in_process=True)

@@ -1,0 +1,83 @@
+"""The composition channel's weight, measured on trained runs without retraining.
+
+The channel (:mod:`sampleclr_scale.store.composition`) is a deterministic function of a
+run's learned donor vectors, the store's cell-type counts and its batches, applied by
+``embed`` after the model. So a sweep over its weight needs no training: for every
+embedding ``BASE_seedN`` of a ``bench quality`` scenario directory, this writes
+``BASE_cW_seedN`` (the vectors with the channel of weight ``W``, exactly what ``embed``
+writes for a model trained with ``composition_channel: W``) and scores them with the
+evaluation stage, next to the scenario's other runs and the baselines.
+
+Run: ``python -m sampleclr_scale.bench.channel WORKDIR/SCENARIO BASE W [W ...] --json F``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sampleclr_scale.bench.quality import _scores
+from sampleclr_scale.embed.config import DONORS_PARQUET
+from sampleclr_scale.evaluate.config import EvaluateConfig
+from sampleclr_scale.evaluate.run import evaluate, read_embeddings
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.composition import composition_channel, donor_type_counts
+
+
+def channel_sweep(scenario_dir: Path, base: str, weights: list[float]) -> dict[str, Any]:
+    """Score ``base``'s embeddings with the composition channel of each weight.
+
+    Returns
+    -------
+    dict
+        Method -> its scores (as ``bench quality`` reports them), baselines included.
+    """
+    store = BagStore(str(scenario_dir / "bags.zarr"))
+    counts = donor_type_counts(store, "cell_type")
+    runs = sorted(p for p in (scenario_dir / "embeddings").glob(f"{base}_seed*"))
+    if not runs:
+        raise SystemExit(f"no {base}_seed* embeddings under {scenario_dir / 'embeddings'}")
+    every = sorted(p for p in (scenario_dir / "embeddings").iterdir() if p.is_dir())
+    named = [f"{p.name}={p}" for p in every]  # every trained run, scored alongside
+    for weight in weights:
+        for path in runs:
+            seed = path.name.rsplit("_seed", 1)[1]
+            name = f"{base}_c{weight:g}_seed{seed}"
+            out = scenario_dir / "channel" / name
+            out.mkdir(parents=True, exist_ok=True)
+            _, z = read_embeddings(path)
+            table = pq.read_table(path / DONORS_PARQUET).drop(["z"])
+            zc = composition_channel(z, counts, store.donor_batch, weight)
+            vectors = pa.FixedSizeListArray.from_arrays(pa.array(zc.ravel(), pa.float32()),
+                                                        zc.shape[1])
+            pq.write_table(table.append_column("z", vectors), out / DONORS_PARQUET)
+            named.append(f"{name.replace('.', 'p')}={out}")
+    metrics = evaluate(named, str(store.location), str(scenario_dir / "channel" / "report"),
+                       EvaluateConfig())
+    return {name: _scores(method) for name, method in metrics["methods"].items()}
+
+
+def main() -> None:
+    """Command line: scenario directory, base method, weights, output JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario_dir", type=Path)
+    parser.add_argument("base")
+    parser.add_argument("weights", type=float, nargs="+")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    methods = channel_sweep(args.scenario_dir, args.base, args.weights)
+    Path(args.json).write_text(json.dumps({"scenario": args.scenario_dir.name,
+                                           "base": args.base, "weights": args.weights,
+                                           "methods": methods}, indent=2) + "\n")
+    from sampleclr_scale.bench.quality import quality_table
+
+    print(quality_table({"methods": methods}))
+
+
+if __name__ == "__main__":
+    main()

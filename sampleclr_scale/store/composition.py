@@ -1,0 +1,95 @@
+"""Cell-type composition in log-ratio space, and the batch-aware composition channel.
+
+Compositions are compared as centred log-ratios, ``CLR(c) = log(c + a) - mean_k
+log(c_k + a)`` (Aitchison 1986) of the cell-type counts plus a pseudocount ``a``. Centred
+per technical batch, the CLR keeps each donor's composition relative to its batch's
+donors, so a technical composition shift of a batch (a dissociation protocol that loses
+some types) does not tell batches apart.
+
+The *composition channel* appends that vector to a learned donor embedding:
+``[z / |z|, weight * c / rms(c)]``, with ``rms(c)`` the root mean square norm of the
+donors' centred CLR vectors. Balanced views make the learned part blind to composition
+by design (so composition cannot be the donors' fingerprint during training); the channel
+puts composition back into the donor embedding, deterministically and batch-aware. With
+cosine distances, ``weight`` sets the channel's share: for unit-norm blocks the squared
+norm of the whole vector is ``1 + weight^2``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sampleclr_scale.store.bag_store import BagStore
+
+__all__ = ["PSEUDOCOUNT", "center_per_batch", "clr", "composition_channel",
+           "donor_type_counts"]
+
+PSEUDOCOUNT = 0.5
+"""Added to every cell-type count before the log-ratio (zeros have no logarithm)."""
+_BLOCK_ROWS = 1 << 20
+
+
+def clr(counts: np.ndarray, pseudocount: float = PSEUDOCOUNT) -> np.ndarray:
+    """Centred log-ratio of each row of ``counts`` (``[N, K]``) plus ``pseudocount``."""
+    logs = np.log(np.asarray(counts, dtype=np.float64) + pseudocount)
+    return logs - logs.mean(axis=1, keepdims=True)
+
+
+def center_per_batch(X: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """``X`` (``[N, ...]``) minus the mean of the rows of each row's batch (codes ``[N]``)."""
+    X = np.asarray(X, dtype=np.float64)
+    _, inverse = np.unique(batch, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    flat = X.reshape(len(X), -1)
+    sums = np.zeros((inverse.max() + 1, flat.shape[1]))
+    np.add.at(sums, inverse, flat)
+    means = sums / np.bincount(inverse)[:, None]
+    return (flat - means[inverse]).reshape(X.shape)
+
+
+def donor_type_counts(store: BagStore, column: str, block_rows: int = _BLOCK_ROWS
+                      ) -> np.ndarray:
+    """Int64 ``[n_donors, K]`` cells of each category of ``column`` per donor, from the
+    store's ``codes/<column>`` read in row blocks (rows with code -1 are not counted)."""
+    n_types = len(store.category_counts(column))
+    donor_of_row = np.repeat(np.arange(store.n_donors), store.cells_per_donor)
+    codes = store.codes(column)
+    counts = np.zeros(store.n_donors * n_types, dtype=np.int64)
+    for lo in range(0, store.n_cells, block_rows):
+        hi = min(lo + block_rows, store.n_cells)
+        block = np.asarray(codes[lo:hi], dtype=np.int64)
+        known = block >= 0
+        counts += np.bincount(donor_of_row[lo:hi][known] * n_types + block[known],
+                              minlength=len(counts))
+    return counts.reshape(store.n_donors, n_types)
+
+
+def composition_channel(z: np.ndarray, counts: np.ndarray, batch: np.ndarray | None,
+                        weight: float) -> np.ndarray:
+    """``[z / |z|, weight * c / rms(c)]`` with ``c`` the CLR of ``counts``, centred per
+    batch when ``batch`` is given (see the module docstring).
+
+    Parameters
+    ----------
+    z
+        ``[N, D]`` learned donor embeddings.
+    counts
+        ``[N, K]`` cell-type counts of the same donors.
+    batch
+        Int ``[N]`` batch codes, or None.
+    weight
+        The channel's weight (> 0).
+
+    Returns
+    -------
+    np.ndarray
+        Float32 ``[N, D + K]``.
+    """
+    learned = np.asarray(z, dtype=np.float64)
+    learned = learned / np.maximum(np.linalg.norm(learned, axis=1, keepdims=True), 1e-12)
+    c = clr(counts)
+    if batch is not None:
+        c = center_per_batch(c, batch)
+    rms = np.sqrt(np.mean(np.sum(c * c, axis=1)))
+    c = c / rms if rms > 0 else c
+    return np.hstack([learned, weight * c]).astype(np.float32)

@@ -1,0 +1,46 @@
+"""Embedding applies the per-(batch, cell type) correction and the composition channel."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sampleclr_scale.embed.config import EmbedConfig
+from sampleclr_scale.embed.embedder import _with_composition, embed_donors
+from sampleclr_scale.model import ModelConfig, SampleCLR
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.composition import composition_channel, donor_type_counts
+from sampleclr_scale.store.type_batches import apply_affine
+
+
+def test_embed_donors_maps_cells_with_their_pairs_before_the_model(batch_store) -> None:
+    store = BagStore(batch_store)
+    torch.manual_seed(0)
+    model = SampleCLR(ModelConfig.preset("small", input_dim=store.dim, n_heads=2)).eval()
+    config = EmbedConfig(cells=50, mode="random", seed=1)
+    donors = [0, 1, 2]
+    out = embed_donors(store, model, donors, config, standardize="batch_cell_type")
+    plain = embed_donors(store, model, donors, config)
+    assert np.array_equal(out.store_rows, plain.store_rows)  # the same cells
+    scale, offset, column = store.batch_type_maps
+    codes = np.asarray(store.codes(column)[:])
+    start = 0
+    for i, donor in enumerate(donors):
+        rows = out.store_rows[start:start + out.counts[i]]
+        start += out.counts[i]
+        x = apply_affine(np.asarray(store.features[:])[rows], scale, offset,
+                         int(store.donor_batch[donor]), codes[rows])
+        with torch.no_grad():
+            z = model(torch.from_numpy(x)[None], torch.ones(1, len(x), dtype=torch.bool)).z
+        np.testing.assert_allclose(out.z[i], z[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out.z, plain.z)
+
+
+def test_the_composition_channel_follows_the_model_config(batch_store) -> None:
+    store = BagStore(batch_store)
+    z = np.random.default_rng(0).normal(size=(store.n_donors, 4)).astype(np.float32)
+    assert _with_composition(store, z, {"train_config": {}}) is z
+    got = _with_composition(store, z, {"train_config": {"composition_channel": 0.7}})
+    expected = composition_channel(z, donor_type_counts(store, "cell_type"),
+                                   store.donor_batch, 0.7)
+    np.testing.assert_array_equal(got, expected)

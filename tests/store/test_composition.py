@@ -1,0 +1,60 @@
+"""The composition channel against plain formulas, and the store's per-donor type counts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.composition import (
+    center_per_batch,
+    clr,
+    composition_channel,
+    donor_type_counts,
+)
+
+
+def test_clr_and_centring_match_plain_formulas() -> None:
+    counts = np.array([[10, 0, 5], [1, 1, 1], [0, 0, 7]])
+    for row, got in zip(counts, clr(counts), strict=True):
+        logs = [math.log(c + 0.5) for c in row]
+        np.testing.assert_allclose(got, [v - sum(logs) / 3 for v in logs])
+    X = np.arange(12, dtype=float).reshape(4, 3)
+    batch = np.array([5, 2, 5, 2])
+    expected = X.copy()
+    for b in (2, 5):
+        expected[batch == b] -= X[batch == b].mean(0)
+    np.testing.assert_allclose(center_per_batch(X, batch), expected)
+
+
+def test_composition_channel_is_unit_z_next_to_scaled_centred_clr() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6, 4))
+    counts = rng.integers(0, 50, (6, 3))
+    batch = np.array([0, 1, 0, 1, 1, 0])
+    out = composition_channel(z, counts, batch, 0.5)
+    assert out.shape == (6, 7) and out.dtype == np.float32
+    for i in range(6):
+        np.testing.assert_allclose(out[i, :4], z[i] / np.linalg.norm(z[i]), rtol=1e-6)
+    c = clr(counts)
+    for b in (0, 1):
+        c[batch == b] -= c[batch == b].mean(0)
+    rms = math.sqrt(sum(float(row @ row) for row in c) / 6)
+    np.testing.assert_allclose(out[:, 4:], 0.5 * c / rms, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.mean(np.sum(out[:, 4:] ** 2, axis=1)), 0.25, rtol=1e-5)
+    # without batches the CLR is not centred
+    plain = composition_channel(z, counts, None, 1.0)
+    raw = clr(counts)
+    np.testing.assert_allclose(plain[:, 4:], raw / math.sqrt(np.mean(np.sum(raw ** 2, 1))),
+                               rtol=1e-5)
+
+
+def test_donor_type_counts_match_the_codes(store_path) -> None:
+    store = BagStore(store_path)
+    codes = np.asarray(store.codes("cell_type")[:])
+    counts = donor_type_counts(store, "cell_type", block_rows=97)
+    K = len(store.category_counts("cell_type"))
+    for d in range(store.n_donors):
+        own = codes[store.donor_ptr[d]:store.donor_ptr[d + 1]]
+        assert counts[d].tolist() == [int((own == k).sum()) for k in range(K)]
