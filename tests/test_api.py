@@ -232,7 +232,7 @@ def test_importing_the_package_stays_light():
 def test_docstring_examples_run(tmp_path):
     """The Examples of the public objects, in order, in one namespace (the stages' examples
     continue one another)."""
-    objects = [scs.simulated_anndata, scs.SampleCLR, ingest, train, embed]
+    objects = [scs.simulated_anndata, scs.SampleCLR, ingest, train, embed, scs.stages]
     namespace: dict[str, object] = {"tmp": str(tmp_path)}
     finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner(
         optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
