@@ -115,9 +115,19 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> None:
+    from sampleclr_scale.storage import Location
+    from sampleclr_scale.store.bag_store import BagStore
+    from sampleclr_scale.store.invariants import check_contents
     from sampleclr_scale.store.manifest import check_store
 
-    print(json.dumps(check_store(args.store), indent=2))
+    where = Location(args.store)
+    if not where.exists() or where.is_file():
+        raise InputError(f"{where} {'is a file' if where.exists() else 'does not exist'}, "
+                         "not a bag store", "name the folder (or URI) that `sampleclr-scale "
+                         "ingest` wrote")
+    report = check_store(where)
+    report |= check_contents(BagStore(where))
+    print(json.dumps(report, indent=2))
 
 
 # --- train ------------------------------------------------------------------------------
@@ -268,6 +278,37 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     print(f"report: {Location(args.out) / 'report.md'}")
 
 
+# --- search -----------------------------------------------------------------------------
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="the atlas donors nearest to query donors",
+                       description="Find the K nearest donors of an atlas's embeddings to "
+                       "each query donor (cosine), through an index built once and saved in "
+                       "ATLAS/search_index (rebuilt when the embeddings change); write "
+                       "donors, distances and metadata as neighbours.parquet and .h5ad.")
+    p.add_argument("atlas", help="the atlas's embedding folder (from embed)")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--query", help="embedding folder of new donors, embedded with the "
+                       "atlas's model (ingest --features-like, embed --checkpoint)")
+    query.add_argument("--donors", nargs="+", help="ids of atlas donors to query")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query donor (default 10)")
+    p.add_argument("--out", required=True, help="result folder: a path or URI")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the index even if current")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result folder")
+    p.set_defaults(run=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> None:
+    from sampleclr_scale.search import search_donors
+
+    result = search_donors(args.atlas, query=args.query, donors=args.donors, k=args.k,
+                           rebuild=args.rebuild)
+    where = result.write(args.out, overwrite=args.overwrite)
+    print(json.dumps({"out": str(where), "queries": int(result.table["query"].nunique()),
+                      "k": result.info["k"], "index_built": result.info["index_built"]},
+                     indent=2))
+
+
 # --- simulate ---------------------------------------------------------------------------
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -368,6 +409,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     training.add_argument("--json", required=True, help="file to save the figures to")
     training.set_defaults(run=_run_bench("train"))
     _add_bench_quality(kinds)
+    _add_bench_search(kinds)
 
 
 def _add_bench_loader(kinds: argparse._SubParsersAction) -> None:
@@ -406,6 +448,19 @@ def _add_bench_quality(kinds: argparse._SubParsersAction) -> None:
                          help="scratch directory (a re-run resumes from it)")
     quality.add_argument("--json", required=True, help="file to save the figures to")
     quality.set_defaults(run=_run_bench("quality"))
+
+
+def _add_bench_search(kinds: argparse._SubParsersAction) -> None:
+    search = kinds.add_parser("search", help="donor search: recall@10 vs exact, queries/s, "
+                              "index build time and size at simulated atlas sizes")
+    search.add_argument("--donors", type=int, nargs="+", default=[15_000, 1_000_000])
+    search.add_argument("--dim", type=int, default=32, help="width of the donor vectors")
+    search.add_argument("--queries", type=int, default=1000, help="query donors per size")
+    search.add_argument("--compare-max", dest="compare_max", type=int, default=200_000,
+                        help="also time pynndescent up to this many donors")
+    search.add_argument("--workdir", default="bench_out/search", help="scratch directory")
+    search.add_argument("--json", required=True, help="file to save the figures to")
+    search.set_defaults(run=_run_bench("search"))
 
 
 def _run_bench(kind: str) -> Callable[[argparse.Namespace], None]:
@@ -482,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="debug logging, Ray's worker output on the console")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_ingest, _add_check, _add_prior, _add_train, _add_embed,
-                _add_evaluate, _add_bench, _add_pipeline, _add_demo):
+                _add_evaluate, _add_search, _add_bench, _add_pipeline, _add_demo):
         add(sub)
     return parser
 

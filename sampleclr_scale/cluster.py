@@ -1,8 +1,23 @@
-"""Which Ray the stages run on: the cluster named by ``RAY_ADDRESS``, else a local one."""
+"""Which Ray the stages run on: the cluster named by ``RAY_ADDRESS``, else a local one.
+
+A local Ray listens on the loopback interface only (127.0.0.1): its GCS, raylet, workers,
+agents and the driver are reachable from this machine alone, and it has no dashboard.
+Ray binds its servers to every interface unless the node's address is a loopback one, and
+``ray.init`` replaces a loopback node address by the machine's own; :func:`start_local_ray`
+keeps it (:func:`_loopback_node`). A cluster is joined only when the user names one
+(``RAY_ADDRESS``, set by ``ray job submit`` and on cluster nodes).
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+from sampleclr_scale.errors import InputError
 
 # A training worker runs more threads (Ray's, torch's, the loader's) than glibc's default
 # limit of 8 malloc arenas per core. Measured on the 1M-cell bench cohort, 2 workers, 10
@@ -12,22 +27,131 @@ import os
 # unless the variable is set; the container images set it for cluster nodes.
 MALLOC_ARENAS = ("MALLOC_ARENA_MAX", "2")
 
+LOOPBACK = "127.0.0.1"
+"""The only address a local Ray listens on."""
+
 
 def ensure_ray() -> None:
     """Connect to Ray unless this process already is.
 
-    ``RAY_ADDRESS`` (set by ``ray job submit`` and on cluster nodes) names the cluster to
-    join; without it a new local Ray starts on this machine's CPUs. A cluster that some
-    other process left running (or a stale address file of a dead one) is never joined
-    by accident. Ray's own output follows the console's verbosity
+    ``RAY_ADDRESS`` names the cluster to join; without it a new local Ray starts on this
+    machine's CPUs, listening on the loopback interface only (:func:`start_local_ray`).
+    A cluster that some other process left running (or a stale address file of a dead
+    one) is never joined by accident. Ray's own output follows the console's verbosity
     (:func:`~sampleclr_scale.console.ray_init_options`).
     """
     import ray
 
     from sampleclr_scale.console import ray_init_options
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if not address:
-            os.environ.setdefault(*MALLOC_ARENAS)  # inherited by the Ray it starts
-        ray.init(address=address or "local", include_dashboard=False, **ray_init_options())
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if not is_local():
+        ray.init(address=address, include_dashboard=False, **ray_init_options())
+        return
+    os.environ.setdefault(*MALLOC_ARENAS)  # inherited by the Ray it starts
+    start_local_ray(**ray_init_options())
+
+
+def local_ray_options() -> dict[str, Any]:
+    """The ``ray.init`` options of a local Ray on the loopback interface, no dashboard."""
+    return {"address": "local", "include_dashboard": False, "dashboard_host": LOOPBACK,
+            "_node_ip_address": LOOPBACK}
+
+
+def start_local_ray(**options: Any) -> None:
+    """Start a new local Ray in this process that listens on 127.0.0.1 only.
+
+    Parameters
+    ----------
+    **options
+        More ``ray.init`` options (``num_cpus``, logging); the address and network
+        settings of :func:`local_ray_options` are not to be changed.
+    """
+    import ray
+
+    clash = sorted(options.keys() & local_ray_options().keys())
+    if clash:
+        raise ValueError(f"start_local_ray sets {clash} itself")
+    for name, value in loopback_environment().items():  # inherited by Ray's workers
+        os.environ.setdefault(name, value)
+    with _loopback_node():
+        ray.init(**local_ray_options(), **options)
+
+
+def loopback_environment() -> dict[str, str]:
+    """The variables that keep torch's collectives (gloo, NCCL) on the loopback
+    interface: its name under ``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME``."""
+    names = [name for name, addresses in psutil_module().net_if_addrs().items()
+             if any(a.address == LOOPBACK for a in addresses)]
+    if not names:
+        return {}
+    return {"GLOO_SOCKET_IFNAME": names[0], "NCCL_SOCKET_IFNAME": names[0]}
+
+
+def psutil_module() -> ModuleType:
+    """``psutil``: Ray's vendored copy, which importing Ray puts on the path."""
+    import ray  # noqa: F401
+
+    return importlib.import_module("psutil")
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Keep a loopback node address as it is while Ray starts.
+
+    ``ray.init`` passes its node address through ``resolve_ip_for_localhost``, which
+    turns 127.0.0.1 into the machine's network address, and Ray's servers then bind to
+    every interface. Ray's processes bind to the loopback interface when the node address
+    they are given is a loopback one, so that resolution is skipped for the call.
+    """
+    from ray._private import services
+
+    resolve = services.resolve_ip_for_localhost
+
+    def keep_loopback(host: str) -> str:
+        return host if host == LOOPBACK else resolve(host)
+
+    services.resolve_ip_for_localhost = keep_loopback
+    try:
+        yield
+    finally:
+        services.resolve_ip_for_localhost = resolve
+
+
+def is_local() -> bool:
+    """Whether the stages use a local Ray (no cluster named by ``RAY_ADDRESS``)."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
+def check_resources(workers: int, use_gpu: bool) -> None:
+    """Refuse a run that asks Ray for more than it has, before asking (Ray would wait for
+    the resources forever).
+
+    On a local Ray the machine is all there is: a worker takes one CPU, or with ``use_gpu``
+    one GPU (and no CPU), as Ray Train's ``ScalingConfig`` asks. A named cluster may grow
+    (an autoscaler adds nodes), so there only a cluster without any GPU is refused for ``use_gpu``.
+
+    Raises
+    ------
+    InputError
+        Naming what is missing and the fix.
+    """
+    import ray
+
+    ensure_ray()
+    total = ray.cluster_resources()
+    cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
+    local = is_local()
+    where = "this machine's Ray" if local else "the Ray cluster"
+    if use_gpu and (gpus == 0 or (local and gpus < workers)):
+        raise InputError(f"--use-gpu asks for {workers} GPU(s) (one per worker); {where} "
+                         f"has {gpus}",
+                         "train without --use-gpu, or with --workers at most the GPUs "
+                         "(nvidia-smi lists them)")
+    if local and not use_gpu and cpus < workers:
+        raise InputError(f"--workers {workers} asks for {workers} CPUs (one per worker); "
+                         f"{where} has {cpus}",
+                         f"use --workers {max(cpus, 1)} or fewer, or join a cluster with "
+                         "more (RAY_ADDRESS=...)")

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.losses.registry import default_loss_config, loss_config_type
+from sampleclr_scale.losses.configs import default_loss_config, loss_config_type
 
 
 class StageConfig(BaseModel):
@@ -273,14 +273,14 @@ class TaskConfig(StageConfig):
 
 LossConfig = loss_config_type()
 """The self-supervised objective: one of the configs registered in
-:mod:`sampleclr_scale.losses.registry` (where the objectives and their settings are),
+:mod:`sampleclr_scale.losses.configs` (where the objectives' settings are),
 chosen by ``kind``; a mapping without ``kind`` is X-CLR."""
 
 
 class OptimConfig(StageConfig):
     """AdamW with a learning rate scaled to the global batch, warm-up, cosine decay."""
 
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     """Learning rate at ``reference_batch`` donors per global step."""
     reference_batch: int = Field(default=32, ge=1)
     """Global batch size at which ``lr`` applies."""
@@ -308,11 +308,11 @@ class TrainConfig(StageConfig):
     """The self-supervised objective and its settings, chosen by ``kind``."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimiser and schedule."""
-    epochs: int = Field(default=30, ge=1)
+    epochs: int = Field(default=30, ge=1, strict=True)  # `true` is no number of epochs
     """Epochs of stage 1 (contrastive)."""
-    supervised_epochs: int = Field(default=10, ge=0)
+    supervised_epochs: int = Field(default=10, ge=0, strict=True)
     """Epochs of stage 2 (contrastive + supervised); skipped without tasks."""
-    freeze_epochs: int = Field(default=3, ge=0)
+    freeze_epochs: int = Field(default=3, ge=0, strict=True)
     """First epochs of stage 2 that train only the supervised heads."""
     patience: int | None = Field(default=10, ge=1)
     """Stop a stage after this many epochs without a better validation loss."""
@@ -324,7 +324,7 @@ class TrainConfig(StageConfig):
     already ignore an additive site shift; standardising on top rescales each site by
     statistics that its donors' biology also sets, which cost batch mixing and held-out
     scores on the mixed scenario (benchmarks/README.md, "Quality")."""
-    workers: int = Field(default=2, ge=1)
+    workers: int = Field(default=2, ge=1, strict=True)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""

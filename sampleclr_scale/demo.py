@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sampleclr_scale.cluster import ensure_ray
+from sampleclr_scale.errors import InputError
 from sampleclr_scale.pipeline import Headers, ModelRecipe, PipelineConfig, run_pipeline
 from sampleclr_scale.simulate import cohorts as synthetic
 
@@ -58,7 +59,17 @@ def demo_recipe(soma: Path, *, workers: int, epochs: int, seed: int) -> Pipeline
 
 def run_demo(out: Path, *, n_donors: int = 200, workers: int = 2, epochs: int = 20,
              seed: int = 0) -> dict:
-    """Run the demo into ``out``; return the evaluation metrics."""
+    """Run the demo into ``out``; return the evaluation metrics.
+
+    Raises
+    ------
+    InputError
+        For fewer than one worker or epoch, before anything is written.
+    """
+    for option, value in (("--workers", workers), ("--epochs", epochs)):
+        if value < 1:
+            raise InputError(f"demo {option} {value}: it needs at least 1",
+                             f"pass {option} 1 or more")
     out.mkdir(parents=True, exist_ok=True)
     soma = out / SOMA_DIR
     headers = Headers(before=("simulate",))

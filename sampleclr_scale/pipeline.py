@@ -283,7 +283,7 @@ class _Run:
     def train(self, model: str, n_train: int) -> str:
         """Train ``model`` (resuming an interrupted run); its run directory."""
         from sampleclr_scale.train.artifact import MODEL_FILE
-        from sampleclr_scale.train.driver import train
+        from sampleclr_scale.train.driver import CONFIG_FILE, train
 
         run_dir = self.out / RUNS_DIR / model
         train_config = _fit_batch(self.config, model, self.train_overrides, n_train)
@@ -291,13 +291,13 @@ class _Run:
                  else f"with {train_config.workers} Ray Train workers")
         self.header("train", f"train {model} {where} -> {run_dir}")
         if not (run_dir / MODEL_FILE).exists():
-            train(str(self.store), str(run_dir), train_config, resume=True,
-                  in_process=self.in_process)
+            train(str(self.store), str(run_dir), train_config,
+                  resume=(run_dir / CONFIG_FILE).exists(), in_process=self.in_process)
         return str(run_dir)
 
     def embed(self, model: str) -> list[str]:
         """Embed every donor with ``model``, once per cell choice; the embeddings."""
-        from sampleclr_scale.embed.embedder import embed
+        from sampleclr_scale.embed.embedder import complete_write_back, embed
 
         config = self.config
         write_back = config.write_back
@@ -309,10 +309,13 @@ class _Run:
             emb_dir = self.out / EMBEDDINGS_DIR / label
             self.header("embed", f"embed every donor with {model} ({mode} cells){back} "
                         f"-> {emb_dir}")
+            settings = config.embed_config(label, mode, self.embed_overrides)
             if not emb_dir.exists():
                 embed(str(self.store), str(self.out / RUNS_DIR / model), str(emb_dir),
-                      config.embed_config(label, mode, self.embed_overrides),
-                      write_back=write_back)
+                      settings, write_back=write_back)
+            else:  # a write-back that a killed run left unfinished is finished now
+                complete_write_back(str(self.store), str(self.out / RUNS_DIR / model),
+                                    str(emb_dir), settings, write_back=write_back)
             embeddings.append(str(emb_dir))
         return embeddings
 

@@ -163,8 +163,10 @@ def ray_cluster():
     started one itself, like the demo's, leaves it running for the others)."""
     import ray
 
-    if not ray.is_initialized():  # "local": never join another cluster on the machine
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    from sampleclr_scale.cluster import start_local_ray
+
+    if not ray.is_initialized():  # a new local Ray, on the loopback interface only
+        start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -19,8 +19,8 @@ from sampleclr_scale.loading.resident import (
 )
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train.driver import train
-from tests.test_resident import TASKS, assert_same_batches
-from tests.test_train_paths import RUN, run_in_process
+from tests.loading.test_resident import TASKS, assert_same_batches
+from tests.train.test_train_paths import RUN, run_in_process
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)

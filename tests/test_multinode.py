@@ -21,8 +21,8 @@ from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.storage import Location
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.driver import RAY_DIR, train
-from tests.test_storage import upload_store
-from tests.test_train import RUN as SINGLE_NODE_RUN
+from tests.storage.test_storage import upload_store
+from tests.train.test_train import RUN as SINGLE_NODE_RUN
 
 # the single-node test run, shortened, spread over the nodes, checkpointing every step
 RUN = {**SINGLE_NODE_RUN, "epochs": 3, "supervised_epochs": 1, "freeze_epochs": 0,

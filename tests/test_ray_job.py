@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from sampleclr_scale.storage import Location
-from tests.test_storage import upload_store
+from tests.storage.test_storage import upload_store
 
 BIN = Path(sys.executable).parent  # ray and sampleclr-scale of this environment
 TRAIN_YAML = """

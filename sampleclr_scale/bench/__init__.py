@@ -109,6 +109,14 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
         figures = bench_quality(scenarios=args.scenarios, variants=args.variants,
                                 seeds=args.seeds, epochs=args.epochs, workers=args.workers,
                                 workdir=Path(args.workdir))
+    elif kind == "search":
+        from sampleclr_scale.bench.search import bench_search, search_table
+
+        figures = bench_search(args.donors, dim=args.dim, queries=args.queries, k=10,
+                               workdir=Path(args.workdir), compare_max=args.compare_max)
+        save_figures(figures, args.json)
+        print(search_table(figures))
+        return
     else:
         raise ValueError(f"unknown benchmark {kind!r}")
     save_figures(figures, args.json)

@@ -189,7 +189,7 @@ def _pipelines(store: BagStore, plans: list[list[np.ndarray]], seconds: float) -
     loader setting records."""
     import zarr
 
-    from sampleclr_scale.loading.readers import read_rows
+    from sampleclr_scale.loading.rows import read_rows
 
     figures: dict[str, Any] = {}
     for name, pipeline in (("zarr_python", None), ("zarrs", "zarrs.ZarrsCodecPipeline")):

@@ -10,7 +10,7 @@ pseudobulk, cell-type composition, GloScope and random vectors, on all donors an
 held-out validation donors. Runs named ``VARIANT_seedN`` are averaged by the evaluation
 (mean +- std over seeds). Each run trains in the benchmark's process (the workers' loop
 without Ray Train, 32 donors per step as in the paper): a 2-worker run computes the same
-loss and gradients (``tests/test_distributed_loss.py``), and the many small runs would
+loss and gradients (``tests/losses/test_distributed_loss.py``), and the many small runs would
 otherwise spend most of their time starting workers and checkpointing each epoch.
 
 The variants (:data:`VARIANTS`) isolate one change each against the paper's model:

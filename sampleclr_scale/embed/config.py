@@ -20,9 +20,12 @@ PROVENANCE_FILE = "provenance.json"
 PREDICTIONS_PARQUET = "predictions.parquet"
 """The files of an embedding output directory (see :mod:`sampleclr_scale.embed.embedder`;
 ``predictions.parquet`` only for a model with supervised heads)."""
+SEARCH_INDEX_DIR = "search_index"
+"""The donor search index that ``sampleclr-scale search`` builds inside an embedding
+folder, on first use (:mod:`sampleclr_scale.search.index`)."""
 EMBEDDINGS = files_output("an embedding folder",
                           (DONORS_PARQUET, DONORS_H5AD, CELLS_PARQUET, PROVENANCE_FILE,
-                           PREDICTIONS_PARQUET),
+                           PREDICTIONS_PARQUET, SEARCH_INDEX_DIR),
                           commit=PROVENANCE_FILE)
 """What ``embed --overwrite`` replaces: a folder of those files and nothing else."""
 

@@ -30,7 +30,8 @@ Outputs, in ``out`` (built in a temporary sibling and published atomically):
   ordinal level as its donor-table value, a regression value in the target's units) and
   ``<task>_p_<class>`` (class or level probabilities), computed from the heads' outputs
   of the same forward pass as ``z`` (:mod:`~sampleclr_scale.embed.predictions`).
-- ``provenance.json``: checkpoint, store, source, config, model config, the tasks
+- ``provenance.json``: checkpoint, store, source, config, model config, the model's
+  feature-spec record (``feature_spec``, compared by ``search``), the tasks
   (``tasks``: column, kind, weight, classes, target mean and std), versions, time.
 
 :func:`embed` then writes the results back (:mod:`~sampleclr_scale.embed.writeback`),
@@ -323,15 +324,47 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
     """
     if write_back is False:
         return run_embedding(store_path, run_dir, out, config, in_process)
+    store, run, target = _write_back_plan(store_path, run_dir, config, write_back)
+    result = run_embedding(store_path, run_dir, out, config, in_process)
+    return replace(result, write_back=_write_back(result.out, store, run, target))
+
+
+def _write_back_plan(store_path: str | Path, run_dir: str | Path, config: EmbedConfig,
+                     write_back: str | None) -> tuple[BagStore, str, str | None]:
+    """The store, the run name and the SOMA experiment (None: none) of a write-back;
+    refused before any work where they are wrong."""
     store = BagStore(store_path)
     run = check_run_name(config.run_name or Location(run_dir).name)
     target = writeback.soma_target(store, write_back)
-    result = run_embedding(store_path, run_dir, out, config, in_process)
-    locations = {"store": str(writeback.write_back_store(result.out, store.location, run))}
     if target is not None:
-        locations["soma"] = writeback.write_back_soma(result.out, target, run)
-    log.info("results %r written back to %s", run, ", ".join(locations.values()))
-    return replace(result, write_back=locations)
+        writeback.check_soma_target(target)
+    return store, run, target
+
+
+def _write_back(out: Location, store: BagStore, run: str, target: str | None,
+                only_missing: bool = False) -> dict[str, str]:
+    """Write the results in ``out`` back into the store and ``target``: where they are
+    not completely written yet, with ``only_missing``. Where they went."""
+    locations = {}
+    if not (only_missing and writeback.has_run(store.location, run)):
+        locations["store"] = str(writeback.write_back_store(out, store.location, run))
+    if target is not None and not (only_missing and writeback.has_run(target, run)):
+        locations["soma"] = writeback.write_back_soma(out, target, run)
+    if locations:
+        log.info("results %r written back to %s", run, ", ".join(locations.values()))
+    return locations
+
+
+def complete_write_back(store_path: str | Path, run_dir: str | Path, out: str | Path,
+                        config: EmbedConfig, write_back: str | Literal[False] | None = None
+                        ) -> dict[str, str]:
+    """Finish the write-back of an existing embedding folder ``out`` where an interrupted
+    :func:`embed` left it missing or incomplete (arguments as for :func:`embed`); where
+    it wrote (nothing where every write-back is complete)."""
+    if write_back is False:
+        return {}
+    store, run, target = _write_back_plan(store_path, run_dir, config, write_back)
+    return _write_back(Location(out), store, run, target, only_missing=True)
 
 
 def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
@@ -360,6 +393,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
             z = np.zeros((store.n_donors, model.config.output_dim), dtype=np.float32)
             outputs: dict[str, np.ndarray] = {}
             n_cells = _write_cells(results, z, outputs, staging / CELLS_PARQUET)
+            _check_finite(store, z, outputs, run_dir)
             seconds = time.perf_counter() - start
             provenance = _provenance(store, run_dir, config, artifact, n_cells, seconds)
             _write_donors(staging, store, z, provenance, artifact["tasks"], outputs)
@@ -402,6 +436,21 @@ def _local_results(store: BagStore, run_dir: str | Path, config: EmbedConfig,
     worker = EmbedWorker(store.location.uri, Location(run_dir).uri,
                          config.model_dump(mode="json"), limit_threads=False)
     yield (worker.embed(donors) for donors in tasks)
+
+
+def _check_finite(store: BagStore, z: np.ndarray, outputs: dict[str, np.ndarray],
+                  run_dir: str | Path) -> None:
+    """Refuse to publish a NaN or infinite vector or head output (the staged output is
+    discarded)."""
+    bad = ~np.isfinite(z).all(axis=1)
+    for values in outputs.values():
+        bad |= ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        donors = store.donors["donor"].iloc[np.flatnonzero(bad)[:3]].tolist()
+        raise InputError(f"the model of {run_dir} gives {int(bad.sum())} donors a NaN or "
+                         f"infinite embedding (e.g. {donors}); nothing was written",
+                         "check the store (`sampleclr-scale check STORE`: non-finite "
+                         "features) and retrain the model")
 
 
 def _check_fits(store: BagStore, artifact: dict[str, Any], input_dim: int,
@@ -506,6 +555,7 @@ def _provenance(store: BagStore, run_dir: str | Path, config: EmbedConfig,
         "store_source_kind": store.attrs.get("source_kind"),
         "donor_key": list(store.attrs.get("donor_key", [])),
         "features": store.attrs.get("features"),
+        "feature_spec": artifact.get("feature_spec"),  # the model's; search compares them
         "config": config.model_dump(mode="json"),
         "model_config": artifact["model_config"],
         "tasks": [asdict(task) for task in artifact["tasks"]],

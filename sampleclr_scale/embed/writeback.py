@@ -221,6 +221,33 @@ def write_back_soma(embeddings: str | Path | Location, uri: str, run: str) -> st
     return _publish(home, staging, run)
 
 
+def check_soma_target(uri: str) -> None:
+    """Refuse a write-back target that exists but is no SOMA experiment (a bag store, a
+    file, a folder of other files): the write-back would create an experiment inside it.
+
+    Raises
+    ------
+    InputError
+        Saying what is there.
+    """
+    import tiledbsoma
+
+    try:
+        where = Location(uri)
+    except InputError:  # a URI scheme only TileDB knows, e.g. tiledb://
+        return
+    if not where.exists() or tiledbsoma.Experiment.exists(str(uri)):
+        return
+    what = ("a bag store (a Zarr group)" if where.is_zarr_group() else
+            "a file" if where.is_file() else "a folder that is not a SOMA experiment"
+            if where.children() else None)
+    if what is not None:
+        raise InputError(f"--write-back {uri} is {what}: writing back would create a SOMA "
+                         "experiment inside it",
+                         "write back into the SOMA experiment the store was ingested from, "
+                         "or a new path (--no-write-back writes the embedding folder only)")
+
+
 def _prepare(uri: str, top: int) -> tuple[str, int]:
     """Check (or create) the experiment and its ``sampleclr`` collection.
 
@@ -392,6 +419,27 @@ def write_back_store(embeddings: str | Path | Location, store_path: str | Path |
             (staging / PREDICTIONS_PARQUET).write_bytes(
                 (results.directory / PREDICTIONS_PARQUET).read_bytes())
     return parent / run
+
+
+def has_run(uri: str | Path | Location, run: str) -> bool:
+    """Whether ``run`` was written back completely into ``uri``: a bag store's
+    ``embeddings/<run>`` group, or a SOMA experiment's ``sampleclr/<run>`` marked
+    complete (a staging member left by a killed write-back does not count)."""
+    try:
+        location = Location(uri)
+    except InputError:  # a URI scheme only TileDB knows, e.g. tiledb://
+        location = None
+    if location is not None and location.is_zarr_group():
+        return (location / STORE_FOLDER / run).is_zarr_group()
+    import tiledbsoma
+
+    uri = str(uri) if "://" in str(uri) else str(Path(uri).resolve())
+    if not tiledbsoma.Experiment.exists(uri):
+        return False
+    with tiledbsoma.Experiment.open(uri) as exp:
+        if COLLECTION not in exp or run not in exp[COLLECTION]:
+            return False
+        return bool(exp[COLLECTION][run].metadata.get("complete"))
 
 
 def read_back(uri: str | Path, run: str) -> tuple[pd.DataFrame, sp.coo_array]:

@@ -14,6 +14,11 @@ from pydantic import Field, model_validator
 
 from sampleclr_scale.config import StageConfig
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.storage import files_output
+
+METRICS_FILE = "metrics.json"
+REPORT = files_output("a report", (METRICS_FILE, "report.md", "figures"), commit=METRICS_FILE)
+"""What ``evaluate`` writes: ``metrics.json``, ``report.md`` and ``figures/``."""
 
 CovariateKind = Literal["categorical", "ordinal", "continuous"]
 

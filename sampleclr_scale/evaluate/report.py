@@ -13,7 +13,9 @@ backend switch, nothing shown):
 
 from __future__ import annotations
 
+import html
 import re
+import urllib.parse
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +43,30 @@ _PREDICTION_SCORES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mae": "MA
 
 
 # ---- text --------------------------------------------------------------------------
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|~#])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+"""What formats inline markdown: backslash, code, emphasis, links and images (their
+brackets), table cells, strikethrough, headings, and ``_`` except inside a word."""
+
+
+def md(value: object) -> str:
+    """``value`` as inline markdown that shows as its text and nothing else.
+
+    Donor ids, column, run and method names come from users' data: a newline would end a
+    table row or start a heading, ``|`` split a table cell, ``<script>`` be raw HTML,
+    ``*``, ``_``, ``[..](..)`` and backticks format or link. Runs of white space
+    (newlines included) become one space, ``&``, ``<`` and ``>`` HTML entities, and the
+    punctuation that formats inline markdown is escaped with a backslash. Every value written into
+    ``report.md`` goes through here (numbers excepted).
+    """
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return _MARKDOWN_SPECIAL.sub(lambda match: "\\" + match[0], text)
+
+
+def _image(label: object, path: str) -> str:
+    """A markdown image of a figure: escaped alt text, the path percent-encoded."""
+    return f"![{md(label)}]({urllib.parse.quote(str(path))})"
+
 
 
 def column_label(key: str, trajectory: str | None = None) -> str:
@@ -130,11 +156,11 @@ def write_report(metrics: dict[str, Any], out: Path) -> Path:
     lines = [
         "# SampleCLR evaluation (SPARE)",
         "",
-        f"- store: `{metrics['store']}`",
-        f"- donors scored: {metrics['n_donors']} (split: {config['split']})",
+        f"- store: {md(metrics['store'])}",
+        f"- donors scored: {metrics['n_donors']} (split: {md(config['split'])})",
         f"- kNN prediction: k = {config['k']}; diffusion pseudotime: k = "
-        f"{config['trajectory_k']}, root donor `{metrics.get('trajectory_root') or '-'}` "
-        f"({config['trajectory_root']} {config['trajectory'] or '-'})",
+        f"{config['trajectory_k']}, root donor {md(metrics.get('trajectory_root') or '-')} "
+        f"({md(config['trajectory_root'])} {md(config['trajectory'] or '-')})",
         "",
         "## Scores",
         "",
@@ -148,8 +174,8 @@ def write_report(metrics: dict[str, Any], out: Path) -> Path:
     if figures["maps"]:
         lines += ["", f"## Donor maps ({metrics['map_method'].upper()})", "",
                   "Left to right: each SampleCLR method (its first run) and pseudobulk, "
-                  "computed on the scored donors.", ""]
-        lines += [f"![{col}]({path})" for col, path in figures["maps"].items()]
+                  "computed on the scored donors" + _drawn(metrics) + ".", ""]
+        lines += [_image(col, path) for col, path in figures["maps"].items()]
     if figures["cell_weights"]:
         lines += ["", "## Cell weights", "",
                   "Mean cell weight per cell type (rows) and aggregator head (columns), "
@@ -157,17 +183,18 @@ def write_report(metrics: dict[str, Any], out: Path) -> Path:
                   "divided by the mean weight of its donor's chosen cells in that head, so "
                   "1 is an average cell of its donor whatever the donor's bag size; the "
                   "cell-level mean over the scored donors is shown.", ""]
-        lines += [f"![{name}]({path})" for name, path in figures["cell_weights"].items()]
+        lines += [_image(name, path) for name, path in figures["cell_weights"].items()]
     if figures["training"]:
         lines += ["", "## Training curves", "",
                   "| run | epochs | last train loss | last val loss | best val loss |",
                   "|---|---|---|---|---|"]
         for name, summary in metrics["training"].items():
-            lines.append(f"| {name} | {summary['epochs']} | {_num(summary['last_train_loss'])}"
+            lines.append(f"| {md(name)} | {summary['epochs']} | "
+                         f"{_num(summary['last_train_loss'])}"
                          f" | {_num(summary['last_val_loss'])} | "
                          f"{_num(summary['best_val_loss'])} |")
         lines.append("")
-        lines += [f"![{name}]({path})" for name, path in figures["training"].items()]
+        lines += [_image(name, path) for name, path in figures["training"].items()]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -306,10 +333,10 @@ def _score_table(metrics: dict[str, Any], held_out: bool = False) -> list[str]:
         means = [m["mean"].get(key) for m in scores.values()]
         known = [v for v in means if v is not None]
         best[key] = max(known) if known else None
-    header = ["method", "runs", *(column_label(key, trajectory) for key in keys)]
+    header = ["method", "runs", *(md(column_label(key, trajectory)) for key in keys)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, method in scores.items():
-        cells = [name, str(metrics["methods"][name]["n_runs"])]
+        cells = [md(name), str(metrics["methods"][name]["n_runs"])]
         for key in keys:
             text = format_score(method, key)
             mean = method["mean"].get(key)
@@ -325,8 +352,8 @@ def _held_out_section(metrics: dict[str, Any]) -> list[str]:
         return []
     config = metrics["config"]
     root = metrics.get("held_out_trajectory_root")
-    trajectory = (f"; trajectory root `{root}` ({config['trajectory_root']} "
-                  f"{config['trajectory']})" if root is not None else "")
+    trajectory = (f"; trajectory root {md(root)} ({md(config['trajectory_root'])} "
+                  f"{md(config['trajectory'])})" if root is not None else "")
     return [f"## Held-out donors (validation split, {n} donors)", "",
             "The same scores on the validation donors alone (never seen by a supervised "
             "head): distances restricted to them, so each donor's neighbours are other "
@@ -350,7 +377,7 @@ def _predictions_section(metrics: dict[str, Any]) -> list[str]:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in predictions.items():
         for task, scores in entry["tasks"].items():
-            cells = [name, task, scores["kind"], str(scores["n"]),
+            cells = [md(name), md(task), md(scores["kind"]), str(scores["n"]),
                      *(_num(scores.get(key), 3) for key in _PREDICTION_SCORES)]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -372,8 +399,18 @@ def _notes(metrics: dict[str, Any]) -> list[str]:
         "(ddof = 1) over its runs; the random baseline is averaged the same way over "
         f"{metrics['config']['seeds']} seeds. The best mean of each column is bold.",
     ]
-    notes += [f"Not evaluated: {name} ({why})." for name, why in metrics["skipped"].items()]
+    notes += [f"Not evaluated: {md(name)} ({md(why)})."
+              for name, why in metrics["skipped"].items()]
     return [f"- {note}" for note in notes]
+
+
+def _drawn(metrics: dict[str, Any]) -> str:
+    """How many donors the maps draw, when a sample (the scores use every donor)."""
+    drawn = metrics.get("map_donors")
+    if drawn is None or drawn >= metrics["n_donors"]:
+        return ""
+    return (f" (a uniform sample of {drawn:,} of the {metrics['n_donors']:,} donors; "
+            "the scores use every donor)")
 
 
 def _num(value: float | None, digits: int = 4) -> str:

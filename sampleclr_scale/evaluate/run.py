@@ -44,10 +44,15 @@ import pyarrow as pa
 from sampleclr_scale.embed.config import CELLS_PARQUET, DONORS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import baselines, report
-from sampleclr_scale.evaluate.config import EvaluateConfig
+from sampleclr_scale.evaluate.config import METRICS_FILE, REPORT, EvaluateConfig
+from sampleclr_scale.evaluate.neighbours import (
+    distances_if_small,
+    map_sample,
+    representation_scores,
+)
 from sampleclr_scale.evaluate.predictions import prediction_scores
-from sampleclr_scale.evaluate.spare import cosine_distances, root_donor, spare_scores
-from sampleclr_scale.storage import Location, local_directory
+from sampleclr_scale.evaluate.spare import root_donor
+from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.pseudobulk import donor_means
 
@@ -61,12 +66,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 @dataclass
 class _Run:
-    """One representation: its method, run name, distances, and vectors if any."""
+    """One representation: its method, run name, distances (None above
+    ``neighbours.DENSE_LIMIT`` donors: scored on its vectors), and vectors if any."""
 
     method: str
     name: str
     kind: str  # "sampleclr" or "baseline"
-    D: np.ndarray
+    D: np.ndarray | None
     Z: np.ndarray | None = None
     source: str | None = None
 
@@ -96,6 +102,10 @@ def read_embeddings(emb_dir: str | Path | Location) -> tuple[np.ndarray, np.ndar
                          f"{z.null_count} nulls, not fixed_size_list<float32>[D] without nulls",
                          "re-run `sampleclr-scale embed`")
     Z = z.values.to_numpy(zero_copy_only=False).astype(np.float32)
+    if not np.isfinite(Z).all():
+        raise InputError(f"column z of {Location(emb_dir) / DONORS_PARQUET} holds NaN or "
+                         "infinite values", "embed again with a model whose training "
+                         "converged (`sampleclr-scale embed` refuses to write such vectors)")
     donor_index = table.column("donor_index").to_numpy().astype(np.int64)
     return donor_index, Z.reshape(len(z), z.type.list_size)
 
@@ -112,7 +122,9 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
     store : str
         The bag store the embeddings were made from (a local path or a URI).
     out : str
-        Report directory, a local path or a URI (created; files in it are overwritten).
+        Report directory, a local path or a URI: published whole once complete,
+        replacing an earlier report (never anything else: a folder of other files, an
+        input, another stage's output), while this run holds its lock.
     config : EvaluateConfig
         Covariates and settings.
     run_dirs : list of str, optional
@@ -134,16 +146,32 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
     if not embeddings:
         raise InputError("no embeddings to evaluate", "pass --embeddings EMB [EMB ...]")
     bag = BagStore(store)
+    named = _name_embeddings(embeddings)
+    for _, path in named:  # a missing input is named before --out is looked at
+        _embedding_table(path, ["donor_index"])
+    logs = _training_logs(run_dirs, named)
+    inputs = [bag.location, *(path for _, path in named),
+              *(Location(source) for source, _ in logs.values())]
+    # a report replaces only a report: never an input, a user's folder or another output
+    with staged_output(out, True, kind=REPORT, inputs=inputs) as staging:
+        metrics, runs, selected, donors = _scores(bag, named, config)
+        staging.mkdir()
+        _write_outputs(metrics, runs, bag, selected, donors, config, logs, staging)
+    return metrics
+
+
+def _scores(bag: BagStore, named: list[tuple[str, Location]], config: EvaluateConfig
+            ) -> tuple[dict[str, Any], list[_Run], np.ndarray, pd.DataFrame]:
+    """The metrics of every run and baseline (see :func:`evaluate`), the runs, the scored
+    donors' positions and their table."""
     config.check_columns(bag.donors, str(bag.location))
     selected = _selected_donors(bag, config.split)
     donors = bag.donors.iloc[selected].reset_index(drop=True)
     root = _trajectory_root(donors, config, str(bag.location))
-    named = _name_embeddings(embeddings)
-    logs = _training_logs(run_dirs, named)
     runs = []
     for name, path in named:
         Z = _aligned(path, bag, selected)
-        runs.append(_Run(_method_of(name), name, "sampleclr", cosine_distances(Z), Z, path.uri))
+        runs.append(_Run(_method_of(name), name, "sampleclr", distances_if_small(Z), Z, path.uri))
     skipped: dict[str, str] = {}
     runs += _baseline_runs(bag, selected, config, runs[0].Z.shape[1], skipped)
     methods = _score(runs, donors, config)
@@ -160,8 +188,7 @@ def evaluate(embeddings: list[str], store: str, out: str, config: EvaluateConfig
         "predictions": prediction_scores(named, bag, bag.split_donors(HELD_OUT_SPLIT)),
         "skipped": skipped,
     }
-    _write_outputs(metrics, runs, bag, selected, donors, config, logs, out)
-    return metrics
+    return metrics, runs, selected, donors
 
 
 # ---- inputs ------------------------------------------------------------------------
@@ -253,10 +280,11 @@ def _aligned(emb_dir: Location, bag: BagStore, selected: np.ndarray) -> np.ndarr
 def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, dim: int,
                    skipped: dict[str, str]) -> list[_Run]:
     pb = donor_means(bag)[selected]
-    runs = [_Run("pseudobulk", "pseudobulk", "baseline", cosine_distances(pb), pb)]
+    runs = [_Run("pseudobulk", "pseudobulk", "baseline", distances_if_small(pb), pb)]
     try:
         comp = baselines.composition(bag, CELL_TYPE_COLUMN)[selected]
-        runs.append(_Run("composition", "composition", "baseline", cosine_distances(comp), comp))
+        runs.append(_Run("composition", "composition", "baseline", distances_if_small(comp),
+                         comp))
     except InputError as err:
         skipped["composition"] = err.problem
     gloscope = baselines.gloscope_distances(bag.location.uri)
@@ -266,7 +294,7 @@ def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, 
         runs.append(_Run("gloscope", "gloscope", "baseline", gloscope[np.ix_(selected, selected)]))
     for seed in range(config.seeds):
         Z = baselines.random_vectors(len(selected), dim, seed)
-        runs.append(_Run("random", f"random_seed{seed}", "baseline", cosine_distances(Z), Z))
+        runs.append(_Run("random", f"random_seed{seed}", "baseline", distances_if_small(Z), Z))
     return runs
 
 
@@ -296,10 +324,11 @@ def _score(runs: list[_Run], donors: pd.DataFrame, config: EvaluateConfig,
         donors = donors.iloc[subset].reset_index(drop=True)
     methods: dict[str, Any] = {}
     for run in runs:
-        D = run.D if subset is None else run.D[np.ix_(subset, subset)]
+        D = run.D if subset is None or run.D is None else run.D[np.ix_(subset, subset)]
+        Z = run.Z if subset is None or run.Z is None else run.Z[subset]
         entry = methods.setdefault(run.method, {"kind": run.kind, "runs": {}})
         entry["runs"][run.name] = {"source": run.source,
-                                   "scores": spare_scores(D, donors, config)}
+                                   "scores": representation_scores(donors, config, D, Z)}
     keys = _score_keys(config)
     for entry in methods.values():
         flat = [_flatten(r["scores"], keys) for r in entry["runs"].values()]
@@ -396,14 +425,13 @@ def _aggregate(flat: list[dict[str, float | None]]) -> tuple[dict, dict | None]:
 
 def _write_outputs(metrics: dict[str, Any], runs: list[_Run], bag: BagStore,
                    selected: np.ndarray, donors: pd.DataFrame, config: EvaluateConfig,
-                   logs: dict[str, tuple[str, list[dict[str, Any]]]], out: str) -> None:
+                   logs: dict[str, tuple[str, list[dict[str, Any]]]], out_dir: Path) -> None:
     """Draw the figures, add what describes them to ``metrics``, write ``metrics.json``
-    and ``report.md`` into ``out`` (a URI: written locally, then uploaded)."""
-    with local_directory(out) as out_dir:
-        metrics |= _figures(runs, bag, selected, donors, config, logs, out_dir,
-                            metrics["skipped"])
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        report.write_report(metrics, out_dir)
+    and ``report.md`` into the staged report ``out_dir``."""
+    metrics |= _figures(runs, bag, selected, donors, config, logs, out_dir,
+                        metrics["skipped"])
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    report.write_report(metrics, out_dir)
 
 
 def _figures(runs: list[_Run], bag: BagStore, selected: np.ndarray, donors: pd.DataFrame,
@@ -417,11 +445,13 @@ def _figures(runs: list[_Run], bag: BagStore, selected: np.ndarray, donors: pd.D
         if run.kind == "sampleclr":
             first.setdefault(run.method, run)
     method = report.map_method(len(selected))
-    map_paths = _map_figures(first, runs, donors, config, fig_dir, method)
+    drawn = map_sample(len(donors))
+    map_paths = _map_figures(first, runs, donors, config, fig_dir, method, drawn)
     weight_paths, weights = _cell_weight_figures(first, bag, selected, fig_dir, skipped)
     curve_paths, training = _training_figures(logs, fig_dir)
     return {
         "map_method": method,
+        "map_donors": len(drawn),
         "cell_weights": weights,
         "training": training,
         "figures": {kind: {name: str(p.relative_to(out_dir)) for name, p in paths.items()}
@@ -431,10 +461,14 @@ def _figures(runs: list[_Run], bag: BagStore, selected: np.ndarray, donors: pd.D
 
 
 def _map_figures(first: dict[str, _Run], runs: list[_Run], donors: pd.DataFrame,
-                 config: EvaluateConfig, fig_dir: Path, method: str) -> dict[str, Path]:
-    """Donor maps of each SampleCLR method and pseudobulk, one PNG per covariate."""
+                 config: EvaluateConfig, fig_dir: Path, method: str,
+                 drawn: np.ndarray) -> dict[str, Path]:
+    """Donor maps of each SampleCLR method and pseudobulk, one PNG per covariate, of the
+    donors at positions ``drawn`` (all of them up to ``neighbours.MAP_DONORS``)."""
     pseudobulk_run = next(r for r in runs if r.method == "pseudobulk")
-    maps = {name: run.Z for name, run in first.items()} | {"pseudobulk": pseudobulk_run.Z}
+    maps = {name: run.Z[drawn] for name, run in first.items()}
+    maps["pseudobulk"] = pseudobulk_run.Z[drawn]
+    donors = donors.iloc[drawn].reset_index(drop=True)
     covariates = {**config.relevant, **config.technical}
     if config.trajectory is not None:
         covariates.setdefault(config.trajectory, "ordinal")

@@ -354,6 +354,13 @@ def spare_scores(D: np.ndarray, donors: pd.DataFrame, covariates: CovariateSpec)
         trajectory = trajectory_score(D, t, root, covariates.trajectory_k)
     replicate = (None if covariates.replicate_column is None
                  else replicate_score(D, donors[covariates.replicate_column]))
+    return spare_summary(information, batch, trajectory, replicate)
+
+
+def spare_summary(information: dict[str, float], batch: dict[str, float],
+                  trajectory: float | None, replicate: float | None) -> dict:
+    """The scores of :func:`spare_scores` from the per-covariate ones: adds the means and
+    the total."""
     information_mean = float(np.mean(list(information.values()))) if information else None
     batch_mean = float(np.mean(list(batch.values()))) if batch else None
     return {

@@ -35,7 +35,7 @@ from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.cell_index import CellIndex
 from sampleclr_scale.ingest.donors import DonorCounts
 from sampleclr_scale.ingest.split import split_donors
-from sampleclr_scale.sources.cells import CellSource
+from sampleclr_scale.sources.base import CellSource
 from sampleclr_scale.sources.obs_filter import Filter, parse_filter
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from sampleclr_scale.config import IngestConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.cell_index import CellIndex
-from sampleclr_scale.sources.cells import CellSource
+from sampleclr_scale.sources.base import CellSource
 from sampleclr_scale.storage import Location
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.feature_spec import (

@@ -43,7 +43,8 @@ from sampleclr_scale.console import progress
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.cohort import Cohort, select_cohort
 from sampleclr_scale.ingest.features import like_features, make_features
-from sampleclr_scale.sources.cells import CellSource, open_source
+from sampleclr_scale.sources.base import CellSource
+from sampleclr_scale.sources.registry import open_source
 from sampleclr_scale.storage import staged_output
 from sampleclr_scale.store.bag_store import (
     BAG_STORE,
@@ -132,6 +133,23 @@ class _Spill:
         return cells, rows
 
 
+STORE_DONOR_COLUMNS = ("donor", "n_cells", "split", "batch")
+"""The donor table's own columns, which no obs column may replace."""
+
+
+def _check_own_columns(config: IngestConfig) -> None:
+    """Refuse ``--meta`` and ``--batch-key`` columns named like the donor table's own
+    columns: they would be replaced by the store's values without a word."""
+    for option, columns in (("--meta", config.meta), ("--batch-key", config.batch_key)):
+        clash = [c for c in columns if c in STORE_DONOR_COLUMNS]
+        if clash:
+            raise InputError(
+                f"{option} names {clash}, which the store's donor table holds itself "
+                f"({', '.join(STORE_DONOR_COLUMNS)}): the source's values would be replaced",
+                f"leave {clash} out of {option}, or copy the column under another name in "
+                "the source")
+
+
 def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestReport:
     """Build a bag store from ``config.source`` at ``config.out`` (atomically).
 
@@ -166,6 +184,7 @@ def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestRepo
     (24, 8)
     """
     start = time.perf_counter()
+    _check_own_columns(config)
     like = [config.features_like] if config.features_like is not None else []
     opened = (contextlib.nullcontext(source) if source is not None
               else open_source(config.source, config.measurement, config.organism))

@@ -34,13 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sampleclr_scale._distributed import rank_and_world_size
 from sampleclr_scale.config import LoaderConfig
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.loading.readers import (
-    Mapper,
-    RowReader,
-    View,
-    check_reader,
-    open_reader,
-)
+from sampleclr_scale.loading.readers import check_reader, open_reader
+from sampleclr_scale.loading.rows import Mapper, RowReader, View
 from sampleclr_scale.loading.schedule import Shard, rank_batches, steps_per_epoch, worker_steps
 from sampleclr_scale.loading.views import ViewDraw, open_view_draw, views_of
 from sampleclr_scale.store.bag_store import BagStore

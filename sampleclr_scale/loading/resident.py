@@ -34,7 +34,7 @@ from sampleclr_scale.loading.loader import (
     DonorBatch,
     prefetch,
 )
-from sampleclr_scale.loading.readers import view_index
+from sampleclr_scale.loading.rows import view_index
 from sampleclr_scale.loading.views import open_view_draw, views_of
 from sampleclr_scale.store.bag_store import BagStore
 

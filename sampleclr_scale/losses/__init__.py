@@ -3,11 +3,12 @@
 Pure torch, no I/O. Each loss is a thin ``nn.Module`` over pure term functions that are
 tested separately. The pairwise losses gather the views of all data-parallel ranks with
 :func:`gather_with_grad`, so a DDP run gives the loss and gradients of a 1-process run on
-the concatenated batch. The self-supervised objectives are registered, with their
-configs, in :mod:`sampleclr_scale.losses.registry`.
+the concatenated batch. The objectives' settings are in
+:mod:`sampleclr_scale.losses.configs` (a leaf the stage configs import, without torch),
+and the loss module of each in :mod:`sampleclr_scale.losses.registry`.
 
-The names below are imported on first use, so that the registry (which the stage
-configs import) does not import torch.
+The names below are imported on first use, so that importing the package (for its
+configs) does not import torch.
 """
 
 from __future__ import annotations
@@ -23,18 +24,14 @@ if TYPE_CHECKING:
         barlow_invariance,
         barlow_redundancy,
     )
-    from sampleclr_scale.losses.gather import (
-        gather_no_grad,
-        gather_with_grad,
-        rank_and_world_size,
-    )
-    from sampleclr_scale.losses.registry import (
+    from sampleclr_scale.losses.configs import (
         BarlowConfig,
         ObjectiveConfig,
         VICRegConfig,
         XCLRConfig,
-        build_objective,
     )
+    from sampleclr_scale.losses.gather import gather_no_grad, gather_with_grad
+    from sampleclr_scale.losses.registry import build_objective
     from sampleclr_scale.losses.tasks import (
         MISSING_LABEL,
         TASK_KINDS,
@@ -78,7 +75,6 @@ __all__ = [
     "gather_with_grad",
     "ordinal_loss",
     "ordinal_predict",
-    "rank_and_world_size",
     "regression_loss",
     "same_batch_mask",
     "soft_cross_entropy",
@@ -90,4 +86,4 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_exports(
-    __name__, ("gather", "registry", "tasks", "vicreg", "barlow", "xclr"), __all__)
+    __name__, ("configs", "gather", "registry", "tasks", "vicreg", "barlow", "xclr"), __all__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sampleclr_scale.losses.configs import BarlowConfig
 from sampleclr_scale.losses.pairwise import GlobalBatchLoss
 
 
@@ -66,6 +67,12 @@ class BarlowTwinsLoss(GlobalBatchLoss):
 
     name = "Barlow Twins"
     needs = "to standardise"
+
+
+    @classmethod
+    def from_config(cls, config: BarlowConfig, prior: Tensor | None = None) -> BarlowTwinsLoss:
+        """The loss of ``config`` (``TrainConfig.loss``); it takes no prior."""
+        return cls(lambda_=config.lambda_, eps=config.eps)
 
     def __init__(self, lambda_: float = 5e-3, eps: float = 1e-5) -> None:
         super().__init__("lambda_=5e-3, eps=1e-5", lambda_=lambda_, eps=eps)

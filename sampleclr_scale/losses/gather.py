@@ -6,7 +6,7 @@ used as columns by the losses of all ranks, so their gradient is the sum over ra
 incoming gradient at ``r``'s slice. The backward below does exactly that (sum the full
 incoming gradient over ranks, then take this rank's slice). Three look-alikes give the
 right loss value but wrong gradients (no reduction, select-then-reduce, gathering without
-gradients); ``tests/test_distributed_loss.py`` shows each one failing against a
+gradients); ``tests/losses/test_distributed_loss.py`` shows each one failing against a
 1-process run.
 
 All functions use the default process group and are the identity when none is

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sampleclr_scale.losses.configs import VICRegConfig
 from sampleclr_scale.losses.pairwise import GlobalBatchLoss
 
 
@@ -91,6 +92,12 @@ class VICRegLoss(GlobalBatchLoss):
 
     name = "VICReg"
     needs = "for its variance terms"
+
+
+    @classmethod
+    def from_config(cls, config: VICRegConfig, prior: Tensor | None = None) -> VICRegLoss:
+        """The loss of ``config`` (``TrainConfig.loss``); it takes no prior."""
+        return cls(lambda_=config.lambda_, mu=config.mu, nu=config.nu, eps=config.eps)
 
     def __init__(
         self, lambda_: float = 25.0, mu: float = 25.0, nu: float = 1.0, eps: float = 1e-4

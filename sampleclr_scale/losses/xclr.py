@@ -19,7 +19,7 @@ Exact under DDP: the columns are gathered with :func:`gather_with_grad`, so the 
 reaching this rank's embeddings sums the contributions of every rank's rows. DDP averages
 gradients over ranks; the average of the per-rank losses (each a mean over ``b`` local
 rows) is the mean over all ``B`` rows, so the averaged gradients are those of a 1-process
-run on the concatenated batch (``tests/test_distributed_loss.py`` checks this). The
+run on the concatenated batch (``tests/losses/test_distributed_loss.py`` checks this). The
 donor ids and batch codes of the columns are gathered with :func:`gather_no_grad`, so the
 restriction to the anchor's batch is exact over the global batch too.
 """
@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sampleclr_scale._distributed import rank_and_world_size
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.losses.configs import Negatives, XCLRConfig
 from sampleclr_scale.losses.gather import (
     gather_no_grad,
     gather_with_grad,
-    rank_and_world_size,
     upcast_views,
 )
-from sampleclr_scale.losses.registry import Negatives
 
 
 def xclr_targets(prior_rows: Tensor, tau_graph: float, allowed: Tensor | None = None) -> Tensor:
@@ -207,6 +207,13 @@ class XCLRLoss(nn.Module):
     """
 
     prior: Tensor | None
+
+
+    @classmethod
+    def from_config(cls, config: XCLRConfig, prior: Tensor | None = None) -> XCLRLoss:
+        """The loss of ``config`` (``TrainConfig.loss``); ``prior`` None is InfoNCE."""
+        return cls(tau=config.tau, tau_graph=config.tau_graph, prior=prior,
+                   negatives=config.negatives)
 
     def __init__(
         self,

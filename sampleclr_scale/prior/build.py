@@ -20,6 +20,7 @@ blocked matrix product, quadratic but cheap.)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -74,8 +75,7 @@ def build_prior(store_path: str, config: PriorConfig) -> PriorGraph:
                               "neighbours": None if dense else config.neighbours,
                               "dense_limit": config.dense_limit}
     timings: dict[str, float] = {}
-    build = _pseudobulk if config.kind == "pseudobulk" else _gloscope
-    a, b, values = build(store, config, dense, params, timings)
+    a, b, values = PRIOR_BUILDERS[config.kind](store, config, dense, params, timings)
     params["pairs"] = len(a)
     timings["total"] = time.perf_counter() - start
     return symmetric_graph(store.n_donors, a, b, values, config.kind, params, timings)
@@ -168,6 +168,15 @@ def _principal_components(cells: np.ndarray, n_pcs: int) -> np.ndarray:
     for lo in range(0, len(cells), BLOCK_ROWS):
         scores[lo : lo + BLOCK_ROWS] = (cells[lo : lo + BLOCK_ROWS] - mean) @ top
     return scores
+
+
+PairsBuilder = Callable[[BagStore, PriorConfig, bool, dict[str, Any], dict[str, float]], Pairs]
+"""A prior's pairs ``(store, config, dense, params, timings)``: it records its settings in
+``params`` and its seconds per stage in ``timings``."""
+PRIOR_BUILDERS: dict[str, PairsBuilder] = {"pseudobulk": _pseudobulk, "gloscope": _gloscope}
+"""The builder of each prior kind (every one of :data:`~sampleclr_scale._types.PRIOR_KINDS`):
+a new prior is its math (pure numpy, e.g. in :mod:`~sampleclr_scale.prior.similarity`), its
+name in ``PriorKind`` and its builder here."""
 
 
 def _all_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:

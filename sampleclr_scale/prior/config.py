@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from sampleclr_scale._types import PriorKind
 from sampleclr_scale.config import StageConfig
-from sampleclr_scale.prior.graph import PriorKind
 
 
 class PriorConfig(StageConfig):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
 
-PriorKind = Literal["pseudobulk", "gloscope"]
-KINDS: tuple[str, ...] = ("pseudobulk", "gloscope")
 
 
 @dataclass

@@ -19,8 +19,9 @@ import numpy as np
 import zarr
 
 from sampleclr_scale import __version__
+from sampleclr_scale._types import PRIOR_KINDS
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.prior.graph import KINDS, PriorGraph
+from sampleclr_scale.prior.graph import PriorGraph
 from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.storage.outputs import zarr_output
 from sampleclr_scale.store.bag_store import BagStore
@@ -111,9 +112,9 @@ def load_prior(store_path: str, kind: str) -> PriorGraph:
 def available_priors(store_path: str) -> list[str]:
     """Kinds of the priors stored in a bag store, sorted."""
     priors_dir = BagStore(store_path).location / PRIORS_GROUP
-    return [kind for kind in sorted(KINDS) if (priors_dir / kind).is_zarr_group()]
+    return [kind for kind in sorted(PRIOR_KINDS) if (priors_dir / kind).is_zarr_group()]
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise InputError(f"unknown prior kind {kind!r}", f"use one of {', '.join(KINDS)}")
+    if kind not in PRIOR_KINDS:
+        raise InputError(f"unknown prior kind {kind!r}", f"use one of {', '.join(PRIOR_KINDS)}")

@@ -1,12 +1,20 @@
 """Reading cells from where they live: a SOMA experiment, CELLxGENE Census, an ``.h5ad``.
 
-Owns the :class:`~sampleclr_scale.sources.cells.CellSource` interface, its implementations,
-:func:`~sampleclr_scale.sources.cells.open_source` (a source from its command-line
-spelling) and the obs-filter language (:mod:`~sampleclr_scale.sources.obs_filter`).
+- :mod:`~sampleclr_scale.sources.base`: the :class:`CellSource` interface;
+- :mod:`~sampleclr_scale.sources.soma`, :mod:`~sampleclr_scale.sources.h5ad`,
+  :mod:`~sampleclr_scale.sources.census`: one kind of source each;
+- :mod:`~sampleclr_scale.sources.registry`: every kind, and :func:`open_source` (a source
+  from its command-line spelling);
+- :mod:`~sampleclr_scale.sources.obs_filter`: the obs-filter language.
+
 Nothing here writes.
 """
 
-from sampleclr_scale.sources.cells import CellSource, H5adSource, SomaSource, open_source
+from sampleclr_scale.sources.base import CellSource
+from sampleclr_scale.sources.h5ad import H5adSource
 from sampleclr_scale.sources.obs_filter import Filter, parse_filter
+from sampleclr_scale.sources.registry import SOURCE_KINDS, SourceKind, open_source
+from sampleclr_scale.sources.soma import SomaSource
 
-__all__ = ["CellSource", "Filter", "H5adSource", "SomaSource", "open_source", "parse_filter"]
+__all__ = ["SOURCE_KINDS", "CellSource", "Filter", "H5adSource", "SomaSource", "SourceKind",
+           "open_source", "parse_filter"]

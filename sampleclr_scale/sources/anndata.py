@@ -1,7 +1,7 @@
 """An AnnData object as a cell source: in memory, or backed (``read_h5ad(path, backed="r")``).
 
 The notebook's way in (:mod:`sampleclr_scale.api`): ingest reads the object's obs, obsm and
-X layers in row blocks through the :class:`~sampleclr_scale.sources.cells.CellSource`
+X layers in row blocks through the :class:`~sampleclr_scale.sources.base.CellSource`
 interface, as it reads an ``.h5ad`` file or a SOMA experiment, so nothing is written to
 disk but the bag store. Cells are addressed by their row number in the object (the
 ``joinid``), so results keyed by ``source_joinid`` line up with ``adata.obs_names``.
@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.sources.cells import GENE_ID_COLUMN, CellSource
+from sampleclr_scale.sources.base import GENE_ID_COLUMN, CellSource
 from sampleclr_scale.sources.obs_filter import Filter
 
 _OBS_BLOCK = 1 << 20  # obs rows handed to the cohort at a time

@@ -49,6 +49,7 @@ from sampleclr_scale.storage import Location
 from sampleclr_scale.storage.outputs import zarr_output
 from sampleclr_scale.store.batches import standardize
 from sampleclr_scale.store.feature_spec import FeatureSpec, read_spec
+from sampleclr_scale.store.invariants import check_layout
 from sampleclr_scale.store.manifest import (
     Manifest,
     open_checked_group,
@@ -85,7 +86,8 @@ class BagStore:
     InputError
         For no store, one of another schema version, one without a manifest or one
         missing files or holding truncated ones (checked against the manifest on open,
-        and again for each Zarr file when it is read).
+        and again for each Zarr file when it is read), or one whose arrays and tables
+        disagree (:func:`~sampleclr_scale.store.invariants.check_layout`, with ``check``).
     """
 
     def __init__(self, location: str | Path | Location, *, check: bool = True) -> None:
@@ -109,6 +111,8 @@ class BagStore:
             )
         self.features: zarr.Array = self._group["features"]
         self.donor_ptr: np.ndarray = self._group["donor_ptr"][:]
+        if check:
+            check_layout(self)
 
     @property
     def fingerprint(self) -> str:

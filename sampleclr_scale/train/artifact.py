@@ -11,6 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.model import ModelConfig, SampleCLR
 from sampleclr_scale.storage import Location
@@ -50,7 +52,46 @@ def load_model(run_dir: str | Path | Location) -> tuple[SampleCLR, dict[str, Any
     artifact = path.read_torch(
         "trained model", "train it again with `sampleclr-scale train --store STORE --out RUN` "
         "and embed with the new RUN")
-    model = SampleCLR(ModelConfig.model_validate(artifact["model_config"]))
-    model.load_state_dict(artifact["state_dict"])
-    artifact["tasks"] = [TaskInfo(**t) for t in artifact["tasks"]]
+    model = _model(artifact, path)
+    bad = [name for name, value in model.state_dict().items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise InputError(f"the trained model {path} has NaN or infinite weights ({bad[0]}"
+                         f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): its "
+                         "training diverged", "train it again with a lower optim.lr "
+                         "(sampleclr-scale train refuses to write such a model)")
+    try:
+        artifact["tasks"] = [TaskInfo(**t) for t in artifact["tasks"]]
+    except (KeyError, TypeError) as err:
+        raise _damaged(path, f"its tasks do not load ({err})") from None
     return model.eval(), artifact
+
+
+def _damaged(path: Location, why: str) -> InputError:
+    return InputError(f"{path} is not a trained model that this sampleclr-scale reads: "
+                      f"{why}", "train it again with `sampleclr-scale train --store STORE "
+                      "--out RUN` and embed with the new RUN")
+
+
+def _model(artifact: Any, path: Location) -> SampleCLR:
+    """The model of a loaded artifact; an :class:`InputError` for one that is damaged
+    (not a mapping, keys missing, weights of other names or shapes)."""
+    from pydantic import ValidationError
+
+    needed = ("model_config", "state_dict", "tasks")
+    if not isinstance(artifact, dict) or any(k not in artifact for k in needed):
+        got = sorted(artifact) if isinstance(artifact, dict) else type(artifact).__name__
+        raise _damaged(path, f"it needs the entries {list(needed)}, it holds {got}")
+    try:
+        model = SampleCLR(ModelConfig.model_validate(artifact["model_config"]))
+    except (ValidationError, TypeError) as err:
+        raise _damaged(path, f"its architecture does not validate ({err})") from None
+    if not isinstance(artifact["state_dict"], dict):
+        raise _damaged(path, "its weights are not a state dict")
+    try:
+        model.load_state_dict(artifact["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1:2] or [str(err)]
+        raise _damaged(path, f"its weights do not fit its architecture ({first[0].strip()})"
+                       ) from None
+    return model

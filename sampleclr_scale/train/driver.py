@@ -19,23 +19,29 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from sampleclr_scale.cluster import ensure_ray
+from sampleclr_scale.cluster import check_resources, ensure_ray, is_local
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.loading.loader import resolve_balance
-from sampleclr_scale.storage import Location
+from sampleclr_scale.storage import Location, claim
+from sampleclr_scale.storage.outputs import check_apart
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
 from sampleclr_scale.train.progress import TrainingConsole, ray_feed
 from sampleclr_scale.train.session import LocalSession
-from sampleclr_scale.train.worker import Worker, train_worker
+from sampleclr_scale.train.worker import DIVERGED_FILE, Worker, train_worker
+
+if TYPE_CHECKING:
+    from ray.train.torch import TorchConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +66,16 @@ def _check_run_dir(run: Location, config: TrainConfig, resume: bool, store: BagS
     """Refuse to mix runs: an existing run continues only with ``resume``, its config and
     its store."""
     saved = run / CONFIG_FILE
+    if run.is_file():
+        raise InputError(f"--out {run} is a file, not a folder", "choose another --out")
     if not saved.is_file():
         if run.children():
             raise InputError(f"{run} exists and is not a training run",
                              "choose an empty or new --out")
+        if resume:
+            raise InputError(f"--resume: {run} holds no training run to continue",
+                             "train without --resume to start one, or name the --out of "
+                             "the run to continue")
         return
     if not resume:
         raise InputError(f"run {run} already exists",
@@ -152,11 +164,31 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
     if in_process:
         setup.local_device(config)  # no GPU for use_gpu: refused before the run is written
     run = Location(run_dir)
-    _check_run_dir(run, config, resume, store)
+    check_apart(run, [store.location])
+    with claim(run):  # one run writes RUN at a time: a second is refused
+        _check_run_dir(run, config, resume, store)
+        if not in_process:  # Ray would wait forever for what it does not have
+            check_resources(config.workers, config.use_gpu)
+        _start(run, store, config)
+        state = (_fit_in_process(store, run, config) if in_process
+                 else _fit_ray(store, run, config))
+        _check_converged(run, config, kept=not in_process)
+        model_path = _publish(run, store, config, tasks, state)
+    return TrainResult(run, model_path, state.history)
+
+
+def _start(run: Location, store: BagStore, config: TrainConfig) -> None:
+    """Record the run's store and settings (checked by ``--resume``)."""
     (run / STORE_FILE).write_text(json.dumps({"uri": store.location.uri,
                                               "fingerprint": store.fingerprint}, indent=2))
     (run / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
-    state = _fit_in_process(store, run, config) if in_process else _fit_ray(store, run, config)
+    if (run / DIVERGED_FILE).exists():  # left by an earlier try of this run
+        (run / DIVERGED_FILE).remove()
+
+
+def _publish(run: Location, store: BagStore, config: TrainConfig, tasks: list[setup.TaskInfo],
+             state: TrainState) -> Location:
+    """Write the finished run's model (its best weights) and metrics; the model's path."""
     weights = state.best_model if state.best_model is not None else state.model
     model_path = save_model(run, model_config=setup.model_config(store, config, tasks),
                             state_dict=weights, tasks=tasks,
@@ -168,10 +200,28 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
                             else store.feature_spec.record())
     (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
     log.info("model written to %s", model_path)
-    return TrainResult(run, model_path, state.history)
+    return model_path
 
 
-def _fit_in_process(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
+def _check_converged(run: Location, config: TrainConfig, kept: bool) -> None:
+    """Refuse to publish a run whose workers stopped on a non-finite loss or weights
+    (:class:`~sampleclr_scale.train.worker.DivergedError`); ``kept``: the run keeps its
+    checkpoints (on Ray)."""
+    marker = run / DIVERGED_FILE
+    if not marker.is_file():
+        return
+    where = json.loads(marker.read_text())
+    raise InputError(
+        f"training diverged in stage {where['stage']}, epoch {where['epoch']} (step "
+        f"{where['global_step']}): {where['reason']}. No model was written"
+        + (f"; {run} keeps its last good checkpoint" if kept else ""),
+        f"train into a new --out with a lower optim.lr (this run's: {config.optim.lr:g}) "
+        "or precision: fp32, and check the store (`sampleclr-scale check STORE`): NaN or "
+        "infinite features, or a technical batch whose features do not vary, diverge too")
+
+
+def _fit_in_process(store: BagStore, run: Location, config: TrainConfig
+                    ) -> TrainState | None:
     """The training loop in this process; the finished run's state."""
     console = _console(config)
     session = LocalSession(device=setup.local_device(config), on_progress=console)
@@ -184,25 +234,42 @@ def _fit_in_process(store: BagStore, run: Location, config: TrainConfig) -> Trai
     return session.latest
 
 
-def _fit_ray(store: BagStore, run: Location, config: TrainConfig) -> TrainState:
+def _fit_ray(store: BagStore, run: Location, config: TrainConfig) -> TrainState | None:
     """The training loop on Ray Train workers, their progress on this console; the latest
     checkpoint's state."""
     ensure_ray()
-    with ray_feed(_console(config)) as events:
-        return _fit_trainer(store, run, config, events)
+    with ray_feed(_console(config)) as events, _torch_config(config) as torch_config:
+        return _fit_trainer(store, run, config, events, torch_config)
+
+
+@contextlib.contextmanager
+def _torch_config(config: TrainConfig) -> Iterator[TorchConfig]:
+    """How the workers form their process group: on a local Ray through a file in a
+    private folder (no listener on the network: :mod:`~sampleclr_scale.train.rendezvous`),
+    on a cluster through Ray's ``TCPStore``."""
+    from ray.train.torch import TorchConfig
+
+    backend = "nccl" if config.use_gpu else "gloo"
+    if not is_local():
+        yield TorchConfig(backend=backend)
+        return
+    from sampleclr_scale.train.rendezvous import LocalTorchConfig
+
+    with tempfile.TemporaryDirectory(prefix="sampleclr-rendezvous-") as folder:
+        yield LocalTorchConfig(backend=backend, folder=folder)
 
 
 def _fit_trainer(store: BagStore, run: Location, config: TrainConfig,
-                 events: Any) -> TrainState:
+                 events: Any, torch_config: TorchConfig) -> TrainState | None:
     """Run the ``TorchTrainer``; the latest checkpoint's state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"),
                            "store": store.location.uri, "run_dir": run.uri, "events": events},
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      placement_strategy=config.placement),
         run_config=RunConfig(
@@ -214,6 +281,8 @@ def _fit_trainer(store: BagStore, run: Location, config: TrainConfig,
     log.info("training on %s with %d workers (global batch %d donors, lr %.2e)",
              store.location, config.workers, config.global_batch, config.learning_rate)
     result = trainer.fit()
+    if result.checkpoint is None:  # the run diverged before its first checkpoint
+        return None
     with result.checkpoint.as_directory() as directory:
         return TrainState.load(directory)
 

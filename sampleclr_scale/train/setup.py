@@ -14,7 +14,7 @@ from torch import nn
 
 from sampleclr_scale.config import LoaderConfig, TrainConfig
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.loading.loader import check_views_fit
+from sampleclr_scale.loading.loader import check_views_fit, resolve_balance
 from sampleclr_scale.losses import TaskLoss, build_objective
 from sampleclr_scale.model import ModelConfig, TaskSpec, recommended_preset
 from sampleclr_scale.store.bag_store import BagStore
@@ -154,10 +154,32 @@ def check_run(store: BagStore, config: TrainConfig) -> list[TaskInfo]:
             "use fewer --workers or a smaller loader.batch_size",
         )
     check_views_fit(store, config.loader)
+    balance = resolve_balance(store, config.loader.balance)
+    if balance is not None:
+        store.categories(balance)  # a column without codes fails here, not in a worker
     _check_batches(store, config)
     load_prior_tensor(store, config)  # a missing prior fails here, not in every worker
-    model_config(store, config, tasks)
+    _check_model_size(model_config(store, config, tasks))
     return tasks
+
+
+MAX_PARAMETERS = 2**31
+"""The most parameters a run may ask for (8 GiB of float32 weights, 32 GiB with their
+gradients and AdamW's two moments): more is a mistyped setting, not a model."""
+
+
+def _check_model_size(config: ModelConfig) -> None:
+    """Refuse an architecture with more than :data:`MAX_PARAMETERS` parameters, counted
+    on torch's meta device (no memory taken) before any worker allocates it."""
+    from sampleclr_scale.model import SampleCLR
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in SampleCLR(config).parameters())
+    if n > MAX_PARAMETERS:
+        raise InputError(f"the model would have {n:,} parameters ({n * 4 / 2**30:,.0f} GiB "
+                         "of float32 weights)",
+                         "choose smaller model settings (model: encoder_hidden, "
+                         "aggregator_hidden ...), or a preset without overrides")
 
 
 def _check_batches(store: BagStore, config: TrainConfig) -> None:
@@ -170,3 +192,19 @@ def _check_batches(store: BagStore, config: TrainConfig) -> None:
         raise InputError(f"{' and '.join(wanted)} need the donors' technical batches; the "
                          f"store {store.location} has none",
                          "re-ingest with --batch-key COL ... (e.g. --batch-key dataset_id)")
+    if config.loss.needs_batches and store.donor_batch is not None:
+        _check_same_batch_negatives(store)
+
+
+def _check_same_batch_negatives(store: BagStore) -> None:
+    """Refuse negatives drawn within technical batches where no batch has two training
+    donors: no step would have a negative, and the loss would be 0 from the start."""
+    per_batch = np.bincount(store.donor_batch[store.split_donors("train")])
+    if per_batch.max(initial=0) < 2:
+        raise InputError(
+            "loss.negatives: same_batch contrasts each donor only with training donors of "
+            f"its own technical batch, and no batch of {store.location} (--batch-key "
+            f"{' '.join(store.batch_key)}) has two: no step would have a negative, and the "
+            "loss would be 0 without learning anything",
+            "use loss.negatives: all, or re-ingest with a --batch-key that groups several "
+            "donors (e.g. dataset_id)")

@@ -15,6 +15,7 @@ checkpoint at the exact step. Where the loop runs (rank, device, checkpoints) co
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -50,7 +51,15 @@ LOG_DIR = "logs"
 """Where each Ray Train worker of a local run writes its log: ``RUN/logs/rank-R.log``."""
 
 FAULT_MARKER = "fault_injected"
+DIVERGED_FILE = "diverged.json"
+"""Written into the run directory by rank 0 when training stopped on a non-finite loss
+or weights (:class:`DivergedError`); the driver turns it into the run's error."""
 DONE_STAGE = 3
+
+
+class DivergedError(Exception):
+    """The loss or the weights are no longer finite: the run stops, with its last good
+    checkpoint (nothing non-finite is ever reported)."""
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -172,11 +181,39 @@ class Worker:
     # --- the loop -------------------------------------------------------------------
 
     def fit(self) -> None:
-        """Run the remaining stages and epochs."""
-        while self.state.position.stage != DONE_STAGE:
-            train = self._train_epoch()
-            val = self._validate()
-            self._end_epoch({**train, **val})
+        """Run the remaining stages and epochs; stop early where training diverges
+        (rank 0 records why in ``RUN/diverged.json``)."""
+        try:
+            while self.state.position.stage != DONE_STAGE:
+                train = self._train_epoch()
+                val = self._validate()
+                self._check_finite({**train, **val})
+                self._end_epoch({**train, **val})
+        except DivergedError as err:
+            if self.rank == 0:
+                position = self.state.position
+                (self.run_dir / DIVERGED_FILE).write_text(json.dumps(
+                    {"reason": str(err), "stage": position.stage, "epoch": position.epoch,
+                     "global_step": position.global_step}))
+            log.error("training stopped: %s", err)
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        """Raise :class:`DivergedError` for a non-finite epoch loss or weight.
+
+        The losses are sums over every rank and the weights are the same on every rank,
+        so all ranks stop together.
+        """
+        bad = [key for key in ("train_loss", "val_loss", "val_contrastive")
+               if key in metrics and not math.isfinite(metrics[key])]
+        if bad:
+            raise DivergedError(f"{', '.join(f'{k} = {metrics[k]}' for k in bad)}")
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        """Raise :class:`DivergedError` if a weight of the model is NaN or infinite."""
+        for name, value in self.model.state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise DivergedError(f"weight {name} is not finite")
 
     def _loss(self, batch: DonorBatch, with_heads: bool
               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -370,7 +407,9 @@ class Worker:
                                "steps": steps, "loss": loss / n})
 
     def _report(self, metrics: dict[str, Any]) -> None:
-        """Report the metrics and the training state to the session (a checkpoint)."""
+        """Report the metrics and the training state to the session (a checkpoint); never
+        a state with non-finite weights."""
+        self._check_weights()
         self.state.model = self.model.state_dict()
         self.state.optimizer = self.optimizer.state_dict()
         self.state.scheduler = self.scheduler.state_dict()

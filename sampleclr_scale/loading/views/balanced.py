@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sampleclr_scale.loading.readers import RowReader, open_reader
+from sampleclr_scale.loading.readers import open_reader
+from sampleclr_scale.loading.rows import RowReader
 from sampleclr_scale.loading.views.base import ViewDraw
 from sampleclr_scale.loading.views.draws import ViewDraws, window_starts, windows
 

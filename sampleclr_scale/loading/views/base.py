@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sampleclr_scale.loading.readers import View
+from sampleclr_scale.loading.rows import View
 from sampleclr_scale.loading.views.draws import ViewDraws, view_sizes
 
 if TYPE_CHECKING:

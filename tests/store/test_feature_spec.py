@@ -235,7 +235,7 @@ def test_locate_genes_by_id():
 def test_soma_gene_ids(index, extra, expected, tmp_path):
     import tiledbsoma.io
 
-    from sampleclr_scale.sources.cells import SomaSource
+    from sampleclr_scale.sources.soma import SomaSource
 
     var = pd.DataFrame(extra, index=pd.Index(["g1", "g2"], name=index))
     adata = anndata.AnnData(X=sp.csr_matrix(np.ones((3, 2), np.float32)), var=var)

@@ -34,7 +34,7 @@ from sampleclr_scale.losses import (
     xclr_targets,
 )
 from sampleclr_scale.losses.xclr import _xclr_loss
-from tests.test_losses import _loop_xclr, _np_one_hot, _np_prior_targets, _np_same_batch
+from tests.losses.test_losses import _loop_xclr, _np_one_hot, _np_prior_targets, _np_same_batch
 
 pytestmark = pytest.mark.distributed
 

@@ -19,15 +19,11 @@ import zarr
 from sampleclr_scale.config import LoaderConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.stage import ingest
-from sampleclr_scale.loading import readers as fast_read
+from sampleclr_scale.loading import mapped, readers
 from sampleclr_scale.loading.loader import DonorBagDataset, make_loader
-from sampleclr_scale.loading.readers import (
-    ChunkCache,
-    MmapReader,
-    ZarrReader,
-    mmap_layout,
-    open_reader,
-)
+from sampleclr_scale.loading.mapped import ChunkCache, MmapReader, mmap_layout
+from sampleclr_scale.loading.readers import open_reader
+from sampleclr_scale.loading.rows import ZarrReader
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.manifest import write_manifest
 from tests.conftest import ingest_config
@@ -106,7 +102,7 @@ def test_mmap_and_zarr_give_byte_identical_batches(request, store_name, balance,
 def test_both_mapped_layouts_and_workers_give_the_same_batches(f16_store, monkeypatch):
     config = LoaderConfig(batch_size=4, cells_per_view=40, reader="mmap", seed=1)
     flat = _epoch(f16_store, config, standardize=True)
-    monkeypatch.setattr(fast_read, "_flat_possible", lambda *_: False)
+    monkeypatch.setattr(mapped, "_flat_possible", lambda *_: False)
     chunks = _epoch(f16_store, config, standardize=True)
     _assert_same(flat, chunks)
     workers = _epoch(f16_store, config.model_copy(update={"num_workers": 2}), standardize=True)
@@ -289,12 +285,12 @@ def test_bench_loader_times_every_setting_against_the_in_memory_gather(f16_store
 
 
 def test_a_remote_store_is_read_through_zarr_with_the_same_batches(f32_store, bucket):
-    from tests.test_storage import upload_store
+    from tests.storage.test_storage import upload_store
 
     uri = f"{bucket}/f32/bags.zarr"
     upload_store(f32_store, uri)
     remote = BagStore(uri)
-    assert "not on a local file system" in fast_read.mmap_problem(remote, remote.features)
+    assert "not on a local file system" in readers.mmap_problem(remote, remote.features)
     assert open_reader(remote, remote.features).kind == "zarr"
     with pytest.raises(InputError, match="not on a local file system"):
         DonorBagDataset(uri, LoaderConfig(batch_size=3, cells_per_view=30, reader="mmap"))
@@ -318,3 +314,30 @@ def test_batch_buffers_are_reused_only_once_nothing_refers_to_them(f32_store):
     del views, batch
     seen = {b.cells.data_ptr() for b in make_loader(dataset)}  # each dropped at once
     assert len(seen) <= config.prefetch + 4
+
+
+def test_kept_readers_are_made_once_per_key_and_dropped_least_recently_used():
+    from types import SimpleNamespace
+
+    from sampleclr_scale.loading.readers import KeptReaders
+
+    kept, made = KeptReaders(capacity=2), []
+
+    def store(uri):
+        return SimpleNamespace(location=SimpleNamespace(uri=uri), fingerprint="f")
+
+    def get(uri):
+        return kept.get(store(uri), SimpleNamespace(path="features"), "mmap",
+                        lambda: made.append(uri) or object())
+
+    first = get("a")
+    assert get("a") is first and made == ["a"]
+    get("b")
+    get("a")  # a is now the most recently used
+    get("c")  # drops b
+    get("a")
+    get("b")
+    assert made == ["a", "b", "c", "b"]
+    kept.clear()
+    get("a")
+    assert made[-1] == "a"

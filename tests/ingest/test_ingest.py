@@ -282,7 +282,8 @@ def test_a_census_copy_named_like_a_version_opens_as_a_folder(census_uri, monkey
     """``census:census-copy`` names a local folder when one is there (a version otherwise)."""
     from pathlib import Path
 
-    from sampleclr_scale.sources.cells import _absolute, open_source
+    from sampleclr_scale.sources.census import absolute_location as _absolute
+    from sampleclr_scale.sources.registry import open_source
 
     monkeypatch.chdir(Path(census_uri).parent)
     name = Path(census_uri).name

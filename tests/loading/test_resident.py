@@ -10,7 +10,6 @@ import torch
 from sampleclr_scale.config import LoaderConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.loading.loader import DonorBagDataset, DonorBatch, make_loader
-from sampleclr_scale.loading.readers import view_index
 from sampleclr_scale.loading.resident import (
     RESIDENT_FRACTION,
     ResidentBags,
@@ -19,6 +18,7 @@ from sampleclr_scale.loading.resident import (
     resident_dtype,
     use_resident,
 )
+from sampleclr_scale.loading.rows import view_index
 from sampleclr_scale.store.bag_store import BagStore
 
 TASKS = {"severity": "ordinal", "age": "regression"}

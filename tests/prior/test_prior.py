@@ -275,3 +275,10 @@ def test_save_load_replace_and_missing(store_path, dense_priors, tmp_path):
         save_prior(store, wrong)
     with pytest.raises(InputError, match="unknown prior kind"):
         load_prior(store, "cosine")
+
+
+def test_every_prior_kind_has_its_builder():
+    from sampleclr_scale._types import PRIOR_KINDS
+    from sampleclr_scale.prior.build import PRIOR_BUILDERS
+
+    assert set(PRIOR_BUILDERS) == set(PRIOR_KINDS)

@@ -16,7 +16,7 @@ from sampleclr_scale.ingest.stage import ingest
 from sampleclr_scale.store import batches
 from sampleclr_scale.store.bag_store import BagStore
 from tests.conftest import ingest_config
-from tests.test_ingest import _source_embedding, _source_obs
+from tests.ingest.test_ingest import _source_embedding, _source_obs
 
 BATCH_KEY = ["dataset_id", "assay"]
 MIN_CELLS = 150  # drops some donors: the statistics cover only the donors written

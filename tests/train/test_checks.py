@@ -1,0 +1,83 @@
+"""Runs that cannot learn, or whose columns would be silently replaced, are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from sampleclr_scale.config import TrainConfig
+from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.stage import ingest
+from sampleclr_scale.train.driver import train
+from tests.conftest import ingest_config
+
+TINY = {"preset": "small", "loader": {"batch_size": 4, "cells_per_view": 16, "seed": 1},
+        "epochs": 1, "workers": 1, "seed": 1}
+
+
+def test_same_batch_negatives_without_two_donors_in_any_batch_are_refused(soma_uri,
+                                                                          tmp_path):
+    # every donor its own technical batch: no donor ever has a negative
+    store = tmp_path / "s.zarr"
+    ingest(ingest_config(soma_uri, store, batch_key=["dataset_id", "donor_id"]))
+    config = TrainConfig.from_mapping({**TINY, "loss": {"negatives": "same_batch"}})
+    with pytest.raises(InputError, match=r"(?s)no batch of .* has two: no step would have a "
+                                         r"negative.*fix: use loss.negatives: all"):
+        train(str(store), str(tmp_path / "run"), config, in_process=True)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("option", "columns"), [
+    ("meta", ["disease", "split", "n_cells"]), ("batch_key", ["batch"])])
+def test_columns_named_like_the_stores_own_are_refused(soma_uri, tmp_path, option, columns):
+    with pytest.raises(InputError, match=rf"(?s)--{option.replace('_', '-')} names .*which the "
+                                         r"store's donor table holds itself.*fix: leave"):
+        ingest(ingest_config(soma_uri, tmp_path / "s.zarr", **{option: columns}))
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_boolean_is_no_number_of_epochs():
+    with pytest.raises(InputError, match="epochs"):
+        TrainConfig.from_mapping({**TINY, "epochs": True})
+
+
+def test_settings_that_would_fail_in_a_worker_fail_first(store_path, tmp_path):
+    for settings, message in (
+            ({"loader": {**TINY["loader"], "balance": "nope"}}, r"no per-cell codes for "
+                                                                r"column 'nope'"),
+            ({"model": {"encoder_hidden": 10_000_000}}, r"(?s)would have [\d,]+ parameters.*"
+                                                        r"fix: choose smaller")):
+        with pytest.raises(InputError, match=message):
+            train(store_path, str(tmp_path / "run"), TrainConfig.from_mapping(
+                {**TINY, **settings}), in_process=True)
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content", [
+    [1, 2], {"model_config": {}, "tasks": []}, "shapes"])
+def test_a_damaged_model_is_an_input_error(store_path, tmp_path, content):
+    from sampleclr_scale.model import ModelConfig, SampleCLR
+    from sampleclr_scale.storage import Location
+    from sampleclr_scale.store.bag_store import BagStore
+    from sampleclr_scale.train.artifact import MODEL_FILE, load_model, save_model
+
+    if content == "shapes":  # the weights of another architecture
+        config = ModelConfig.preset("small", input_dim=BagStore(store_path).dim)
+        other = ModelConfig.preset("large", input_dim=BagStore(store_path).dim)
+        save_model(tmp_path, model_config=config, state_dict=SampleCLR(other).state_dict(),
+                   tasks=[], train_config={}, store=store_path, history=[])
+    else:
+        Location(tmp_path / MODEL_FILE).write_torch(content)
+    with pytest.raises(InputError, match=r"(?s)is not a trained model that this "
+                                         r"sampleclr-scale reads.*fix: train it again"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("option", ["--workers", "--epochs"])
+def test_demo_refuses_zero_workers_or_negative_epochs(tmp_path, capsys, option):
+    from sampleclr_scale.cli import main
+
+    value = "0" if option == "--workers" else "-1"
+    assert main(["demo", "--out", str(tmp_path / "d"), option, value]) == 2
+    err = capsys.readouterr().err
+    assert f"demo {option} {value}: it needs at least 1" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
