@@ -257,7 +257,7 @@ def test_the_tutorial_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SAMPLECLR_TUTORIAL_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    script = Path(__file__).resolve().parents[1] / "docs" / "tutorial.py"
+    script = Path(__file__).resolve().parents[2] / "docs" / "tutorial.py"
     namespace = runpy.run_path(str(script), run_name="__main__")
     assert (tmp_path / "donor_map.png").stat().st_size > 0
     assert (tmp_path / "saved_model" / "model.pt").is_file()
