@@ -8,6 +8,21 @@ that this module stays light)::
 
 Each reads and writes storage only (a bag store, a run directory, an embedding folder, a
 report), so a stage run here and one run by ``sampleclr-scale`` are interchangeable.
+
+Examples
+--------
+The last stage, continuing the examples of :func:`~sampleclr_scale.ingest.stage.ingest`,
+:func:`~sampleclr_scale.train.driver.train` and :func:`~sampleclr_scale.embed.embedder.embed`:
+SPARE scores of the embedding next to the baselines on the held-out donors, and a report.
+
+>>> from sampleclr_scale.stages import evaluate
+>>> config = scs.EvaluateConfig(relevant={"severity": "ordinal", "disease": "categorical"},
+...                             technical={"dataset_id": "categorical"}, seeds=1,
+...                             split="validation")
+>>> metrics = evaluate([f"sampleclr={tmp}/embeddings"], f"{tmp}/bags.zarr", f"{tmp}/report",
+...                    config)
+>>> sorted(metrics["methods"])[:3], 0 <= metrics["methods"]["sampleclr"]["mean"]["total"] <= 1
+(['composition', 'pseudobulk', 'random'], True)
 """
 
 from __future__ import annotations

@@ -58,14 +58,14 @@ class AnnDataSetup(StageConfig):
         return value if value.startswith(("obsm:", "pca:")) else f"obsm:{value}"
 
     def ingest_config(self, source: str, out: str, **overrides: Any) -> IngestConfig:
-        """The ingest stage's settings for this setup (``overrides`` win)."""
+        """The ingest stage's settings for this setup (``overrides`` win); the rest are the
+        command line's defaults (samples named ``pooled`` or ``unknown`` are dropped)."""
         values: dict[str, Any] = dict(
             source=source, out=out, features=self.features, layer=self.layer,
             donor_key=self.sample_key, batch_key=self.batch_key,
             cell_columns=[self.cell_type_key] if self.cell_type_key else [],
             meta=[c for c in self.metadata if c not in self.sample_key],
-            min_cells=self.min_cells, val_fraction=self.val_fraction, seed=self.seed,
-            drop_donors=[])
+            min_cells=self.min_cells, val_fraction=self.val_fraction, seed=self.seed)
         values.update(overrides)
         if "features_like" in overrides:
             values.pop("features")

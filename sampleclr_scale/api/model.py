@@ -237,7 +237,7 @@ class SampleCLR:
             training AnnData.
         **settings
             :class:`~sampleclr_scale.embed.config.EmbedConfig` settings (``cells``,
-            ``mode``, ``seed``).
+            ``mode``, ``seed``; ``use_gpu`` defaults to whether the model trained on one).
 
         Returns
         -------
@@ -392,9 +392,13 @@ class SampleCLR:
 
     def _embedding(self, adata: Any, settings: dict[str, Any]) -> Path:
         """The embedding folder of ``adata``'s store with ``settings`` (made once)."""
+        import torch
+
         self._require_trained()
-        config = EmbedConfig.from_mapping({"workers": 1, **settings, "overwrite": True},
-                                          where="embedding settings")
+        on_gpu = self.config.use_gpu and torch.cuda.is_available()  # as the model trained
+        config = EmbedConfig.from_mapping(
+            {"workers": 1, "use_gpu": on_gpu, **settings, "overwrite": True},
+            where="embedding settings")
         store = self._store_of(adata)
         key = (store, config.model_dump_json())
         if key not in self._embedded:

@@ -182,8 +182,8 @@ def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestRepo
     >>> scs.simulated_anndata(n_donors=24, seed=0).write_h5ad(f"{tmp}/cohort.h5ad")
     >>> report = ingest(scs.IngestConfig(
     ...     source=f"{tmp}/cohort.h5ad", out=f"{tmp}/bags.zarr", features="obsm:scvi",
-    ...     donor_key=["sample"], meta=["severity", "disease"], cell_columns=["cell_type"],
-    ...     min_cells=20))
+    ...     donor_key=["sample"], meta=["severity", "disease", "dataset_id"],
+    ...     cell_columns=["cell_type"], min_cells=20))
     >>> report.n_donors, report.dim
     (24, 8)
     """

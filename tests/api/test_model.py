@@ -232,7 +232,7 @@ def test_importing_the_package_stays_light():
 def test_docstring_examples_run(tmp_path):
     """The Examples of the public objects, in order, in one namespace (the stages' examples
     continue one another)."""
-    objects = [scs.simulated_anndata, scs.SampleCLR, ingest, train, embed]
+    objects = [scs.simulated_anndata, scs.SampleCLR, ingest, train, embed, scs.stages]
     namespace: dict[str, object] = {"tmp": str(tmp_path)}
     finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner(
         optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
@@ -278,3 +278,18 @@ def test_more_workers_train_on_ray_train(ray_cluster, tmp_path):
     assert model.config.workers == 2 and model.config.global_batch <= 13
     assert (tmp_path / "run" / "ray").is_dir()
     assert model.get_sample_representation().n_obs == 16
+
+
+def test_the_readme_five_lines_run(tmp_path, monkeypatch):
+    """The README's notebook lines, on a smaller cohort and one epoch per stage."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("## In a notebook", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "n_donors=120" in code and "epochs=20" in code
+    code = code.replace("n_donors=120", "n_donors=16").replace(
+        "epochs=20", "epochs=1, supervised_epochs=1")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["donors"].n_obs == 16
