@@ -3,7 +3,9 @@
 Simulates (once) SOMA experiments of about ``n_cells / 10`` and ``n_cells`` cells with
 the same donor-size distribution, then runs on each, on this machine: ingest, the
 GloScope prior (sparse: each donor's nearest donors), one training epoch with
-``workers`` Ray Train workers, and the embedding of every donor. Each stage is driven by
+``workers`` Ray Train workers, the embedding of every donor, and the evaluation with its
+report (on the donor vectors without a donors x donors matrix above
+``evaluate.neighbours.DENSE_LIMIT`` donors). Each stage is driven by
 a fresh process that joins the bench's Ray (as ``ray job submit`` runs a driver), and
 reports its time and the peak RSS of every process it ran: its driver, Ray workers and
 actors. The two sizes show which memory grows with the number of cells; the small
@@ -26,6 +28,8 @@ from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.embedder import run_embedding
+from sampleclr_scale.evaluate import EvaluateConfig, evaluate
+from sampleclr_scale.evaluate.neighbours import DENSE_LIMIT
 from sampleclr_scale.prior.build import build_prior
 from sampleclr_scale.prior.config import PriorConfig
 from sampleclr_scale.prior.graph import prior_summary
@@ -36,6 +40,10 @@ from sampleclr_scale.train.driver import train
 CELLS_PER_DONOR = (500, 5000)  # about 2,000 cells per donor: 10M cells ~ 5,000 donors
 BATCH_DONORS = 32  # donors per worker batch
 MIN_REPORTED_MB = 50  # processes below this (Ray's log monitor, idle helpers) are left out
+EVALUATE = {"relevant": {"disease": "categorical", "severity": "ordinal",
+                         "age": "continuous"},
+            "technical": {"dataset_id": "categorical", "sex": "categorical"}}
+"""The evaluation of the simulated cohorts: the covariates their donor tables hold."""
 
 
 def bench_scale(n_cells: int, *, dim: int, workers: int, workdir: Path) -> dict:
@@ -70,8 +78,11 @@ def _cohort(source: str, workers: int, workdir: Path, env: dict[str, str]) -> di
                          "train_donors": len(opened.split_donors("train"))}
     figures["prior"] = _measured("prior", env, prior_stage, store)
     figures["train_one_epoch"] = _measured("train", env, train_stage, store, run, workers)
-    figures["embed_all_donors"] = _measured("embed", env, embed_stage, store, run,
-                                            str(workdir / f"{name}_embeddings"), workers)
+    embeddings = str(workdir / f"{name}_embeddings")
+    figures["embed_all_donors"] = _measured("embed", env, embed_stage, store, run, embeddings,
+                                            workers)
+    figures["evaluate"] = _measured("evaluate", env, evaluate_stage, store, embeddings,
+                                    str(workdir / f"{name}_report"))
     return figures
 
 
@@ -113,3 +124,15 @@ def embed_stage(store: str, run: str, out: str, workers: int) -> dict:
     result = run_embedding(store, run, Path(out), EmbedConfig(workers=workers, overwrite=True))
     return {"donors": result.n_donors, "seconds": result.seconds,
             "donors_per_s": result.donors_per_s, "startup_seconds": result.startup_seconds}
+
+
+def evaluate_stage(store: str, embeddings: str, out: str) -> dict:
+    """Evaluate the embeddings against the baselines and write the report."""
+    start = time.perf_counter()
+    metrics = evaluate([f"sampleclr={embeddings}"], store, out,
+                       EvaluateConfig.from_mapping(EVALUATE, where="bench scale"))
+    n = metrics["n_donors"]
+    return {"donors": n, "path": "dense" if n <= DENSE_LIMIT else "blocked",
+            "seconds": round(time.perf_counter() - start, 1),
+            "map_donors": metrics["map_donors"],
+            "sampleclr_total": metrics["methods"]["sampleclr"]["mean"]["total"]}

@@ -18,8 +18,8 @@ donor order, missing labels neither predicted nor neighbours):
 
 Peak memory is ``O(n k + block n)``: the neighbour lists and one block of distances
 (:data:`BLOCK_ENTRIES`). Time is ``O(n^2 D)`` per covariate with missing labels (their
-labelled donors get their own kNN) and once for all fully labelled covariates, the
-trajectory and replicates together.
+labelled donors get their own kNN), once for the fully labelled covariates and the
+trajectory together, and once for the replicates.
 
 Pure numpy/scipy, no I/O.
 """

@@ -196,3 +196,19 @@ def test_command_line(atlas, tmp_path, capsys):
     assert (out / NEIGHBOURS_PARQUET).is_file() and (path / SEARCH_INDEX_DIR / META_FILE).is_file()
     assert main(["search", str(path), "--donors", "nobody", "--out", str(tmp_path / "x")]) == 2
     assert "not in the atlas" in capsys.readouterr().err
+
+
+def test_an_atlas_on_object_storage(atlas, bucket, tmp_path):
+    import fsspec
+
+    path, _ = atlas
+    remote = f"{bucket}/atlas"
+    fsspec.filesystem("s3").put(str(path), remote, recursive=True)
+    result = search_donors(remote, donors=["atlas_2"], k=3, settings=HNSW)
+    assert result.info["index_built"]
+    assert (Location(remote) / SEARCH_INDEX_DIR).children() == [INDEX_FILE, META_FILE]
+    again = search_donors(remote, donors=["atlas_2"], k=3, settings=HNSW)
+    assert not again.info["index_built"]
+    pd.testing.assert_frame_equal(again.table, result.table)
+    out = result.write(f"{bucket}/found")
+    assert (out / NEIGHBOURS_PARQUET).is_file() and (out / NEIGHBOURS_H5AD).is_file()
