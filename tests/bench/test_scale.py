@@ -9,7 +9,7 @@ from sampleclr_scale.bench.scale import evaluate_stage
 from sampleclr_scale.evaluate import report
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.pseudobulk import donor_means
-from tests.test_evaluate import _write_embedding
+from tests.evaluate.test_evaluate import _write_embedding
 
 
 def test_evaluate_stage(store_path, tmp_path, monkeypatch):
