@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from sampleclr_scale.embed.config import EmbedConfig
-from sampleclr_scale.embed.embedder import _with_composition, embed_donors
+from sampleclr_scale.embed.embedder import _with_composition
+from sampleclr_scale.embed.worker import embed_donors
 from sampleclr_scale.model import ModelConfig, SampleCLR
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.composition import composition_channel, donor_type_counts

@@ -17,7 +17,8 @@ import torch
 from sampleclr_scale.cli import main
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import EmbedConfig
-from sampleclr_scale.embed.embedder import embed, embed_donors, run_embedding
+from sampleclr_scale.embed.embedder import embed, run_embedding
+from sampleclr_scale.embed.worker import embed_donors
 from sampleclr_scale.embed.selection import (
     eigenvector_centrality,
     knn_graph,
