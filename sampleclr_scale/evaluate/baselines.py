@@ -6,15 +6,25 @@
 - Random vectors: the floor every method should clear.
 - GloScope (Wang et al. 2024): the divergences behind the store's ``gloscope`` prior,
   when one was built with all pairs.
+- The cell-type-aware baselines of :mod:`~sampleclr_scale.evaluate.celltype_baselines`.
+
+Every baseline is registered in :data:`BASELINES`: a :class:`Baseline` names the methods
+it yields and computes their runs from :class:`BaselineInputs`, or says why it cannot
+(:class:`UnavailableError`). The evaluation stage scores every registered baseline; a new one
+is a function here (or in a module of its own) and one entry in :data:`BASELINES`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.evaluate.celltype_baselines import celltype_representations
 from sampleclr_scale.prior.storage import available_priors, load_prior
 from sampleclr_scale.store.bag_store import BagStore
 
@@ -103,3 +113,102 @@ def gloscope_distances(store_path: str) -> np.ndarray | None:
     D = np.maximum(D, 0.0)
     np.fill_diagonal(D, 0.0)
     return D
+
+
+# --- the registry -------------------------------------------------------------------------
+
+
+class UnavailableError(Exception):
+    """A baseline that the store cannot give (the reason is shown in the report)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class BaselineInputs:
+    """What every baseline may use, computed once per evaluation."""
+
+    store: BagStore
+    """The bag store the embeddings were computed from."""
+    selected: np.ndarray
+    """Store positions of the scored donors (every run is over these, in this order)."""
+    means: np.ndarray
+    """``[n_donors, d]`` each donor's mean features over the whole store (the
+    pseudobulk)."""
+    dim: int
+    """Width of the evaluated embeddings (the random vectors' width)."""
+    seeds: int
+    """How many random baselines (``EvaluateConfig.seeds``)."""
+    cell_type_column: str = "cell_type"
+    """The cell-level column of the cell-type-aware baselines."""
+
+
+@dataclass(frozen=True)
+class BaselineRun:
+    """One baseline representation of the scored donors: vectors or distances."""
+
+    method: str
+    name: str
+    Z: np.ndarray | None = None
+    """``[n_selected, D]`` vectors (cosine distances between them are scored)."""
+    D: np.ndarray | None = None
+    """``[n_selected, n_selected]`` distances, for a baseline without vectors."""
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A registered baseline: the methods it yields and how to compute their runs."""
+
+    methods: tuple[str, ...]
+    compute: Callable[[BaselineInputs], list[BaselineRun]]
+
+
+def _pseudobulk(inputs: BaselineInputs) -> list[BaselineRun]:
+    return [BaselineRun("pseudobulk", "pseudobulk", inputs.means[inputs.selected])]
+
+
+def _composition(inputs: BaselineInputs) -> list[BaselineRun]:
+    try:
+        Z = composition(inputs.store, inputs.cell_type_column)
+    except InputError as err:
+        raise UnavailableError(err.problem) from None
+    return [BaselineRun("composition", "composition", Z[inputs.selected])]
+
+
+def _celltype(inputs: BaselineInputs) -> list[BaselineRun]:
+    column = inputs.cell_type_column
+    if column not in inputs.store.code_columns:
+        raise UnavailableError(f"the store has no codes/{column} (ingest with --cell-columns "
+                          f"{column})")
+    reps = celltype_representations(inputs.store, column, inputs.means)
+    return [BaselineRun(name, name, Z[inputs.selected]) for name, Z in reps.items()]
+
+
+def _gloscope(inputs: BaselineInputs) -> list[BaselineRun]:
+    D = gloscope_distances(inputs.store.location.uri)
+    if D is None:
+        raise UnavailableError("no dense gloscope prior in the store (`sampleclr-scale prior`)")
+    return [BaselineRun("gloscope", "gloscope", D=D[np.ix_(inputs.selected, inputs.selected)])]
+
+
+def _random(inputs: BaselineInputs) -> list[BaselineRun]:
+    return [BaselineRun("random", f"random_seed{seed}",
+                        random_vectors(len(inputs.selected), inputs.dim, seed))
+            for seed in range(inputs.seeds)]
+
+
+BASELINES: dict[str, Baseline] = {
+    "pseudobulk": Baseline(("pseudobulk",), _pseudobulk),
+    "composition": Baseline(("composition",), _composition),
+    "celltype": Baseline(("composition_clr", "celltype_pseudobulk", "composition_clr_centred",
+                          "celltype_pseudobulk_centred", "celltype_standardized",
+                          "pseudobulk_centred"), _celltype),
+    "gloscope": Baseline(("gloscope",), _gloscope),
+    "random": Baseline(("random",), _random),
+}
+"""Every baseline the evaluation scores, by name (the name a skipped one is reported
+under), in the report's order."""
+BASELINE_METHODS: tuple[str, ...] = tuple(m for b in BASELINES.values() for m in b.methods)
+"""The method names baselines take (an embedding may not be named like one)."""

@@ -43,7 +43,7 @@ import pyarrow as pa
 
 from sampleclr_scale.embed.config import CELLS_PARQUET, DONORS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.evaluate import baselines, celltype_baselines, report
+from sampleclr_scale.evaluate import baselines, report
 from sampleclr_scale.evaluate.config import METRICS_FILE, REPORT, EvaluateConfig
 from sampleclr_scale.evaluate.confounding import confounding_sentences, confounding_table
 from sampleclr_scale.evaluate.neighbours import (
@@ -59,9 +59,6 @@ from sampleclr_scale.store.pseudobulk import donor_means
 
 RUN_METRICS_FILE = "metrics.jsonl"
 CELL_TYPE_COLUMN = "cell_type"
-BASELINES = ("pseudobulk", "composition", "gloscope", "random", "composition_clr",
-             "celltype_pseudobulk", "composition_clr_centred", "celltype_pseudobulk_centred",
-             "celltype_standardized", "pseudobulk_centred")
 HELD_OUT_SPLIT = "validation"  # the donors.parquet split scored as held-out
 _SEED_SUFFIX = re.compile(r"^(?P<method>.+)_seed\d+$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -219,10 +216,10 @@ def _name_embeddings(entries: list[str]) -> list[tuple[str, Location]]:
         name, sep, path = entry.partition("=")
         if not sep or "/" in name:
             name, path = Location(entry).name, entry
-        if not _NAME.match(name) or _method_of(name) in BASELINES:
+        if not _NAME.match(name) or _method_of(name) in baselines.BASELINE_METHODS:
             raise InputError(f"bad method name {name!r} for embeddings {path}",
                              f"use NAME=PATH with letters, digits, '_', '.', '-', not one of "
-                             f"the baselines {list(BASELINES)}")
+                             f"the baselines {list(baselines.BASELINE_METHODS)}")
         named.append((name, Location(path)))
     names = [name for name, _ in named]
     if len(set(names)) != len(names):
@@ -285,30 +282,20 @@ def _aligned(emb_dir: Location, bag: BagStore, selected: np.ndarray) -> np.ndarr
 
 def _baseline_runs(bag: BagStore, selected: np.ndarray, config: EvaluateConfig, dim: int,
                    skipped: dict[str, str]) -> list[_Run]:
-    means = donor_means(bag)
-    pb = means[selected]
-    runs = [_Run("pseudobulk", "pseudobulk", "baseline", distances_if_small(pb), pb)]
-    try:
-        comp = baselines.composition(bag, CELL_TYPE_COLUMN)[selected]
-        runs.append(_Run("composition", "composition", "baseline", distances_if_small(comp),
-                         comp))
-    except InputError as err:
-        skipped["composition"] = err.problem
-    if CELL_TYPE_COLUMN in bag.code_columns:
-        reps = celltype_baselines.celltype_representations(bag, CELL_TYPE_COLUMN, means)
-        runs += [_Run(name, name, "baseline", distances_if_small(Z[selected]), Z[selected])
-                 for name, Z in reps.items()]
-    else:
-        skipped["celltype"] = (f"the store has no codes/{CELL_TYPE_COLUMN} (ingest with "
-                               f"--cell-columns {CELL_TYPE_COLUMN})")
-    gloscope = baselines.gloscope_distances(bag.location.uri)
-    if gloscope is None:
-        skipped["gloscope"] = "no dense gloscope prior in the store (`sampleclr-scale prior`)"
-    else:
-        runs.append(_Run("gloscope", "gloscope", "baseline", gloscope[np.ix_(selected, selected)]))
-    for seed in range(config.seeds):
-        Z = baselines.random_vectors(len(selected), dim, seed)
-        runs.append(_Run("random", f"random_seed{seed}", "baseline", distances_if_small(Z), Z))
+    """The runs of every registered baseline (:data:`baselines.BASELINES`) on the
+    ``selected`` donors; the reason of each one the store cannot give in ``skipped``."""
+    inputs = baselines.BaselineInputs(bag, selected, donor_means(bag), dim, config.seeds,
+                                      CELL_TYPE_COLUMN)
+    runs = []
+    for name, baseline in baselines.BASELINES.items():
+        try:
+            computed = baseline.compute(inputs)
+        except baselines.UnavailableError as err:
+            skipped[name] = err.reason
+            continue
+        runs += [_Run(run.method, run.name, "baseline",
+                      run.D if run.Z is None else distances_if_small(run.Z), run.Z)
+                 for run in computed]
     return runs
 
 

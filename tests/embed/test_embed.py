@@ -18,7 +18,6 @@ from sampleclr_scale.cli import main
 from sampleclr_scale.embed import writeback
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.embedder import embed, run_embedding
-from sampleclr_scale.embed.worker import embed_donors
 from sampleclr_scale.embed.selection import (
     eigenvector_centrality,
     knn_graph,
@@ -26,6 +25,7 @@ from sampleclr_scale.embed.selection import (
     rank_agreement_per_donor_vs_global,
     select_cells,
 )
+from sampleclr_scale.embed.worker import embed_donors
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.ingest.stage import ingest
 from sampleclr_scale.model import ModelConfig, SampleCLR
