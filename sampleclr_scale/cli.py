@@ -505,6 +505,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.configure("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     try:
         args.run(args)
+    except SystemExit:
+        from sampleclr_scale.cluster import terminated_by
+
+        signum = terminated_by()
+        if signum is None:
+            raise
+        print(f"sampleclr-scale {args.command}: stopped by signal {signum} (SIGTERM); its "
+              "output is untouched (a training run continues with --resume)", file=sys.stderr)
+        return 128 + signum
     except (InputError, OSError) as err:
         shown = err if isinstance(err, InputError) else path_error(err)
         if shown is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -49,9 +51,43 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if not is_local():
         ray.init(address=address, include_dashboard=False, **ray_init_options())
+    else:
+        os.environ.setdefault(*MALLOC_ARENAS)  # inherited by the Ray it starts
+        start_local_ray(**ray_init_options())
+    exit_on_sigterm()
+
+
+_terminated_by: int | None = None
+"""The signal :func:`exit_on_sigterm`'s handler received, if any."""
+
+
+def terminated_by() -> int | None:
+    """The signal that ended this process's work (SIGTERM), or None.
+
+    Ray turns an exception raised while it waits (``ray.get``) into ``SystemExit(1)``;
+    the command line reads this to exit with ``128 + signal`` all the same.
+    """
+    return _terminated_by
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this process as an exception would: locks released, staging
+    removed, and Ray shut down by its exit hook (a local Ray's processes with it), exit
+    status 143.
+
+    ``ray.init`` leaves SIGTERM to a C++ handler that dumps a stack trace and aborts
+    (status 134), skipping all of that and leaving the local Ray's processes behind.
+    Only the main thread can set a handler; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
         return
-    os.environ.setdefault(*MALLOC_ARENAS)  # inherited by the Ray it starts
-    start_local_ray(**ray_init_options())
+
+    def terminate(signum: int, _frame: Any) -> None:
+        global _terminated_by
+        _terminated_by = signum
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def local_ray_options() -> dict[str, Any]:
