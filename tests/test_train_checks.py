@@ -81,3 +81,10 @@ def test_demo_refuses_zero_workers_or_negative_epochs(tmp_path, capsys, option):
     err = capsys.readouterr().err
     assert f"demo {option} {value}: it needs at least 1" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("name", ["zarr.json", "..", ".", "x" * 300, "a\nb", "a\\b"])
+def test_cell_columns_that_cannot_name_a_folder_are_refused_first(soma_uri, tmp_path, name):
+    with pytest.raises(InputError, match=r"(?s)cannot name the Zarr array.*fix: rename"):
+        ingest(ingest_config(soma_uri, tmp_path / "s.zarr", cell_columns=[name]))
+    assert not (tmp_path / "s.zarr").exists()
