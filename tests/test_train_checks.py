@@ -88,3 +88,24 @@ def test_cell_columns_that_cannot_name_a_folder_are_refused_first(soma_uri, tmp_
     with pytest.raises(InputError, match=r"(?s)cannot name the Zarr array.*fix: rename"):
         ingest(ingest_config(soma_uri, tmp_path / "s.zarr", cell_columns=[name]))
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_object_storage_without_credentials_is_a_one_line_error(monkeypatch, capsys,
+                                                                 tmp_path):
+    import fsspec
+
+    from sampleclr_scale.cli import main
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    try:
+        assert main(["check", "s3://no-such-bucket/s.zarr"]) == 2
+    finally:
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+    err = capsys.readouterr().err
+    assert "no credentials for object storage" in err and "Traceback" not in err
