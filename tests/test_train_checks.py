@@ -109,3 +109,18 @@ def test_object_storage_without_credentials_is_a_one_line_error(monkeypatch, cap
         fsspec.get_filesystem_class("s3").clear_instance_cache()
     err = capsys.readouterr().err
     assert "no credentials for object storage" in err and "Traceback" not in err
+
+
+def test_a_name_too_long_or_a_file_in_the_path_is_a_one_line_error(store_path, tmp_path,
+                                                                    capsys):
+    from sampleclr_scale.cli import main
+
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "t.yaml").write_text("loader: {batch_size: 4, cells_per_view: 16}\n")
+    for out, problem in ((tmp_path / ("r" * 300), "name too long"),
+                         (tmp_path / "file" / "run", "is a file, not a folder")):
+        assert main(["train", "--store", store_path, "--out", str(out), "--workers", "1",
+                     "--config", str(tmp_path / "t.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and "fix:" in err and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "mine"
