@@ -114,6 +114,8 @@ def start_local_ray(**options: Any) -> None:
         os.environ.setdefault(name, value)
     with _loopback_node():
         ray.init(**local_ray_options(), **options)
+    global _local_address
+    _local_address = ray.get_runtime_context().gcs_address
 
 
 def loopback_environment() -> dict[str, str]:
@@ -156,8 +158,20 @@ def _loopback_node() -> Iterator[None]:
         services.resolve_ip_for_localhost = resolve
 
 
+_local_address: str | None = None
+"""The GCS address of the local Ray that :func:`start_local_ray` started, if any."""
+
+
 def is_local() -> bool:
-    """Whether the stages use a local Ray (no cluster named by ``RAY_ADDRESS``)."""
+    """Whether the stages run on a local Ray of this process: the one
+    :func:`start_local_ray` started, or, before Ray is connected, the one
+    :func:`ensure_ray` would start (no ``RAY_ADDRESS``). A Ray that other code connected
+    to (``ray.init(address=...)``) counts as a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return _local_address is not None and (
+            ray.get_runtime_context().gcs_address == _local_address)
     return not os.environ.get("RAY_ADDRESS")
 
 
