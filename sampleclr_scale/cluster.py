@@ -11,6 +11,7 @@ keeps it (:func:`_loopback_node`). A cluster is joined only when the user names 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import threading
@@ -28,6 +29,8 @@ from sampleclr_scale.errors import InputError
 # the same. The processes of a local Ray (raylet, and every worker of every job) get 2
 # unless the variable is set; the container images set it for cluster nodes.
 MALLOC_ARENAS = ("MALLOC_ARENA_MAX", "2")
+
+log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 """The only address a local Ray listens on."""
@@ -176,12 +179,13 @@ def is_local() -> bool:
 
 
 def check_resources(workers: int, use_gpu: bool) -> None:
-    """Refuse a run that asks Ray for more than it has, before asking (Ray would wait for
-    the resources forever).
+    """Refuse a run that asks a local Ray for more than this machine has, before asking
+    (Ray would wait for the resources forever).
 
     On a local Ray the machine is all there is: a worker takes one CPU, or with ``use_gpu``
-    one GPU (and no CPU), as Ray Train's ``ScalingConfig`` asks. A named cluster may grow
-    (an autoscaler adds nodes), so there only a cluster without any GPU is refused for ``use_gpu``.
+    one GPU (and no CPU), as Ray Train's ``ScalingConfig`` asks. A cluster may grow (an
+    autoscaler adds GPU nodes from none, as ``deploy/ray-cluster.yaml``'s do), so there
+    what it lacks now is only logged.
 
     Raises
     ------
@@ -192,16 +196,19 @@ def check_resources(workers: int, use_gpu: bool) -> None:
 
     ensure_ray()
     total = ray.cluster_resources()
-    cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
-    local = is_local()
-    where = "this machine's Ray" if local else "the Ray cluster"
-    if use_gpu and (gpus == 0 or (local and gpus < workers)):
-        raise InputError(f"--use-gpu asks for {workers} GPU(s) (one per worker); {where} "
-                         f"has {gpus}",
+    have = int(total.get("GPU" if use_gpu else "CPU", 0))
+    if have >= workers:
+        return
+    if not is_local():
+        log.warning("the Ray cluster has %d %s now, the run asks for %d: it waits until "
+                    "the cluster has them", have, "GPUs" if use_gpu else "CPUs", workers)
+        return
+    if use_gpu:
+        raise InputError(f"--use-gpu asks for {workers} GPU(s) (one per worker); this "
+                         f"machine's Ray has {have}",
                          "train without --use-gpu, or with --workers at most the GPUs "
                          "(nvidia-smi lists them)")
-    if local and not use_gpu and cpus < workers:
-        raise InputError(f"--workers {workers} asks for {workers} CPUs (one per worker); "
-                         f"{where} has {cpus}",
-                         f"use --workers {max(cpus, 1)} or fewer, or join a cluster with "
-                         "more (RAY_ADDRESS=...)")
+    raise InputError(f"--workers {workers} asks for {workers} CPUs (one per worker); this "
+                     f"machine's Ray has {have}",
+                     f"use --workers {max(have, 1)} or fewer, or join a cluster with more "
+                     "(RAY_ADDRESS=...)")
