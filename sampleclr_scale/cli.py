@@ -557,6 +557,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError",
+                                "CredentialRetrievalError", "DefaultCredentialsError"})
+"""botocore's and google-auth's errors for missing object-storage credentials."""
+
+
+def _credentials_error(err: Exception) -> InputError | None:
+    """Missing credentials for ``s3://`` or ``gs://`` as an :class:`InputError`; None for
+    any other error (a bug, shown with its traceback)."""
+    if type(err).__name__ not in _CREDENTIAL_ERRORS:
+        return None
+    return InputError(f"no credentials for object storage: {err}",
+                      "for s3:// set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                      "AWS_PROFILE); for gs:// set GOOGLE_APPLICATION_CREDENTIALS")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input prints the problem and the fix and exits with status 2."""
     args = build_parser().parse_args(argv)
@@ -565,8 +580,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.configure("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     try:
         args.run(args)
-    except (InputError, OSError) as err:
-        shown = err if isinstance(err, InputError) else path_error(err)
+    except SystemExit:
+        from sampleclr_scale.cluster import terminated_by
+
+        signum = terminated_by()
+        if signum is None:
+            raise
+        print(f"sampleclr-scale {args.command}: stopped by signal {signum} (SIGTERM); its "
+              "output is untouched (a training run continues with --resume)", file=sys.stderr)
+        return 128 + signum
+    except Exception as err:
+        shown = (err if isinstance(err, InputError) else path_error(err)
+                 if isinstance(err, OSError) else _credentials_error(err))
         if shown is None:
             raise
         print(f"sampleclr-scale {args.command}: error: {shown}", file=sys.stderr)

@@ -11,7 +11,10 @@ keeps it (:func:`_loopback_node`). A cluster is joined only when the user names 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -26,6 +29,8 @@ from sampleclr_scale.errors import InputError
 # the same. The processes of a local Ray (raylet, and every worker of every job) get 2
 # unless the variable is set; the container images set it for cluster nodes.
 MALLOC_ARENAS = ("MALLOC_ARENA_MAX", "2")
+
+log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 """The only address a local Ray listens on."""
@@ -49,9 +54,43 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if not is_local():
         ray.init(address=address, include_dashboard=False, **ray_init_options())
+    else:
+        os.environ.setdefault(*MALLOC_ARENAS)  # inherited by the Ray it starts
+        start_local_ray(**ray_init_options())
+    exit_on_sigterm()
+
+
+_terminated_by: int | None = None
+"""The signal :func:`exit_on_sigterm`'s handler received, if any."""
+
+
+def terminated_by() -> int | None:
+    """The signal that ended this process's work (SIGTERM), or None.
+
+    Ray turns an exception raised while it waits (``ray.get``) into ``SystemExit(1)``;
+    the command line reads this to exit with ``128 + signal`` all the same.
+    """
+    return _terminated_by
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this process as an exception would: locks released, staging
+    removed, and Ray shut down by its exit hook (a local Ray's processes with it), exit
+    status 143.
+
+    ``ray.init`` leaves SIGTERM to a C++ handler that dumps a stack trace and aborts
+    (status 134), skipping all of that and leaving the local Ray's processes behind.
+    Only the main thread can set a handler; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
         return
-    os.environ.setdefault(*MALLOC_ARENAS)  # inherited by the Ray it starts
-    start_local_ray(**ray_init_options())
+
+    def terminate(signum: int, _frame: Any) -> None:
+        global _terminated_by
+        _terminated_by = signum
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def local_ray_options() -> dict[str, Any]:
@@ -78,6 +117,8 @@ def start_local_ray(**options: Any) -> None:
         os.environ.setdefault(name, value)
     with _loopback_node():
         ray.init(**local_ray_options(), **options)
+    global _local_address
+    _local_address = ray.get_runtime_context().gcs_address
 
 
 def loopback_environment() -> dict[str, str]:
@@ -120,18 +161,31 @@ def _loopback_node() -> Iterator[None]:
         services.resolve_ip_for_localhost = resolve
 
 
+_local_address: str | None = None
+"""The GCS address of the local Ray that :func:`start_local_ray` started, if any."""
+
+
 def is_local() -> bool:
-    """Whether the stages use a local Ray (no cluster named by ``RAY_ADDRESS``)."""
+    """Whether the stages run on a local Ray of this process: the one
+    :func:`start_local_ray` started, or, before Ray is connected, the one
+    :func:`ensure_ray` would start (no ``RAY_ADDRESS``). A Ray that other code connected
+    to (``ray.init(address=...)``) counts as a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return _local_address is not None and (
+            ray.get_runtime_context().gcs_address == _local_address)
     return not os.environ.get("RAY_ADDRESS")
 
 
 def check_resources(workers: int, use_gpu: bool) -> None:
-    """Refuse a run that asks Ray for more than it has, before asking (Ray would wait for
-    the resources forever).
+    """Refuse a run that asks a local Ray for more than this machine has, before asking
+    (Ray would wait for the resources forever).
 
     On a local Ray the machine is all there is: a worker takes one CPU, or with ``use_gpu``
-    one GPU (and no CPU), as Ray Train's ``ScalingConfig`` asks. A named cluster may grow
-    (an autoscaler adds nodes), so there only a cluster without any GPU is refused for ``use_gpu``.
+    one GPU (and no CPU), as Ray Train's ``ScalingConfig`` asks. A cluster may grow (an
+    autoscaler adds GPU nodes from none, as ``deploy/ray-cluster.yaml``'s do), so there
+    what it lacks now is only logged.
 
     Raises
     ------
@@ -142,16 +196,19 @@ def check_resources(workers: int, use_gpu: bool) -> None:
 
     ensure_ray()
     total = ray.cluster_resources()
-    cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
-    local = is_local()
-    where = "this machine's Ray" if local else "the Ray cluster"
-    if use_gpu and (gpus == 0 or (local and gpus < workers)):
-        raise InputError(f"--use-gpu asks for {workers} GPU(s) (one per worker); {where} "
-                         f"has {gpus}",
+    have = int(total.get("GPU" if use_gpu else "CPU", 0))
+    if have >= workers:
+        return
+    if not is_local():
+        log.warning("the Ray cluster has %d %s now, the run asks for %d: it waits until "
+                    "the cluster has them", have, "GPUs" if use_gpu else "CPUs", workers)
+        return
+    if use_gpu:
+        raise InputError(f"--use-gpu asks for {workers} GPU(s) (one per worker); this "
+                         f"machine's Ray has {have}",
                          "train without --use-gpu, or with --workers at most the GPUs "
                          "(nvidia-smi lists them)")
-    if local and not use_gpu and cpus < workers:
-        raise InputError(f"--workers {workers} asks for {workers} CPUs (one per worker); "
-                         f"{where} has {cpus}",
-                         f"use --workers {max(cpus, 1)} or fewer, or join a cluster with "
-                         "more (RAY_ADDRESS=...)")
+    raise InputError(f"--workers {workers} asks for {workers} CPUs (one per worker); this "
+                     f"machine's Ray has {have}",
+                     f"use --workers {max(have, 1)} or fewer, or join a cluster with more "
+                     "(RAY_ADDRESS=...)")

@@ -1,5 +1,6 @@
 """The one exception type users see for bad input, and the operating-system errors that
-are bad input too (a path the user may not use, a full or read-only file system)."""
+are bad input too (a path the user may not use, a full or read-only file system, a name
+too long, a file where a folder is expected)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ _PATH_FIXES = {
     errno.EROFS: "choose a path on a writable file system",
     errno.ENOSPC: "free space there, or choose a path on a file system with room",
     errno.EDQUOT: "free space within your quota, or choose a path on another file system",
+    errno.ENAMETOOLONG: "choose a shorter name (file systems allow 255 bytes per name)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
 }
 """How to fix the other operating-system errors that are about the user's paths."""
 
 
 def path_error(err: OSError) -> InputError | None:
-    """A denied, read-only or full path as an :class:`InputError`; None for any other
-    operating-system error (a bug, shown with its traceback).
+    """A denied, read-only or full path, a name too long or a file where a folder is
+    expected as an :class:`InputError`; None for any other operating-system error (a
+    bug, shown with its traceback).
 
     Every ``PermissionError`` counts as denied, also one without an error number and path
     (e.g. s3fs's for a bucket that refuses access).

@@ -51,6 +51,7 @@ from sampleclr_scale.store.bag_store import (
     CELLS_FILE,
     CODES_GROUP,
     DONORS_FILE,
+    check_array_name,
     create_arrays,
     finish_arrays,
 )
@@ -143,7 +144,10 @@ STORE_DONOR_COLUMNS = ("donor", "n_cells", "split", "batch")
 
 def _check_own_columns(config: IngestConfig) -> None:
     """Refuse ``--meta`` and ``--batch-key`` columns named like the donor table's own
-    columns: they would be replaced by the store's values without a word."""
+    columns (they would be replaced by the store's values without a word), and
+    ``--cell-columns`` that cannot name a folder of the store, before the source is read."""
+    for column in config.cell_columns:
+        check_array_name(column)
     for option, columns in (("--meta", config.meta), ("--batch-key", config.batch_key)):
         clash = [c for c in columns if c in STORE_DONOR_COLUMNS]
         if clash:

@@ -376,7 +376,7 @@ def claim(final: Location) -> Iterator[None]:
     Raises
     ------
     InputError
-        When another run holds the lock.
+        When another run holds the lock, or a folder of a local ``final`` is a file.
     """
     if not final.is_local:
         with _remote_lock(final):
@@ -384,6 +384,10 @@ def claim(final: Location) -> Iterator[None]:
             yield
         return
     path = final.local
+    blocking = next((p for p in path.parents if p.is_file()), None)
+    if blocking is not None:
+        raise InputError(f"{final} cannot be written: {blocking} is a file, not a folder",
+                         "choose an --out whose folders are folders")
     path.parent.mkdir(parents=True, exist_ok=True)
     with _local_lock(_sibling(path, "lock"), final.uri):
         _restore_aside(path)

@@ -66,6 +66,9 @@ CELLS_FILE = "cells.parquet"
 SPLITS = ("train", "validation")
 CODES_GROUP = "codes"
 MAX_INT16_CATEGORIES = 32_767
+MAX_NAME_BYTES = 200
+"""The longest cell column name, in UTF-8 bytes: it names a folder of the store."""
+ZARR_JSON = "zarr.json"
 BAG_STORE = zarr_output("a bag store", ("schema_version", "n_donors"), "features")
 """What ``--overwrite`` of a store replaces: a group with the store's attributes (any
 schema version), or the ``features`` array of an interrupted upload."""
@@ -352,19 +355,28 @@ def create_arrays(
     group.create_array("source_joinid", shape=(rows,), chunks=(max(chunk, 65_536),),
                        dtype="int64", fill_value=-1)
     for column, n_categories in (code_columns or {}).items():
-        _check_array_name(column)
+        check_array_name(column)
         group.create_array(f"{CODES_GROUP}/{column}", shape=(rows,), chunks=(chunk,),
                            dtype=code_dtype(n_categories), fill_value=-1)
     return group
 
 
-def _check_array_name(column: str) -> None:
-    """Refuse a cell column name that is not a single Zarr node name."""
-    if not column or "/" in column or column in (".", "..") or column.startswith("__"):
+def check_array_name(column: str) -> None:
+    """Refuse a cell column name that is not a single Zarr node name, or no file name.
+
+    The name becomes a folder (``codes/<column>``) locally and a key prefix remotely:
+    empty, ``.``, ``..``, ``/`` or ``\\`` in it, a leading ``__`` (Zarr's), the name of
+    Zarr's metadata file, control characters or more than :data:`MAX_NAME_BYTES` bytes
+    (file systems allow 255) are refused.
+    """
+    if (not column or "/" in column or "\\" in column or column in (".", "..", ZARR_JSON)
+            or column.startswith("__") or any(ord(c) < 32 for c in column)
+            or len(column.encode()) > MAX_NAME_BYTES):
         raise InputError(
-            f"--cell-columns column {column!r} cannot name the Zarr array "
-            f"{CODES_GROUP}/{column} (empty, '.', '..', containing '/' or starting with '__')",
-            "rename the column in the source, or leave it out of --cell-columns",
+            f"--cell-columns column {column[:80]!r} cannot name the Zarr array "
+            f"{CODES_GROUP}/<column> (empty, '.', '..', {ZARR_JSON!r}, containing '/', "
+            f"'\\' or control characters, starting with '__', or over {MAX_NAME_BYTES} "
+            "bytes)", "rename the column in the source, or leave it out of --cell-columns",
         )
 
 

@@ -33,6 +33,7 @@ from sampleclr_scale.loading.loader import resolve_balance
 from sampleclr_scale.storage import Location, claim
 from sampleclr_scale.storage.outputs import check_apart
 from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.manifest import read_manifest
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
@@ -173,8 +174,21 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
         state = (_fit_in_process(store, run, config) if in_process
                  else _fit_ray(store, run, config))
         _check_converged(run, config, kept=not in_process)
+        check_store_unchanged(store)
         model_path = _publish(run, store, config, tasks, state)
     return TrainResult(run, model_path, state.history)
+
+
+def check_store_unchanged(store: BagStore) -> None:
+    """Refuse to publish a model whose store was replaced while it trained (``ingest
+    --overwrite`` of the same path): the store at its location now has another
+    fingerprint, so the model would be recorded against data it never saw."""
+    now = read_manifest(store.location).fingerprint
+    if now != store.fingerprint:
+        raise InputError(f"the store {store.location} was replaced while this run trained "
+                         f"(fingerprint {store.fingerprint[:12]}, now {now[:12]}): its model "
+                         "is not written", "train again on the store as it is now, into a "
+                         "new --out; replace a store only when no run reads it")
 
 
 def _start(run: Location, store: BagStore, config: TrainConfig) -> None:

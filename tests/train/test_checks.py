@@ -81,3 +81,46 @@ def test_demo_refuses_zero_workers_or_negative_epochs(tmp_path, capsys, option):
     err = capsys.readouterr().err
     assert f"demo {option} {value}: it needs at least 1" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("name", ["zarr.json", "..", ".", "x" * 300, "a\nb", "a\\b"])
+def test_cell_columns_that_cannot_name_a_folder_are_refused_first(soma_uri, tmp_path, name):
+    with pytest.raises(InputError, match=r"(?s)cannot name the Zarr array.*fix: rename"):
+        ingest(ingest_config(soma_uri, tmp_path / "s.zarr", cell_columns=[name]))
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_object_storage_without_credentials_is_a_one_line_error(monkeypatch, capsys,
+                                                                 tmp_path):
+    import fsspec
+
+    from sampleclr_scale.cli import main
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    try:
+        assert main(["check", "s3://no-such-bucket/s.zarr"]) == 2
+    finally:
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+    err = capsys.readouterr().err
+    assert "no credentials for object storage" in err and "Traceback" not in err
+
+
+def test_a_name_too_long_or_a_file_in_the_path_is_a_one_line_error(store_path, tmp_path,
+                                                                    capsys):
+    from sampleclr_scale.cli import main
+
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "t.yaml").write_text("loader: {batch_size: 4, cells_per_view: 16}\n")
+    for out, problem in ((tmp_path / ("r" * 300), "name too long"),
+                         (tmp_path / "file" / "run", "is a file, not a folder")):
+        assert main(["train", "--store", store_path, "--out", str(out), "--workers", "1",
+                     "--config", str(tmp_path / "t.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and "fix:" in err and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "mine"

@@ -60,3 +60,19 @@ def test_an_out_in_the_store_or_a_file_is_refused(store_path, tmp_path):
     with pytest.raises(InputError, match=r"is a file, not a folder"):
         train(store_path, str(tmp_path / "file"), config, in_process=True)
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_store_replaced_during_training_is_noticed(soma_uri, tmp_path):
+    from sampleclr_scale.ingest.stage import ingest
+    from sampleclr_scale.store.bag_store import BagStore
+    from sampleclr_scale.train.driver import check_store_unchanged
+    from tests.conftest import ingest_config
+
+    path = tmp_path / "s.zarr"
+    ingest(ingest_config(soma_uri, path))
+    store = BagStore(path)  # what a run opened when it started
+    check_store_unchanged(store)
+    ingest(ingest_config(soma_uri, path, seed=4, overwrite=True))  # replaced meanwhile
+    with pytest.raises(InputError, match=r"(?s)was replaced while this run trained.*its "
+                                         r"model is not written"):
+        check_store_unchanged(store)
