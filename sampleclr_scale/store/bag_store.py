@@ -53,6 +53,13 @@ from sampleclr_scale.storage.outputs import zarr_output
 from sampleclr_scale.store.batches import standardize
 from sampleclr_scale.store.feature_spec import FeatureSpec, read_spec
 from sampleclr_scale.store.invariants import check_layout
+from sampleclr_scale.store.layout import (
+    CELLS_FILE,
+    CODES_GROUP,
+    DONORS_FILE,
+    SCHEMA_VERSION,
+    SPLITS,
+)
 from sampleclr_scale.store.manifest import (
     Manifest,
     open_checked_group,
@@ -60,11 +67,6 @@ from sampleclr_scale.store.manifest import (
     require_complete,
 )
 
-SCHEMA_VERSION = 1
-DONORS_FILE = "donors.parquet"
-CELLS_FILE = "cells.parquet"
-SPLITS = ("train", "validation")
-CODES_GROUP = "codes"
 MAX_INT16_CATEGORIES = 32_767
 MAX_NAME_BYTES = 200
 """The longest cell column name, in UTF-8 bytes: it names a folder of the store."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.store.layout import DONORS_FILE
 
 if TYPE_CHECKING:
     from sampleclr_scale.store.bag_store import BagStore
@@ -98,8 +99,6 @@ def _missing_chunks(store: BagStore, name: str) -> list[str]:
 
 def _donor_rows(store: BagStore) -> int:
     """Rows of ``donors.parquet``, from its footer."""
-    from sampleclr_scale.store.bag_store import DONORS_FILE
-
     return (store.location / DONORS_FILE).parquet_file().metadata.num_rows
 
 
