@@ -67,6 +67,20 @@ class H5adSource(CellSource):
     def embedding_names(self) -> list[str]:
         return sorted(self._file["obsm"].keys()) if "obsm" in self._file else []
 
+    def check_embedding(self, name: str) -> None:
+        """Also refuse an obsm entry that is not a dense 2-D array (a sparse matrix or a
+        data frame is stored as a group: it has no rows to read in blocks)."""
+        super().check_embedding(name)
+        elem = self._file["obsm"][name]
+        if not hasattr(elem, "shape") or len(elem.shape) != 2:
+            encoding = elem.attrs.get("encoding-type", "a group")
+            raise InputError(
+                f"obsm {name!r} of {self.uri} is stored as {encoding}, not a dense "
+                "cells x dimensions array",
+                f"store it dense (adata.obsm[{name!r}] = np.asarray(adata.obsm[{name!r}]), "
+                "or .toarray() / .to_numpy()) and write the file again, or use --features "
+                "pca:N")
+
     def embedding_dim(self, name: str) -> int:
         self.check_embedding(name)
         return int(self._file["obsm"][name].shape[1])
