@@ -332,14 +332,14 @@ class TrainConfig(StageConfig):
     composition also set, which cost batch mixing and held-out scores on the mixed
     scenario; the per-(batch, cell type) correction removes per-type site shifts and gains
     (benchmarks/README.md, "Quality")."""
-    composition_channel: float = Field(default=2.0, ge=0.0)
+    composition_channel: float = Field(default=1.75, ge=0.0)
     """Weight of the batch-aware composition channel that ``embed`` appends to every
     donor embedding: the CLR of the donor's cell-type counts, centred per technical batch
     when the store has batches, next to the learned vector scaled to unit norm
     (``sampleclr_scale/store/composition.py``). Balanced views keep composition out of the
     learned vector (so it cannot be a donor's fingerprint in training); the channel puts it
     back, batch-aware. 0 leaves the learned vector alone; a store without ``cell_type``
-    codes gets no channel (embed warns). The default 2 was chosen by the worst scenario of
+    codes gets no channel (embed warns). The default 1.75 was chosen by the worst scenario of
     the quality benchmark (benchmarks/README.md, "Cohorts like real ones")."""
     workers: int = Field(default=2, ge=1, strict=True)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""

@@ -57,7 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types, the per-(site,
 cell type) correction (``standardize: auto`` with the store's statistics) and the
-composition channel of weight 2. ``balanced`` is the default before issue #20 (no batch
+composition channel of weight 1.75. ``balanced`` is the default before issue #20 (no batch
 handling, no channel); the variants above it leave some of that out, ``standardized``
 adds per-site standardisation and the variants below it add one thing each to it (as they
 were measured). ``type_standardized*`` replace the per-site standardisation with the
