@@ -11,7 +11,7 @@ Layout (a contract between stages; ARCHITECTURE.md lists them all)::
                                 category code (-1: missing), chunked like features
       batch_type_scale, batch_type_offset   float32 [n_batches, K + 1, d]; the
                                 per-(batch, cell type) correction (with --batch-key and
-                                cell_type codes; data/type_batches.py)
+                                cell_type codes; store/type_batches.py)
       batch_mean, batch_std     float32 [n_batches, d]; per-batch feature mean and
                                 population std (with --batch-key only)
       feature_spec/             the PCA of pca:N features: mean float32 [n_genes],
