@@ -8,10 +8,12 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sampleclr_scale.bench.options import add_bench
+from sampleclr_scale.config import default_help
 from sampleclr_scale.errors import InputError, path_error
 
 log = logging.getLogger("sampleclr_scale")
@@ -21,11 +23,6 @@ def _overrides(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
     """The options given on the command line that are fields of config ``cls`` (an
     option's ``dest`` is its field's name, so the two cannot drift apart)."""
     return {n: getattr(args, n) for n in cls.model_fields if getattr(args, n, None) is not None}
-
-
-def _default(cls: Any, name: str) -> str:
-    """``default X``: the default of config field ``name``, stated once, in the config."""
-    return f"default {cls.model_fields[name].default}"
 
 
 def _load(cls, args: argparse.Namespace, **fixed: Any):
@@ -44,7 +41,7 @@ def _load(cls, args: argparse.Namespace, **fixed: Any):
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
     from sampleclr_scale.config import IngestConfig
 
-    default = functools.partial(_default, IngestConfig)
+    default = functools.partial(default_help, IngestConfig)
     p = sub.add_parser("ingest", help="build a donor-sorted bag store from a source",
                        description="Select a cohort from a SOMA experiment, an .h5ad file or "
                        "CELLxGENE Census and write it as a bag store (out of core).")
@@ -145,7 +142,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="run directory (model.pt, metrics, checkpoints): a path or URI")
     p.add_argument("--config", help="YAML file with TrainConfig keys")
     p.add_argument("--workers", type=int,
-                   help=f"Ray Train workers ({_default(TrainConfig, 'workers')})")
+                   help=f"Ray Train workers ({default_help(TrainConfig, 'workers')})")
     p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None,
                    help="one GPU per worker, NCCL")
     p.add_argument("--resume", action="store_true",
@@ -174,7 +171,7 @@ def _add_prior(sub: argparse._SubParsersAction) -> None:
                        "cohorts, each donor's nearest donors for large ones (Ray tasks).")
     from sampleclr_scale.prior.config import PriorConfig
 
-    default = functools.partial(_default, PriorConfig)
+    default = functools.partial(default_help, PriorConfig)
     p.add_argument("--store", required=True)
     p.add_argument("--config", help="YAML file with PriorConfig keys")
     p.add_argument("--kind", choices=["pseudobulk", "gloscope"])
@@ -229,11 +226,12 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                         const=False, help="write only EMB: nothing into the store or a SOMA "
                         "experiment")
     p.add_argument("--config", help="YAML file with EmbedConfig keys")
-    p.add_argument("--workers", type=int, help=f"Ray actors ({_default(EmbedConfig, 'workers')})")
+    p.add_argument("--workers", type=int,
+                   help=f"Ray actors ({default_help(EmbedConfig, 'workers')})")
     p.add_argument("--cells", type=int,
-                   help=f"cells per donor ({_default(EmbedConfig, 'cells')})")
+                   help=f"cells per donor ({default_help(EmbedConfig, 'cells')})")
     p.add_argument("--mode", choices=["random", "centrality", "all"],
-                   help=f"cell choice ({_default(EmbedConfig, 'mode')})")
+                   help=f"cell choice ({default_help(EmbedConfig, 'mode')})")
     p.add_argument("--run-name", dest="run_name", help="name of the written-back results")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing embedding folder (nothing else)")
@@ -366,129 +364,6 @@ def _run_simulate(args: argparse.Namespace) -> None:
 
 # --- bench ------------------------------------------------------------------------------
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from sampleclr_scale.config import LoaderConfig
-    from sampleclr_scale.embed.config import EmbedConfig
-
-    p = sub.add_parser("bench", help="throughput benchmarks (print and save figures)")
-    kinds = p.add_subparsers(dest="kind", required=True)
-    _add_bench_loader(kinds)
-    ingest = kinds.add_parser("ingest", help="ingest throughput and peak memory")
-    ingest.add_argument("--cells", type=int, nargs="+", default=[1_000_000],
-                        help="cohort sizes to simulate and ingest")
-    ingest.add_argument("--dim", type=int, default=50)
-    ingest.add_argument("--workdir", default="bench_out/ingest", help="scratch directory")
-    ingest.add_argument("--json", required=True, help="file to save the figures to")
-    ingest.set_defaults(run=_run_bench("ingest"))
-    prior = kinds.add_parser("prior", help="prior build time for 100 / 1,000 / 5,000 donors")
-    prior.add_argument("--donors", type=int, nargs="+", default=[100, 1000, 5000])
-    prior.add_argument("--cells", type=int, default=300, help="cells per donor subsample")
-    prior.add_argument("--workdir", default="bench_out/prior", help="scratch directory")
-    prior.add_argument("--json", required=True, help="file to save the figures to")
-    prior.set_defaults(run=_run_bench("prior"))
-    embedding = kinds.add_parser("embed", help="donors/s of batch embedding, 1 and 2 actors")
-    embedding.add_argument("--store", required=True)
-    embedding.add_argument("--checkpoint", required=True, help="training run directory")
-    embedding.add_argument("--workers", default="1,2", help="comma-separated actor counts")
-    embedding.add_argument("--cells", type=int, help=_default(EmbedConfig, "cells"))
-    embedding.add_argument("--mode", choices=["random", "centrality", "all"],
-                           help=_default(EmbedConfig, "mode"))
-    embedding.add_argument("--batch-donors", dest="batch_donors", type=int,
-                           help=_default(EmbedConfig, "batch_donors"))
-    embedding.add_argument("--graph-cells", dest="graph_cells", type=int,
-                           help=_default(EmbedConfig, "graph_cells"))
-    embedding.add_argument("--json", required=True, help="file to save the figures to")
-    embedding.set_defaults(run=_run_bench("embed"))
-    scale = kinds.add_parser("scale", help="every stage on one simulated ~10M-cell cohort")
-    scale.add_argument("--cells", type=int, default=10_000_000)
-    scale.add_argument("--dim", type=int, default=50)
-    scale.add_argument("--workers", type=int, default=2)
-    scale.add_argument("--workdir", default="bench_out/scale", help="scratch directory")
-    scale.add_argument("--json", required=True, help="file to save the figures to")
-    scale.set_defaults(run=_run_bench("scale"))
-    training = kinds.add_parser("train", help="training throughput and 1 -> N worker scaling")
-    training.add_argument("--store", required=True)
-    training.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    training.add_argument("--preset", choices=["small", "large"], default="large")
-    training.add_argument("--batch-size", type=int, default=32)
-    training.add_argument("--cells-per-view", type=int, default=1000)
-    training.add_argument("--epochs", type=int, default=3)
-    training.add_argument("--use-gpu", dest="use_gpu", action="store_true",
-                          help="one GPU per worker, NCCL, bf16 autocast")
-    training.add_argument("--resident", nargs="+", choices=["auto", "always", "never"],
-                          help="loader.resident modes to measure, each with every worker count, "
-                          "e.g. never always: streamed vs device-resident bags "
-                          f"({_default(LoaderConfig, 'resident')})")
-    training.add_argument("--in-process", dest="in_process", action="store_true",
-                          help="one worker in this process, without Ray (--workers 1)")
-    training.add_argument("--json", required=True, help="file to save the figures to")
-    training.set_defaults(run=_run_bench("train"))
-    _add_bench_quality(kinds)
-    _add_bench_search(kinds)
-
-
-def _add_bench_loader(kinds: argparse._SubParsersAction) -> None:
-    loader = kinds.add_parser("loader", help="two-view bag throughput of a bag store")
-    loader.add_argument("--store", required=True)
-    loader.add_argument("--source", help="SOMA experiment of the store, for naive point reads")
-    loader.add_argument("--batch-size", type=int, default=32)
-    loader.add_argument("--cells-per-view", type=int, default=1000)
-    loader.add_argument("--seconds", type=float, default=2.0,
-                        help="steady-state seconds per setting (after start-up and warm-up)")
-    loader.add_argument("--views", nargs="+", choices=["balanced", "uniform"],
-                        default=["balanced", "uniform"],
-                        help="views balanced over cell_type (the default) and/or uniform")
-    loader.add_argument("--readers", nargs="+", choices=["zarr", "mmap"],
-                        default=["zarr", "mmap"], help="loader.reader settings to time")
-    loader.add_argument("--workers", type=int, nargs="+", default=[0, 2],
-                        help="DataLoader worker counts to time")
-    loader.add_argument("--read-threads", dest="read_threads", type=int, nargs="*",
-                        help="also measure with these numbers of donors read at once")
-    loader.add_argument("--json", required=True, help="file to save the figures to")
-    loader.set_defaults(run=_run_bench("loader"))
-
-
-def _add_bench_quality(kinds: argparse._SubParsersAction) -> None:
-    from sampleclr_scale.bench.quality import SCENARIOS, VARIANTS
-
-    quality = kinds.add_parser("quality", help="SPARE scores of SampleCLR variants over seeds "
-                               "on simulated scenarios, next to the baselines")
-    quality.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS),
-                         default=list(SCENARIOS))
-    quality.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    quality.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    quality.add_argument("--epochs", type=int, default=40, help="contrastive epochs per run")
-    quality.add_argument("--workers", type=int, default=2)
-    quality.add_argument("--workdir", default="bench_out/quality",
-                         help="scratch directory (a re-run resumes from it)")
-    quality.add_argument("--json", required=True, help="file to save the figures to")
-    quality.set_defaults(run=_run_bench("quality"))
-
-
-def _add_bench_search(kinds: argparse._SubParsersAction) -> None:
-    search = kinds.add_parser("search", help="donor search: recall@10 vs exact, queries/s, "
-                              "index build time and size at simulated atlas sizes")
-    search.add_argument("--donors", type=int, nargs="+", default=[15_000, 1_000_000])
-    search.add_argument("--dim", type=int, default=32, help="width of the donor vectors")
-    search.add_argument("--queries", type=int, default=1000, help="query donors per size")
-    search.add_argument("--compare-max", dest="compare_max", type=int, default=200_000,
-                        help="also time pynndescent up to this many donors")
-    search.add_argument("--workdir", default="bench_out/search", help="scratch directory")
-    search.add_argument("--json", required=True, help="file to save the figures to")
-    search.set_defaults(run=_run_bench("search"))
-
-
-def _run_bench(kind: str) -> Callable[[argparse.Namespace], None]:
-    def run(args: argparse.Namespace) -> None:
-        from sampleclr_scale.bench import run_benchmark
-
-        run_benchmark(kind, args)
-
-    return run
-
-
-# --- demo -------------------------------------------------------------------------------
-
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in simulated cohort",
                        description="Simulate a cohort, write it as a SOMA experiment, ingest "
@@ -552,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="debug logging, Ray's worker output on the console")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_ingest, _add_check, _add_prior, _add_train, _add_embed,
-                _add_evaluate, _add_search, _add_bench, _add_pipeline, _add_demo):
+                _add_evaluate, _add_search, add_bench, _add_pipeline, _add_demo):
         add(sub)
     return parser
 

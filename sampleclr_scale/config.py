@@ -75,6 +75,12 @@ def error_sources(err: ValidationError, layers: dict[str, dict[str, Any]]) -> st
     return " and ".join(where for where in layers if None in named or where in named)
 
 
+def default_help(cls: type[BaseModel], name: str) -> str:
+    """``default X``: the default of config field ``name`` for a command-line help text,
+    stated once, in the config."""
+    return f"default {cls.model_fields[name].default}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, with clear errors for unreadable or non-mapping files."""
     try:

@@ -82,6 +82,7 @@ from sampleclr_scale.simulate.spec import (
     _SPECIAL_DONORS,
     _SPECIAL_STREAM,
     _UNKNOWN,
+    CELL_TYPE_SITE_EFFECTS,
     CensusDataset,
     CohortSpec,
     _is_int,
@@ -91,6 +92,7 @@ from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.storage.outputs import OutputKind
 
 __all__ = [
+    "CELL_TYPE_SITE_EFFECTS",
     "CensusDataset",
     "CohortSpec",
     "ground_truth",
