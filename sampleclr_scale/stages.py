@@ -22,7 +22,7 @@ SPARE scores of the embedding next to the baselines on the held-out donors, and 
 >>> metrics = evaluate([f"sampleclr={tmp}/embeddings"], f"{tmp}/bags.zarr", f"{tmp}/report",
 ...                    config)
 >>> sorted(metrics["methods"])[:3], 0 <= metrics["methods"]["sampleclr"]["mean"]["total"] <= 1
-(['composition', 'pseudobulk', 'random'], True)
+(['celltype_pseudobulk', 'composition', 'composition_clr'], True)
 """
 
 from __future__ import annotations

@@ -159,8 +159,8 @@ def embed(store_path: str | Path, run_dir: str | Path, out: str | Path, config: 
     >>> result = embed(f"{tmp}/bags.zarr", f"{tmp}/run", f"{tmp}/embeddings",
     ...                scs.EmbedConfig(cells=200), write_back=False, in_process=True)
     >>> donors = anndata.read_h5ad(result.h5ad)
-    >>> donors.shape, "severity_pred" in donors.obs
-    ((24, 32), True)
+    >>> donors.shape, "severity_pred" in donors.obs  # 32 learned + 10 composition dims
+    ((24, 42), True)
     """
     if write_back is False:
         return run_embedding(store_path, run_dir, out, config, in_process)

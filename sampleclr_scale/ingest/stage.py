@@ -146,7 +146,7 @@ def _check_own_columns(config: IngestConfig) -> None:
     """Refuse ``--meta`` and ``--batch-key`` columns named like the donor table's own
     columns (they would be replaced by the store's values without a word), and
     ``--cell-columns`` that cannot name a folder of the store, before the source is read."""
-    for column in config.cell_columns:
+    for column in config.cell_columns or []:  # None: resolved from the source later
         check_array_name(column)
     for option, columns in (("--meta", config.meta), ("--batch-key", config.batch_key)):
         clash = [c for c in columns if c in STORE_DONOR_COLUMNS]

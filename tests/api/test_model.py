@@ -64,6 +64,10 @@ def _no_ray() -> None:
     raise AssertionError("Ray was started")
 
 
+N_TYPES = 10
+"""Cell types of the simulated cohorts (the composition channel's width)."""
+
+
 def _samples(adata: anndata.AnnData) -> list[str]:
     return sorted(adata.obs["sample"].astype(str).unique())
 
@@ -71,7 +75,8 @@ def _samples(adata: anndata.AnnData) -> list[str]:
 def test_fit_gives_a_donor_anndata_with_metadata_and_predictions(model, cohort):
     donors = model.get_sample_representation()
     assert sorted(donors.obs_names) == _samples(cohort)
-    assert donors.X.shape == (16, 32) and np.isfinite(donors.X).all()
+    # 32 learned dimensions, then the composition channel (one per cell type)
+    assert donors.X.shape == (16, 32 + N_TYPES) and np.isfinite(donors.X).all()
     severity = cohort.obs.groupby("sample", observed=True)["severity"].first()
     assert (donors.obs["severity"] == severity.loc[donors.obs_names].to_numpy()).all()
     assert donors.obs["severity_pred"].isin([0, 1, 2, 3]).all()
@@ -130,7 +135,7 @@ def test_a_saved_model_embeds_with_the_command_lines_stages(model, cohort, tmp_p
 def test_a_new_cohort_is_put_in_the_trained_feature_space(model, kind):
     new = _cohort(6, seed=9)
     donors = model.get_sample_representation(new)
-    assert sorted(donors.obs_names) == _samples(new) and donors.X.shape == (6, 32)
+    assert sorted(donors.obs_names) == _samples(new) and donors.X.shape == (6, 32 + N_TYPES)
     provenance = json.loads(donors.uns["sampleclr_provenance"])
     assert provenance["features"]["kind"] == ("embedding" if kind == "memory" else "pca")
     assert model.get_cell_weights(new).index.equals(new.obs_names)
