@@ -46,8 +46,7 @@ from sampleclr_scale.evaluate.spare import (
     cosine_distances,
     macro_f1,
     ordered_values,
-    root_donor,
-    spare_summary,
+    scores_with,
     spearman,
 )
 from sampleclr_scale.prior.similarity import unit_rows
@@ -389,18 +388,10 @@ def blocked_spare_scores(Z: np.ndarray, donors: pd.DataFrame,
     k = covariates.k
     needed = max(k, covariates.trajectory_k if covariates.trajectory is not None else k)
     knn = _Knn(np.asarray(Z), needed)
-    information = {col: _information(knn, donors[col], kind, k)
-                   for col, kind in covariates.relevant.items()}
-    batch = {col: 1.0 - _information(knn, donors[col], kind, k)
-             for col, kind in covariates.technical.items()}
-    trajectory = None
-    if covariates.trajectory is not None:
-        t = donors[covariates.trajectory]
-        root = root_donor(t, covariates.trajectory_root)
-        trajectory = _trajectory(knn, t, root, covariates.trajectory_k)
-    replicate = (None if covariates.replicate_column is None
-                 else blocked_replicate_score(Z, donors[covariates.replicate_column]))
-    return spare_summary(information, batch, trajectory, replicate)
+    return scores_with(donors, covariates,
+                       lambda y, kind, k: _information(knn, y, kind, k),
+                       lambda t, root, k: _trajectory(knn, t, root, k),
+                       lambda labels: blocked_replicate_score(Z, labels))
 
 
 def representation_scores(donors: pd.DataFrame, covariates: CovariateSpec,

@@ -29,7 +29,7 @@ Pure numpy/scipy (pandas only to read a donor table), no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -342,19 +342,33 @@ def spare_scores(D: np.ndarray, donors: pd.DataFrame, covariates: CovariateSpec)
         ``batch_mean`` (None without covariates), ``trajectory`` and ``replicate`` (None
         when not configured or without replicates) and ``total`` (:func:`spare_total`).
     """
+    return scores_with(donors, covariates,
+                       lambda y, kind, k: information_score(D, y, kind, k),
+                       lambda t, root, k: trajectory_score(D, t, root, k),
+                       lambda labels: replicate_score(D, labels))
+
+
+def scores_with(donors: pd.DataFrame, covariates: CovariateSpec,
+                information: Callable[[Any, Kind, int], float],
+                trajectory: Callable[[Any, int, int], float],
+                replicate: Callable[[Any], float | None]) -> dict:
+    """The SPARE metrics of :func:`spare_scores` from one representation's scorers:
+    ``information(labels, kind, k)`` (batch mixing is ``1 -`` it on a technical
+    covariate), ``trajectory(values, root, k)`` and ``replicate(labels)``, computed on
+    a distance matrix or on blocked neighbours alike."""
     k = covariates.k
-    information = {col: information_score(D, donors[col], kind, k)
-                   for col, kind in covariates.relevant.items()}
-    batch = {col: batch_mixing_score(D, donors[col], kind, k)
+    relevant = {col: information(donors[col], kind, k)
+                for col, kind in covariates.relevant.items()}
+    batch = {col: 1.0 - information(donors[col], kind, k)
              for col, kind in covariates.technical.items()}
-    trajectory = None
+    pseudotime = None
     if covariates.trajectory is not None:
         t = donors[covariates.trajectory]
-        root = root_donor(t, covariates.trajectory_root)
-        trajectory = trajectory_score(D, t, root, covariates.trajectory_k)
-    replicate = (None if covariates.replicate_column is None
-                 else replicate_score(D, donors[covariates.replicate_column]))
-    return spare_summary(information, batch, trajectory, replicate)
+        pseudotime = trajectory(t, root_donor(t, covariates.trajectory_root),
+                                covariates.trajectory_k)
+    replicates = (None if covariates.replicate_column is None
+                  else replicate(donors[covariates.replicate_column]))
+    return spare_summary(relevant, batch, pseudotime, replicates)
 
 
 def spare_summary(information: dict[str, float], batch: dict[str, float],
