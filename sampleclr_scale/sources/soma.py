@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 
@@ -116,17 +117,21 @@ class SomaSource(CellSource):
         return self._ms.obsm[name]
 
     def embedding_dim(self, name: str) -> int:
-        return int(self._embedding_array(name).shape[1])
+        with _readable(self.uri, f"obsm {name!r}"):
+            return int(self._embedding_array(name).shape[1])
 
     def read_embedding(self, name: str, joinids: np.ndarray) -> np.ndarray:
-        array = self._embedding_array(name)
-        out = np.full((len(joinids), array.shape[1]), np.nan, dtype=np.float32)
-        if len(joinids) == 0:
-            return out
-        coords = slice(int(joinids[0]), int(joinids[-1])) if dense_span(joinids) else joinids
-        for table in array.read(coords=(coords,)).tables():
-            rows, keep = locate(joinids, table["soma_dim_0"].to_numpy())
-            out[rows, table["soma_dim_1"].to_numpy()[keep]] = table["soma_data"].to_numpy()[keep]
+        with _readable(self.uri, f"obsm {name!r}"):
+            array = self._embedding_array(name)
+            out = np.full((len(joinids), array.shape[1]), np.nan, dtype=np.float32)
+            if len(joinids) == 0:
+                return out
+            span = dense_span(joinids)
+            coords = slice(int(joinids[0]), int(joinids[-1])) if span else joinids
+            for table in array.read(coords=(coords,)).tables():
+                rows, keep = locate(joinids, table["soma_dim_0"].to_numpy())
+                out[rows, table["soma_dim_1"].to_numpy()[keep]] = (
+                    table["soma_data"].to_numpy()[keep])
         return out
 
     def _layer(self, layer: str):
@@ -151,6 +156,10 @@ class SomaSource(CellSource):
         return ids
 
     def read_counts(self, layer: str, joinids: np.ndarray) -> sp.csr_matrix:
+        with _readable(self.uri, f"X layer {layer!r}"):
+            return self._read_counts(layer, joinids)
+
+    def _read_counts(self, layer: str, joinids: np.ndarray) -> sp.csr_matrix:
         array = self._layer(layer)
         n_var = int(array.shape[1])
         if len(joinids) == 0:
@@ -174,6 +183,23 @@ class SomaSource(CellSource):
         self._exp.close()
         if self._owner is not None:
             self._owner.close()
+
+
+@contextlib.contextmanager
+def _readable(uri: str, what: str) -> Iterator[None]:
+    """Turn TileDB's error on a damaged array (a fragment, or its metadata, missing or
+    unreadable) into one that names the array and the fix."""
+    import tiledbsoma
+
+    try:
+        yield
+    except tiledbsoma.SOMAError as err:
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise InputError(
+            f"cannot read {what} of {uri}: {detail}",
+            "the experiment is damaged or incomplete (part of an array is missing or "
+            "unreadable): write it again from its source, or copy it again whole",
+        ) from None
 
 
 def soma_gene_ids(var) -> str:
