@@ -358,8 +358,11 @@ def _spill_blocks(cohort: Cohort, features: Any, bucket_of_donor: np.ndarray, sp
     bar.close()
     spill.close()
     cohort.counts["cells_non_finite"] = non_finite
-    if non_finite:
-        log.info("dropped %d cells with non-finite features", non_finite)
+    if non_finite:  # a warning: a cell missing from a damaged source reads as NaN too
+        log.warning("dropped %d of %d cells (%.2f %%) whose features are not finite (NaN "
+                    "or infinite, or missing from the source: an array of it may be "
+                    "incomplete); the store's counts record them as cells_non_finite",
+                    non_finite, cohort.cells.n_kept, 100 * non_finite / cohort.cells.n_kept)
 
 
 class _BucketWriter:

@@ -24,3 +24,23 @@ def test_ingest_of_an_experiment_with_a_fragment_deleted_names_the_array(
         ingest(ingest_config(str(copy), tmp_path / "bags.zarr", features=features))
     assert "damaged or incomplete" in err.value.fix
     assert not Path(tmp_path / "bags.zarr").exists()
+
+
+def test_cells_missing_from_a_source_are_dropped_with_a_warning(soma_uri, tmp_path, caplog):
+    # the fragment and its commit file gone: TileDB no longer knows of it, the cells it
+    # held read as NaN, and ingest drops them loudly, not at info level
+    copy = tmp_path / "exp"
+    shutil.copytree(soma_uri, copy)
+    array = copy / "ms/RNA/obsm/scvi"
+    fragments = sorted((array / "__fragments").iterdir())
+    shutil.rmtree(fragments[0])
+    for commit in (array / "__commits").iterdir():
+        if commit.name.startswith(fragments[0].name):
+            commit.unlink()
+    with caplog.at_level("WARNING", logger="sampleclr_scale.ingest.stage"):
+        try:
+            ingest(ingest_config(str(copy), tmp_path / "bags.zarr"))
+        except InputError:
+            pass  # every cell gone is refused too; the warning comes first
+    assert any("not finite" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
