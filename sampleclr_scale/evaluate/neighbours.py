@@ -38,7 +38,6 @@ from scipy.sparse.linalg import eigsh
 
 from sampleclr_scale.evaluate.spare import (
     _MIN_WIDTH_SQ,
-    _STATIONARY_TOL,
     _WEIGHT_EPS,
     CovariateSpec,
     Kind,
@@ -48,6 +47,7 @@ from sampleclr_scale.evaluate.spare import (
     ordered_values,
     scores_with,
     spearman,
+    spectral_pseudotime,
 )
 from sampleclr_scale.prior.similarity import unit_rows
 
@@ -345,11 +345,8 @@ def sparse_pseudotime(neighbours: Neighbours, root: int,
     else:
         start = np.full(len(reached), 1.0 / np.sqrt(len(reached)))  # reproducible
         eigenvalues, eigenvectors = eigsh(T, k=components + 1, which="LA", v0=start)
-    diffusion = eigenvalues < 1.0 - _STATIONARY_TOL
-    scale = eigenvalues[diffusion] / (1.0 - eigenvalues[diffusion])
-    coords = eigenvectors[:, diffusion] * scale
-    local_root = int(np.flatnonzero(reached == root)[0])
-    pseudotime[reached] = np.linalg.norm(coords - coords[local_root], axis=1)
+    pseudotime[reached] = spectral_pseudotime(eigenvalues, eigenvectors,
+                                              int(np.flatnonzero(reached == root)[0]))
     return pseudotime
 
 

@@ -217,12 +217,20 @@ def diffusion_pseudotime(D: np.ndarray, root: int, k: int = 15) -> np.ndarray:
     if len(reached) < 2:
         return pseudotime
     eigenvalues, eigenvectors = np.linalg.eigh(_transitions(W[np.ix_(reached, reached)]))
+    pseudotime[reached] = spectral_pseudotime(eigenvalues, eigenvectors,
+                                              int(np.flatnonzero(reached == root)[0]))
+    return pseudotime
+
+
+def spectral_pseudotime(eigenvalues: np.ndarray, eigenvectors: np.ndarray, root: int
+                        ) -> np.ndarray:
+    """Diffusion pseudotime from the transition matrix's spectrum: the distance from
+    ``root`` in diffusion-map coordinates over all scales, each non-stationary component
+    weighted ``lambda / (1 - lambda)`` (Haghverdi et al. 2016)."""
     diffusion = eigenvalues < 1.0 - _STATIONARY_TOL
     scale = eigenvalues[diffusion] / (1.0 - eigenvalues[diffusion])
     coords = eigenvectors[:, diffusion] * scale
-    local_root = int(np.flatnonzero(reached == root)[0])
-    pseudotime[reached] = np.linalg.norm(coords - coords[local_root], axis=1)
-    return pseudotime
+    return np.linalg.norm(coords - coords[root], axis=1)
 
 
 def trajectory_score(D: np.ndarray, t: Any, root: int, k: int = 15) -> float:
