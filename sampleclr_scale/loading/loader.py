@@ -278,7 +278,7 @@ class DonorBagDataset(IterableDataset):
         if self.standardize == TYPE_MODE:
             scale, offset, _ = context.type_maps
             types = _view_types(views, context.type_codes, cells.shape[:3])
-            cells[:] = apply_affine(cells, scale, offset, batch[:, None, None], types)
+            apply_affine(cells, scale, offset, batch[:, None, None], types, out=cells)
             if padded:
                 cells[~mask] = 0.0
         elif self.standardize:

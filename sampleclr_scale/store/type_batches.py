@@ -151,7 +151,7 @@ def pair_index(batch: np.ndarray, types: np.ndarray, n_types: int) -> np.ndarray
 
 
 def apply_affine(rows: np.ndarray, scale: np.ndarray, offset: np.ndarray, batch: np.ndarray,
-                 types: np.ndarray) -> np.ndarray:
+                 types: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``rows * scale[b, k] + offset[b, k]`` per cell, in float32.
 
     Parameters
@@ -163,10 +163,15 @@ def apply_affine(rows: np.ndarray, scale: np.ndarray, offset: np.ndarray, batch:
     batch, types
         Int batch and cell-type codes broadcastable to ``rows.shape[:-1]`` (type -1: no
         type).
+    out
+        A float32 array of ``rows``' shape to write into (``rows`` itself: in place, as
+        the loader does on its batch buffer, without a temporary of the batch's size).
     """
     n_types = scale.shape[1] - 1
     index = pair_index(*np.broadcast_arrays(batch, types), n_types)
     flat_scale = scale.reshape(-1, scale.shape[-1])
     flat_offset = offset.reshape(-1, offset.shape[-1])
     x = np.asarray(rows, dtype=np.float32)
-    return x * flat_scale[index] + flat_offset[index]
+    out = np.multiply(x, flat_scale[index], out=out)
+    out += flat_offset[index]
+    return out

@@ -141,6 +141,11 @@ def test_apply_affine_equals_a_loop() -> None:
             k = types[i, j] if types[i, j] >= 0 else 3
             np.testing.assert_allclose(got[i, j], rows[i, j] * scale[batch[i, 0], k]
                                        + offset[batch[i, 0], k], rtol=1e-5)
+    in_place = rows.astype(np.float32)
+    returned = apply_affine(in_place, scale.astype(np.float32), offset.astype(np.float32),
+                            batch, types, out=in_place)
+    assert returned is in_place
+    np.testing.assert_array_equal(in_place, got)
 
 
 def test_ingest_stores_the_maps_of_its_rows(batch_store) -> None:
