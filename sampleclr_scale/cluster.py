@@ -53,11 +53,29 @@ def ensure_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if not is_local():
-        ray.init(address=address, include_dashboard=False, **ray_init_options())
+        join_ray(address, **ray_init_options())
     else:
         os.environ.setdefault(*MALLOC_ARENAS)  # inherited by the Ray it starts
         start_local_ray(**ray_init_options())
     exit_on_sigterm()
+
+
+def join_ray(address: str, **options: Any) -> None:
+    """Join the Ray at ``address`` as a driver.
+
+    A Ray listening on the loopback interface only (a local Ray that another process
+    started, e.g. a benchmark's stage drivers joining the benchmark's Ray) is joined with
+    a loopback node address: ``ray.init`` would otherwise replace ``127.0.0.1`` in the
+    address by the machine's network address, where nothing listens, and wait forever.
+    """
+    import ray
+
+    if address.partition(":")[0] != LOOPBACK:
+        ray.init(address=address, include_dashboard=False, **options)
+        return
+    with _loopback_node():
+        ray.init(address=address, include_dashboard=False, _node_ip_address=LOOPBACK,
+                 **options)
 
 
 _terminated_by: int | None = None

@@ -86,3 +86,30 @@ def test_use_gpu_without_a_gpu_fails_fast(store_path, ray_cluster, tmp_path):
     with pytest.raises(InputError, match=r"(?s)--use-gpu asks for 2 GPU.*fix: train "
                                          r"without --use-gpu"):
         train(store_path, str(tmp_path / "run"), config)
+
+
+def _join_and_run() -> tuple[bool, int]:
+    """In a fresh process with ``RAY_ADDRESS`` set: join, run a task."""
+    import ray
+
+    from sampleclr_scale.cluster import ensure_ray, is_local
+
+    ensure_ray()
+    return is_local(), ray.get(ray.remote(lambda: 41).remote()) + 1
+
+
+@pytest.mark.ray
+def test_a_second_driver_joins_the_local_ray(ray_cluster):
+    """A driver started with ``RAY_ADDRESS`` of the loopback-only local Ray (as the scale
+    benchmark's stage drivers are) joins it instead of waiting for its address on the
+    machine's network interface."""
+    import ray
+
+    from sampleclr_scale.bench import run_in_child
+
+    address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:")
+    # a few seconds to reach the GCS, so that a driver looking in the wrong place fails
+    env = {"RAY_ADDRESS": address, "RAY_gcs_server_port_wait_time_s": "5"}
+    local, answer = run_in_child(_join_and_run, env=env)
+    assert (local, answer) == (False, 42)  # a Ray it joined counts as a cluster

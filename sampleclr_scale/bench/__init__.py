@@ -94,7 +94,7 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
         from sampleclr_scale.bench.scale import bench_scale
 
         figures = bench_scale(args.cells, dim=args.dim, workers=args.workers,
-                              workdir=Path(args.workdir))
+                              workdir=Path(args.workdir), n_donors=args.donors)
     elif kind == "train":
         from sampleclr_scale.bench.train import bench_train
 

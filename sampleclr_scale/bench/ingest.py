@@ -20,7 +20,11 @@ CELLS_PER_DONOR = (200, 4000)  # log-uniform range of the simulated cohorts
 
 def simulated_source(n_cells: int, dim: int, workdir: Path,
                      cells_per_donor: tuple[int, int] = CELLS_PER_DONOR) -> str:
-    """A SOMA experiment of about ``n_cells`` cells, written once and reused."""
+    """A SOMA experiment of about ``n_cells`` cells, written once and reused.
+
+    Donors' sizes are log-uniform over ``cells_per_donor``; the number of donors is
+    ``n_cells`` over the mean size.
+    """
     lo, hi = cells_per_donor
     mean = (hi - lo) / math.log(hi / lo)  # mean of the log-uniform distribution
     uri = workdir / f"cohort_{n_cells}_{dim}_{lo}-{hi}.soma"
@@ -31,6 +35,13 @@ def simulated_source(n_cells: int, dim: int, workdir: Path,
         synthetic.write_soma(spec, uri)
         print(f"simulated {uri} in {time.perf_counter() - start:.0f} s", flush=True)
     return str(uri)
+
+
+def cells_per_donor_range(n_cells: int, n_donors: int, ratio: float = 10.0) -> tuple[int, int]:
+    """A log-uniform range of donor sizes, ``hi = ratio * lo``, whose mean puts
+    ``n_cells`` cells in about ``n_donors`` donors."""
+    lo = n_cells / n_donors * math.log(ratio) / (ratio - 1)
+    return round(lo), round(ratio * lo)
 
 
 def bench_config(source: str, out: Path) -> IngestConfig:

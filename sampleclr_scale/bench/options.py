@@ -48,6 +48,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     embedding.set_defaults(run=_run_bench("embed"))
     scale = kinds.add_parser("scale", help="every stage on one simulated ~10M-cell cohort")
     scale.add_argument("--cells", type=int, default=10_000_000)
+    scale.add_argument("--donors", type=int,
+                       help="about this many donors in the large cohort (default: about "
+                            "2,000 cells per donor)")
     scale.add_argument("--dim", type=int, default=50)
     scale.add_argument("--workers", type=int, default=2)
     scale.add_argument("--workdir", default="bench_out/scale", help="scratch directory")

@@ -1,20 +1,22 @@
 """Scale benchmark: every stage on simulated atlas-sized cohorts, with its figures.
 
 Simulates (once) SOMA experiments of about ``n_cells / 10`` and ``n_cells`` cells with
-the same donor-size distribution, then runs on each, on this machine: ingest, the
+the same donor-size distribution (about 2,000 cells per donor, or as many as put
+``n_cells`` in ``n_donors`` donors), then runs on each, on this machine: ingest, the
 GloScope prior (sparse: each donor's nearest donors), one training epoch with
 ``workers`` Ray Train workers, the embedding of every donor, and the evaluation with its
 report (on the donor vectors without a donors x donors matrix above
 ``evaluate.neighbours.DENSE_LIMIT`` donors). Each stage is driven by
 a fresh process that joins the bench's Ray (as ``ray job submit`` runs a driver), and
 reports its time and the peak RSS of every process it ran: its driver, Ray workers and
-actors. The two sizes show which memory grows with the number of cells; the small
-cohort also trains for as many steps as one epoch of the large, since a worker's memory
-depends on how long it has run.
+actors; and the disk each stage's output takes. The two sizes show which memory grows
+with the number of cells; the small cohort also trains for as many steps as one epoch
+of the large, since a worker's memory depends on how long it has run.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -22,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from sampleclr_scale.bench import run_in_child
-from sampleclr_scale.bench.ingest import bench_config, ingest_figures, simulated_source
+from sampleclr_scale.bench.ingest import (
+    bench_config,
+    cells_per_donor_range,
+    ingest_figures,
+    simulated_source,
+)
 from sampleclr_scale.bench.memory import ProcessPeaks
 from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.config import TrainConfig
@@ -46,13 +53,15 @@ EVALUATE = {"relevant": {"disease": "categorical", "severity": "ordinal",
 """The evaluation of the simulated cohorts: the covariates their donor tables hold."""
 
 
-def bench_scale(n_cells: int, *, dim: int, workers: int, workdir: Path) -> dict:
-    """Figures for ``sampleclr-scale bench scale``."""
+def bench_scale(n_cells: int, *, dim: int, workers: int, workdir: Path,
+                n_donors: int | None = None) -> dict:
+    """Figures for ``sampleclr-scale bench scale`` (``n_donors``: about as many donors in
+    the large cohort; None: about 2,000 cells per donor)."""
     import ray
 
     workdir.mkdir(parents=True, exist_ok=True)
-    sources = [simulated_source(size, dim, workdir, CELLS_PER_DONOR)
-               for size in (n_cells // 10, n_cells)]
+    sizes = CELLS_PER_DONOR if n_donors is None else cells_per_donor_range(n_cells, n_donors)
+    sources = [simulated_source(size, dim, workdir, sizes) for size in (n_cells // 10, n_cells)]
     ensure_ray()
     env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     small, large = (_cohort(source, workers, workdir, env) for source in sources)
@@ -64,7 +73,8 @@ def bench_scale(n_cells: int, *, dim: int, workers: int, workdir: Path) -> dict:
     small["train_same_steps"] = _measured(
         "train (same steps)", env, train_stage, str(workdir / f"{name}.zarr"),
         str(workdir / f"{name}_run_same_steps"), workers, epochs)
-    return {"dim": dim, "workers": workers, "cohorts": [small, large]}
+    return {"dim": dim, "workers": workers, "cells_per_donor": list(sizes),
+            "cohorts": [small, large]}
 
 
 def _cohort(source: str, workers: int, workdir: Path, env: dict[str, str]) -> dict:
@@ -81,9 +91,20 @@ def _cohort(source: str, workers: int, workdir: Path, env: dict[str, str]) -> di
     embeddings = str(workdir / f"{name}_embeddings")
     figures["embed_all_donors"] = _measured("embed", env, embed_stage, store, run, embeddings,
                                             workers)
-    figures["evaluate"] = _measured("evaluate", env, evaluate_stage, store, embeddings,
-                                    str(workdir / f"{name}_report"))
+    report = str(workdir / f"{name}_report")
+    figures["evaluate"] = _measured("evaluate", env, evaluate_stage, store, embeddings, report)
+    figures["disk_mb"] = {what: disk_mb(path) for what, path in (
+        ("source", source), ("store", store), ("run", run), ("embeddings", embeddings),
+        ("report", report))}
     return figures
+
+
+def disk_mb(path: str) -> float:
+    """Megabytes of disk taken by the files under ``path`` (allocated blocks)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        total += sum(os.stat(os.path.join(folder, f)).st_blocks * 512 for f in files)
+    return round(total / 1e6, 1)
 
 
 def _measured(name: str, env: dict[str, str], stage: Callable[..., dict], *args: Any) -> dict:
