@@ -85,6 +85,9 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=["float32", "float16"])
     p.add_argument("--read-block", dest="read_block", type=int, help="cells per source read")
+    p.add_argument("--read-workers", dest="read_workers", type=int,
+                   help="Ray actors reading the source's blocks in parallel "
+                        f"({default('read_workers')})")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing bag store atomically (nothing else)")
     p.set_defaults(run=_run_ingest)

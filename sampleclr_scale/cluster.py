@@ -196,14 +196,15 @@ def is_local() -> bool:
     return not os.environ.get("RAY_ADDRESS")
 
 
-def check_resources(workers: int, use_gpu: bool) -> None:
+def check_resources(workers: int, use_gpu: bool = False, option: str = "--workers") -> None:
     """Refuse a run that asks a local Ray for more than this machine has, before asking
     (Ray would wait for the resources forever).
 
     On a local Ray the machine is all there is: a worker takes one CPU, or with ``use_gpu``
     one GPU (and no CPU), as Ray Train's ``ScalingConfig`` asks. A cluster may grow (an
     autoscaler adds GPU nodes from none, as ``deploy/ray-cluster.yaml``'s do), so there
-    what it lacks now is only logged.
+    what it lacks now is only logged. ``option`` is the setting that asked for the
+    ``workers`` (named in the error).
 
     Raises
     ------
@@ -226,7 +227,7 @@ def check_resources(workers: int, use_gpu: bool) -> None:
                          f"machine's Ray has {have}",
                          "train without --use-gpu, or with --workers at most the GPUs "
                          "(nvidia-smi lists them)")
-    raise InputError(f"--workers {workers} asks for {workers} CPUs (one per worker); this "
+    raise InputError(f"{option} {workers} asks for {workers} CPUs (one per worker); this "
                      f"machine's Ray has {have}",
-                     f"use --workers {max(have, 1)} or fewer, or join a cluster with more "
+                     f"use {option} {max(have, 1)} or fewer, or join a cluster with more "
                      "(RAY_ADDRESS=...)")

@@ -176,6 +176,12 @@ class IngestConfig(StageConfig):
     """Rows per Zarr chunk of the feature matrix."""
     read_block: int = Field(default=65_536, ge=1024)
     """Cells read from the source per sequential block."""
+    read_workers: int = Field(default=1, ge=1)
+    """Ray actors reading the source's blocks in parallel, each with the source opened
+    itself (on the cluster named by ``RAY_ADDRESS``, else a local Ray; one CPU each); this
+    process spills their rows as they arrive. 1: read here, without Ray. Worth more when
+    each read waits on the network (Census on S3) or computes (``pca:N``); the store is
+    the same either way."""
     bucket_bytes: int = Field(default=128 * 2**20, ge=2**20)
     """Feature bytes held in memory while a block of donors is reordered."""
     overwrite: bool = False

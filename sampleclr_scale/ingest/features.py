@@ -10,8 +10,10 @@ spec and applies it to the source instead of fitting one.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,7 +39,24 @@ log = logging.getLogger(__name__)
 TARGET_SUM = 1e4
 
 
-class EmbeddingFeatures:
+class _SourceReader:
+    """A feature reader over a source; it pickles without the source, so that another
+    process (a Ray actor, :mod:`~sampleclr_scale.ingest.block_reads`) can :meth:`bind` it
+    to the same source opened there."""
+
+    _source: CellSource  # None in a pickled copy until bound
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_source": None}
+
+    def bind(self, source: CellSource) -> Self:
+        """A copy of this reader that reads ``source``."""
+        bound = copy.copy(self)
+        bound._source = source
+        return bound
+
+
+class EmbeddingFeatures(_SourceReader):
     """Rows of an existing cell embedding (SOMA obsm, a Census embedding array, h5ad obsm)."""
 
     def __init__(self, source: CellSource, name: str) -> None:
@@ -124,7 +143,7 @@ def fit_pca(
                     components=pca.components_.astype(np.float32))
 
 
-class PCAFeatures:
+class PCAFeatures(_SourceReader):
     """PCA coordinates of normalised gene counts, computed block by block.
 
     Parameters

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from sampleclr_scale import __version__
 from sampleclr_scale.config import IngestConfig
 from sampleclr_scale.console import progress
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.ingest.block_reads import read_blocks
 from sampleclr_scale.ingest.cohort import Cohort, select_cohort
 from sampleclr_scale.ingest.features import like_features, make_features
 from sampleclr_scale.sources.base import CellSource
@@ -194,6 +196,7 @@ def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestRepo
     start = time.perf_counter()
     _check_own_columns(config)
     like = [config.features_like] if config.features_like is not None else []
+    reopenable = source is None  # read_workers open it again by config.source
     opened = (contextlib.nullcontext(source) if source is not None
               else open_source(config.source, config.measurement, config.organism))
     with (opened as source,
@@ -220,7 +223,7 @@ def ingest(config: IngestConfig, source: CellSource | None = None) -> IngestRepo
         type_batches = _type_batches(cohort, batches, features.dim)
         donor_ptr, donors, cell_codes = _write_sorted(cohort, features, group, staging,
                                                       Path(spill), config, batches,
-                                                      type_batches)
+                                                      type_batches, reopenable)
         attrs = {
             "created_by": f"sampleclr-scale {__version__}",
             "source": source.uri,
@@ -308,7 +311,7 @@ def _finish_batches(batches: CohortBatches, donors: pd.DataFrame, attrs: dict[st
 def _write_sorted(
     cohort: Cohort, features: Any, group: Any, staging: Path, spill_dir: Path,
     config: IngestConfig, batches: CohortBatches | None = None,
-    type_batches: CellTypeBatches | None = None,
+    type_batches: CellTypeBatches | None = None, reopenable: bool = True,
 ) -> tuple[np.ndarray, pd.DataFrame, dict[str, dict[str, list]]]:
     """The two passes: spill source blocks into donor buckets, then write bucket by bucket.
 
@@ -316,6 +319,9 @@ def _write_sorted(
     ----------
     batches
         Per-batch feature moments, fed every row as it is written (None: no batches).
+    reopenable
+        Whether ``config.source`` opens the source (for ``read_workers``,
+        :func:`~sampleclr_scale.ingest.block_reads.read_blocks`).
 
     Returns
     -------
@@ -329,7 +335,8 @@ def _write_sorted(
     bucket_of_donor = plan_buckets(n_cells_per_donor, bucket_cells)
     n_buckets = int(bucket_of_donor[-1]) + 1
     spill = _Spill(spill_dir, n_buckets, features.dim, records)
-    _spill_blocks(cohort, features, bucket_of_donor, spill, config.read_block)
+    blocks = read_blocks(cohort.cells.blocks(config.read_block), features, config, reopenable)
+    _spill_blocks(cohort, blocks, bucket_of_donor, spill)
     writer = _BucketWriter(cohort, group, staging, config, batches, type_batches)
     for bucket in range(n_buckets):
         writer.write(*spill.load(bucket))
@@ -337,14 +344,14 @@ def _write_sorted(
     return (*_written_donors(cohort, writer.written), writer.cell_codes())
 
 
-def _spill_blocks(cohort: Cohort, features: Any, bucket_of_donor: np.ndarray, spill: _Spill,
-                  read_block: int) -> None:
-    """First pass: read the features block by block, drop non-finite rows (counted in
-    ``cohort.counts``) and append the rest to their donors' buckets."""
+def _spill_blocks(cohort: Cohort, blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+                  bucket_of_donor: np.ndarray, spill: _Spill) -> None:
+    """First pass: take the blocks of cell records and their feature rows as they are
+    read, drop non-finite rows (counted in ``cohort.counts``) and append the rest to their
+    donors' buckets."""
     non_finite = 0
     bar = progress(cohort.cells.n_kept, "reading features", "cells", unit_scale=True)
-    for cells in cohort.cells.blocks(read_block):
-        rows = features.read(cells["joinid"])
+    for cells, rows in blocks:
         finite = np.isfinite(rows).all(axis=1)
         non_finite += int((~finite).sum())
         bar.update(len(cells))
