@@ -10,9 +10,11 @@ world size: the donors of each step come from its
 :meth:`~sampleclr_scale.loading.loader.DonorBagDataset.schedule`, each donor's rows from
 :func:`~sampleclr_scale.loading.views.view_rows` (both the sampler's choice). Per batch only
 the row index (int64 ``[B, 2, m]``), its mask and the donors' ids, labels and batch codes
-travel to the device, and one gather there builds the views, standardised per technical
-batch when asked. The rows are
-chosen in a background thread, ``LoaderConfig.prefetch`` batches ahead.
+travel to the device, and one gather there builds the views, corrected as the streamed
+ones are when asked: standardised per technical batch, or mapped per (batch, cell type)
+(:mod:`~sampleclr_scale.store.type_batches`, with the cells' type codes held on the device
+too, e.g. 100 MB of int16 for 50M cells). The rows are chosen in a background thread,
+``LoaderConfig.prefetch`` batches ahead.
 
 ``LoaderConfig.resident`` decides: :func:`use_resident`.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ import torch
 from sampleclr_scale.config import LoaderConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.loading.loader import (
+    TYPE_MODE,
     DonorBagDataset,
     DonorBatch,
     prefetch,
@@ -129,10 +132,6 @@ class ResidentBags(DonorBagDataset):
                  split: str = "train", tasks: dict[str, str] | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  standardize: bool | str | None = False) -> None:
-        if standardize == "batch_cell_type":
-            raise InputError("device-resident bags do not apply the per-(batch, cell type) "
-                             "correction", "stream the bags (loader.resident: off), as "
-                             "training does with standardize: batch_cell_type")
         self.features = features
         self.device = features.device
         super().__init__(store_path, config, split=split, tasks=tasks, rank=rank,
@@ -147,8 +146,10 @@ class ResidentBags(DonorBagDataset):
         # the codes' reader is the process's own, kept whole: the splits share one copy
         self._views = open_view_draw(store, self.balance)
         self._donor_batch = store.donor_batch
-        self._stats = None if not self.standardize else tuple(
+        self._stats = None if not self.standardize or self.standardize == TYPE_MODE else tuple(
             torch.from_numpy(s).to(self.device) for s in store.batch_stats)
+        self._type_maps = None if self.standardize != TYPE_MODE else _TypeMaps.of(
+            store, self.device)
 
     def __iter__(self) -> Iterator[DonorBatch]:
         store = BagStore(self.store_path, check=False)  # checked in __init__
@@ -188,7 +189,8 @@ class ResidentBags(DonorBagDataset):
 
     def _gather(self, drawn: DonorBatch) -> DonorBatch:
         """A drawn batch on the device with its features: one gather of the rows,
-        standardised per technical batch when asked, padding zero."""
+        corrected when asked (the streaming loader's float32 arithmetic, operation for
+        operation), padding zero."""
         batch = drawn.to(self.device)
         index = batch.cells
         cells = self.features.index_select(0, index.reshape(-1))
@@ -196,4 +198,36 @@ class ResidentBags(DonorBagDataset):
         if self._stats is not None:
             mean, std = (s[batch.batch][:, None, None] for s in self._stats)
             cells = (cells - mean) / std
+        elif self._type_maps is not None:
+            scale, offset = self._type_maps.rows(index, batch.batch)
+            cells = cells * scale + offset
         return replace(batch, cells=cells.masked_fill_(~batch.mask[..., None], 0.0))
+
+
+@dataclass(frozen=True)
+class _TypeMaps:
+    """The per-(batch, cell type) maps on the device, with every cell's type code."""
+
+    scale: torch.Tensor
+    """Float32 ``[n_batches * (K + 1), d]`` (:func:`~sampleclr_scale.store.type_batches
+    .pair_index` rows)."""
+    offset: torch.Tensor
+    codes: torch.Tensor
+    """Each store row's cell-type code (-1: none), in the store's integer type."""
+    n_types: int
+
+    @classmethod
+    def of(cls, store: BagStore, device: torch.device) -> _TypeMaps:
+        scale, offset, column = store.batch_type_maps
+        flat = (torch.from_numpy(a.reshape(-1, a.shape[-1])).to(device) for a in (scale, offset))
+        codes = torch.from_numpy(np.asarray(store.codes(column)[:])).to(device)
+        return cls(*flat, codes=codes, n_types=scale.shape[1] - 1)
+
+    def rows(self, index: torch.Tensor, batch: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and offset (``[*index.shape, d]``) of the cells at store rows
+        ``index`` (``[B, 2, m]``) of donors in batches ``batch`` (``[B]``)."""
+        types = self.codes.index_select(0, index.reshape(-1)).reshape(index.shape).long()
+        pair = batch[:, None, None] * (self.n_types + 1) + torch.where(
+            types < 0, self.n_types, types)
+        return self.scale[pair], self.offset[pair]

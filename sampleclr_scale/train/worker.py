@@ -120,8 +120,7 @@ class Worker:
         data = {"tasks": {t.column: t.kind for t in self.tasks}, "rank": self.rank,
                 "world_size": self.world_size, "standardize": setup.standardizes(store, config)}
         source = DonorBagDataset
-        if data["standardize"] != "batch_cell_type" and use_resident(store, config.loader,
-                                                                     self.device):
+        if use_resident(store, config.loader, self.device):
             features = load_features(store, self.device, resident_dtype(store, config.loader))
             source = partial(ResidentBags, features=features)
         val_config = setup.validation_loader_config(store, config)

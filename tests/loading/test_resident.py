@@ -69,7 +69,7 @@ def test_features_load_whole_in_blocks(batch_store, features):
 
 
 @pytest.mark.parametrize("balance", [None, "cell_type"])
-@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("standardize", [False, True, "batch_cell_type"])
 def test_resident_batches_equal_the_streamed_ones(batch_store, features, balance, standardize):
     # uniform and balanced views, raw and standardised, fixed and variable view sizes
     for sizes in ({"cells_per_view": 40}, {"cells_per_view": 60, "min_cells_per_view": 15}):
