@@ -35,7 +35,7 @@ import pandas as pd
 import sampleclr_scale as scs
 
 QUICK = os.environ.get("SAMPLECLR_TUTORIAL_QUICK") == "1"
-N_DONORS, EPOCHS = (16, 2) if QUICK else (120, 20)
+N_DONORS, EPOCHS, HEAD_STEPS = (16, 2, 0) if QUICK else (120, 20, 200)
 
 # %% [markdown]
 # ## The data
@@ -77,7 +77,8 @@ scs.SampleCLR.setup_anndata(adata, sample_key="sample", batch_key="dataset_id",
 
 # %%
 model = scs.SampleCLR(adata, epochs=EPOCHS, supervised_epochs=max(EPOCHS // 2, 1),
-                      freeze_epochs=2, patience=None, tasks={"severity": "ordinal"},
+                      supervised_min_steps=HEAD_STEPS, freeze_epochs=2, patience=None,
+                      tasks={"severity": "ordinal"},
                       loader={"cells_per_view": 64 if QUICK else 300})
 model.train()
 

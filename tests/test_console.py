@@ -12,7 +12,8 @@ from sampleclr_scale.train.driver import train
 from sampleclr_scale.train.progress import epoch_line
 
 RUN = {"preset": "small", "loader": {"batch_size": 4, "cells_per_view": 32}, "epochs": 3,
-       "supervised_epochs": 1, "freeze_epochs": 0, "patience": None, "log_every": 1,
+       "supervised_epochs": 1, "supervised_min_steps": 0, "freeze_epochs": 0,
+       "patience": None, "log_every": 1,
        "tasks": [{"column": "severity", "kind": "ordinal"}]}
 
 

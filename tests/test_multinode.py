@@ -25,7 +25,8 @@ from tests.storage.test_storage import upload_store
 from tests.train.test_train import RUN as SINGLE_NODE_RUN
 
 # the single-node test run, shortened, spread over the nodes, checkpointing every step
-RUN = {**SINGLE_NODE_RUN, "epochs": 3, "supervised_epochs": 1, "freeze_epochs": 0,
+RUN = {**SINGLE_NODE_RUN, "epochs": 3, "supervised_epochs": 1, "supervised_min_steps": 0,
+       "freeze_epochs": 0,
        "placement": "SPREAD", "checkpoint_every": 1, "max_failures": 3}
 # a dead node is noticed after ~1 s instead of the default ~30 s
 FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200,

@@ -30,6 +30,7 @@ loader: {batch_size: 2, cells_per_view: 32, seed: 1}
 epochs: 2
 tasks: [{column: severity, kind: ordinal}]
 supervised_epochs: 1
+supervised_min_steps: 0
 log_every: 100
 """
 

@@ -70,7 +70,7 @@ class SampleCLR:
     >>> adata = scs.simulated_anndata(n_donors=24, seed=0)
     >>> scs.SampleCLR.setup_anndata(adata, sample_key="sample", cell_type_key="cell_type",
     ...                             features="scvi", min_cells=20)
-    >>> model = scs.SampleCLR(adata, epochs=2, supervised_epochs=1,
+    >>> model = scs.SampleCLR(adata, epochs=2, supervised_epochs=1, supervised_min_steps=0,
     ...                       tasks={"severity": "ordinal"}, loader={"cells_per_view": 64})
     >>> model.train()
     >>> donors = model.get_sample_representation()

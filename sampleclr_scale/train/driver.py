@@ -149,7 +149,7 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
     scratch folder):
 
     >>> from sampleclr_scale.stages import train
-    >>> config = scs.TrainConfig(epochs=2, supervised_epochs=1, workers=1,
+    >>> config = scs.TrainConfig(epochs=2, supervised_epochs=1, supervised_min_steps=0, workers=1,
     ...                          tasks=[{"column": "severity", "kind": "ordinal"}],
     ...                          loader={"cells_per_view": 64, "batch_size": 8})
     >>> result = train(f"{tmp}/bags.zarr", f"{tmp}/run", config, in_process=True)
@@ -237,7 +237,7 @@ def _check_converged(run: Location, config: TrainConfig, kept: bool) -> None:
 def _fit_in_process(store: BagStore, run: Location, config: TrainConfig
                     ) -> TrainState | None:
     """The training loop in this process; the finished run's state."""
-    console = _console(config)
+    console = _console(store, config)
     session = LocalSession(device=setup.local_device(config), on_progress=console)
     log.info("training on %s in this process (batch %d donors, lr %.2e)", store.location,
              config.global_batch, config.learning_rate)
@@ -252,7 +252,7 @@ def _fit_ray(store: BagStore, run: Location, config: TrainConfig) -> TrainState 
     """The training loop on Ray Train workers, their progress on this console; the latest
     checkpoint's state."""
     ensure_ray()
-    with ray_feed(_console(config)) as events, _torch_config(config) as torch_config:
+    with ray_feed(_console(store, config)) as events, _torch_config(config) as torch_config:
         return _fit_trainer(store, run, config, events, torch_config)
 
 
@@ -301,6 +301,7 @@ def _fit_trainer(store: BagStore, run: Location, config: TrainConfig,
         return TrainState.load(directory)
 
 
-def _console(config: TrainConfig) -> TrainingConsole:
+def _console(store: BagStore, config: TrainConfig) -> TrainingConsole:
     """The console of a run's progress events."""
-    return TrainingConsole({1: config.epochs, 2: config.supervised_epochs})
+    return TrainingConsole(dict(setup.training_stages(
+        config, len(store.split_donors("train")), bool(config.tasks))))

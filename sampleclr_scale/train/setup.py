@@ -16,6 +16,7 @@ from torch import nn
 from sampleclr_scale.config import LoaderConfig, TrainConfig
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.loading.loader import check_views_fit, resolve_balance
+from sampleclr_scale.loading.schedule import steps_per_epoch
 from sampleclr_scale.losses import TaskLoss, build_objective
 from sampleclr_scale.model import ModelConfig, TaskSpec, recommended_preset
 from sampleclr_scale.store.bag_store import BagStore
@@ -58,6 +59,20 @@ def task_infos(store: BagStore, config: TrainConfig) -> list[TaskInfo]:
                                  "distinct value(s)", "choose a column with at least 2 values")
             infos.append(TaskInfo(task.column, task.kind, task.weight, tuple(classes)))
     return infos
+
+
+def training_stages(config: TrainConfig, n_train: int, with_tasks: bool
+                    ) -> list[tuple[int, int]]:
+    """The run's stages as ``(stage, epochs)``: stage 1 (contrastive) for ``epochs``;
+    with tasks, stage 2 for ``supervised_epochs``, or more on a cohort whose epochs are
+    too short to reach ``supervised_min_steps`` steps (``n_train`` training donors)."""
+    stages = [(1, config.epochs)]
+    if with_tasks and config.supervised_epochs:
+        steps = steps_per_epoch(n_train, config.loader.batch_size, config.workers,
+                                config.loader.drop_last)
+        stages.append((2, max(config.supervised_epochs,
+                              -(-config.supervised_min_steps // steps))))
+    return stages
 
 
 def model_config(store: BagStore, config: TrainConfig, tasks: list[TaskInfo]) -> ModelConfig:

@@ -99,9 +99,8 @@ class Worker:
         self.task_loss = setup.task_loss(self.tasks)
         self.autocast = setup.autocast_dtype(config, self.device)
         self.train_data, self.val_data = self._data(store_path, store)
-        self.stages = [(1, config.epochs)]
-        if self.tasks and config.supervised_epochs:
-            self.stages.append((2, config.supervised_epochs))
+        self.stages = setup.training_stages(config, len(store.split_donors("train")),
+                                            bool(self.tasks))
 
         restored = session.restore()
         if restored is None:

@@ -21,7 +21,8 @@ from sampleclr_scale.stages import embed, ingest, train
 FEATURES = {"memory": "scvi", "backed": "pca:8"}
 """The in-memory cohort is read through its obsm embedding, the backed one through a PCA
 of its counts (read from disk in row blocks)."""
-SETTINGS = dict(epochs=2, supervised_epochs=1, tasks={"severity": "ordinal"},
+SETTINGS = dict(epochs=2, supervised_epochs=1, supervised_min_steps=0,
+                tasks={"severity": "ordinal"},
                 loader={"cells_per_view": 32, "batch_size": 8})
 
 
@@ -177,7 +178,8 @@ def test_a_store_of_a_soma_experiment_trains_and_embeds(store_path, tmp_path):
     from sampleclr_scale.store.bag_store import BagStore
 
     model = scs.SampleCLR.from_store(store_path, workdir=tmp_path, epochs=1,
-                                     supervised_epochs=1, tasks={"severity": "ordinal"},
+                                     supervised_epochs=1, supervised_min_steps=0,
+                                     tasks={"severity": "ordinal"},
                                      loader={"cells_per_view": 32})
     assert model._setup.sample_key == ["dataset_id", "donor_id"]
     model.train()
@@ -293,7 +295,7 @@ def test_the_readme_five_lines_run(tmp_path, monkeypatch):
     code = readme.split("## In a notebook", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     assert "n_donors=120" in code and "epochs=20" in code
     code = code.replace("n_donors=120", "n_donors=16").replace(
-        "epochs=20", "epochs=1, supervised_epochs=1")
+        "epochs=20", "epochs=1, supervised_epochs=1, supervised_min_steps=0")
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}
     exec(compile(code, "README.md", "exec"), namespace)

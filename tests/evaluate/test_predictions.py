@@ -33,6 +33,7 @@ TRAIN = {
     "loader": {"batch_size": 4, "cells_per_view": 32, "seed": 1},
     "epochs": 1,
     "supervised_epochs": 2,
+    "supervised_min_steps": 0,
     "freeze_epochs": 0,
     "tasks": [{"column": column, "kind": kind} for column, kind in TASKS.items()],
     "patience": None,

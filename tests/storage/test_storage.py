@@ -362,6 +362,7 @@ preset: small
 loader: {batch_size: 4, cells_per_view: 32, seed: 1}
 epochs: 3
 supervised_epochs: 1
+supervised_min_steps: 0
 tasks: [{column: severity, kind: ordinal}]
 loss: {prior: gloscope}
 checkpoint_every: 2

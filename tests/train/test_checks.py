@@ -124,3 +124,4 @@ def test_a_name_too_long_or_a_file_in_the_path_is_a_one_line_error(store_path, t
         err = capsys.readouterr().err
         assert problem in err and "fix:" in err and "Traceback" not in err, err
     assert (tmp_path / "file").read_text() == "mine"
+

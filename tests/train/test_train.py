@@ -32,6 +32,7 @@ RUN = {
     "loader": {"batch_size": 4, "cells_per_view": 32, "seed": 1},
     "epochs": 6,
     "supervised_epochs": 2,
+    "supervised_min_steps": 0,
     "freeze_epochs": 1,
     "tasks": [{"column": "severity", "kind": "ordinal"}],
     "optim": {"lr": 3e-3, "warmup_epochs": 1},

@@ -21,6 +21,7 @@ RUN = {
     "loader": {"batch_size": 4, "cells_per_view": 24, "min_cells_per_view": 12, "seed": 3},
     "epochs": 2,
     "supervised_epochs": 1,
+    "supervised_min_steps": 0,
     "freeze_epochs": 0,
     "tasks": [{"column": "severity", "kind": "ordinal"}],
     "standardize": "batch",
