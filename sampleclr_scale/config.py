@@ -358,7 +358,9 @@ class TrainConfig(StageConfig):
     learned vector (so it cannot be a donor's fingerprint in training); the channel puts it
     back, batch-aware. 0 leaves the learned vector alone; a store without ``cell_type``
     codes gets no channel (embed warns). The default 1.75 was chosen by the worst scenario of
-    the quality benchmark (benchmarks/README.md, "Cohorts like real ones")."""
+    the quality benchmark (benchmarks/README.md, "Cohorts like real ones"). With a channel,
+    the supervised heads read the same composition (unweighted) beside the learned vector
+    (``ModelConfig.head_composition``)."""
     workers: int = Field(default=2, ge=1, strict=True)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False

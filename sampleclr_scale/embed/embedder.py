@@ -77,16 +77,16 @@ from sampleclr_scale.embed.worker import EmbeddedBatch, EmbedWorker, training_ba
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.store.bag_store import BagStore
-from sampleclr_scale.store.composition import composition_channel, donor_type_counts
+from sampleclr_scale.store.composition import (
+    COMPOSITION_COLUMN,
+    composition_channel,
+    donor_type_counts,
+)
 from sampleclr_scale.store.feature_spec import check_same_space
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.setup import TaskInfo
 
 log = logging.getLogger(__name__)
-
-
-COMPOSITION_COLUMN = "cell_type"
-"""The cell-level column of the composition channel (``TrainConfig.composition_channel``)."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from sampleclr_scale.model import SampleCLR
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.type_batches import apply_affine
 from sampleclr_scale.train.artifact import load_model
+from sampleclr_scale.train.setup import head_inputs
 
 _CELL_BUDGET = 1 << 20
 """Most cells (bags x padded bag length) in one forward pass (``mode: all``)."""
@@ -56,7 +57,8 @@ def training_balance(artifact: dict[str, Any]) -> str | None:
 
 def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: EmbedConfig,
                  device: str = "cpu", standardize: bool | str | None = False,
-                 balance: str | None = None) -> EmbeddedBatch:
+                 balance: str | None = None,
+                 composition: torch.Tensor | None = None) -> EmbeddedBatch:
     """Select cells and embed a run of donors (the body of one task).
 
     Parameters
@@ -80,6 +82,10 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         The cell-level column the model's training views were balanced over
         (``LoaderConfig.balance``): ``mode: random`` then draws the cells the same way
         (:func:`~sampleclr_scale.embed.selection.select_balanced`).
+    composition
+        Float32 ``[n_donors, K]`` every store donor's composition as the model's heads
+        read it (:func:`~sampleclr_scale.train.setup.head_inputs`); None when they read z
+        alone.
 
     Returns
     -------
@@ -115,16 +121,19 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         bags.append(x[chosen])
         rows.append(start + chosen)
     store_rows = np.concatenate(rows)
-    z, weights, outputs = _forward(model, bags, device)
+    z, weights, outputs = _forward(
+        model, bags, device, None if composition is None else composition[donors])
     return EmbeddedBatch(np.asarray(donors, dtype=np.int64), z,
                          np.array([len(b) for b in bags], dtype=np.int64), store_rows,
                          ids[store_rows - first], weights, outputs)
 
 
-def _forward(model: SampleCLR, bags: list[np.ndarray], device: str
+def _forward(model: SampleCLR, bags: list[np.ndarray], device: str,
+             composition: torch.Tensor | None = None
              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """``z`` ``[B, D]``, the real cells' weights ``[sum(n_b), H]`` and the head outputs
-    ``[B, k]`` by task of padded batches."""
+    ``[B, k]`` by task of padded batches (the heads reading ``composition``, ``[B, K]``,
+    where the model's do)."""
     zs, weights = [], []
     outputs: dict[str, list[np.ndarray]] = {}
     for group in _groups([len(b) for b in bags]):
@@ -135,7 +144,9 @@ def _forward(model: SampleCLR, bags: list[np.ndarray], device: str
             cells[row, : len(bags[i])] = bags[i]
             mask[row, : len(bags[i])] = True
         with torch.no_grad():
-            out = model(torch.from_numpy(cells).to(device), torch.from_numpy(mask).to(device))
+            out = model(torch.from_numpy(cells).to(device), torch.from_numpy(mask).to(device),
+                        composition=None if composition is None
+                        else composition[group].to(device))
         zs.append(out.z.float().cpu().numpy())
         w = out.weights.float().cpu().numpy()
         weights.extend(w[row, : len(bags[i])] for row, i in enumerate(group))
@@ -184,6 +195,7 @@ class EmbedWorker:
         mode = artifact.get("standardize")
         self.standardize = "batch" if mode is True else (mode or None)
         self.balance = training_balance(artifact)
+        self.composition = head_inputs(self.store, model.config)
 
     def ready(self) -> bool:
         """True once constructed (the driver waits on it before starting the clock)."""
@@ -192,4 +204,4 @@ class EmbedWorker:
     def embed(self, donors: list[int]) -> EmbeddedBatch:
         """Embed a run of donors (see :func:`embed_donors`)."""
         return embed_donors(self.store, self.model, donors, self.config, self.device,
-                            self.standardize, self.balance)
+                            self.standardize, self.balance, self.composition)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from sampleclr_scale.model.sampleclr import (
         SampleCLR,
         SampleCLROutput,
+        both_views,
         flatten_views,
         split_views,
     )
@@ -45,6 +46,7 @@ __all__ = [
     "SampleCLROutput",
     "SupervisedHeads",
     "TaskSpec",
+    "both_views",
     "flatten_views",
     "recommended_preset",
     "split_views",

@@ -153,6 +153,12 @@ class ModelConfig(BaseModel):
     """Dropout after each hidden layer (aggregator, encoder, heads); 0 disables it."""
     tasks: tuple[TaskSpec, ...] = ()
     """Supervised tasks, each with its own head on z; empty for a contrastive-only model."""
+    head_composition: tuple[str, ...] = ()
+    """Cell types whose share in the donor (CLR, centred per technical batch:
+    :func:`~sampleclr_scale.store.composition.donor_composition`) each head reads beside z,
+    one input each; empty: the heads read z alone. Views balanced over cell types hide
+    composition from z by design, so a head on z alone cannot predict what only
+    composition tells (a severity that expands one cell type)."""
 
     @model_validator(mode="after")
     def _check_unique_tasks(self) -> Self:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from sampleclr_scale.errors import InputError
@@ -65,12 +66,12 @@ class SampleCLR(nn.Module):
             config.encoder_layers, config.norm, config.dropout,
         )
         self.heads = SupervisedHeads(
-            config.tasks, config.output_dim, config.head_hidden, config.head_layers,
-            config.dropout,
+            config.tasks, config.output_dim + len(config.head_composition),
+            config.head_hidden, config.head_layers, config.dropout,
         )
 
-    def forward(self, cells: Tensor, mask: Tensor, *, with_heads: bool = True
-                ) -> SampleCLROutput:
+    def forward(self, cells: Tensor, mask: Tensor, *, with_heads: bool = True,
+                composition: Tensor | None = None) -> SampleCLROutput:
         """Represent each bag.
 
         Parameters
@@ -82,6 +83,9 @@ class SampleCLR(nn.Module):
         with_heads : bool
             Run the supervised heads. Pass False when their outputs are not used in the
             loss (stage 1), so DDP does not wait for gradients of unused parameters.
+        composition : Tensor, optional
+            ``[B, K]`` each bag's donor composition over ``config.head_composition``,
+            read by the heads beside z; required for heads when K > 0.
 
         Returns
         -------
@@ -90,9 +94,17 @@ class SampleCLR(nn.Module):
         """
         aggregated, weights = self.aggregator(cells, mask)
         z = self.encoder(aggregated)
-        return SampleCLROutput(z, weights, self.heads(z) if with_heads else {})
+        if not with_heads or not len(self.heads):
+            return SampleCLROutput(z, weights, {})
+        if self.config.head_composition:
+            if composition is None:
+                raise ValueError("the heads read the donors' composition: pass composition")
+            return SampleCLROutput(z, weights, self.heads(torch.cat(
+                [z, composition.to(z.dtype)], dim=-1)))
+        return SampleCLROutput(z, weights, self.heads(z))
 
-    def encode_views(self, cells: Tensor, mask: Tensor, *, with_heads: bool = True
+    def encode_views(self, cells: Tensor, mask: Tensor, *, with_heads: bool = True,
+                     composition: Tensor | None = None
                      ) -> tuple[SampleCLROutput, SampleCLROutput]:
         """Represent both views of each bag in one forward pass over ``2B`` bags.
 
@@ -107,13 +119,16 @@ class SampleCLR(nn.Module):
             ``[B, 2, m]`` bool masks of the views.
         with_heads : bool
             Run the supervised heads (see :meth:`forward`).
+        composition : Tensor, optional
+            ``[B, K]`` each bag's donor composition (see :meth:`forward`).
 
         Returns
         -------
         tuple[SampleCLROutput, SampleCLROutput]
             The outputs of the first and of the second views, ``B`` rows each.
         """
-        return split_views(self(*flatten_views(cells, mask), with_heads=with_heads))
+        return split_views(self(*flatten_views(cells, mask), with_heads=with_heads,
+                                composition=both_views(composition)))
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the aggregator and the encoder (frozen early in stage 2)."""
@@ -154,6 +169,11 @@ def flatten_views(cells: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
             "pass the loader's two-view batch (or call forward on one view [B, m, d])",
         )
     return cells.flatten(0, 1), mask.flatten(0, 1)
+
+
+def both_views(per_bag: Tensor | None) -> Tensor | None:
+    """A per-bag tensor (``[B, ...]``) for the ``2B`` bags of :func:`flatten_views`."""
+    return None if per_bag is None else per_bag.repeat_interleave(2, dim=0)
 
 
 def split_views(out: SampleCLROutput) -> tuple[SampleCLROutput, SampleCLROutput]:

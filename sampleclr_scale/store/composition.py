@@ -17,12 +17,19 @@ norm of the whole vector is ``1 + weight^2``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from sampleclr_scale.errors import InputError
 from sampleclr_scale.store.bag_store import BagStore
 
-__all__ = ["PSEUDOCOUNT", "center_per_batch", "clr", "composition_channel",
+__all__ = ["COMPOSITION_COLUMN", "PSEUDOCOUNT", "center_per_batch", "clr",
+           "composition_channel", "composition_features", "donor_composition",
            "donor_type_counts"]
+
+COMPOSITION_COLUMN = "cell_type"
+"""The cell-level column whose composition the channel and the supervised heads see."""
 
 PSEUDOCOUNT = 0.5
 """Added to every cell-type count before the log-ratio (zeros have no logarithm)."""
@@ -87,9 +94,46 @@ def composition_channel(z: np.ndarray, counts: np.ndarray, batch: np.ndarray | N
     """
     learned = np.asarray(z, dtype=np.float64)
     learned = learned / np.maximum(np.linalg.norm(learned, axis=1, keepdims=True), 1e-12)
+    return np.hstack([learned, weight * composition_features(counts, batch)]).astype(
+        np.float32)
+
+
+def composition_features(counts: np.ndarray, batch: np.ndarray | None) -> np.ndarray:
+    """``c / rms(c)``: the CLR of ``counts`` (``[N, K]``), centred per batch when ``batch``
+    (int ``[N]``) is given, scaled to root-mean-square norm 1 over the donors; float64."""
     c = clr(counts)
     if batch is not None:
         c = center_per_batch(c, batch)
     rms = np.sqrt(np.mean(np.sum(c * c, axis=1)))
-    c = c / rms if rms > 0 else c
-    return np.hstack([learned, weight * c]).astype(np.float32)
+    return c / rms if rms > 0 else c
+
+
+def donor_composition(store: BagStore, categories: Sequence[str]) -> np.ndarray:
+    """Float32 ``[n_donors, len(categories)]`` :func:`composition_features` of the
+    store's donors over ``categories`` of :data:`COMPOSITION_COLUMN`, matched by name (a
+    model's cell types, on another cohort's store): a category the store lacks counts
+    zero cells, a store category not in ``categories`` is left out.
+
+    Raises
+    ------
+    InputError
+        When the store has no codes of that column, or none of ``categories``.
+    """
+    if COMPOSITION_COLUMN not in store.code_columns:
+        raise InputError(f"the model's heads read the donors' {COMPOSITION_COLUMN} "
+                         f"composition; the store {store.location} has no "
+                         f"{COMPOSITION_COLUMN} codes",
+                         f"ingest the cohort with --cell-columns {COMPOSITION_COLUMN}")
+    own = [str(c) for c in store.categories(COMPOSITION_COLUMN)]
+    position = {name: i for i, name in enumerate(own)}
+    found = [position.get(name, -1) for name in categories]
+    if all(i < 0 for i in found):
+        raise InputError(f"none of the model's {len(categories)} cell types is a "
+                         f"{COMPOSITION_COLUMN} of {store.location} (it has {own[:5]}...)",
+                         "annotate the cohort with the training cohort's cell-type labels")
+    counts = donor_type_counts(store, COMPOSITION_COLUMN)
+    aligned = np.zeros((store.n_donors, len(categories)), dtype=np.int64)
+    for j, i in enumerate(found):
+        if i >= 0:
+            aligned[:, j] = counts[:, i]
+    return composition_features(aligned, store.donor_batch).astype(np.float32)

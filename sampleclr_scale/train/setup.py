@@ -20,6 +20,7 @@ from sampleclr_scale.loading.schedule import steps_per_epoch
 from sampleclr_scale.losses import TaskLoss, build_objective
 from sampleclr_scale.model import ModelConfig, TaskSpec, recommended_preset
 from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.composition import COMPOSITION_COLUMN, donor_composition
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,31 @@ def model_config(store: BagStore, config: TrainConfig, tasks: list[TaskInfo]) ->
                  n_classes=len(t.classes) if t.kind != "regression" else None)
         for t in tasks
     )
-    return ModelConfig.preset(preset, input_dim=store.dim, tasks=specs, **config.model)
+    return ModelConfig.preset(preset, input_dim=store.dim, tasks=specs,
+                              **{"head_composition": head_composition(store, config, tasks),
+                                 **config.model})
+
+
+def head_composition(store: BagStore, config: TrainConfig, tasks: list[TaskInfo]
+                     ) -> tuple[str, ...]:
+    """The cell types whose composition the heads read beside z: the store's
+    :data:`~sampleclr_scale.store.composition.COMPOSITION_COLUMN` categories when the run
+    has tasks and a composition channel (the embedding carries composition, so its heads
+    see it too), else none."""
+    if not tasks or config.composition_channel <= 0:
+        return ()
+    if COMPOSITION_COLUMN not in store.code_columns:
+        return ()
+    return tuple(store.categories(COMPOSITION_COLUMN))
+
+
+def head_inputs(store: BagStore, model: ModelConfig) -> torch.Tensor | None:
+    """Float32 ``[n_donors, K]`` composition of every donor of ``store`` as ``model``'s
+    heads read it (:func:`~sampleclr_scale.store.composition.donor_composition`), or None
+    when they read z alone."""
+    if not model.head_composition:
+        return None
+    return torch.from_numpy(donor_composition(store, model.head_composition))
 
 
 def task_loss(tasks: list[TaskInfo]) -> TaskLoss | None:

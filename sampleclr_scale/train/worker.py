@@ -37,7 +37,13 @@ from sampleclr_scale.loading.resident import (
     use_resident,
 )
 from sampleclr_scale.losses import ordinal_predict
-from sampleclr_scale.model import SampleCLR, SampleCLROutput, flatten_views, split_views
+from sampleclr_scale.model import (
+    SampleCLR,
+    SampleCLROutput,
+    both_views,
+    flatten_views,
+    split_views,
+)
 from sampleclr_scale.storage import Location
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train import setup
@@ -94,6 +100,8 @@ class Worker:
         self.tasks = setup.task_infos(store, config)
         torch.manual_seed(config.seed)
         self.model = SampleCLR(setup.model_config(store, config, self.tasks)).to(self.device)
+        inputs = setup.head_inputs(store, self.model.config)
+        self.composition = None if inputs is None else inputs.to(self.device)
         prior = setup.load_prior_tensor(store, config)
         self.contrastive = setup.contrastive_loss(config, prior).to(self.device)
         self.task_loss = setup.task_loss(self.tasks)
@@ -221,8 +229,10 @@ class Worker:
         The model runs under autocast (``precision``), the losses in float32.
         """
         cells, mask = flatten_views(batch.cells, batch.mask)
+        composition = (None if self.composition is None or not with_heads
+                       else both_views(self.composition[batch.donor]))
         with self._autocast():
-            out = self.net(cells, mask, with_heads=with_heads)
+            out = self.net(cells, mask, with_heads=with_heads, composition=composition)
         out_a, out_b = split_views(_float32(out))
         # the donors' technical batch codes, where the loader provides them
         batch_index = batch.batch

@@ -23,6 +23,7 @@ from sampleclr_scale.embed.predictions import ordinal_probabilities
 from sampleclr_scale.evaluate import EvaluateConfig, evaluate, headline, report
 from sampleclr_scale.evaluate.predictions import task_scores
 from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.composition import composition_features, donor_type_counts
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.driver import train
 
@@ -64,13 +65,18 @@ def _heads_on_the_chosen_cells(supervised) -> dict[str, np.ndarray]:
     """Each head's outputs ``[n_donors, k]``, the model run on each donor's chosen cells."""
     store = BagStore(supervised["store"])
     model, _ = load_model(supervised["run"])
+    # the heads read each donor's composition (the run has a composition channel)
+    assert model.config.head_composition == tuple(store.categories("cell_type"))
+    composition = torch.from_numpy(composition_features(
+        donor_type_counts(store, "cell_type"), store.donor_batch))
     cells = pd.read_parquet(supervised["result"].cell_weights)
     features = store.features[:]
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in TASKS}
-    for _, chosen in cells.groupby("donor_index", sort=True):
+    for donor, chosen in cells.groupby("donor_index", sort=True):
         x = torch.from_numpy(features[chosen["store_row"].to_numpy()])[None]
         with torch.no_grad():
-            out = model(x, torch.ones(x.shape[:2], dtype=torch.bool))
+            out = model(x, torch.ones(x.shape[:2], dtype=torch.bool),
+                        composition=composition[[donor]])
         for name in TASKS:
             outputs[name].append(out.task_outputs[name][0].numpy())
     return {name: np.stack(rows) for name, rows in outputs.items()}

@@ -34,12 +34,12 @@ TASKS = (
 
 
 def _model(d=5, heads=2, weighting="softmax", norm="layernorm", dropout=0.0, tasks=(),
-           seed=0, pooling="learned", center=True):
+           seed=0, pooling="learned", center=True, head_composition=()):
     torch.manual_seed(seed)
     config = ModelConfig(input_dim=d, n_heads=heads, aggregator_hidden=8, encoder_hidden=8,
                          encoder_layers=3, output_dim=6, norm=norm, weighting=weighting,
                          dropout=dropout, tasks=tasks, pooling=pooling, center=center,
-                         cell_dim=4, cell_hidden=8)
+                         cell_dim=4, cell_hidden=8, head_composition=head_composition)
     return SampleCLR(config).double()
 
 
@@ -408,3 +408,25 @@ def test_every_pooling_trains_under_bf16_autocast(pooling):
     (out.z.float().sum() + sum(t.float().sum() for t in out.task_outputs.values())).backward()
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
     assert (out.weights[~mask] == 0).all()
+
+
+def test_heads_read_the_donor_composition_beside_z():
+    model = _model(5, 2, tasks=TASKS, head_composition=("B", "T", "NK")).eval()
+    cells, mask = _bags(np.random.default_rng(11), 4, 6, 5)
+    composition = torch.from_numpy(np.random.default_rng(12).normal(size=(4, 3)))
+    out = model(cells, mask, composition=composition)
+    assert model.heads["age"][0].in_features == 6 + 3
+    # each head is its MLP on [z, composition], row by row
+    expected = model.heads["age"](torch.cat([out.z, composition], dim=1))
+    torch.testing.assert_close(out.task_outputs["age"], expected)
+    other = model(cells, mask, composition=composition.flip(0))
+    assert torch.equal(other.z, out.z)  # the representation does not read it
+    assert not torch.equal(other.task_outputs["age"], out.task_outputs["age"])
+    # two views of each bag read their donor's composition
+    views = torch.stack([cells, cells], dim=1), torch.stack([mask, mask], dim=1)
+    a, b = model.encode_views(*views, composition=composition)
+    torch.testing.assert_close(a.task_outputs["age"], out.task_outputs["age"])
+    torch.testing.assert_close(b.task_outputs["age"], out.task_outputs["age"])
+    assert model(cells, mask, with_heads=False).task_outputs == {}
+    with pytest.raises(ValueError, match="pass composition"):
+        model(cells, mask)

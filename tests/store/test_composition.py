@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
+from sampleclr_scale.errors import InputError
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.composition import (
     center_per_batch,
     clr,
     composition_channel,
+    composition_features,
+    donor_composition,
     donor_type_counts,
 )
 
@@ -58,3 +62,23 @@ def test_donor_type_counts_match_the_codes(store_path) -> None:
     for d in range(store.n_donors):
         own = codes[store.donor_ptr[d]:store.donor_ptr[d + 1]]
         assert counts[d].tolist() == [int((own == k).sum()) for k in range(K)]
+
+
+def test_donor_composition_matches_the_model_categories_by_name(batch_store) -> None:
+    """Another cohort's store, its cell types in another order, one of the model's
+    missing and one of its own unknown to the model."""
+    store = BagStore(batch_store)
+    own = store.categories("cell_type")
+    counts = donor_type_counts(store, "cell_type")
+    model = [own[2], "mast cell", own[0], own[1]]  # own[3:] not read by the model
+    got = donor_composition(store, model)
+    aligned = np.stack([counts[:, 2], np.zeros(store.n_donors, int), counts[:, 0],
+                        counts[:, 1]], axis=1)
+    assert got.dtype == np.float32 and got.shape == (store.n_donors, 4)
+    np.testing.assert_allclose(got, composition_features(aligned, store.donor_batch),
+                               rtol=1e-6, atol=1e-6)
+    # centred per batch: each batch's donors average zero
+    for b in np.unique(store.donor_batch):
+        np.testing.assert_allclose(got[store.donor_batch == b].mean(0), 0, atol=1e-5)
+    with pytest.raises(InputError, match="none of the model's 2 cell types"):
+        donor_composition(store, ["mast cell", "erythrocyte"])
