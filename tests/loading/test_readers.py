@@ -9,6 +9,8 @@ with technical batches for standardisation.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
 
 import numpy as np
@@ -341,3 +343,37 @@ def test_kept_readers_are_made_once_per_key_and_dropped_least_recently_used():
     kept.clear()
     get("a")
     assert made[-1] == "a"
+
+
+def _mapped_kb(start: int, length: int) -> int:
+    """KB of this process's resident set mapped at ``start .. start + length``
+    (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):  # noqa: SIM115 - read whole, closed by the loop
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):  # a mapping's first line: lo-hi perms
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo < start + length and hi > start
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc")
+def test_a_flat_map_releases_its_pages_as_it_reads(f16_store):
+    store = BagStore(f16_store)
+    reference = store.features[:]
+    location = store.location
+    reader = MmapReader(store.features, location.path, location.uri, store.manifest.sizes,
+                        flat=True, release_bytes=1 << 62)
+    anchor = ctypes.c_char.from_buffer(reader._reserved)
+    base, length = ctypes.addressof(anchor), len(reader._reserved)
+    del anchor
+    rows = np.arange(store.n_cells)
+    assert reader.read(rows).tobytes() == reference.tobytes()
+    assert _mapped_kb(base, length) * 1024 >= 0.9 * reference.nbytes  # every page mapped
+    reader.release_bytes = reference.nbytes  # the next read of every row releases them
+    assert reader.read(rows).tobytes() == reference.tobytes()
+    assert reader.releases == 1
+    assert _mapped_kb(base, length) * 1024 <= 0.1 * reference.nbytes
+    assert reader.read(rows[::7]).tobytes() == reference[::7].tobytes()  # faulted back in
