@@ -6,6 +6,9 @@ DataLoader workers. :class:`ProcessPeaks` resets the kernel's peak-RSS counter
 (``VmHWM``) of this process and all its descendants when a stage starts, then polls the
 counters until the stage ends. Because ``VmHWM`` is itself a running maximum, polling
 misses nothing but the growth of a process in the last poll interval before it exits.
+It also keeps the largest ``RssAnon`` polled: the process's own memory, without the
+file pages it maps (a memory-mapped store's pages are the kernel's page cache, shared
+and reclaimable, but count in the RSS); a peak between two polls can be missed there.
 
 Each process is reported under its role: the driver, a Ray process by the class or
 function of its title (``ray::RayTrainWorker``), a ``multiprocessing`` child as
@@ -55,13 +58,25 @@ def descendants(pid: int) -> list[int]:
 
 def peak_rss_kb(pid: int) -> int | None:
     """The process's peak resident set size (``VmHWM``) in KB; None once it has exited."""
+    return _status_kb(pid, "VmHWM")
+
+
+def anon_rss_kb(pid: int) -> int | None:
+    """The process's anonymous resident memory now (``RssAnon``) in KB; None once it has
+    exited."""
+    return _status_kb(pid, "RssAnon")
+
+
+def _status_kb(pid: int, field: str) -> int | None:
+    """A KB field of ``/proc/PID/status``; None for a process that has exited (a zombie
+    has no memory lines)."""
     try:
         for line in (PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except (OSError, ValueError):
         return None
-    return None  # a zombie has no memory lines
+    return None
 
 
 def reset_peak(pid: int) -> None:
@@ -116,6 +131,7 @@ class ProcessPeaks:
             raise RuntimeError("per-process peak memory needs Linux /proc")
         self.interval = interval
         self._peak_kb: dict[int, int] = {}
+        self._anon_kb: dict[int, int] = {}
         self._role: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -145,19 +161,24 @@ class ProcessPeaks:
             if peak is None:
                 continue
             self._peak_kb[pid] = max(peak, self._peak_kb.get(pid, 0))
+            self._anon_kb[pid] = max(anon_rss_kb(pid) or 0, self._anon_kb.get(pid, 0))
             name = "driver" if pid == me else role(pid)
             if name and not _is_task(self._role.get(pid)):
                 self._role[pid] = name  # a Ray worker keeps the title of its (last) task
 
     def summary(self, min_mb: float = 0.0) -> dict[str, dict[str, float]]:
-        """Per role: the largest process peak (MB) and how many processes had the role.
+        """Per role: the largest process peak RSS and anonymous RSS (MB) and how many
+        processes had the role.
 
         Roles whose largest process stayed below ``min_mb`` are left out.
         """
         by_role: dict[str, list[int]] = defaultdict(list)
-        for pid, peak in self._peak_kb.items():
-            by_role[self._role.get(pid, "unknown")].append(peak)
-        rows = {name: {"peak_rss_mb": round(max(peaks) / 1024, 1), "processes": len(peaks)}
-                for name, peaks in by_role.items()}
+        for pid in self._peak_kb:
+            by_role[self._role.get(pid, "unknown")].append(pid)
+        rows = {name: {"peak_rss_mb": round(max(self._peak_kb[p] for p in pids) / 1024, 1),
+                       "peak_anon_mb": round(max(self._anon_kb.get(p, 0) for p in pids)
+                                             / 1024, 1),
+                       "processes": len(pids)}
+                for name, pids in by_role.items()}
         return dict(sorted(((k, v) for k, v in rows.items() if v["peak_rss_mb"] >= min_mb),
                            key=lambda kv: -kv[1]["peak_rss_mb"]))

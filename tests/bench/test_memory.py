@@ -86,3 +86,32 @@ def test_roles_come_from_the_command_line(tmp_path, monkeypatch, argv, expected)
     (tmp_path / "42" / "cmdline").write_bytes("\0".join(argv).encode())
     monkeypatch.setattr(memory, "PROC", tmp_path)
     assert memory.role(42) == expected
+
+
+def _map_file(path: str, seconds: float) -> None:
+    """Map a file and touch every page: file pages in the RSS, not anonymous memory."""
+    import mmap
+
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        np.frombuffer(m, dtype=np.uint8).sum()
+        time.sleep(seconds)
+
+
+def test_mapped_file_pages_count_in_the_rss_but_not_as_anonymous_memory(tmp_path):
+    path = tmp_path / "store.bin"
+    path.write_bytes(np.ones(150 * MB, dtype=np.uint8).tobytes())
+    context = multiprocessing.get_context("spawn")
+    with ProcessPeaks(interval=0.05) as peaks:
+        child = context.Process(target=_map_file, args=(str(path), 1.0))
+        child.start()
+        child.join()
+        anon = context.Process(target=_hold, args=(150, 1.0))
+        anon.start()
+        anon.join()
+    assert child.exitcode == anon.exitcode == 0
+    worker = peaks.summary()["spawned worker"]
+    assert worker["processes"] >= 2 and worker["peak_rss_mb"] >= 150
+    assert worker["peak_anon_mb"] >= 150  # the second child's array
+    mapped_anon = max(peaks._anon_kb[pid] for pid, kb in peaks._peak_kb.items()
+                      if kb >= 150 * 1024 and peaks._anon_kb[pid] < 100 * 1024)
+    assert mapped_anon < 100 * 1024  # the mapping child: 150 MB of RSS, little of it its own
