@@ -27,6 +27,7 @@ from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate.celltype_baselines import celltype_representations
 from sampleclr_scale.prior.storage import available_priors, load_prior
 from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.composition import donor_type_counts
 
 
 def composition(store: BagStore, column: str = "cell_type") -> np.ndarray:
@@ -46,12 +47,16 @@ def composition(store: BagStore, column: str = "cell_type") -> np.ndarray:
         1; zeros for a donor without annotated cells); columns are the sorted distinct
         types, as :func:`cell_types` returns them.
     """
-    codes, types = cell_types(store, column)
-    donor = np.repeat(np.arange(store.n_donors), store.cells_per_donor)
-    annotated = codes >= 0
-    counts = np.bincount(donor[annotated] * len(types) + codes[annotated],
-                         minlength=store.n_donors * len(types))
-    counts = counts.reshape(store.n_donors, len(types)).astype(np.float64)
+    if column in store.code_columns:  # the stored codes, read in blocks
+        counts = donor_type_counts(store, column)[:, _sorted_codes(store, column)[0]]
+        counts = counts.astype(np.float64)
+    else:  # an older store: the cell table, whole
+        codes, types = cell_types(store, column)
+        donor = np.repeat(np.arange(store.n_donors), store.cells_per_donor)
+        annotated = codes >= 0
+        counts = np.bincount(donor[annotated] * len(types) + codes[annotated],
+                             minlength=store.n_donors * len(types))
+        counts = counts.reshape(store.n_donors, len(types)).astype(np.float64)
     totals = counts.sum(axis=1, keepdims=True)
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
 
@@ -64,17 +69,37 @@ def cell_types(store: BagStore, column: str = "cell_type") -> tuple[np.ndarray, 
     InputError
         If the store has no cell table or the table lacks ``column``.
     """
+    if column in store.code_columns:  # the stored codes: no cell table in memory
+        sorted_codes, names = _sorted_codes(store, column)
+        rank = np.full(len(store.categories(column)), -1, dtype=np.int32)
+        rank[sorted_codes] = np.arange(len(sorted_codes), dtype=np.int32)
+        codes = np.asarray(store.codes(column)[:])
+        return np.where(codes >= 0, rank[np.maximum(codes, 0)], -1), names
+    codes, uniques = _table_codes(store, column)
+    order = np.argsort(uniques, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return np.where(codes >= 0, rank[codes], -1), uniques[order].tolist()
+
+
+def _sorted_codes(store: BagStore, column: str) -> tuple[np.ndarray, list[str]]:
+    """The codes of ``column``'s categories that the store's rows hold, in the order of
+    their names, and those names (the cell table's distinct values, sorted)."""
+    names = np.array(store.categories(column), dtype=object)
+    held = np.flatnonzero(store.category_counts(column) > 0)
+    held = held[np.argsort(names[held], kind="stable")]
+    return held, names[held].tolist()
+
+
+def _table_codes(store: BagStore, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of ``column`` from the cell table, and their names (in code order)."""
     try:
         values = store.cell_table([column])[column]
     except pa.ArrowInvalid:
         raise InputError(f"the cell table of bag store {store.location} has no column {column!r}",
                          f"re-ingest with --cell-columns {column}") from None
     codes, uniques = pd.factorize(values)  # fast on the categorical column
-    names = np.array([str(u) for u in uniques], dtype=object)
-    order = np.argsort(names, kind="stable")
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return np.where(codes >= 0, rank[codes], -1), names[order].tolist()
+    return codes, np.array([str(u) for u in uniques], dtype=object)
 
 
 def random_vectors(n: int, dim: int, seed: int) -> np.ndarray:

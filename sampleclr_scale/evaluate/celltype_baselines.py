@@ -77,12 +77,11 @@ def store_type_moments(store: BagStore, column: str, n_types: int,
     Memory is one block plus ``3 * n_donors * n_types * d`` floats.
     """
     moments = TypeMoments(store.n_donors, n_types, store.dim)
-    donor_of_row = np.repeat(np.arange(store.n_donors), store.cells_per_donor)
     codes = store.codes(column)
     for lo in range(0, store.n_cells, block_rows):
         hi = min(lo + block_rows, store.n_cells)
         rows = np.asarray(store.features[lo:hi], dtype=np.float64)
-        moments.add_cells(rows, donor_of_row[lo:hi], np.asarray(codes[lo:hi], np.int64))
+        moments.add_cells(rows, store.row_donors(lo, hi), np.asarray(codes[lo:hi], np.int64))
     return moments.arrays()
 
 

@@ -154,6 +154,18 @@ class BagStore:
         """Int64 ``[n_donors]`` number of cells of each donor."""
         return np.diff(self.donor_ptr)
 
+    def row_donors(self, start: int, stop: int) -> np.ndarray:
+        """Int64 donor position of each store row ``start..stop - 1`` (memory of the
+        range, not of the store: for passes over the rows in blocks)."""
+        ptr = self.donor_ptr
+        if stop <= start:
+            return np.empty(0, dtype=np.int64)
+        first = int(np.searchsorted(ptr, start, side="right")) - 1
+        last = int(np.searchsorted(ptr, stop - 1, side="right")) - 1
+        counts = (np.minimum(ptr[first + 1:last + 2], stop)
+                  - np.maximum(ptr[first:last + 1], start))
+        return np.repeat(np.arange(first, last + 1, dtype=np.int64), counts)
+
     @cached_property
     def donors(self) -> pd.DataFrame:
         """The donor table, indexed by donor position 0..n_donors-1."""

@@ -59,14 +59,13 @@ def donor_type_counts(store: BagStore, column: str, block_rows: int = _BLOCK_ROW
     """Int64 ``[n_donors, K]`` cells of each category of ``column`` per donor, from the
     store's ``codes/<column>`` read in row blocks (rows with code -1 are not counted)."""
     n_types = len(store.category_counts(column))
-    donor_of_row = np.repeat(np.arange(store.n_donors), store.cells_per_donor)
     codes = store.codes(column)
     counts = np.zeros(store.n_donors * n_types, dtype=np.int64)
     for lo in range(0, store.n_cells, block_rows):
         hi = min(lo + block_rows, store.n_cells)
         block = np.asarray(codes[lo:hi], dtype=np.int64)
         known = block >= 0
-        counts += np.bincount(donor_of_row[lo:hi][known] * n_types + block[known],
+        counts += np.bincount(store.row_donors(lo, hi)[known] * n_types + block[known],
                               minlength=len(counts))
     return counts.reshape(store.n_donors, n_types)
 

@@ -18,6 +18,7 @@ import pytest
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import EvaluateConfig, evaluate, headline, read_embeddings, report
 from sampleclr_scale.evaluate.baselines import (
+    cell_types,
     composition,
     gloscope_distances,
     random_vectors,
@@ -251,6 +252,14 @@ def test_composition_fractions(store_path):
         np.testing.assert_allclose(fractions[i], [np.mean(own == t) for t in names])
     with pytest.raises(InputError, match="no column 'tissue'"):
         composition(store, "tissue")
+
+
+def test_cell_types_from_the_stored_codes_equal_the_cell_tables(store_path):
+    store = BagStore(store_path)
+    codes, names = cell_types(store)  # from codes/cell_type
+    types = store.cell_table(["cell_type"])["cell_type"].astype(str).to_numpy()
+    assert names == sorted(set(types))
+    assert np.array_equal(np.array(names, dtype=object)[codes], types)
 
 
 def test_random_vectors_reproducible():
