@@ -44,6 +44,7 @@ import pyarrow as pa
 from sampleclr_scale.embed.config import CELLS_PARQUET, DONORS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.evaluate import baselines, report
+from sampleclr_scale.evaluate.cell_weights import weight_table
 from sampleclr_scale.evaluate.config import METRICS_FILE, REPORT, EvaluateConfig
 from sampleclr_scale.evaluate.confounding import confounding_sentences, confounding_table
 from sampleclr_scale.evaluate.neighbours import (
@@ -491,40 +492,13 @@ def _cell_weight_figures(first: dict[str, _Run], bag: BagStore, selected: np.nda
         return {}, {}
     paths, tables = {}, {}
     for method, run in with_weights.items():
-        table, counts = _weight_table(Location(run.source) / CELLS_PARQUET, bag, selected,
+        table, counts = weight_table(Location(run.source) / CELLS_PARQUET, bag, selected,
                                       codes, types)
         tables[method] = {"cells": counts.to_dict(), "mean_weight": table.to_dict()}
         paths[method] = report.plot_cell_weights(
             table, counts, f"{run.name}: cell weights",
             fig_dir / f"cell_weights_{report.slug(method)}.png")
     return paths, tables
-
-
-def _weight_table(path: Location, bag: BagStore, selected: np.ndarray, codes: np.ndarray,
-                  types: list[str]) -> tuple[pd.DataFrame, pd.Series]:
-    """Cell types x heads mean of each cell's weight over its donor's mean weight."""
-    weights = path.read_parquet().to_pandas()
-    heads = sorted((c for c in weights.columns if re.fullmatch(r"head_\d+", c)),
-                   key=lambda c: int(c.split("_")[1]))
-    if not heads or not {"donor_index", "store_row"} <= set(weights.columns):
-        raise InputError(f"{path} needs columns donor_index, store_row, head_0 ..",
-                         "re-run `sampleclr-scale embed`")
-    weights = weights[weights["donor_index"].isin(selected)]
-    if weights.empty:
-        raise InputError(f"{path} has no cell weights of the scored donors",
-                         "re-run `sampleclr-scale embed` on this store")
-    rows = weights["store_row"].to_numpy()
-    owner = np.searchsorted(bag.donor_ptr, rows, side="right") - 1
-    if len(rows) and (rows.min() < 0 or rows.max() >= bag.n_cells
-                      or not np.array_equal(owner, weights["donor_index"].to_numpy())):
-        raise InputError(f"store_row of {path} points outside the rows of its donors in "
-                         f"{bag.location}", "embed with the same bag store")
-    normalised = weights[heads] / weights.groupby("donor_index")[heads].transform("mean")
-    # code -1 (no cell type) picks the last name, "unannotated"
-    cell_type = np.asarray([*types, "unannotated"], dtype=object)[codes[rows]]
-    table = normalised.groupby(cell_type).mean()
-    counts = pd.Series(cell_type).value_counts().reindex(table.index)
-    return table, counts
 
 
 def _training_logs(run_dirs: list[str] | None, named: list[tuple[str, Location]]
