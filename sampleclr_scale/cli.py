@@ -402,7 +402,8 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
                    help="source instead of the recipe's (e.g. census:PATH for a local copy)")
     p.add_argument("--workers", type=int, help="Ray training workers and embedding actors")
     p.add_argument("--epochs", type=int,
-                   help="epochs of each training stage (contrastive and supervised)")
+                   help="epochs of each training stage (contrastive and supervised), "
+                        "exactly: no minimum of supervised steps")
     p.set_defaults(run=_run_pipeline)
 
 

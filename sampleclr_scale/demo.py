@@ -50,7 +50,9 @@ def demo_recipe(soma: Path, *, workers: int, epochs: int, seed: int) -> Pipeline
             "sampleclr_supervised_prior": ModelRecipe(train={
                 "loss": {"prior": "gloscope", "tau_graph": 0.1},
                 "tasks": [{"column": "severity", "kind": "ordinal"}],
-                "supervised_epochs": max(1, epochs // 2), "freeze_epochs": 2}),
+                "supervised_epochs": max(1, epochs // 2), "freeze_epochs": 2,
+                # the default 200 steps at the default 20 epochs; a shortened demo stays short
+                "supervised_min_steps": 10 * epochs}),
         },
         embed={"workers": workers, "seed": seed},
         write_back=SOMA_DIR,

@@ -196,7 +196,8 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike | Location, *,
         Ray Train workers and embedding actors, instead of the recipe's.
     epochs : int, optional
         Epochs of each training stage (contrastive, and supervised for models with
-        tasks), instead of the recipe's; for quick runs.
+        tasks), instead of the recipe's, exactly (``supervised_min_steps`` 0); for quick
+        runs.
     headers : Headers, optional
         Prints the stage headers; the caller's own stages may come first.
     in_process : bool
@@ -220,7 +221,8 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike | Location, *,
         config = config.with_source(source)
     run = _Run(config, Location(out), headers or Headers(), in_process,
                train_overrides={key: value for key, value in {
-                   "workers": workers, "epochs": epochs, "supervised_epochs": epochs}.items()
+                   "workers": workers, "epochs": epochs, "supervised_epochs": epochs,
+                   "supervised_min_steps": None if epochs is None else 0}.items()
                    if value is not None},
                embed_overrides={"workers": workers} if workers is not None else {})
     n_train = run.ingest()
