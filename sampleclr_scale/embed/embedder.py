@@ -75,11 +75,13 @@ from sampleclr_scale.embed.config import (
 from sampleclr_scale.embed.predictions import check_prediction_columns, predictions_table
 from sampleclr_scale.embed.worker import EmbeddedBatch, EmbedWorker, training_balance
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.model.config import ModelConfig
 from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.composition import (
     COMPOSITION_COLUMN,
     composition_channel,
+    composition_positions,
     donor_type_counts,
 )
 from sampleclr_scale.store.feature_spec import check_same_space
@@ -234,7 +236,7 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
     """
     store = BagStore(store_path)
     model, artifact = load_model(run_dir)
-    _check_fits(store, artifact, model.config.input_dim, run_dir)
+    _check_fits(store, artifact, model.config, run_dir)
     tasks = [list(range(a, min(a + config.batch_donors, store.n_donors)))
              for a in range(0, store.n_donors, config.batch_donors)]
     begin = time.perf_counter()
@@ -312,15 +314,15 @@ def _check_finite(store: BagStore, z: np.ndarray, outputs: dict[str, np.ndarray]
                          "features) and retrain the model")
 
 
-def _check_fits(store: BagStore, artifact: dict[str, Any], input_dim: int,
+def _check_fits(store: BagStore, artifact: dict[str, Any], model: ModelConfig,
                 run_dir: str | Path) -> None:
     """Refuse, before any work, a model whose feature space, input, standardisation,
-    balance column or prediction columns do not fit the store."""
+    balance column, heads' composition or prediction columns do not fit the store."""
     check_same_space(artifact.get("feature_spec"), store.feature_spec, run_dir=str(run_dir),
                      store=str(store.location), trained_on=artifact.get("store"))
-    if input_dim != store.dim:
+    if model.input_dim != store.dim:
         raise InputError(
-            f"the model in {run_dir} takes {input_dim} features per cell, the "
+            f"the model in {run_dir} takes {model.input_dim} features per cell, the "
             f"store {store.location} has {store.dim}",
             "embed with a model trained on this store's features",
         )
@@ -336,6 +338,8 @@ def _check_fits(store: BagStore, artifact: dict[str, Any], input_dim: int,
             "ingest the store with --batch-key (the batch columns of the training store)")
     if training_balance(artifact) is not None:
         store.codes(training_balance(artifact))  # the column the views were balanced over
+    if model.head_composition:  # in the driver, before the actors read the codes
+        composition_positions(store, model.head_composition)
     check_prediction_columns(artifact["tasks"], ["donor_index", *store.donors.columns],
                              str(run_dir))
 

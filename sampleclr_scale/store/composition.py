@@ -25,8 +25,8 @@ from sampleclr_scale.errors import InputError
 from sampleclr_scale.store.bag_store import BagStore
 
 __all__ = ["COMPOSITION_COLUMN", "PSEUDOCOUNT", "center_per_batch", "clr",
-           "composition_channel", "composition_features", "donor_composition",
-           "donor_type_counts"]
+           "composition_channel", "composition_features", "composition_positions",
+           "donor_composition", "donor_type_counts"]
 
 COMPOSITION_COLUMN = "cell_type"
 """The cell-level column whose composition the channel and the supervised heads see."""
@@ -116,6 +116,24 @@ def donor_composition(store: BagStore, categories: Sequence[str]) -> np.ndarray:
     Raises
     ------
     InputError
+        When the store has no codes of that column, or none of ``categories``
+        (:func:`composition_positions`).
+    """
+    counts = donor_type_counts(store, COMPOSITION_COLUMN)
+    aligned = np.zeros((store.n_donors, len(categories)), dtype=np.int64)
+    for j, i in enumerate(composition_positions(store, categories)):
+        if i >= 0:
+            aligned[:, j] = counts[:, i]
+    return composition_features(aligned, store.donor_batch).astype(np.float32)
+
+
+def composition_positions(store: BagStore, categories: Sequence[str]) -> list[int]:
+    """The store's code of each of ``categories`` of :data:`COMPOSITION_COLUMN` (-1 where
+    it has none), from its attributes alone (no rows read).
+
+    Raises
+    ------
+    InputError
         When the store has no codes of that column, or none of ``categories``.
     """
     if COMPOSITION_COLUMN not in store.code_columns:
@@ -130,9 +148,4 @@ def donor_composition(store: BagStore, categories: Sequence[str]) -> np.ndarray:
         raise InputError(f"none of the model's {len(categories)} cell types is a "
                          f"{COMPOSITION_COLUMN} of {store.location} (it has {own[:5]}...)",
                          "annotate the cohort with the training cohort's cell-type labels")
-    counts = donor_type_counts(store, COMPOSITION_COLUMN)
-    aligned = np.zeros((store.n_donors, len(categories)), dtype=np.int64)
-    for j, i in enumerate(found):
-        if i >= 0:
-            aligned[:, j] = counts[:, i]
-    return composition_features(aligned, store.donor_batch).astype(np.float32)
+    return found

@@ -513,3 +513,30 @@ def test_a_recipe_without_write_back_embeds_only_the_folders(setup, soma_uri, ra
     assert run.embed("sampleclr") == [str(tmp_path / "embeddings" / "sampleclr")]
     assert {where: _listing(where) for where in before} == before
     _assert_complete(tmp_path / "embeddings" / "sampleclr", setup["store"])
+
+
+def test_a_model_whose_heads_read_composition_needs_the_stores_cell_types(soma_uri,
+                                                                          tmp_path):
+    """Refused in the driver, before any actor starts and with nothing written: a store
+    without cell_type codes, and one whose cell types are none of the model's."""
+    without = tmp_path / "no_types.zarr"
+    ingest(ingest_config(soma_uri, without, cell_columns=[]))
+    store = BagStore(without)
+    config = ModelConfig.preset("small", input_dim=store.dim,
+                                head_composition=("CD14 monocyte", "B cell"))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model(run, model_config=config, state_dict=SampleCLR(config).state_dict(), tasks=[],
+               train_config={}, store=str(without), history=[])
+    with pytest.raises(InputError, match=r"(?s)no cell_type codes.*--cell-columns cell_type"):
+        embed(without, run, tmp_path / "emb", CONFIG, write_back=False)
+    assert not (tmp_path / "emb").exists()
+    other = ModelConfig.preset("small", input_dim=store.dim,
+                               head_composition=("mast cell", "erythrocyte"))
+    save_model(run, model_config=other, state_dict=SampleCLR(other).state_dict(), tasks=[],
+               train_config={}, store=str(without), history=[])
+    typed = tmp_path / "typed.zarr"
+    ingest(ingest_config(soma_uri, typed))
+    with pytest.raises(InputError, match="none of the model's 2 cell types"):
+        embed(typed, run, tmp_path / "emb", CONFIG, write_back=False)
+    assert not (tmp_path / "emb").exists()
