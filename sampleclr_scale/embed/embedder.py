@@ -86,7 +86,7 @@ from sampleclr_scale.store.composition import (
 )
 from sampleclr_scale.store.feature_spec import check_same_space
 from sampleclr_scale.train.artifact import load_model
-from sampleclr_scale.train.setup import TaskInfo
+from sampleclr_scale.train.setup import TaskInfo, head_inputs
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,12 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
     store = BagStore(store_path)
     model, artifact = load_model(run_dir)
     _check_fits(store, artifact, model.config, run_dir)
+    composition = head_inputs(store, model.config)  # read once, here, for every worker
     tasks = [list(range(a, min(a + config.batch_donors, store.n_donors)))
              for a in range(0, store.n_donors, config.batch_donors)]
     begin = time.perf_counter()
     workers = _local_results if in_process else _actor_results
-    with workers(store, run_dir, config, tasks) as results:
+    with workers(store, run_dir, config, tasks, composition) as results:
         startup = time.perf_counter() - begin
         log.info("embedding %d donors %s (%s, %d cells per donor)", store.n_donors,
                  "in this process" if in_process else f"with {config.workers} actors",
@@ -270,16 +271,19 @@ def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,
 
 @contextlib.contextmanager
 def _actor_results(store: BagStore, run_dir: str | Path, config: EmbedConfig,
-                   tasks: list[list[int]]) -> Iterator[Iterator[EmbeddedBatch]]:
+                   tasks: list[list[int]], composition: torch.Tensor | None
+                   ) -> Iterator[Iterator[EmbeddedBatch]]:
     """The tasks' results, in task order, from a pool of Ray actors (ready when this
-    yields; killed after)."""
+    yields; killed after); ``composition`` (the heads' inputs) is put in the object store
+    once."""
     import ray
     from ray.util import ActorPool
 
     ensure_ray()
     actor = ray.remote(EmbedWorker).options(num_cpus=1, num_gpus=int(config.use_gpu))
+    shared = ray.put(composition)
     actors = [actor.remote(store.location.uri, Location(run_dir).uri,
-                           config.model_dump(mode="json"))
+                           config.model_dump(mode="json"), composition=shared)
               for _ in range(min(config.workers, len(tasks)))]
     try:
         ray.get([a.ready.remote() for a in actors])
@@ -291,11 +295,13 @@ def _actor_results(store: BagStore, run_dir: str | Path, config: EmbedConfig,
 
 @contextlib.contextmanager
 def _local_results(store: BagStore, run_dir: str | Path, config: EmbedConfig,
-                   tasks: list[list[int]]) -> Iterator[Iterator[EmbeddedBatch]]:
+                   tasks: list[list[int]], composition: torch.Tensor | None
+                   ) -> Iterator[Iterator[EmbeddedBatch]]:
     """The tasks' results, in task order, computed in this process by one
     :class:`EmbedWorker` (the actors' code, without Ray)."""
     worker = EmbedWorker(store.location.uri, Location(run_dir).uri,
-                         config.model_dump(mode="json"), limit_threads=False)
+                         config.model_dump(mode="json"), limit_threads=False,
+                         composition=composition)
     yield (worker.embed(donors) for donors in tasks)
 
 

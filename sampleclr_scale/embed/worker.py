@@ -23,7 +23,6 @@ from sampleclr_scale.model import SampleCLR
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.type_batches import apply_affine
 from sampleclr_scale.train.artifact import load_model
-from sampleclr_scale.train.setup import head_inputs
 
 _CELL_BUDGET = 1 << 20
 """Most cells (bags x padded bag length) in one forward pass (``mode: all``)."""
@@ -181,10 +180,15 @@ class EmbedWorker:
     limit_threads
         Use one CPU thread (an actor holds one CPU); an in-process worker leaves the
         process's setting alone.
+    composition
+        Every store donor's composition as the model's heads read it
+        (:func:`~sampleclr_scale.train.setup.head_inputs`, computed once by the driver);
+        None when they read z alone.
     """
 
     def __init__(self, store_path: str, run_dir: str, config: dict[str, Any],
-                 limit_threads: bool = True) -> None:
+                 limit_threads: bool = True, composition: torch.Tensor | None = None
+                 ) -> None:
         self.config = EmbedConfig.model_validate(config)
         self.device = "cuda" if self.config.use_gpu else "cpu"
         if limit_threads and not self.config.use_gpu:
@@ -195,7 +199,7 @@ class EmbedWorker:
         mode = artifact.get("standardize")
         self.standardize = "batch" if mode is True else (mode or None)
         self.balance = training_balance(artifact)
-        self.composition = head_inputs(self.store, model.config)
+        self.composition = composition
 
     def ready(self) -> bool:
         """True once constructed (the driver waits on it before starting the clock)."""
