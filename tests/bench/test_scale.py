@@ -4,6 +4,7 @@ are the benchmark's own business)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from sampleclr_scale.bench.scale import evaluate_stage
 from sampleclr_scale.evaluate import report
@@ -22,3 +23,16 @@ def test_evaluate_stage(store_path, tmp_path, monkeypatch):
     assert figures["map_donors"] == store.n_donors
     assert 0.0 <= figures["sampleclr_total"] <= 1.0
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_donor_sizes_put_the_cells_in_about_the_donors_asked_for():
+    import math
+
+    from sampleclr_scale.bench.ingest import cells_per_donor_range
+
+    for n_cells, n_donors in ((50_000_000, 15_000), (2_000_000, 800), (10_000, 3)):
+        lo, hi = cells_per_donor_range(n_cells, n_donors)
+        assert abs(hi - 10 * lo) <= 5  # a tenfold range, rounded
+        mean = (hi - lo) / math.log(hi / lo)  # of the log-uniform sizes
+        assert round(n_cells / mean) == pytest.approx(n_donors, rel=0.01)
+    assert cells_per_donor_range(50_000_000, 15_000) == (853, 8528)  # the committed run's
