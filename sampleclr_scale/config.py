@@ -240,6 +240,15 @@ class LoaderConfig(StageConfig):
     a category the window has too few of), so composition no longer tells donors apart
     and the model learns what differs within cell types. ``"auto"``: ``cell_type`` when
     the store has it, else uniform views; None: uniform views (the paper's)."""
+    balance_strength: float = Field(default=1.0, ge=0.0, le=1.0)
+    """How fully views are balanced over ``balance``: 1 gives every view the cohort's
+    composition, 0 the donor's own (drawn per category), a value ``s`` between the donor's
+    own with its log-ratios to the cohort's multiplied by ``1 - s``, so that the learned
+    vector sees composition, damped (``loading/views/balanced.pool_targets``). Measured
+    at 0.5 (quality benchmark, seed 0): severity 0.77 on ``composition`` (0.79 fully
+    balanced) and 0.24 on ``shape_celltype`` (0.88): the composition seen drowns the
+    within-type signal and gains nothing the composition channel does not give, so the
+    default stays 1 (benchmarks/README.md, "Cohorts like real ones")."""
     read_threads: int | None = Field(default=None, ge=1)
     """Donors of a batch read at once by each reading process. On object storage every
     read waits for a network round trip, so many reads in flight hide the latency; a

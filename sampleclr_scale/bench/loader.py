@@ -107,7 +107,7 @@ def _plans(store: BagStore, config: LoaderConfig) -> list[list[np.ndarray]]:
     epoch, as the loader draws them."""
     dataset = DonorBagDataset(store.location.uri, config)
     batches, steps = dataset.schedule()
-    draw = open_view_draw(store, dataset.balance)
+    draw = open_view_draw(store, dataset.balance, strength=config.balance_strength)
     return [[view_rows(store, int(donor), seed=config.seed, epoch=dataset.epoch,
                        view_range=config.view_range, draw=draw)[2]
              for donor in batches[step]] for step in steps]

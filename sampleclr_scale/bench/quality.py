@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "type_standardized_supervised": {**_TYPE, **_ORDINAL},
     "default": {},
     "default_supervised": _ORDINAL,
+    "partly_balanced": {"loader": {"balance_strength": 0.5}},
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types, the per-(site,
@@ -62,7 +63,9 @@ handling, no channel); the variants above it leave some of that out, ``standardi
 adds per-site standardisation and the variants below it add one thing each to it (as they
 were measured). ``type_standardized*`` replace the per-site standardisation with the
 per-(site, cell type) correction, with balanced or uniform views, without the channel (the
-channel's weight is swept on their runs by :mod:`sampleclr_scale.bench.channel`)."""
+channel's weight is swept on their runs by :mod:`sampleclr_scale.bench.channel`).
+``partly_balanced`` is the defaults with views balanced at strength 0.5 (each donor's
+composition log-ratios halved, ``LoaderConfig.balance_strength``)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},

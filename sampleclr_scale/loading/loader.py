@@ -319,7 +319,8 @@ class _ReadContext:
         reader = dataset.config.reader
         return cls(
             features=open_reader(store, store.features, reader),
-            views=open_view_draw(store, dataset.balance, reader),
+            views=open_view_draw(store, dataset.balance, reader,
+                                 dataset.config.balance_strength),
             labels={c: store.labels(c, kind)[0] for c, kind in dataset.tasks.items()},
             donor_batch=store.donor_batch,
             stats=store.batch_stats if dataset.standardize else None,

@@ -144,7 +144,8 @@ class ResidentBags(DonorBagDataset):
                              f"not those of {store.location} ({store.n_cells}, {store.dim})",
                              "load them with load_features from the same store")
         # the codes' reader is the process's own, kept whole: the splits share one copy
-        self._views = open_view_draw(store, self.balance)
+        self._views = open_view_draw(store, self.balance,
+                                     strength=self.config.balance_strength)
         self._donor_batch = store.donor_batch
         self._stats = None if not self.standardize or self.standardize == TYPE_MODE else tuple(
             torch.from_numpy(s).to(self.device) for s in store.batch_stats)

@@ -157,8 +157,11 @@ def describe_run(store: BagStore, config: TrainConfig) -> str:
     balance = resolve_balance(store, config.loader.balance)
     mode = standardizes(store, config)
     has_types = "cell_type" in store.code_columns
+    strength = config.loader.balance_strength
     parts = [
-        f"views balanced over {balance!r} (composition cannot tell donors apart)"
+        (f"views balanced over {balance!r} (composition cannot tell donors apart)"
+         if strength == 1.0 else f"views balanced over {balance!r} with strength "
+         f"{strength:g} (each donor's composition log-ratios kept at {1 - strength:g})")
         if balance else "uniform views (the store has no cell_type codes)"
         if config.loader.balance == "auto" else "uniform views (loader.balance: null)",
         {"batch_cell_type": "cells corrected per (batch, cell type)",

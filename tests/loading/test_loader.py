@@ -137,15 +137,18 @@ def test_small_donors_get_views_with_replacement(store_path):
         assert all(r.numpy().tobytes() in ids for r in batch.cells[i, v])
 
 
-def test_balanced_views_hold_the_cohorts_composition(store_path):
+@pytest.mark.parametrize("strength", [1.0, 0.4])
+def test_balanced_views_hold_the_cohorts_composition(store_path, strength):
     # Views balanced over cell_type: rows of the right donor, each view's cell types in
-    # the quotas of the store's overall composition over the types the donor's pool has.
-    from sampleclr_scale.loading.views.balanced import balanced_quotas, pool_windows
+    # the quotas of the store's overall composition over the types the donor's pool has
+    # (partly balanced: of that composition mixed with the pool's own).
+    from sampleclr_scale.loading.views.balanced import balanced_quotas, pool_targets, pool_windows
     from sampleclr_scale.loading.views.draws import ViewDraws, view_sizes
 
     store = BagStore(store_path)
     m = 40
-    config = LoaderConfig(batch_size=4, cells_per_view=m, balance="cell_type")
+    config = LoaderConfig(batch_size=4, cells_per_view=m, balance="cell_type",
+                          balance_strength=strength)
     codes = store.codes("cell_type")[:]
     counts = store.category_counts("cell_type")
     target = counts / counts.sum()
@@ -161,9 +164,10 @@ def test_balanced_views_hold_the_cohorts_composition(store_path):
             for view, pool in enumerate(pools):
                 rows = np.array([ids[r.numpy().tobytes()] for r in batch.cells[i, view]])
                 assert set(rows - first) <= set(pool)  # drawn from this view's pool
-                present = np.bincount(codes[first + pool], minlength=len(target)) > 0
+                have = np.bincount(codes[first + pool], minlength=len(target))
                 got = np.bincount(codes[rows], minlength=len(target))
-                assert np.array_equal(got, balanced_quotas(present, target, m))
+                aim = target if strength == 1.0 else pool_targets(have, target, strength)
+                assert np.array_equal(got, balanced_quotas(have > 0, aim, m))
             if n >= 2 * m:
                 assert not set(pools[0]) & set(pools[1])
     again = _epoch(DonorBagDataset(store_path, config))

@@ -68,12 +68,16 @@ def test_features_load_whole_in_blocks(batch_store, features):
     assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, features.bfloat16())
 
 
-@pytest.mark.parametrize("balance", [None, "cell_type"])
+@pytest.mark.parametrize(("balance", "strength"), [(None, 1.0), ("cell_type", 1.0),
+                                                  ("cell_type", 0.5)])
 @pytest.mark.parametrize("standardize", [False, True, "batch_cell_type"])
-def test_resident_batches_equal_the_streamed_ones(batch_store, features, balance, standardize):
-    # uniform and balanced views, raw and standardised, fixed and variable view sizes
+def test_resident_batches_equal_the_streamed_ones(batch_store, features, balance, strength,
+                                                  standardize):
+    # uniform, balanced and partly balanced views, raw and standardised, fixed and
+    # variable view sizes
     for sizes in ({"cells_per_view": 40}, {"cells_per_view": 60, "min_cells_per_view": 15}):
-        config = LoaderConfig(batch_size=3, seed=5, balance=balance, **sizes)
+        config = LoaderConfig(batch_size=3, seed=5, balance=balance,
+                              balance_strength=strength, **sizes)
         streamed, resident = both_sources(batch_store, config, features, epoch=2,
                                           tasks=TASKS, standardize=standardize)
         assert_same_batches(streamed, resident)

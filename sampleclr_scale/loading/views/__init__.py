@@ -28,9 +28,11 @@ __all__ = ["BalancedViews", "UniformViews", "ViewDraw", "ViewDraws", "counter_un
            "open_view_draw", "view_rows", "views_of"]
 
 
-def open_view_draw(store: BagStore, balance: str | None, reader: str = "auto") -> ViewDraw:
+def open_view_draw(store: BagStore, balance: str | None, reader: str = "auto",
+                   strength: float = 1.0) -> ViewDraw:
     """The view draw of a loader's setting: balanced over the cell-level column
-    ``balance`` (its codes read by ``reader``, ``LoaderConfig.reader``), or uniform."""
+    ``balance`` with ``strength`` (``LoaderConfig.balance_strength``; its codes read by
+    ``reader``, ``LoaderConfig.reader``), or uniform."""
     if balance is None:
         return UniformViews()
-    return BalancedViews.of(store, balance, reader)
+    return BalancedViews.of(store, balance, reader, strength)

@@ -4,7 +4,9 @@ Each category gets a fixed share of a view (the cohort's composition,
 :func:`balanced_quotas`), taken as a circular window of that category's cells within a
 window of the donor's rows (:func:`pool_windows`, :func:`balanced_picks`). A donor's own
 composition is then invisible to the model: what differs between its views and another
-donor's is the cells within each type.
+donor's is the cells within each type. With a ``strength`` below 1 the views are
+balanced only partly (:func:`pool_targets`): each view keeps the donor's own
+composition with its log-ratios to the cohort's multiplied by ``1 - strength``.
 """
 
 from __future__ import annotations
@@ -80,8 +82,26 @@ def balanced_quotas(present: np.ndarray, target: np.ndarray, m: np.ndarray | int
     return quotas
 
 
+def pool_targets(counts: np.ndarray, target: np.ndarray, strength: float) -> np.ndarray:
+    """Each pool's target proportions, ``[P, K]``: ``target ** s * own ** (1 - s)``
+    (unnormalised; :func:`balanced_quotas` normalises), ``own`` the pool's proportions
+    from its ``counts`` ``[P, K]``, ``s`` the ``strength``. On the log scale the view's
+    composition is then ``s`` times the cohort's plus ``1 - s`` times the donor's own:
+    1 balances fully, 0 keeps the donor's composition (as a uniform draw does, in
+    expectation), values between multiply the donor's log-ratios to the cohort by
+    ``1 - s``.
+    Categories absent from a pool get 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=-1, keepdims=True)
+    own = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+    with np.errstate(divide="ignore"):  # 0 ** negative never happens: 0 <= s <= 1
+        mixed = np.asarray(target, dtype=np.float64) ** strength * own ** (1.0 - strength)
+    return np.where(counts > 0, mixed, 0.0)
+
+
 def balanced_picks(codes: np.ndarray, lengths: np.ndarray, sizes: np.ndarray,
-                   target: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+                   target: np.ndarray, uniforms: np.ndarray, strength: float = 1.0
+                   ) -> np.ndarray:
     """Views whose categories follow ``target``, picked from many pools at once.
 
     Pool ``p`` (``lengths[p]`` cells, their codes consecutive in ``codes``) gives a view
@@ -107,6 +127,9 @@ def balanced_picks(codes: np.ndarray, lengths: np.ndarray, sizes: np.ndarray,
     uniforms
         ``[P, K + 1]`` in [0, 1): each pool's window starts per category (column ``K``:
         a pool without categories).
+    strength
+        How fully the views are balanced (:func:`pool_targets`): 1 gives each view
+        ``target``, below 1 each pool's own composition shrunk toward it.
 
     Returns
     -------
@@ -120,7 +143,9 @@ def balanced_picks(codes: np.ndarray, lengths: np.ndarray, sizes: np.ndarray,
     key = _group_keys(codes, lengths, n_categories)
     counts = np.bincount(key, minlength=len(lengths) * groups).reshape(-1, groups)
     quotas = np.zeros_like(counts)
-    quotas[:, :n_categories] = balanced_quotas(counts[:, :n_categories] > 0, target, sizes)
+    present = counts[:, :n_categories]
+    targets = target if strength == 1.0 else pool_targets(present, target, strength)
+    quotas[:, :n_categories] = balanced_quotas(present > 0, targets, sizes)
     uniform = quotas.sum(axis=1) == 0
     if uniform.any():  # such a pool's cells are all one group, of quota m
         cells = np.repeat(uniform, lengths)
@@ -171,6 +196,9 @@ class BalancedViews(ViewDraw):
     memory when read through Zarr)."""
     target: np.ndarray
     """Proportion of each category over the whole store."""
+    strength: float = 1.0
+    """How fully each view is balanced (``LoaderConfig.balance_strength``, see
+    :func:`pool_targets`): 1 the cohort's composition, 0 the donor's own."""
 
     @property
     def n_categories(self) -> int:
@@ -178,12 +206,13 @@ class BalancedViews(ViewDraw):
         return len(self.target)
 
     @classmethod
-    def of(cls, store: BagStore, column: str, reader: str = "auto") -> BalancedViews:
-        """The balance over ``column``, its codes read by ``reader``
+    def of(cls, store: BagStore, column: str, reader: str = "auto", strength: float = 1.0
+           ) -> BalancedViews:
+        """The balance over ``column`` of ``strength``, its codes read by ``reader``
         (``LoaderConfig.reader``; decoded chunks kept when they are read through Zarr)."""
         counts = store.category_counts(column).astype(np.float64)
         return cls(open_reader(store, store.codes(column), reader, small=True),
-                   counts / counts.sum())
+                   counts / counts.sum(), strength)
 
     def rows_of(self, firsts: np.ndarray, counts: np.ndarray, sizes: np.ndarray,
                 draws: ViewDraws) -> np.ndarray:
@@ -196,5 +225,5 @@ class BalancedViews(ViewDraw):
         donor = np.repeat(np.arange(len(counts)), 2)  # pools 2i, 2i + 1: donor i's views
         rows = windows(firsts[donor], counts[donor], offsets.ravel(), lengths)
         picks = balanced_picks(self.codes.read(rows), lengths, sizes.ravel(), self.target,
-                               draws.groups)
+                               draws.groups, self.strength)
         return rows[picks]

@@ -4,7 +4,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampleclr_scale.loading.views.balanced import balanced_picks, balanced_quotas, pool_windows
+from sampleclr_scale.loading.views.balanced import (
+    balanced_picks,
+    balanced_quotas,
+    pool_targets,
+    pool_windows,
+)
 from sampleclr_scale.loading.views.draws import counter_uniforms
 
 
@@ -56,8 +61,19 @@ def test_quotas_of_many_views_are_each_views(views, k, seed):
         assert np.array_equal(together[i], balanced_quotas(present[i], target, int(m[i])))
 
 
-def _loop_pick_counts(codes, m, target):
+def _loop_target(codes, target, strength):
+    """Independent reference of a pool's partly balanced target: per category,
+    target ** s * (its share of the pool's categorised cells) ** (1 - s)."""
+    counts = [int((codes == k).sum()) for k in range(len(target))]
+    total = sum(counts)
+    return [target[k] ** strength * (counts[k] / total) ** (1 - strength) if counts[k] else 0.0
+            for k in range(len(target))]
+
+
+def _loop_pick_counts(codes, m, target, strength=1.0):
     """Independent reference: cells per category by repeated largest remainder."""
+    if strength != 1.0:
+        target = _loop_target(codes, target, strength)
     present = [k for k in range(len(target)) if (codes == k).any() and target[k] > 0]
     total = sum(target[k] for k in present)
     exact = {k: m * target[k] / total for k in present}
@@ -67,11 +83,11 @@ def _loop_pick_counts(codes, m, target):
     return {k: c for k, c in counts.items() if c}
 
 
-def _loop_picks(codes, m, target, u):
+def _loop_picks(codes, m, target, u, strength=1.0):
     """Independent reference of one pool's balanced view: per category, a circular window
     of its members in pool order from the floor(u * count)-th; all cells as one group
     when no category applies."""
-    quotas = _loop_pick_counts(codes, m, target)
+    quotas = _loop_pick_counts(codes, m, target, strength)
     if not quotas:
         return [(int(u[-1] * len(codes)) + i) % len(codes) for i in range(m)]
     picks = []
@@ -91,22 +107,23 @@ def _pools(rng, n_pools, k):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.integers(1, 8), st.integers(1, 6), st.integers(0, 2**31))
-def test_balanced_picks_are_circular_windows_of_each_category(n_pools, k, seed):
+@given(st.integers(1, 8), st.integers(1, 6), st.integers(0, 2**31),
+       st.sampled_from([1.0, 0.0, 0.5]) | st.floats(0.0, 1.0))
+def test_balanced_picks_are_circular_windows_of_each_category(n_pools, k, seed, strength):
     # many pools at once, each exactly the plain loop's picks (positions in all codes)
     rng = np.random.default_rng(seed)
     codes, lengths, sizes = _pools(rng, n_pools, k)
     target = rng.dirichlet(np.ones(k))
     u = rng.random((n_pools, k + 1))
-    picks = balanced_picks(np.concatenate(codes), lengths, sizes, target, u)
+    picks = balanced_picks(np.concatenate(codes), lengths, sizes, target, u, strength)
     assert len(picks) == sizes.sum()
     at, bounds = np.cumsum(lengths) - lengths, np.concatenate([[0], np.cumsum(sizes)])
     for p in range(n_pools):
         mine = picks[bounds[p] : bounds[p + 1]] - at[p]
-        assert mine.tolist() == _loop_picks(codes[p], int(sizes[p]), target, u[p])
+        assert mine.tolist() == _loop_picks(codes[p], int(sizes[p]), target, u[p], strength)
         counts = dict(zip(*np.unique(codes[p][mine], return_counts=True), strict=True))
         if (codes[p] >= 0).any():
-            assert counts == _loop_pick_counts(codes[p], int(sizes[p]), target)
+            assert counts == _loop_pick_counts(codes[p], int(sizes[p]), target, strength)
         for category, count in counts.items():  # no repeats while cells last, then even
             members = mine[codes[p][mine] == category]
             have = int((codes[p] == category).sum())
@@ -123,6 +140,34 @@ def test_balanced_picks_of_a_pool_do_not_depend_on_the_pools_drawn_with_it():
              for p in range(6)]
     at = np.cumsum(lengths) - lengths
     assert np.array_equal(together, np.concatenate([a + at[p] for p, a in enumerate(alone)]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 2**31), st.floats(0.0, 1.0))
+def test_partly_balanced_log_ratios_are_the_donors_times_one_minus_strength(k, seed, strength):
+    # log(view / cohort) = (1 - s) log(own / cohort) + a constant, for present categories
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 50, size=(3, k))
+    counts[:, 0] += 1  # every pool has a category
+    target = rng.dirichlet(np.ones(k))
+    mixed = pool_targets(counts, target, strength)
+    assert (mixed[counts == 0] == 0).all()
+    for pool, row in zip(counts, mixed, strict=True):
+        have = pool > 0
+        view = np.log(row[have] / row[have].sum()) - np.log(target[have])
+        own = np.log(pool[have] / pool.sum()) - np.log(target[have])
+        gap = view - (1 - strength) * own
+        assert np.allclose(gap, gap[0], atol=1e-9)
+
+
+def test_strength_zero_gives_views_of_the_donors_own_composition():
+    # a pool of 80 % type 0: fully balanced views take the cohort's half, strength 0 keeps 80 %
+    codes = np.array([0] * 400 + [1] * 100)
+    u = np.zeros((1, 3))
+    target = np.array([0.5, 0.5])
+    for strength, expected in [(1.0, 50), (0.0, 80), (0.5, 67)]:
+        picks = balanced_picks(codes, [500], [100], target, u, strength)
+        assert (codes[picks] == 0).sum() == expected  # 0.5: sqrt(0.8 * 0.5) share, 0.667
 
 
 def test_a_category_larger_than_its_quota_gives_every_cell_the_same_chance():
