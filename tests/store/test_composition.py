@@ -10,6 +10,7 @@ import pytest
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.composition import (
+    PSEUDOCOUNT,
     center_per_batch,
     clr,
     composition_channel,
@@ -22,7 +23,7 @@ from sampleclr_scale.store.composition import (
 def test_clr_and_centring_match_plain_formulas() -> None:
     counts = np.array([[10, 0, 5], [1, 1, 1], [0, 0, 7]])
     for row, got in zip(counts, clr(counts), strict=True):
-        logs = [math.log(c + 0.5) for c in row]
+        logs = [math.log(c + PSEUDOCOUNT) for c in row]
         np.testing.assert_allclose(got, [v - sum(logs) / 3 for v in logs])
     X = np.arange(12, dtype=float).reshape(4, 3)
     batch = np.array([5, 2, 5, 2])
