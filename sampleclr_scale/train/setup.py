@@ -18,7 +18,7 @@ from sampleclr_scale.errors import InputError
 from sampleclr_scale.loading.loader import check_views_fit, resolve_balance
 from sampleclr_scale.loading.schedule import steps_per_epoch
 from sampleclr_scale.losses import TaskLoss, build_objective
-from sampleclr_scale.model import ModelConfig, TaskSpec, recommended_preset
+from sampleclr_scale.model import ModelConfig, SampleCLR, TaskSpec, recommended_preset
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.composition import COMPOSITION_COLUMN, donor_composition
 
@@ -111,6 +111,16 @@ def head_inputs(store: BagStore, model: ModelConfig) -> torch.Tensor | None:
     if not model.head_composition:
         return None
     return torch.from_numpy(donor_composition(store, model.head_composition))
+
+
+def optimizer(model: SampleCLR, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the model: the backbone at the run's learning rate, the supervised heads
+    at ``optim.head_lr_scale`` times it."""
+    lr = config.learning_rate
+    return torch.optim.AdamW(
+        [{"params": model.backbone_parameters()},
+         {"params": model.head_parameters(), "lr": lr * config.optim.head_lr_scale}],
+        lr=lr, weight_decay=config.optim.weight_decay)
 
 
 def task_loss(tasks: list[TaskInfo]) -> TaskLoss | None:

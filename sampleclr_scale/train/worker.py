@@ -146,9 +146,7 @@ class Worker:
         if position.stage == DONE_STAGE:
             return
         self._set_trainable()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(),
-                                           lr=self.config.learning_rate,
-                                           weight_decay=self.config.optim.weight_decay)
+        self.optimizer = setup.optimizer(self.model, self.config)
         steps = len(self.train_data)
         warmup = self.config.optim.warmup_epochs * steps
         total = self._stage_epochs() * steps

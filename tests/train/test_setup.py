@@ -31,3 +31,21 @@ def test_stage_two_reaches_its_fewest_steps(n_train, workers, batch, supervised,
         per_epoch = -(-n_train // (workers * batch))
         assert stage_2 * per_epoch >= min_steps
         assert stage_2 == supervised or (stage_2 - 1) * per_epoch < min_steps
+
+
+def test_the_heads_learn_at_a_multiple_of_the_backbones_rate():
+    from sampleclr_scale.model import ModelConfig, SampleCLR, TaskSpec
+    from sampleclr_scale.train.setup import optimizer
+
+    tasks = (TaskSpec(name="severity", kind="ordinal", n_classes=4),)
+    model = SampleCLR(ModelConfig.preset("small", input_dim=6, tasks=tasks))
+    config = TrainConfig(workers=1, loader={"batch_size": 8}, optim={"head_lr_scale": 4.0})
+    backbone, heads = optimizer(model, config).param_groups
+    # every parameter exactly once, the heads' at 4x the run's (batch-scaled) rate
+    everything = {id(p) for p in model.parameters()}
+    assert {id(p) for p in backbone["params"]} | {id(p) for p in heads["params"]} == everything
+    assert len(backbone["params"]) + len(heads["params"]) == len(everything)
+    assert {id(p) for p in heads["params"]} == {id(p) for p in model.heads.parameters()}
+    assert backbone["lr"] == pytest.approx(config.learning_rate)
+    assert heads["lr"] == pytest.approx(4.0 * config.learning_rate)
+    assert config.learning_rate == pytest.approx(1e-3 * 0.5)  # 8 donors of 32: sqrt
