@@ -191,6 +191,9 @@ def _add_prior(sub: argparse._SubParsersAction) -> None:
                    help=f"all pairs up to this many donors, sparse above "
                    f"({default('dense_limit')})")
     p.add_argument("--seed", type=int, help=f"which window of cells ({default('seed')})")
+    p.add_argument("--correct", choices=["auto", "batch_cell_type", "none"],
+                   help="compare the cells corrected per (batch, cell type), as training "
+                   f"reads them, or as stored ({default('correct')})")
     p.set_defaults(run=_run_prior)
 
 

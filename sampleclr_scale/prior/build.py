@@ -75,17 +75,43 @@ def build_prior(store_path: str, config: PriorConfig) -> PriorGraph:
                               "neighbours": None if dense else config.neighbours,
                               "dense_limit": config.dense_limit}
     timings: dict[str, float] = {}
+    params["correct"] = correction(store, config)
     a, b, values = PRIOR_BUILDERS[config.kind](store, config, dense, params, timings)
     params["pairs"] = len(a)
     timings["total"] = time.perf_counter() - start
     return symmetric_graph(store.n_donors, a, b, values, config.kind, params, timings)
 
 
+def correction(store: BagStore, config: PriorConfig) -> str:
+    """How the prior's cells are corrected (``PriorConfig.correct``, ``auto`` resolved):
+    ``"batch_cell_type"`` or ``"none"``.
+
+    Raises
+    ------
+    InputError
+        For ``batch_cell_type`` on a store without those statistics.
+    """
+    has_maps = store.batch_type_maps is not None
+    if config.correct == "batch_cell_type" and not has_maps:
+        raise InputError(f"the prior's correct: batch_cell_type needs the per-(batch, cell "
+                         f"type) statistics, which {store.location} does not have",
+                         "re-ingest with --batch-key COL from a source with a cell_type "
+                         "column, or build the prior with correct: none")
+    return "batch_cell_type" if config.correct != "none" and has_maps else "none"
+
+
+def _rows(store: BagStore, params: dict[str, Any]) -> Callable[[int, int], np.ndarray]:
+    """The prior's reader of feature rows ``start..stop - 1``, corrected or as stored."""
+    if params["correct"] == "batch_cell_type":
+        return store.type_corrected_rows
+    return lambda start, stop: store.features[start:stop]
+
+
 def _pseudobulk(store: BagStore, config: PriorConfig, dense: bool, params: dict[str, Any],
                 timings: dict[str, float]) -> Pairs:
     """Cosine similarities of the donors' mean features."""
     start = time.perf_counter()
-    unit = unit_rows(donor_means(store))
+    unit = unit_rows(donor_means(store, read=_rows(store, params)))
     timings["read"] = time.perf_counter() - start
     a, b = _all_pairs(store.n_donors) if dense else _neighbour_pairs(unit, config.neighbours)
     return a, b, (unit[a] * unit[b]).sum(axis=1)
@@ -104,7 +130,8 @@ def _gloscope(store: BagStore, config: PriorConfig, dense: bool, params: dict[st
             f"use k below {smallest}, or a larger cells_per_donor, or re-ingest "
             f"with a larger --min-cells",
         )
-    cells, offsets = _read_subsamples(store, config.cells_per_donor, config.seed)
+    cells, offsets = _read_subsamples(store, config.cells_per_donor, config.seed,
+                                      _rows(store, params))
     timings["read"] = time.perf_counter() - start
     a, b = _all_pairs(store.n_donors) if dense else _neighbour_pairs(
         _segment_means(cells, offsets), config.neighbours)
@@ -124,9 +151,11 @@ def _gloscope(store: BagStore, config: PriorConfig, dense: bool, params: dict[st
     return a, b, values
 
 
-def _read_subsamples(store: BagStore, cells_per_donor: int,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each donor's window of rows (see :attr:`PriorConfig.seed`), stacked.
+def _read_subsamples(store: BagStore, cells_per_donor: int, seed: int,
+                     read: Callable[[int, int], np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each donor's window of rows (see :attr:`PriorConfig.seed`), read by ``read(start,
+    stop)``, stacked.
 
     Returns
     -------
@@ -143,9 +172,9 @@ def _read_subsamples(store: BagStore, cells_per_donor: int,
         start = seed * cells_per_donor % n_cells if size < n_cells else 0
         head = min(size, n_cells - start)
         out = cells[offsets[donor] : offsets[donor + 1]]
-        out[:head] = store.features[first + start : first + start + head]
+        out[:head] = read(first + start, first + start + head)
         if head < size:  # the window wraps around to the donor's first rows
-            out[head:] = store.features[first : first + size - head]
+            out[head:] = read(first, first + size - head)
     return cells, offsets
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from sampleclr_scale._types import PriorKind
@@ -14,6 +16,15 @@ class PriorConfig(StageConfig):
     kind: PriorKind
     """``pseudobulk``: cosine of the donors' mean features; ``gloscope``: GloScope's
     symmetrised kNN KL divergence on principal components, as ``exp(-D / scale)``."""
+    correct: Literal["auto", "batch_cell_type", "none"] = "auto"
+    """The cells the prior compares: ``"batch_cell_type"`` with the store's per-(batch,
+    cell type) correction applied (as training's ``standardize`` applies it), ``"none"``
+    as stored, ``"auto"`` corrected when the store has those statistics. A prior of the
+    stored cells ranks donors of one site together: on the quality benchmark's ``mixed``
+    cohort 85 % of the GloScope targets' off-diagonal mass fell on same-site donors
+    (25 % by chance), a structure the corrected cells the model reads cannot show, and
+    one seed of six sat at the collapsed loss log(B) for four epochs
+    (benchmarks/README.md, "The X-CLR collapse")."""
     k: int = Field(25, ge=1)
     """GloScope: neighbour rank of the KL estimator; must be below the smallest
     subsample."""

@@ -66,6 +66,7 @@ from sampleclr_scale.store.manifest import (
     read_manifest,
     require_complete,
 )
+from sampleclr_scale.store.type_batches import apply_affine
 
 MAX_INT16_CATEGORIES = 32_767
 MAX_NAME_BYTES = 200
@@ -299,6 +300,26 @@ class BagStore:
             raise InputError(f"bag store {self.location} has no per-batch statistics",
                              "re-ingest with --batch-key COL ... (e.g. --batch-key dataset_id)")
         return standardize(rows, *stats, donor_batch)
+
+    def type_corrected_rows(self, start: int, stop: int) -> np.ndarray:
+        """Float32 feature rows ``start..stop - 1`` with the per-(batch, cell type)
+        correction applied (:attr:`batch_type_maps`), as training sees them with
+        ``standardize: batch_cell_type``.
+
+        Raises
+        ------
+        InputError
+            If the store has no per-(batch, cell type) statistics.
+        """
+        maps = self.batch_type_maps
+        if maps is None:
+            raise InputError(f"bag store {self.location} has no per-(batch, cell type) "
+                             "statistics", "re-ingest with --batch-key COL ... from a source "
+                             "with a cell_type column")
+        scale, offset, column = maps
+        batch = self.donor_batch[self.row_donors(start, stop)]
+        return apply_affine(self.features[start:stop], scale, offset, batch,
+                            self.codes(column)[start:stop])
 
     def donor_rows(self, donor: int) -> np.ndarray:
         """All feature rows of one donor."""

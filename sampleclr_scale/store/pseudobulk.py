@@ -6,6 +6,8 @@ here. Memory is one block of rows plus the ``[n_donors, d]`` sums, however large
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from sampleclr_scale.store.bag_store import BagStore
@@ -14,7 +16,8 @@ BLOCK_ROWS = 1 << 18
 """Feature rows read at once."""
 
 
-def donor_means(store: BagStore, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+def donor_means(store: BagStore, block_rows: int = BLOCK_ROWS,
+                read: Callable[[int, int], np.ndarray] | None = None) -> np.ndarray:
     """Mean cell features of every donor.
 
     Parameters
@@ -23,6 +26,9 @@ def donor_means(store: BagStore, block_rows: int = BLOCK_ROWS) -> np.ndarray:
         The bag store.
     block_rows : int
         Rows read at once; a donor may span blocks.
+    read : callable, optional
+        ``read(start, stop)``: the feature rows ``start..stop - 1`` (e.g.
+        :meth:`BagStore.type_corrected_rows`); default the stored features.
 
     Returns
     -------
@@ -33,7 +39,8 @@ def donor_means(store: BagStore, block_rows: int = BLOCK_ROWS) -> np.ndarray:
     sums = np.zeros((store.n_donors, store.dim))
     for lo in range(0, store.n_cells, block_rows):
         hi = min(lo + block_rows, store.n_cells)
-        block = np.asarray(store.features[lo:hi], dtype=np.float64)
+        block = np.asarray(store.features[lo:hi] if read is None else read(lo, hi),
+                           dtype=np.float64)
         first = int(np.searchsorted(ptr, lo, side="right")) - 1
         last = int(np.searchsorted(ptr, hi - 1, side="right")) - 1
         donors = np.arange(first, last + 1)

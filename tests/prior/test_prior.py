@@ -136,12 +136,64 @@ def test_prior_config_refuses_bad_settings():
 def test_gloscope_windows_follow_the_seed(store_path):
     store = BagStore(store_path)
     for seed in (0, 1, 3):
-        cells, offsets = _read_subsamples(store, 50, seed)
+        cells, offsets = _read_subsamples(store, 50, seed,
+                                          lambda a, b: store.features[a:b])
         for donor in range(store.n_donors):
             n = int(store.cells_per_donor[donor])
             rows = np.arange(seed * 50, seed * 50 + 50) % n
             assert np.array_equal(cells[offsets[donor] : offsets[donor + 1]],
                                   store.donor_rows(donor)[rows])
+
+
+def _corrected_by_loop(store: BagStore, donor: int) -> np.ndarray:
+    """Independent reference: a donor's rows, each mapped by its (batch, cell type)'s
+    scale and offset, one cell at a time (row K of the maps: a cell without a type)."""
+    scale, offset, column = store.batch_type_maps
+    first, stop = int(store.donor_ptr[donor]), int(store.donor_ptr[donor + 1])
+    batch, codes = int(store.donor_batch[donor]), store.codes(column)[first:stop]
+    k = scale.shape[1] - 1
+    return np.stack([row * scale[batch, c if c >= 0 else k] + offset[batch, c if c >= 0 else k]
+                     for row, c in zip(store.features[first:stop], codes, strict=True)])
+
+
+def test_corrected_rows_are_each_cells_pair_map(batch_store):
+    store = BagStore(batch_store)
+    donors = [0, 5, store.n_donors - 1]
+    expected = np.concatenate([_corrected_by_loop(store, d) for d in donors])
+    got = np.concatenate([store.type_corrected_rows(int(store.donor_ptr[d]),
+                                                    int(store.donor_ptr[d + 1]))
+                          for d in donors])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # a range across donors, as the prior reads the stores' rows in blocks
+    lo, hi = int(store.donor_ptr[2]) + 7, int(store.donor_ptr[4]) + 3
+    together = np.concatenate([_corrected_by_loop(store, d) for d in (2, 3, 4)])
+    np.testing.assert_allclose(store.type_corrected_rows(lo, hi),
+                               together[7 : hi - int(store.donor_ptr[2])], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.ray
+def test_a_prior_compares_the_cells_as_training_corrects_them(batch_store, store_path,
+                                                              ray_cluster):
+    store = BagStore(batch_store)
+    n = store.n_donors
+    corrected = build_prior(batch_store, PriorConfig(kind="pseudobulk"))
+    assert corrected.params["correct"] == "batch_cell_type"  # auto, on a store with the maps
+    means = np.stack([_corrected_by_loop(store, d).astype(np.float64).mean(axis=0)
+                      for d in range(n)])
+    unit = means / np.linalg.norm(means, axis=1, keepdims=True)
+    assert np.allclose(corrected.to_dense(), unit @ unit.T, atol=1e-5)
+    stored = build_prior(batch_store, PriorConfig(kind="pseudobulk", correct="none"))
+    assert stored.params["correct"] == "none"
+    assert not np.allclose(stored.to_dense(), corrected.to_dense(), atol=1e-3)
+    cells, offsets = _read_subsamples(store, 50, 1, store.type_corrected_rows)
+    for donor in range(n):
+        rows = np.arange(50, 100) % int(store.cells_per_donor[donor])
+        np.testing.assert_allclose(cells[offsets[donor] : offsets[donor + 1]],
+                                   _corrected_by_loop(store, donor)[rows], rtol=1e-5, atol=1e-5)
+    # a store without the statistics: auto builds the stored cells' prior, asking fails
+    assert build_prior(store_path, PriorConfig(kind="pseudobulk")).params["correct"] == "none"
+    with pytest.raises(InputError, match="per-\\(batch, cell type\\) statistics"):
+        build_prior(store_path, PriorConfig(kind="pseudobulk", correct="batch_cell_type"))
 
 
 def test_k_must_be_below_the_smallest_subsample(store_path):
