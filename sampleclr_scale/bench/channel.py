@@ -4,8 +4,9 @@ The channel (:mod:`sampleclr_scale.store.composition`) is a deterministic functi
 run's learned donor vectors, the store's cell-type counts and its batches, applied by
 ``embed`` after the model. So a sweep over its weight needs no training: for every
 embedding ``BASE_seedN`` of a ``bench quality`` scenario directory, this writes
-``BASE_cW_seedN`` (the vectors with the channel of weight ``W``, exactly what ``embed``
-writes for a model trained with ``composition_channel: W``) and scores them with the
+``BASE_cW_seedN`` (the learned vectors, without the channel their run may have appended,
+with the channel of weight ``W``: exactly what ``embed`` writes for a model trained with
+``composition_channel: W``) and scores them with the
 evaluation stage, next to the scenario's other runs and the baselines.
 
 Run: ``python -m sampleclr_scale.bench.channel WORKDIR/SCENARIO BASE W [W ...] --json F``.
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sampleclr_scale.bench.quality import _scores
-from sampleclr_scale.embed.config import DONORS_PARQUET
+from sampleclr_scale.embed.config import DONORS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.evaluate.config import EvaluateConfig
 from sampleclr_scale.evaluate.run import evaluate, read_embeddings
 from sampleclr_scale.store.bag_store import BagStore
@@ -51,6 +52,7 @@ def channel_sweep(scenario_dir: Path, base: str, weights: list[float]) -> dict[s
             out = scenario_dir / "channel" / name
             out.mkdir(parents=True, exist_ok=True)
             _, z = read_embeddings(path)
+            z = z[:, :_learned_width(path)]  # a run trained with a channel: without it
             table = pq.read_table(path / DONORS_PARQUET).drop(["z"])
             zc = composition_channel(z, counts, store.donor_batch, weight)
             vectors = pa.FixedSizeListArray.from_arrays(pa.array(zc.ravel(), pa.float32()),
@@ -60,6 +62,13 @@ def channel_sweep(scenario_dir: Path, base: str, weights: list[float]) -> dict[s
     metrics = evaluate(named, str(store.location), str(scenario_dir / "channel" / "report"),
                        EvaluateConfig())
     return {name: _scores(method) for name, method in metrics["methods"].items()}
+
+
+def _learned_width(embedding: Path) -> int:
+    """Width of the model's own vector in an embedding (its ``output_dim``; the columns
+    after it are the composition channel its run appended)."""
+    provenance = json.loads((embedding / PROVENANCE_FILE).read_text())
+    return int(provenance["model_config"]["output_dim"])
 
 
 def main() -> None:
