@@ -48,7 +48,7 @@ from sampleclr_scale.storage import Location
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train import setup
 from sampleclr_scale.train.checkpoint import Position, TrainState, cpu_copy
-from sampleclr_scale.train.schedule import warmup_cosine
+from sampleclr_scale.train.schedule import unfrozen_ramp, warmup_cosine
 from sampleclr_scale.train.session import RaySession, Session
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,10 @@ class Worker:
         steps = len(self.train_data)
         warmup = self.config.optim.warmup_epochs * steps
         total = self._stage_epochs() * steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: warmup_cosine(step, warmup, total))
+        unfreeze = self.config.freeze_epochs * steps if position.stage == 2 else 0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [  # backbone, heads
+            lambda step: warmup_cosine(step, warmup, total) * unfrozen_ramp(step, unfreeze, warmup),
+            lambda step: warmup_cosine(step, warmup, total)])
         if restore:
             self.optimizer.load_state_dict(self.state.optimizer)
             self.scheduler.load_state_dict(self.state.scheduler)

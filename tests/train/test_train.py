@@ -20,7 +20,7 @@ from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.train.artifact import MODEL_FILE, load_model
 from sampleclr_scale.train.checkpoint import STATE_FILE, Position, TrainState, cpu_copy
 from sampleclr_scale.train.driver import METRICS_FILE, STORE_FILE, train
-from sampleclr_scale.train.schedule import warmup_cosine
+from sampleclr_scale.train.schedule import unfrozen_ramp, warmup_cosine
 from sampleclr_scale.train.worker import FAULT_MARKER
 from tests.conftest import ingest_config
 
@@ -206,6 +206,15 @@ def test_warmup_cosine_schedule():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert values[4] == 1.0 and all(a > b for a, b in itertools.pairwise(values[4:]))
     assert np.isclose(warmup_cosine(12, 4, 12), 0.0)
+
+
+@pytest.mark.parametrize(("unfreeze", "warmup", "expected"), [
+    (0, 4, [1.0] * 8),                                     # no freezing: the stage's own warm-up
+    (3, 4, [0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]),   # frozen 3 steps, then warms up again
+    (3, 0, [1.0] * 8),                                     # no warm-up asked
+])
+def test_an_unfrozen_backbone_warms_up_again(unfreeze, warmup, expected):
+    assert [unfrozen_ramp(s, unfreeze, warmup) for s in range(8)] == expected
 
 
 def _local_worker_env() -> str | None:
