@@ -164,16 +164,10 @@ def describe_run(store: BagStore, config: TrainConfig) -> str:
     """What the run balances its views over, how it corrects batches and whether embed
     appends the composition channel, each with why: the settings that depend on what
     ingest recorded (``cell_type`` codes, ``--batch-key``), said plainly."""
-    balance = resolve_balance(store, config.loader.balance)
     mode = standardizes(store, config)
     has_types = "cell_type" in store.code_columns
-    strength = config.loader.balance_strength
     parts = [
-        (f"views balanced over {balance!r} (composition cannot tell donors apart)"
-         if strength == 1.0 else f"views balanced over {balance!r} with strength "
-         f"{strength:g} (each donor's composition log-ratios kept at {1 - strength:g})")
-        if balance else "uniform views (the store has no cell_type codes)"
-        if config.loader.balance == "auto" else "uniform views (loader.balance: null)",
+        _describe_views(resolve_balance(store, config.loader.balance), config.loader),
         {"batch_cell_type": "cells corrected per (batch, cell type)",
          "batch": "cells standardised per batch"}.get(
             mode or "", "no batch correction" + (
@@ -186,6 +180,18 @@ def describe_run(store: BagStore, config: TrainConfig) -> str:
                                          if config.composition_channel > 0 else ""),
     ]
     return "; ".join(parts)
+
+
+def _describe_views(balance: str | None, loader: LoaderConfig) -> str:
+    """How the run draws its views (``balance``: the column resolved from ``loader``)."""
+    if balance is None:
+        return ("uniform views (the store has no cell_type codes)" if loader.balance == "auto"
+                else "uniform views (loader.balance: null)")
+    strength = loader.balance_strength
+    if strength == 1.0:
+        return f"views balanced over {balance!r} (composition cannot tell donors apart)"
+    return (f"views balanced over {balance!r} with strength {strength:g} (each donor's "
+            f"composition log-ratios kept at {1 - strength:g})")
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -94,9 +94,8 @@ def pool_targets(counts: np.ndarray, target: np.ndarray, strength: float) -> np.
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum(axis=-1, keepdims=True)
     own = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
-    with np.errstate(divide="ignore"):  # 0 ** negative never happens: 0 <= s <= 1
-        mixed = np.asarray(target, dtype=np.float64) ** strength * own ** (1.0 - strength)
-    return np.where(counts > 0, mixed, 0.0)
+    mixed = np.asarray(target, dtype=np.float64) ** strength * own ** (1.0 - strength)
+    return np.where(counts > 0, mixed, 0.0)  # 0 <= s <= 1: no 0 ** negative
 
 
 def balanced_picks(codes: np.ndarray, lengths: np.ndarray, sizes: np.ndarray,
