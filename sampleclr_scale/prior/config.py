@@ -24,7 +24,7 @@ class PriorConfig(StageConfig):
     cohort 85 % of the GloScope targets' off-diagonal mass fell on same-site donors
     (25 % by chance), a structure the corrected cells the model reads cannot show, and
     one seed of six sat at the collapsed loss log(B) for four epochs
-    (benchmarks/README.md, "The X-CLR collapse")."""
+    (benchmarks/README.md, "The X-CLR collapse and the prior")."""
     k: int = Field(25, ge=1)
     """GloScope: neighbour rank of the KL estimator; must be below the smallest
     subsample."""
