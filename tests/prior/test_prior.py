@@ -128,7 +128,8 @@ def test_pseudobulk_is_the_mean_of_each_donors_rows(store_path):
 def test_prior_config_refuses_bad_settings():
     for bad in ({"kind": "umap"}, {"kind": "gloscope", "k": 0},
                 {"kind": "gloscope", "scale": 0.0}, {"kind": "gloscope", "neighbours": 0},
-                {"kind": "gloscope", "cells_per_donor": 1}, {"kind": "gloscope", "tau": 1}):
+                {"kind": "gloscope", "cells_per_donor": 1}, {"kind": "gloscope", "tau": 1},
+                {"kind": "gloscope", "correct": "yes"}):
         with pytest.raises(InputError, match="not a valid PriorConfig"):
             PriorConfig.from_mapping(bad)
 

@@ -174,6 +174,15 @@ def test_unknown_prior_and_unknown_keys():
         TrainConfig.from_mapping({"loader": {"batchsize": 3}})
 
 
+@pytest.mark.parametrize(("setting", "key"), [
+    ({"loader": {"balance_strength": 1.5}}, r"loader\.balance_strength"),
+    ({"loader": {"balance_strength": -0.1}}, r"loader\.balance_strength"),
+    ({"optim": {"head_lr_scale": 0}}, r"optim\.head_lr_scale")])
+def test_out_of_range_view_balance_and_head_rate_are_refused(setting, key):
+    with pytest.raises(InputError, match=key):
+        TrainConfig.from_mapping(setting)
+
+
 @pytest.mark.parametrize(("workers", "batch_size"), [(1, 1), (1, 2), (2, 1)])
 def test_a_global_batch_of_one_donor_is_refused(workers, batch_size):
     # one donor per step has no negatives: the loss is 0 and the run "succeeded"
