@@ -378,6 +378,14 @@ class TrainConfig(StageConfig):
     the quality benchmark (benchmarks/README.md, "Cohorts like real ones"). With a channel,
     the supervised heads read the same composition (unweighted) beside the learned vector
     (``ModelConfig.head_composition``)."""
+    batch_adversary: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    """Weight of a batch adversary's loss (domain-adversarial training, Ganin & Lempitsky
+    2015): a classifier learns each donor's technical batch from its representation while
+    the reversed gradient teaches the encoder to hide it
+    (``sampleclr_scale/model/adversary.py``); needs a store ingested with ``--batch-key``.
+    0 (the default) trains without one: the per-(batch, cell type) correction and the
+    batch-centred composition channel already mix the sites, and the adversary did not
+    improve on them (benchmarks/README.md, "A batch adversary")."""
     workers: int = Field(default=2, ge=1, strict=True)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False

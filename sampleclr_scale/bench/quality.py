@@ -54,6 +54,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "default_supervised": _ORDINAL,
     "partly_balanced": {"loader": {"balance_strength": 0.5}},
+    "adversary": {"batch_adversary": 1.0},
+    "adversary_strong": {"batch_adversary": 3.0},
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types, the per-(site,
@@ -65,7 +67,9 @@ were measured). ``type_standardized*`` replace the per-site standardisation with
 per-(site, cell type) correction, with balanced or uniform views, without the channel (the
 channel's weight is swept on their runs by :mod:`sampleclr_scale.bench.channel`).
 ``partly_balanced`` is the defaults with views balanced at strength 0.5 (each donor's
-composition log-ratios halved, ``LoaderConfig.balance_strength``)."""
+composition log-ratios halved, ``LoaderConfig.balance_strength``); ``adversary`` and
+``adversary_strong`` add a batch adversary of weight 1 and 3 to the defaults
+(``TrainConfig.batch_adversary``)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},

@@ -1,4 +1,5 @@
-"""Losses of SampleCLR: X-CLR over the global batch, VICReg, Barlow Twins, task losses.
+"""Losses of SampleCLR: X-CLR over the global batch, VICReg, Barlow Twins, task losses, the
+batch adversary's loss.
 
 Pure torch, no I/O. Each loss is a thin ``nn.Module`` over pure term functions that are
 tested separately. The pairwise losses gather the views of all data-parallel ranks with
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from sampleclr_scale._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from sampleclr_scale.losses.adversary import batch_adversary_loss
     from sampleclr_scale.losses.barlow import (
         BarlowTwinsLoss,
         barlow_cross_correlation,
@@ -69,6 +71,7 @@ __all__ = [
     "barlow_cross_correlation",
     "barlow_invariance",
     "barlow_redundancy",
+    "batch_adversary_loss",
     "build_objective",
     "classification_loss",
     "gather_no_grad",
@@ -86,4 +89,5 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_exports(
-    __name__, ("configs", "gather", "registry", "tasks", "vicreg", "barlow", "xclr"), __all__)
+    __name__, ("adversary", "configs", "gather", "registry", "tasks", "vicreg", "barlow",
+               "xclr"), __all__)

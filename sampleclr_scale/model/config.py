@@ -159,13 +159,20 @@ class ModelConfig(BaseModel):
     one input each; empty: the heads read z alone. Views balanced over cell types hide
     composition from z by design, so a head on z alone cannot predict what only
     composition tells (a severity that expands one cell type)."""
+    batch_adversary: int = Field(default=0, ge=0)
+    """Technical batches that a batch adversary (a classifier of the donor's batch from z,
+    behind a gradient reversal: :class:`~sampleclr_scale.model.adversary.BatchAdversary`)
+    tells apart; 0: no adversary. It has the supervised heads' width and depth."""
 
     @model_validator(mode="after")
-    def _check_unique_tasks(self) -> Self:
+    def _check(self) -> Self:
         names = [task.name for task in self.tasks]
         duplicated = sorted({name for name in names if names.count(name) > 1})
         if duplicated:
             raise ValueError(f"task names must be unique, repeated: {duplicated}")
+        if self.batch_adversary == 1:
+            raise ValueError("a batch adversary needs at least 2 batches to tell apart "
+                             "(batch_adversary: 0 for none)")
         return self
 
     @classmethod

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from sampleclr_scale.errors import InputError
+from sampleclr_scale.model.adversary import BatchAdversary
 from sampleclr_scale.model.aggregator import CellImportanceAggregator
 from sampleclr_scale.model.blocks import ResidualMLP
 from sampleclr_scale.model.config import ModelConfig
@@ -28,6 +29,8 @@ class SampleCLROutput(NamedTuple):
     """``[B, m, H]`` cell-importance weights, zero at padded cells."""
     task_outputs: dict[str, Tensor]
     """Supervised head outputs by task name (empty without heads)."""
+    batch_logits: Tensor | None = None
+    """``[B, n_batches]`` the batch adversary's logits (None without an adversary)."""
 
 
 class SampleCLR(nn.Module):
@@ -69,6 +72,9 @@ class SampleCLR(nn.Module):
             config.tasks, config.output_dim + len(config.head_composition),
             config.head_hidden, config.head_layers, config.dropout,
         )
+        self.adversary = (BatchAdversary(config.output_dim, config.batch_adversary,
+                                         config.head_hidden, config.head_layers)
+                          if config.batch_adversary else None)
 
     def forward(self, cells: Tensor, mask: Tensor, *, with_heads: bool = True,
                 composition: Tensor | None = None) -> SampleCLROutput:
@@ -90,18 +96,25 @@ class SampleCLR(nn.Module):
         Returns
         -------
         SampleCLROutput
-            ``z`` ``[B, output_dim]``, ``weights`` ``[B, m, H]``, ``task_outputs``.
+            ``z`` ``[B, output_dim]``, ``weights`` ``[B, m, H]``, ``task_outputs``, and
+            ``batch_logits`` with a batch adversary (whatever ``with_heads``).
         """
         aggregated, weights = self.aggregator(cells, mask)
         z = self.encoder(aggregated)
+        batch_logits = None if self.adversary is None else self.adversary(z)
+        return SampleCLROutput(z, weights, self._task_outputs(z, with_heads, composition),
+                               batch_logits)
+
+    def _task_outputs(self, z: Tensor, with_heads: bool, composition: Tensor | None
+                      ) -> dict[str, Tensor]:
+        """The supervised heads' outputs (none when not asked for or without heads)."""
         if not with_heads or not len(self.heads):
-            return SampleCLROutput(z, weights, {})
-        if self.config.head_composition:
-            if composition is None:
-                raise ValueError("the heads read the donors' composition: pass composition")
-            return SampleCLROutput(z, weights, self.heads(torch.cat(
-                [z, composition.to(z.dtype)], dim=-1)))
-        return SampleCLROutput(z, weights, self.heads(z))
+            return {}
+        if not self.config.head_composition:
+            return self.heads(z)
+        if composition is None:
+            raise ValueError("the heads read the donors' composition: pass composition")
+        return self.heads(torch.cat([z, composition.to(z.dtype)], dim=-1))
 
     def encode_views(self, cells: Tensor, mask: Tensor, *, with_heads: bool = True,
                      composition: Tensor | None = None
@@ -137,6 +150,10 @@ class SampleCLR(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of the supervised heads (empty without tasks)."""
         return list(self.heads.parameters())
+
+    def adversary_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the batch adversary (empty without one)."""
+        return [] if self.adversary is None else list(self.adversary.parameters())
 
     def n_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (scalars), optionally only those with ``requires_grad``."""
@@ -198,4 +215,5 @@ def _rows(out: SampleCLROutput, start: int) -> SampleCLROutput:
         out.z[start::2],
         out.weights[start::2],
         {name: value[start::2] for name, value in out.task_outputs.items()},
+        None if out.batch_logits is None else out.batch_logits[start::2],
     )

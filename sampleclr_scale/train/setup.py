@@ -88,6 +88,8 @@ def model_config(store: BagStore, config: TrainConfig, tasks: list[TaskInfo]) ->
     )
     return ModelConfig.preset(preset, input_dim=store.dim, tasks=specs,
                               **{"head_composition": head_composition(store, config, tasks),
+                                 "batch_adversary": (len(store.batch_labels)
+                                                     if config.batch_adversary > 0 else 0),
                                  **config.model})
 
 
@@ -114,12 +116,13 @@ def head_inputs(store: BagStore, model: ModelConfig) -> torch.Tensor | None:
 
 
 def optimizer(model: SampleCLR, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the model: the backbone at the run's learning rate, the supervised heads
-    at ``optim.head_lr_scale`` times it."""
+    """AdamW over the model: the backbone at the run's learning rate, the classifiers on z
+    (the supervised heads and the batch adversary) at ``optim.head_lr_scale`` times it."""
     lr = config.learning_rate
     return torch.optim.AdamW(
         [{"params": model.backbone_parameters()},
-         {"params": model.head_parameters(), "lr": lr * config.optim.head_lr_scale}],
+         {"params": model.head_parameters() + model.adversary_parameters(),
+          "lr": lr * config.optim.head_lr_scale}],
         lr=lr, weight_decay=config.optim.weight_decay)
 
 
@@ -179,6 +182,9 @@ def describe_run(store: BagStore, config: TrainConfig) -> str:
         else "no composition channel" + (" (the store has no cell_type codes)"
                                          if config.composition_channel > 0 else ""),
     ]
+    if config.batch_adversary > 0:
+        parts.append(f"a batch adversary of weight {config.batch_adversary:g} over "
+                     f"{len(store.batch_labels)} batches")
     return "; ".join(parts)
 
 
@@ -276,11 +282,18 @@ def _check_batches(store: BagStore, config: TrainConfig) -> None:
         ("standardize: batch", config.standardize == "batch"),
         ("standardize: batch_cell_type", config.standardize == "batch_cell_type"),
         ("loss.negatives: same_batch", config.loss.needs_batches),
+        ("batch_adversary", config.batch_adversary > 0),
     ) if on]
     if wanted and store.donor_batch is None:
         raise InputError(f"{' and '.join(wanted)} need the donors' technical batches; the "
                          f"store {store.location} has none",
                          "re-ingest with --batch-key COL ... (e.g. --batch-key dataset_id)")
+    if config.batch_adversary > 0 and len(np.unique(
+            store.donor_batch[store.split_donors("train")])) < 2:
+        raise InputError(
+            f"batch_adversary learns to tell technical batches apart, and the training "
+            f"donors of {store.location} are all in one batch (--batch-key "
+            f"{' '.join(store.batch_key)})", "set batch_adversary: 0 (nothing to mix)")
     if config.loss.needs_batches and store.donor_batch is not None:
         _check_same_batch_negatives(store)
 

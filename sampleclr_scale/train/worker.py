@@ -36,7 +36,7 @@ from sampleclr_scale.loading.resident import (
     resident_dtype,
     use_resident,
 )
-from sampleclr_scale.losses import ordinal_predict
+from sampleclr_scale.losses import batch_adversary_loss, ordinal_predict
 from sampleclr_scale.model import (
     SampleCLR,
     SampleCLROutput,
@@ -166,6 +166,8 @@ class Worker:
             p.requires_grad_(not frozen_backbone)
         for p in self.model.head_parameters():
             p.requires_grad_(position.stage == 2)
+        for p in self.model.adversary_parameters():
+            p.requires_grad_(True)
         self.net = self.model
         if self.world_size > 1:
             ids = [self.device] if self.device.type == "cuda" else None
@@ -226,7 +228,9 @@ class Worker:
               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss, contrastive loss and the first view's task outputs of a batch.
 
-        The model runs under autocast (``precision``), the losses in float32.
+        The model runs under autocast (``precision``), the losses in float32. In training,
+        the total includes the batch adversary's loss (``batch_adversary`` times it); the
+        validation loss, which early stopping reads, does not.
         """
         cells, mask = flatten_views(batch.cells, batch.mask)
         composition = (None if self.composition is None or not with_heads
@@ -237,11 +241,15 @@ class Worker:
         # the donors' technical batch codes, where the loader provides them
         batch_index = batch.batch
         contrastive = self.contrastive(out_a.z, out_b.z, batch.donor, batch_index)
+        total = contrastive
+        if out_a.batch_logits is not None and self.model.training:
+            total = total + self.config.batch_adversary * batch_adversary_loss(
+                out_a.batch_logits, out_b.batch_logits, batch.batch)
         if not with_heads:
-            return contrastive, contrastive, {}
+            return total, contrastive, {}
         supervised = 0.5 * (self.task_loss(out_a.task_outputs, batch.labels)[0]
                             + self.task_loss(out_b.task_outputs, batch.labels)[0])
-        return contrastive + supervised, contrastive, out_a.task_outputs
+        return total + supervised, contrastive, out_a.task_outputs
 
     def _train_epoch(self) -> dict[str, float]:
         """One epoch (from the current step on) and its training metrics.
@@ -429,7 +437,9 @@ def _float32(out: SampleCLROutput) -> SampleCLROutput:
     """The model's representations and task outputs in float32 (as they are without
     autocast), for the losses and metrics."""
     return out._replace(z=out.z.float(),
-                        task_outputs={k: v.float() for k, v in out.task_outputs.items()})
+                        task_outputs={k: v.float() for k, v in out.task_outputs.items()},
+                        batch_logits=None if out.batch_logits is None
+                        else out.batch_logits.float())
 
 
 def _fmt(value: Any) -> str:

@@ -5,7 +5,8 @@ Two gloo processes, spawned once for all cases, get different local inputs (rows
 runs through the loss, and rank 0 saves both ranks' losses and the DDP-averaged gradients.
 The mean loss and every gradient must equal those of one process on the whole batch.
 Three wrong gathers (negative controls, defined here only) reproduce the loss but not the
-gradients.
+gradients. The batch adversary's loss (a classifier behind a gradient reversal) is checked
+the same way, and against a plain loop.
 """
 
 from __future__ import annotations
@@ -28,13 +29,21 @@ from sampleclr_scale.losses import (
     BarlowTwinsLoss,
     VICRegLoss,
     XCLRLoss,
+    batch_adversary_loss,
     gather_no_grad,
     soft_cross_entropy,
     xclr_loss,
     xclr_targets,
 )
 from sampleclr_scale.losses.xclr import _xclr_loss
-from tests.losses.test_losses import _loop_xclr, _np_one_hot, _np_prior_targets, _np_same_batch
+from sampleclr_scale.model.adversary import BatchAdversary
+from tests.losses.test_losses import (
+    _loop_batch_adversary,
+    _loop_xclr,
+    _np_one_hot,
+    _np_prior_targets,
+    _np_same_batch,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -189,6 +198,40 @@ def _loss_and_grads(model: nn.Module, loss_fn: LossFn, rows: slice) -> Tensor:
     return loss.detach()
 
 
+class _Adversarial(nn.Module):
+    """The cases' model with a batch adversary on its output, as one module (as in
+    SampleCLR), so that DDP averages the adversary's gradients too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _model()
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            self.adversary = BatchAdversary(in_dim=4, n_batches=3).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.adversary(self.encoder(x))
+
+
+def _adversary_loss_and_grads(model: nn.Module, rows: slice) -> Tensor:
+    """The batch adversary's loss of ``rows`` (both views in one call), backward, the
+    loss."""
+    x_a, x_b, _, batches, _ = _batch()
+    logits_a, logits_b = model(torch.cat([x_a[rows], x_b[rows]])).chunk(2)
+    loss = batch_adversary_loss(logits_a, logits_b, batches[rows])
+    loss.backward()
+    return loss.detach()
+
+
+def _ddp_result(model: nn.Module, run: Callable[[nn.Module], Tensor]) -> dict:
+    """Both ranks' losses and the DDP-averaged gradients of ``run`` on ``model``."""
+    loss = run(DistributedDataParallel(model))
+    losses = [torch.empty_like(loss) for _ in range(WORLD_SIZE)]
+    dist.all_gather(losses, loss)
+    return {"losses": torch.stack(losses),
+            "grads": {name: p.grad for name, p in model.named_parameters()}}
+
+
 def _worker(rank: int, init_file: str, out_file: str) -> None:
     """Run every case in one process group; rank 0 saves losses and averaged gradients."""
     torch.set_num_threads(1)
@@ -200,15 +243,11 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         timeout=timedelta(seconds=60),
     )
     try:
-        results = {}
         rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-        for case, (loss_fn, _) in CASES.items():
-            model = _model()
-            loss = _loss_and_grads(DistributedDataParallel(model), loss_fn, rows)
-            losses = [torch.empty_like(loss) for _ in range(WORLD_SIZE)]
-            dist.all_gather(losses, loss)
-            grads = {name: p.grad for name, p in model.named_parameters()}
-            results[case] = {"losses": torch.stack(losses), "grads": grads}
+        results = {case: _ddp_result(_model(), lambda m, f=loss_fn: _loss_and_grads(m, f, rows))
+                   for case, (loss_fn, _) in CASES.items()}
+        results["batch_adversary"] = _ddp_result(
+            _Adversarial(), lambda m: _adversary_loss_and_grads(m, rows))
         if rank == 0:
             torch.save(results, f"{out_file}.partial")
             os.replace(f"{out_file}.partial", out_file)
@@ -282,3 +321,31 @@ def test_ddp_same_batch_matches_loop_reference(with_prior: bool, ddp_results: di
     assert ddp["losses"].mean().item() == pytest.approx(loss, rel=0, abs=ATOL)
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=0, atol=ATOL)
+
+
+def test_ddp_batch_adversary_matches_one_process(ddp_results: dict) -> None:
+    model = _Adversarial()
+    loss = _adversary_loss_and_grads(model, slice(None))
+    ddp = ddp_results["batch_adversary"]
+    assert ddp["losses"].mean().item() == pytest.approx(loss.item(), rel=0, abs=ATOL)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=0, atol=ATOL)
+
+
+def test_ddp_batch_adversary_matches_loop_reference(ddp_results: dict) -> None:
+    """Loss and gradients of 2 processes equal the plain-loop cross-entropy's: its
+    gradients w.r.t. the logits, back through the classifier as they are and through the
+    encoder negated (the gradient reversal)."""
+    x_a, x_b, _, batches, _ = _batch()
+    model = _Adversarial()
+    z = F.normalize(model.encoder(torch.cat([x_a, x_b])), dim=1)
+    logits_a, logits_b = model.adversary.classifier(z).chunk(2)  # no reversal here
+    loss, grad_a, grad_b = _loop_batch_adversary(
+        logits_a.detach().numpy(), logits_b.detach().numpy(), batches.tolist())
+    torch.cat([logits_a, logits_b]).backward(torch.from_numpy(np.concatenate([grad_a, grad_b])))
+    ddp = ddp_results["batch_adversary"]
+    assert ddp["losses"].mean().item() == pytest.approx(loss, rel=0, abs=ATOL)
+    for name, p in model.adversary.named_parameters():
+        torch.testing.assert_close(ddp["grads"][f"adversary.{name}"], p.grad, rtol=0, atol=ATOL)
+    for name, p in model.encoder.named_parameters():
+        torch.testing.assert_close(ddp["grads"][f"encoder.{name}"], -p.grad, rtol=0, atol=ATOL)

@@ -32,6 +32,7 @@ from sampleclr_scale.losses import (
     barlow_cross_correlation,
     barlow_invariance,
     barlow_redundancy,
+    batch_adversary_loss,
     build_objective,
     classification_loss,
     gather_no_grad,
@@ -590,6 +591,39 @@ def test_classification_loss_by_hand() -> None:
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert torch.equal(logits.grad[1], torch.zeros(3))  # the unlabelled row gets no gradient
+
+
+def _loop_batch_adversary(logits_a: np.ndarray, logits_b: np.ndarray, codes: list[int]
+                          ) -> tuple[float, np.ndarray, np.ndarray]:
+    """The batch adversary's loss and its gradients w.r.t. both views' logits, by loops:
+    ``-log softmax(row)[code]`` averaged over the rows and the two views, whose gradient
+    is ``(softmax(row) - one_hot(code)) / (2 n)``."""
+    n = len(codes)
+    total, grads = 0.0, []
+    for logits in (logits_a, logits_b):
+        grad = np.zeros_like(logits)
+        for i, code in enumerate(codes):
+            top = max(logits[i])
+            norm = sum(math.exp(x - top) for x in logits[i])
+            total += -(logits[i][code] - top - math.log(norm)) / (2 * n)
+            for j, x in enumerate(logits[i]):
+                grad[i][j] = (math.exp(x - top) / norm - (j == code)) / (2 * n)
+        grads.append(grad)
+    return total, grads[0], grads[1]
+
+
+def test_batch_adversary_loss_matches_a_loop() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits_a = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    logits_b = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    codes = [0, 3, 1, 1, 2, 0]
+    loss = batch_adversary_loss(logits_a, logits_b, torch.tensor(codes))
+    loss.backward()
+    expected, grad_a, grad_b = _loop_batch_adversary(
+        logits_a.detach().numpy(), logits_b.detach().numpy(), codes)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(logits_a.grad.numpy(), grad_a, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(logits_b.grad.numpy(), grad_b, rtol=0, atol=1e-12)
 
 
 def test_ordinal_loss_by_hand() -> None:

@@ -125,3 +125,23 @@ def test_a_name_too_long_or_a_file_in_the_path_is_a_one_line_error(store_path, t
         assert problem in err and "fix:" in err and "Traceback" not in err, err
     assert (tmp_path / "file").read_text() == "mine"
 
+
+
+def test_a_batch_adversary_without_batches_is_refused(store_path, tmp_path):
+    config = TrainConfig.from_mapping({**TINY, "batch_adversary": 1.0})
+    with pytest.raises(InputError, match=r"(?s)batch_adversary need the donors' technical "
+                                         r"batches.*fix: re-ingest with --batch-key"):
+        train(store_path, str(tmp_path / "run"), config, in_process=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_adversary_over_one_batch_is_refused(soma_uri, tmp_path):
+    # one site's donors only, with the site as batch: nothing to tell apart
+    store = tmp_path / "s.zarr"
+    ingest(ingest_config(soma_uri, store, batch_key=["dataset_id"],
+                         obs_filter="dataset_id == 'site-0'", stratify=None))
+    config = TrainConfig.from_mapping({**TINY, "batch_adversary": 1.0})
+    with pytest.raises(InputError, match=r"(?s)training donors of .* are all in one batch.*"
+                                         r"fix: set batch_adversary: 0"):
+        train(str(store), str(tmp_path / "run"), config, in_process=True)
+    assert not (tmp_path / "run").exists()

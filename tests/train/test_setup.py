@@ -49,3 +49,18 @@ def test_the_heads_learn_at_a_multiple_of_the_backbones_rate():
     assert backbone["lr"] == pytest.approx(config.learning_rate)
     assert heads["lr"] == pytest.approx(4.0 * config.learning_rate)
     assert config.learning_rate == pytest.approx(1e-3 * 0.5)  # 8 donors of 32: sqrt
+
+
+def test_the_batch_adversary_learns_with_the_heads():
+    from sampleclr_scale.model import ModelConfig, SampleCLR, TaskSpec
+    from sampleclr_scale.train.setup import optimizer
+
+    tasks = (TaskSpec(name="severity", kind="ordinal", n_classes=4),)
+    model = SampleCLR(ModelConfig.preset("small", input_dim=6, tasks=tasks, batch_adversary=3))
+    config = TrainConfig(workers=1, loader={"batch_size": 8}, batch_adversary=1.0)
+    backbone, heads = optimizer(model, config).param_groups
+    assert {id(p) for p in backbone["params"]} | {id(p) for p in heads["params"]} == {
+        id(p) for p in model.parameters()}
+    assert {id(p) for p in heads["params"]} == {
+        id(p) for p in [*model.heads.parameters(), *model.adversary.parameters()]}
+    assert heads["lr"] == pytest.approx(config.optim.head_lr_scale * config.learning_rate)
