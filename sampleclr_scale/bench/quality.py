@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adversary": {"batch_adversary": 1.0},
     "adversary_strong": {"batch_adversary": 3.0},
     "uncentred": {"model": {"center": False}},
+    "adversary_uncorrected": {**_OFF, "batch_adversary": 1.0},
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types, the per-(site,
@@ -70,7 +71,8 @@ channel's weight is swept on their runs by :mod:`sampleclr_scale.bench.channel`)
 ``partly_balanced`` is the defaults with views balanced at strength 0.5 (each donor's
 composition log-ratios halved, ``LoaderConfig.balance_strength``); ``adversary`` and
 ``adversary_strong`` add a batch adversary of weight 1 and 3 to the defaults
-(``TrainConfig.batch_adversary``); ``uncentred`` is the defaults without bag centring
+(``TrainConfig.batch_adversary``), ``adversary_uncorrected`` a batch adversary of weight 1
+to ``balanced`` (the adversary as the only batch handling); ``uncentred`` is the defaults without bag centring
 (``model.center: false``)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
