@@ -244,7 +244,7 @@ class Worker:
         total = contrastive
         if out_a.batch_logits is not None and self.model.training:
             total = total + self.config.batch_adversary * batch_adversary_loss(
-                out_a.batch_logits, out_b.batch_logits, batch.batch)
+                out_a.batch_logits, out_b.batch_logits, batch_index)
         if not with_heads:
             return total, contrastive, {}
         supervised = 0.5 * (self.task_loss(out_a.task_outputs, batch.labels)[0]
