@@ -58,6 +58,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adversary_strong": {"batch_adversary": 3.0},
     "uncentred": {"model": {"center": False}},
     "adversary_uncorrected": {**_OFF, "batch_adversary": 1.0},
+    "adversary_uncorrected_strong": {**_OFF, "batch_adversary": 5.0},
     "tau03": {"loss": {"tau": 0.3}},
     "tau05": {"loss": {"tau": 0.5}},
 }
@@ -74,7 +75,7 @@ channel's weight is swept on their runs by :mod:`sampleclr_scale.bench.channel`)
 composition log-ratios halved, ``LoaderConfig.balance_strength``); ``adversary`` and
 ``adversary_strong`` add a batch adversary of weight 1 and 3 to the defaults
 (``TrainConfig.batch_adversary``), ``adversary_uncorrected`` a batch adversary of weight 1
-to ``balanced`` (the adversary as the only batch handling); ``uncentred`` is the defaults without bag centring
+to ``balanced`` (the adversary as the only batch handling; ``_strong``: weight 5); ``uncentred`` is the defaults without bag centring
 (``model.center: false``); ``tau03`` and ``tau05`` the defaults at temperature 0.3 and 0.5
 (``loss.tau``; the default is 0.1)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
