@@ -367,15 +367,18 @@ class TrainConfig(StageConfig):
     composition also set, which cost batch mixing and held-out scores on the mixed
     scenario; the per-(batch, cell type) correction removes per-type site shifts and gains
     (benchmarks/README.md, "Quality")."""
-    composition_channel: float = Field(default=1.75, ge=0.0)
+    composition_channel: float = Field(default=1.5, ge=0.0)
     """Weight of the batch-aware composition channel that ``embed`` appends to every
     donor embedding: the CLR of the donor's cell-type counts, centred per technical batch
     when the store has batches, next to the learned vector scaled to unit norm
     (``sampleclr_scale/store/composition.py``). Balanced views keep composition out of the
     learned vector (so it cannot be a donor's fingerprint in training); the channel puts it
     back, batch-aware. 0 leaves the learned vector alone; a store without ``cell_type``
-    codes gets no channel (embed warns). The default 1.75 was chosen by the worst scenario of
-    the quality benchmark (benchmarks/README.md, "Cohorts like real ones"). With a channel,
+    codes gets no channel (embed warns). The default 1.5 was chosen by the worst of the
+    quality benchmark's six scenarios (40 epochs, five seeds): a cohort whose severity
+    lives in composition only wants it large, one whose composition is noise (``shape``)
+    loses its trajectory above 1.5 (benchmarks/README.md, "Every scenario at 40 epochs").
+    With a channel,
     the supervised heads read the same composition (unweighted) beside the learned vector
     (``ModelConfig.head_composition``)."""
     batch_adversary: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
@@ -383,9 +386,10 @@ class TrainConfig(StageConfig):
     2015): a classifier learns each donor's technical batch from its representation while
     the reversed gradient teaches the encoder to hide it
     (``sampleclr_scale/model/adversary.py``); needs a store ingested with ``--batch-key``.
-    0 (the default) trains without one: the per-(batch, cell type) correction and the
-    batch-centred composition channel already mix the sites, and the adversary did not
-    improve on them (benchmarks/README.md, "A batch adversary")."""
+    0 (the default) trains without one: on top of the per-(batch, cell type) correction
+    and the batch-centred channel (which mix the sites) it changed no score beyond the
+    seeds' spread, and alone (weight 1 or 5, no correction) it left the sites unmixed
+    (benchmarks/README.md, "A batch adversary")."""
     workers: int = Field(default=2, ge=1, strict=True)
     """Ray Train workers (one process, and one GPU with use_gpu, each)."""
     use_gpu: bool = False
