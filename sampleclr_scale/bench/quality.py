@@ -64,20 +64,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types, the per-(site,
-cell type) correction (``standardize: auto`` with the store's statistics) and the
-composition channel of weight 1.5, temperature 0.5. ``balanced`` is the default before issue #20 (no batch
-handling, no channel); the variants above it leave some of that out, ``standardized``
-adds per-site standardisation and the variants below it add one thing each to it (as they
-were measured). ``type_standardized*`` replace the per-site standardisation with the
-per-(site, cell type) correction, with balanced or uniform views, without the channel (the
-channel's weight is swept on their runs by :mod:`sampleclr_scale.bench.channel`).
-``partly_balanced`` is the defaults with views balanced at strength 0.5 (each donor's
-composition log-ratios halved, ``LoaderConfig.balance_strength``); ``adversary`` and
-``adversary_strong`` add a batch adversary of weight 1 and 3 to the defaults
-(``TrainConfig.batch_adversary``), ``adversary_uncorrected`` a batch adversary of weight 1
-to ``balanced`` (the adversary as the only batch handling; ``_strong``: weight 5); ``uncentred`` is the defaults without bag centring
-(``model.center: false``); ``tau03`` and ``tau05`` the defaults at temperature 0.3 and 0.5
-(``loss.tau``; measured when the default was 0.1, now 0.5)."""
+cell type) correction (``standardize: auto`` with the store's statistics), the
+composition channel of weight 1.5 and temperature 0.5. ``balanced`` is the default before
+issue #20 (no batch handling, no channel); the variants above it leave some of that out,
+``standardized`` adds per-site standardisation and the variants below it add one thing
+each to it (as they were measured). ``type_standardized*`` replace the per-site
+standardisation with the per-(site, cell type) correction, with balanced or uniform views,
+without the channel (the channel's weight is swept on their runs by
+:mod:`sampleclr_scale.bench.channel`). ``partly_balanced`` is the defaults with views
+balanced at strength 0.5 (each donor's composition log-ratios halved,
+``LoaderConfig.balance_strength``); ``adversary`` and ``adversary_strong`` add a batch
+adversary of weight 1 and 3 to the defaults (``TrainConfig.batch_adversary``);
+``adversary_uncorrected`` adds one of weight 1 to ``balanced`` (the adversary as the only
+batch handling; ``_strong``: weight 5); ``uncentred`` is the defaults without bag
+centring (``model.center: false``); ``tau03`` and ``tau05`` set the temperature to 0.3
+and 0.5 (``loss.tau``; measured when the default was 0.1)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},

@@ -63,8 +63,7 @@ class XCLRConfig(ObjectiveConfig):
     kind: Literal["xclr"] = "xclr"
     """X-Sample Contrastive loss (Sobal et al. 2024), the SampleCLR objective."""
     tau: Temperature = 0.5
-    """Temperature of the representation similarities. 0.5, not the paper's 0.1 (the
-    functions' default, :func:`~sampleclr_scale.losses.xclr.xclr_loss`): at 0.1 the
+    """Temperature of the representation similarities. 0.5, not the paper's 0.1: at 0.1 the
     uniformity the loss asks for spreads the donors over the sphere as training goes on,
     and what varies continuously between them goes with it (``realistic`` cohort, five
     seeds: SPARE total 0.79 after 20 epochs, 0.70 after 40, trajectory 0.83 -> 0.69); at

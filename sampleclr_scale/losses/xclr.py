@@ -115,7 +115,7 @@ def xclr_loss(
     *,
     donor_index: Tensor | None = None,
     prior: Tensor | None = None,
-    tau: float = 0.1,
+    tau: float = 0.5,
     tau_graph: float = 0.1,
     batch_index: Tensor | None = None,
     negatives: Negatives = "all",
@@ -138,7 +138,8 @@ def xclr_loss(
         batch (two bags of one donor) is a false negative for itself; with a prior its
         two bags get the same target weight, so the prior handles it.
     tau : float
-        Temperature of the representation similarities (SampleCLR: 0.1).
+        Temperature of the representation similarities (SampleCLR: 0.1; 0.5 here, see
+        ``XCLRConfig.tau``).
     tau_graph : float
         Temperature of the prior similarities (SampleCLR: 0.1-0.2).
     batch_index : Tensor, optional
@@ -217,7 +218,7 @@ class XCLRLoss(nn.Module):
 
     def __init__(
         self,
-        tau: float = 0.1,
+        tau: float = 0.5,
         tau_graph: float = 0.1,
         prior: Tensor | None = None,
         negatives: Negatives = "all",

@@ -488,8 +488,8 @@ def test_pairwise_losses_reject_bad_weights() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("", XCLRConfig(tau=0.1, tau_graph=0.1, prior=None, negatives="all")),
-        ("loss: {kind: xclr, tau: 0.1, prior: gloscope}", XCLRConfig(prior="gloscope")),
+        ("", XCLRConfig(tau=0.5, tau_graph=0.1, prior=None, negatives="all")),
+        ("loss: {kind: xclr, tau: 0.1, prior: gloscope}", XCLRConfig(tau=0.1, prior="gloscope")),
         ("loss: {prior: pseudobulk, tau_graph: 0.2}",
          XCLRConfig(prior="pseudobulk", tau_graph=0.2)),
         ("loss: {kind: xclr, negatives: same_batch}", XCLRConfig(negatives="same_batch")),
