@@ -379,7 +379,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for everything the demo writes")
     p.add_argument("--donors", type=int, default=200)
     p.add_argument("--workers", type=int, default=2, help="Ray training workers and actors")
-    p.add_argument("--epochs", type=int, default=20, help="contrastive epochs per model")
+    p.add_argument("--epochs", type=int, default=40, help="contrastive epochs per model (40: "
+                   "what the defaults were chosen at)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_demo)
 

@@ -51,15 +51,15 @@ def demo_recipe(soma: Path, *, workers: int, epochs: int, seed: int) -> Pipeline
                 "loss": {"prior": "gloscope", "tau_graph": 0.1},
                 "tasks": [{"column": "severity", "kind": "ordinal"}],
                 "supervised_epochs": max(1, epochs // 2), "freeze_epochs": 2,
-                # the default 200 steps at the default 20 epochs; a shortened demo stays short
-                "supervised_min_steps": 10 * epochs}),
+                # the default 200 steps at the default 40 epochs; a shortened demo stays short
+                "supervised_min_steps": 5 * epochs}),
         },
         embed={"workers": workers, "seed": seed},
         write_back=SOMA_DIR,
     )
 
 
-def run_demo(out: Path, *, n_donors: int = 200, workers: int = 2, epochs: int = 20,
+def run_demo(out: Path, *, n_donors: int = 200, workers: int = 2, epochs: int = 40,
              seed: int = 0) -> dict:
     """Run the demo into ``out``; return the evaluation metrics.
 
