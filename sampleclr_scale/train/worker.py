@@ -166,8 +166,7 @@ class Worker:
             p.requires_grad_(not frozen_backbone)
         for p in self.model.head_parameters():
             p.requires_grad_(position.stage == 2)
-        for p in self.model.adversary_parameters():
-            p.requires_grad_(True)
+        # the batch adversary, if any, is never frozen: it learns in every stage
         self.net = self.model
         if self.world_size > 1:
             ids = [self.device] if self.device.type == "cuda" else None

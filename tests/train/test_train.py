@@ -177,8 +177,9 @@ def test_unknown_prior_and_unknown_keys():
 @pytest.mark.parametrize(("setting", "key"), [
     ({"loader": {"balance_strength": 1.5}}, r"loader\.balance_strength"),
     ({"loader": {"balance_strength": -0.1}}, r"loader\.balance_strength"),
-    ({"optim": {"head_lr_scale": 0}}, r"optim\.head_lr_scale")])
-def test_out_of_range_view_balance_and_head_rate_are_refused(setting, key):
+    ({"optim": {"head_lr_scale": 0}}, r"optim\.head_lr_scale"),
+    ({"batch_adversary": -1.0}, r"batch_adversary")])
+def test_out_of_range_view_balance_head_rate_and_adversary_are_refused(setting, key):
     with pytest.raises(InputError, match=key):
         TrainConfig.from_mapping(setting)
 
