@@ -214,11 +214,23 @@ class IngestConfig(StageConfig):
 
 
 
+DEFAULT_GLOBAL_BATCH = 32
+"""Donors per optimiser step when ``loader.batch_size`` is unset. The defaults were chosen
+at 32 (4 steps an epoch on a 128-donor training split); 2 workers of 32 each (64 a step,
+2 steps an epoch, the learning rate scaled by sqrt 2) lost 0.05 of SPARE total on the
+quality benchmark's ``composition`` cohort (benchmarks/README.md, "The defaults as
+`train` runs them")."""
+
+
 class LoaderConfig(StageConfig):
     """How two-view donor bags are sampled and batched."""
 
-    batch_size: int = Field(default=32, ge=1)
-    """Donors per batch on one process (the global batch is this times the world size)."""
+    batch_size: int | None = Field(default=None, ge=1)
+    """Donors per batch on one process (the global batch is this times the world size).
+    None: :data:`DEFAULT_GLOBAL_BATCH` donors per optimiser step in all, split over the
+    processes (at least 1 each; :meth:`process_batch`), the global batch the defaults were
+    measured at, whatever the number of workers. Set it to grow the batch with the
+    workers (e.g. 32 a GPU)."""
     cells_per_view: int = Field(default=1000, ge=1)
     """Cells per view ``m``; with ``min_cells_per_view`` set, the largest view size."""
     min_cells_per_view: int | None = Field(default=None, ge=1)
@@ -281,6 +293,13 @@ class LoaderConfig(StageConfig):
     def view_range(self) -> tuple[int, int]:
         """Smallest and largest number of cells in a view."""
         return (self.min_cells_per_view or self.cells_per_view, self.cells_per_view)
+
+    def process_batch(self, world_size: int) -> int:
+        """Donors per batch on each of ``world_size`` processes: ``batch_size``, or
+        :data:`DEFAULT_GLOBAL_BATCH` split over them when it is unset."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return max(1, DEFAULT_GLOBAL_BATCH // world_size)
 
 
 class TaskConfig(StageConfig):
@@ -438,7 +457,7 @@ class TrainConfig(StageConfig):
         if self.global_batch < 2:
             raise ValueError(
                 f"a global batch of {self.global_batch} donor (workers {self.workers} x "
-                f"loader.batch_size {self.loader.batch_size}) has no other donors to contrast "
+                f"loader.batch_size {self.worker_batch}) has no other donors to contrast "
                 "with, so its loss is 0 and nothing is learnt: set loader.batch_size or "
                 "workers so that workers x loader.batch_size is at least 2")
         return self
@@ -455,9 +474,14 @@ class TrainConfig(StageConfig):
                 raise ValueError(f"model (preset {preset}): {describe_errors(err)}") from None
 
     @property
+    def worker_batch(self) -> int:
+        """Donors per batch on each worker (:meth:`LoaderConfig.process_batch`)."""
+        return self.loader.process_batch(self.workers)
+
+    @property
     def global_batch(self) -> int:
         """Donors per optimisation step over all workers."""
-        return self.workers * self.loader.batch_size
+        return self.workers * self.worker_batch
 
     @property
     def learning_rate(self) -> float:

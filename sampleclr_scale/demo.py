@@ -42,8 +42,7 @@ def demo_recipe(soma: Path, *, workers: int, epochs: int, seed: int) -> Pipeline
                 "min_cells": 100, "stratify": "severity", "seed": seed},
         prior="gloscope",
         train={"workers": workers, "epochs": epochs, "seed": seed, "patience": None,
-               "loader": {"batch_size": max(1, 32 // workers), "cells_per_view": 1000,
-                          "seed": seed},
+               "loader": {"cells_per_view": 1000, "seed": seed},
                "log_every": 1000},
         models={
             "sampleclr_unsupervised": ModelRecipe(embed_modes=["random", "centrality"]),

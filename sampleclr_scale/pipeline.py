@@ -344,8 +344,8 @@ def _fit_batch(config: PipelineConfig, model: str, overrides: dict[str, Any],
     (and at least 2).
     """
     train_config = config.train_config(model, overrides)
-    batch = max(2, min(train_config.loader.batch_size, n_train // train_config.workers))
-    if batch == train_config.loader.batch_size:
+    batch = max(2, min(train_config.worker_batch, n_train // train_config.workers))
+    if batch == train_config.worker_batch:
         return train_config
     print(f"   {model}: {batch} donors per worker batch ({n_train} training donors)")
     return config.train_config(model, _merge(overrides, {"loader": {"batch_size": batch}}))

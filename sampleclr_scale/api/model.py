@@ -198,7 +198,8 @@ class SampleCLR:
         Notes
         -----
         Unless ``loader={"batch_size": ...}`` was given, a cohort of fewer training
-        samples than the default batch (32 per worker) trains on batches of all of them;
+        samples than the default batch (32 a step, split over the workers) trains on
+        batches of all of them;
         unless ``loader={"cells_per_view": ...}`` was given, a view holds at most half of
         the median sample's cells (1000 by default: the paper's).
         The bag store is built once, at the first call (in the working directory); a
@@ -432,7 +433,7 @@ def _fitted_loader(config: TrainConfig, store: BagStore, workers: int) -> dict[s
     loader = config.loader.model_dump(exclude_unset=True)
     if "batch_size" not in config.loader.model_fields_set:
         n_train = len(store.split_donors("train"))
-        loader["batch_size"] = min(config.loader.batch_size, max(n_train // workers, 1))
+        loader["batch_size"] = min(config.loader.process_batch(workers), max(n_train // workers, 1))
     if "cells_per_view" not in config.loader.model_fields_set:
         half = int(np.median(store.cells_per_donor)) // 2
         loader["cells_per_view"] = min(config.loader.cells_per_view, max(half, 1))

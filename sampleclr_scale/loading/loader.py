@@ -173,6 +173,7 @@ class DonorBagDataset(IterableDataset):
         if rank is None:
             rank, world_size = rank_and_world_size()
         self.rank, self.world_size = int(rank), int(world_size)
+        self.batch_size = config.process_batch(self.world_size)  # donors per batch, this rank
         self.epoch = 0
         self.start_step = 0
         store = BagStore(self.store_path)
@@ -195,14 +196,14 @@ class DonorBagDataset(IterableDataset):
             raise InputError(f"bag store {store.location} has no per-batch statistics to "
                              "standardise with", "re-ingest with --batch-key COL ..., or "
                              "train with standardize: none")
-        steps_per_epoch(len(self._donors), self.config.batch_size, self.world_size,
+        steps_per_epoch(len(self._donors), self.batch_size, self.world_size,
                         self.config.drop_last)
         check_views_fit(store, self.config)
         check_reader(store, self.config.reader)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
-        return steps_per_epoch(len(self._donors), self.config.batch_size, self.world_size,
+        return steps_per_epoch(len(self._donors), self.batch_size, self.world_size,
                                self.config.drop_last)
 
     @property
@@ -234,7 +235,7 @@ class DonorBagDataset(IterableDataset):
         process (or DataLoader worker) produces, from the start step on."""
         shard = self._shard()
         batches = rank_batches(self._donors, seed=self.config.seed, epoch=self.epoch,
-                               batch_size=self.config.batch_size, shard=shard,
+                               batch_size=self.batch_size, shard=shard,
                                drop_last=self.config.drop_last)
         return batches, worker_steps(len(batches), shard, self.start_step)
 

@@ -69,7 +69,7 @@ def training_stages(config: TrainConfig, n_train: int, with_tasks: bool
     too short to reach ``supervised_min_steps`` steps (``n_train`` training donors)."""
     stages = [(1, config.epochs)]
     if with_tasks and config.supervised_epochs:
-        steps = steps_per_epoch(n_train, config.loader.batch_size, config.workers,
+        steps = steps_per_epoch(n_train, config.worker_batch, config.workers,
                                 config.loader.drop_last)
         stages.append((2, max(config.supervised_epochs,
                               -(-config.supervised_min_steps // steps))))
@@ -231,7 +231,7 @@ def validation_loader_config(store: BagStore, config: TrainConfig) -> LoaderConf
     n_val = len(store.split_donors("validation"))
     if n_val == 0:
         return None
-    batch = max(1, min(config.loader.batch_size, n_val // config.workers))
+    batch = max(1, min(config.worker_batch, n_val // config.workers))
     return config.loader.model_copy(update={"batch_size": batch, "drop_last": False,
                                             "num_workers": 0})
 
@@ -242,7 +242,7 @@ def check_run(store: BagStore, config: TrainConfig) -> list[TaskInfo]:
     n_train = len(store.split_donors("train"))
     if n_train < config.global_batch:
         raise InputError(
-            f"{config.workers} workers x {config.loader.batch_size} donors per batch need "
+            f"{config.workers} workers x {config.worker_batch} donors per batch need "
             f"{config.global_batch} training donors per step; the store has {n_train}",
             "use fewer --workers or a smaller loader.batch_size",
         )

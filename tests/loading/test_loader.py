@@ -81,6 +81,13 @@ def test_ranks_split_the_donors_and_get_equal_batches(store_path):
     assert len(set(donors[0]) & set(donors[1])) <= padding
 
 
+def test_an_unset_batch_is_32_donors_a_step_split_over_the_ranks(store_path):
+    config = LoaderConfig(cells_per_view=30)  # batch_size unset
+    for world, per_rank in [(1, 32), (2, 16), (3, 10)]:
+        batches = _epoch(DonorBagDataset(store_path, config, rank=world - 1, world_size=world))
+        assert {len(b.donor) for b in batches} == {per_rank}, world
+
+
 def test_resume_mid_epoch_continues_identically(store_path):
     config = LoaderConfig(batch_size=2, cells_per_view=30)
     full = _epoch(DonorBagDataset(store_path, config), epoch=3)

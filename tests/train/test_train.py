@@ -202,6 +202,21 @@ def test_more_workers_than_donors_can_feed(store_path, tmp_path):
         train(store_path, str(tmp_path / "r"), config)
 
 
+@pytest.mark.parametrize(("workers", "per_worker"), [(1, 32), (2, 16), (3, 10), (4, 8),
+                                                     (64, 1)])
+def test_an_unset_batch_is_32_donors_a_step_whatever_the_workers(workers, per_worker):
+    config = TrainConfig.from_mapping({"workers": workers})
+    assert config.loader.batch_size is None
+    assert config.worker_batch == per_worker and config.global_batch == workers * per_worker
+    assert config.learning_rate == pytest.approx(1e-3 * np.sqrt(config.global_batch / 32))
+    # the run's saved config resolves the same way on resume
+    again = TrainConfig.model_validate_json(config.model_dump_json())
+    assert again.loader.batch_size is None and again.worker_batch == per_worker
+    # a set batch is per worker, as before
+    assert TrainConfig.from_mapping({"workers": workers, "loader": {"batch_size": 32}}
+                                    ).global_batch == 32 * workers
+
+
 def test_learning_rate_scales_with_the_global_batch():
     base = {"optim": {"lr": 1e-3, "reference_batch": 32}}
     sqrt = TrainConfig.from_mapping({**base, "workers": 4, "loader": {"batch_size": 32}})
