@@ -213,7 +213,6 @@ class IngestConfig(StageConfig):
         return self
 
 
-
 DEFAULT_GLOBAL_BATCH = 32
 """Donors per optimiser step when ``loader.batch_size`` is unset. The defaults were chosen
 at 32 (4 steps an epoch on a 128-donor training split); 2 workers of 32 each (64 a step,
@@ -377,7 +376,8 @@ class TrainConfig(StageConfig):
     every epoch. Either way a stage ends on its best validation weights. Off by default:
     X-CLR can sit on a plateau for its first epochs: at 10, 5 of the benchmark's 35 runs
     at the defaults (40 epochs) would have stopped early, 3 of them on weights from their
-    first 6 epochs, near the collapsed loss (benchmarks/README.md, "Early stopping")."""
+    first 6 epochs, near the collapsed loss (benchmarks/README.md, "The defaults as
+    `train` runs them")."""
     standardize: Literal["auto", "batch", "batch_cell_type", "none"] = "auto"
     """Cell features as the model sees them: ``"batch"`` standardises each feature within
     the donor's technical batch (the store's statistics from ``ingest --batch-key``),
