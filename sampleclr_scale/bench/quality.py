@@ -59,6 +59,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adversary_uncorrected": {**_OFF, "batch_adversary": 1.0},
     "adversary_uncorrected_strong": {**_OFF, "batch_adversary": 5.0},
     "tau03": {"loss": {"tau": 0.3}},
+    "tau07": {"loss": {"tau": 0.7}},
+    "tau10": {"loss": {"tau": 1.0}},
+    "prior05": {"loss": {"prior": "gloscope"}},
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types, the per-(site,
@@ -75,8 +78,10 @@ balanced at strength 0.5 (each donor's composition log-ratios halved,
 the defaults (``TrainConfig.batch_adversary``);
 ``adversary_uncorrected`` adds one of weight 1 to ``balanced`` (the adversary as the only
 batch handling; ``_strong``: weight 5); ``uncentred`` is the defaults without bag
-centring (``model.center: false``); ``tau03`` sets the temperature to 0.3 (``loss.tau``;
-measured against 0.1 and 0.5 when the default was 0.1, as ``tau05``: the default now)."""
+centring (``model.center: false``); ``tau03``, ``tau07`` and ``tau10`` set the
+temperature to 0.3, 0.7 and 1.0 (``loss.tau``; 0.3 was measured against 0.1 and 0.5 when
+the default was 0.1, as ``tau05``: the default now); ``prior05`` is the defaults with
+X-CLR's GloScope prior (``loss.prior``)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},

@@ -27,6 +27,9 @@ def test_every_variant_is_a_valid_training_config_of_one_change():
     assert [t.column for t in supervised.tasks] == ["severity"]
     assert supervised.supervised_epochs == 2 and default.supervised_epochs == 0
     assert recipe.train_config("same_batch_seed0").loss.negatives == "same_batch"
+    prior = recipe.train_config("prior05_seed0").loss
+    assert (prior.prior, prior.tau) == ("gloscope", 0.5)
+    assert recipe.train_config("tau10_seed1").loss.tau == 1.0
     assert recipe.ingest_config("bags.zarr").batch_key == ["dataset_id"]
 
 
