@@ -7,9 +7,12 @@ embedding ``BASE_seedN`` of a ``bench quality`` scenario directory, this writes
 ``BASE_cW_seedN`` (the learned vectors, without the channel their run may have appended,
 with the channel of weight ``W``: exactly what ``embed`` writes for a model trained with
 ``composition_channel: W``) and scores them with the
-evaluation stage, next to the scenario's other runs and the baselines.
+evaluation stage, next to the scenario's other runs and the baselines. With
+``--standardise`` the learned block is :func:`standardised_channel`'s instead
+(``BASE_sW_seedN``; not what ``embed`` writes: a measurement of that choice).
 
-Run: ``python -m sampleclr_scale.bench.channel WORKDIR/SCENARIO BASE W [W ...] --json F``.
+Run: ``python -m sampleclr_scale.bench.channel WORKDIR/SCENARIO BASE W [W ...] --json F
+[--standardise]``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,8 +34,25 @@ from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.composition import composition_channel, donor_type_counts
 
 
-def channel_sweep(scenario_dir: Path, base: str, weights: list[float]) -> dict[str, Any]:
-    """Score ``base``'s embeddings with the composition channel of each weight.
+def standardised_channel(z: np.ndarray, counts: np.ndarray, batch: np.ndarray | None,
+                         weight: float) -> np.ndarray:
+    """``[s(z), weight * c / rms(c)]``: :func:`composition_channel` with the learned block
+    ``s(z)`` the unit vectors of ``z`` centred over the donors and scaled to root-mean-square
+    norm 1, like the channel. The weight then means the same whatever the angular spread
+    of ``z`` (X-CLR's prior packs the donors into a narrow cone; benchmarks/README.md,
+    "The defaults as `train` runs them"). Float32 ``[N, D + K]``."""
+    both = composition_channel(z, counts, batch, weight)
+    unit, channel = both[:, :z.shape[1]].astype(np.float64), both[:, z.shape[1]:]
+    centred = unit - unit.mean(axis=0)
+    rms = np.sqrt(np.mean(np.sum(centred * centred, axis=1)))
+    learned = centred / rms if rms > 0 else centred
+    return np.hstack([learned.astype(np.float32), channel])
+
+
+def channel_sweep(scenario_dir: Path, base: str, weights: list[float],
+                  standardise: bool = False) -> dict[str, Any]:
+    """Score ``base``'s embeddings with the composition channel of each weight (with
+    ``standardise``, :func:`standardised_channel`'s).
 
     Returns
     -------
@@ -48,13 +69,14 @@ def channel_sweep(scenario_dir: Path, base: str, weights: list[float]) -> dict[s
     for weight in weights:
         for path in runs:
             seed = path.name.rsplit("_seed", 1)[1]
-            name = f"{base}_c{weight:g}_seed{seed}"
+            name = f"{base}_{'s' if standardise else 'c'}{weight:g}_seed{seed}"
             out = scenario_dir / "channel" / name
             out.mkdir(parents=True, exist_ok=True)
             _, z = read_embeddings(path)
             z = z[:, :_learned_width(path)]  # a run trained with a channel: without it
             table = pq.read_table(path / DONORS_PARQUET).drop(["z"])
-            zc = composition_channel(z, counts, store.donor_batch, weight)
+            combine = standardised_channel if standardise else composition_channel
+            zc = combine(z, counts, store.donor_batch, weight)
             vectors = pa.FixedSizeListArray.from_arrays(pa.array(zc.ravel(), pa.float32()),
                                                         zc.shape[1])
             pq.write_table(table.append_column("z", vectors), out / DONORS_PARQUET)
@@ -78,10 +100,13 @@ def main() -> None:
     parser.add_argument("base")
     parser.add_argument("weights", type=float, nargs="+")
     parser.add_argument("--json", required=True)
+    parser.add_argument("--standardise", action="store_true",
+                        help="the learned block centred and scaled like the channel")
     args = parser.parse_args()
-    methods = channel_sweep(args.scenario_dir, args.base, args.weights)
+    methods = channel_sweep(args.scenario_dir, args.base, args.weights, args.standardise)
     Path(args.json).write_text(json.dumps({"scenario": args.scenario_dir.name,
                                            "base": args.base, "weights": args.weights,
+                                           "standardise": args.standardise,
                                            "methods": methods}, indent=2) + "\n")
     from sampleclr_scale.bench.quality import quality_table
 
