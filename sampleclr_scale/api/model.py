@@ -199,9 +199,9 @@ class SampleCLR:
         -----
         Unless ``loader={"batch_size": ...}`` was given, a cohort of fewer training
         samples than the default batch (32 a step, split over the workers) trains on
-        batches of all of them;
-        unless ``loader={"cells_per_view": ...}`` was given, a view holds at most half of
-        the median sample's cells (1000 by default: the paper's).
+        batches of all of them; unless ``loader={"cells_per_view": ...}`` was given, a
+        view holds at most half of the median sample's cells (1000 by default: the
+        paper's).
         The bag store is built once, at the first call (in the working directory); a
         second call trains a new run on it.
         """
