@@ -391,20 +391,35 @@ class TrainConfig(StageConfig):
     composition also set, which cost batch mixing and held-out scores on the mixed
     scenario; the per-(batch, cell type) correction removes per-type site shifts and gains
     (benchmarks/README.md, "Quality")."""
-    composition_channel: float = Field(default=1.5, ge=0.0)
+    composition_channel: float = Field(default=1.75, ge=0.0)
     """Weight of the batch-aware composition channel that ``embed`` appends to every
     donor embedding: the CLR of the donor's cell-type counts, centred per technical batch
-    when the store has batches, next to the learned vector scaled to unit norm
-    (``sampleclr_scale/store/composition.py``). Balanced views keep composition out of the
-    learned vector (so it cannot be a donor's fingerprint in training); the channel puts it
-    back, batch-aware. 0 leaves the learned vector alone; a store without ``cell_type``
-    codes gets no channel (embed warns). The default 1.5 was chosen by the worst of the
-    quality benchmark's six scenarios (40 epochs, five seeds): a cohort whose severity
-    lives in composition only wants it large, one whose composition is noise (``shape``)
-    loses its trajectory above 1.5 (benchmarks/README.md, "Every scenario at 40 epochs").
-    With a channel,
-    the supervised heads read the same composition (unweighted) beside the learned vector
+    when the store has batches, scaled to root mean square norm 1, next to the learned
+    vector (``learned_block``; ``sampleclr_scale/store/composition.py``). Balanced views
+    keep composition out of the learned vector (so it cannot be a donor's fingerprint in
+    training); the channel puts it back, batch-aware. 0 leaves the learned vector alone; a
+    store without ``cell_type`` codes gets no channel (embed warns). The default 1.75 was
+    chosen by the worst of the quality benchmark's seven scenarios (40 epochs, five seeds,
+    all and held-out donors, with the prior and the standardised learned block): a cohort
+    whose severity lives in composition only wants it large, one whose composition is
+    noise (``shape``, ``mixed``) loses severity and trajectory as it grows; worst margin
+    over the best baseline -0.032 / -0.026 / -0.030 / -0.046 at 1.5 / 1.75 / 2 / 2.25
+    (benchmarks/README.md, "The GloScope prior by default"). With a channel, the
+    supervised heads read the same composition (unweighted) beside the learned vector
     (``ModelConfig.head_composition``)."""
+    learned_block: Literal["auto", "unit", "standardised"] = "auto"
+    """How ``embed`` scales the learned vector next to the composition channel: ``"unit"``
+    as ``z / |z|``; ``"standardised"`` as ``(z / |z| - m) / s``, with ``m`` the mean of the
+    training donors' unit vectors and ``s`` their root mean square distance from it
+    (computed when training ends and saved in the model, so every store the model embeds,
+    a query of one donor too, gets the same map; ``sampleclr_scale/train/reference.py``);
+    ``"auto"`` is ``"standardised"`` for a loss with a prior (``loss.prior``) and
+    ``"unit"`` otherwise. The prior packs the donors' unit vectors into a narrow cone
+    (mean cosine distance 0.07-0.11 on the ``shape`` cohort, 0.99 without it), next to
+    which the channel would outweigh them several-fold; standardised, both blocks have
+    root mean square norm 1. Without a prior, unit vectors are already spread and
+    standardising them cost ``composition`` 0.07 (benchmarks/README.md, "The defaults as
+    `train` runs them"). No effect without a channel."""
     batch_adversary: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     """Weight of a batch adversary's loss (domain-adversarial training, Ganin & Lempitsky
     2015): a classifier learns each donor's technical batch from its representation while

@@ -1,7 +1,7 @@
 """``sampleclr-scale demo``: the whole pipeline on the built-in simulated cohort.
 
 simulate a cohort -> SOMA experiment -> ingest -> GloScope prior -> train (unsupervised
-SampleCLR; supervised SampleCLR on severity with the prior) -> embed every donor ->
+SampleCLR; supervised SampleCLR on severity; both with the prior) -> embed every donor ->
 write back into the SOMA experiment and the store -> evaluate against the baselines ->
 report. Everything runs on a local Ray. After the simulation this is a recipe
 (:class:`~sampleclr_scale.pipeline.PipelineConfig`) run by
@@ -27,12 +27,12 @@ def demo_recipe(soma: Path, *, workers: int, epochs: int, seed: int) -> Pipeline
     """The demo's recipe for the simulated cohort written to ``soma``.
 
     Two models with the default settings (learned cell features pooled from centred
-    bags, views balanced over cell types, features standardised per site, the site being
-    the technical batch): unsupervised SampleCLR, embedded with cells drawn like its
-    training views and, for comparison, SampleCLR's lowest-centrality rule; and SampleCLR
-    supervised on severity with the GloScope prior. 16 donors per worker and step make
-    the paper's 32 per step with 2 workers. The evaluation uses the simulated cohort's
-    covariates (the EvaluateConfig defaults).
+    bags, views balanced over cell types, cells corrected per (site, cell type), the site
+    being the technical batch, X-CLR with the GloScope prior, the composition channel):
+    unsupervised SampleCLR, embedded with cells drawn like its training views and, for
+    comparison, SampleCLR's lowest-centrality rule; and SampleCLR supervised on severity.
+    The default global batch is the paper's 32 donors a step, whatever the workers. The
+    evaluation uses the simulated cohort's covariates (the EvaluateConfig defaults).
     """
     return PipelineConfig(
         name="demo",
@@ -47,7 +47,6 @@ def demo_recipe(soma: Path, *, workers: int, epochs: int, seed: int) -> Pipeline
         models={
             "sampleclr_unsupervised": ModelRecipe(embed_modes=["random", "centrality"]),
             "sampleclr_supervised_prior": ModelRecipe(train={
-                "loss": {"prior": "gloscope", "tau_graph": 0.1},
                 "tasks": [{"column": "severity", "kind": "ordinal"}],
                 "supervised_epochs": max(1, epochs // 2), "freeze_epochs": 2,
                 # the default 200 steps at the default 40 epochs; a shortened demo stays short

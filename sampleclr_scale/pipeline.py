@@ -85,7 +85,8 @@ class PipelineConfig(StageConfig):
     prior: PriorConfig | None = None
     """Donor-similarity prior built into the store before training: PriorConfig keys, or
     just its kind (``prior: gloscope``) for the default settings; a model's
-    ``loss.prior`` must name its kind."""
+    ``loss.prior`` must then name its kind (or none). None builds the priors that the
+    models' losses name (the default X-CLR loss: GloScope), with the default settings."""
     train: dict[str, Any] = Field(default_factory=dict)
     """TrainConfig keys shared by every model."""
     models: dict[str, ModelRecipe] = Field(
@@ -127,11 +128,18 @@ class PipelineConfig(StageConfig):
                     raise ValueError(f"model name {model!r} cannot name embedding {label!r}")
                 self.embed_config(label, mode)
             prior = self.train_config(model).loss.store_prior
-            built = None if self.prior is None else self.prior.kind
-            if prior is not None and prior != built:
+            if self.prior is not None and prior not in (None, self.prior.kind):
                 raise ValueError(f"model {model!r} trains with the {prior} prior, but the "
-                                 f"recipe builds {built}: set prior: {prior}")
+                                 f"recipe builds {self.prior.kind}: set prior: {prior}")
         return self
+
+    def priors(self) -> list[PriorConfig]:
+        """The priors built into the store before training: the recipe's, or those the
+        models' losses name (default settings)."""
+        if self.prior is not None:
+            return [self.prior]
+        kinds = {self.train_config(model).loss.store_prior for model in self.models}
+        return [PriorConfig(kind=kind) for kind in sorted(kinds - {None})]
 
     def with_source(self, source: str) -> PipelineConfig:
         """The same recipe reading ``source`` (validated again)."""
@@ -271,16 +279,12 @@ class _Run:
         return n_train
 
     def prior(self) -> None:
-        """Build the recipe's prior into the store, unless it is there."""
-        from sampleclr_scale.prior.build import build_prior
-        from sampleclr_scale.prior.storage import available_priors, save_prior
+        """Build the recipe's priors into the store, unless they are there."""
+        from sampleclr_scale.prior.build import ensure_prior
 
-        prior = self.config.prior
-        if prior is None:
-            return
-        self.header("prior", f"{prior.kind} prior between donors (Ray tasks)")
-        if prior.kind not in available_priors(str(self.store)):
-            save_prior(str(self.store), build_prior(str(self.store), prior))
+        for prior in self.config.priors():
+            self.header("prior", f"{prior.kind} prior between donors (Ray tasks)")
+            ensure_prior(str(self.store), prior)
 
     def train(self, model: str, n_train: int) -> str:
         """Train ``model`` (resuming an interrupted run); its run directory."""

@@ -26,6 +26,7 @@ from sampleclr_scale.evaluate.spare import ordered_values
 from sampleclr_scale.ingest.cohort import DONOR_SEPARATOR
 from sampleclr_scale.ingest.stage import ingest
 from sampleclr_scale.pipeline import STORE_DIR, PipelineConfig, _merge, run_pipeline
+from sampleclr_scale.prior.config import PriorConfig
 from sampleclr_scale.store.bag_store import BagStore
 from tests.conftest import PAPER_DATASETS
 
@@ -108,6 +109,17 @@ def test_a_census_recipe_may_write_nothing_back():
     values = read_yaml(PBMC)
     values["write_back"] = False
     assert PipelineConfig.from_mapping(values).write_back is False
+
+
+def test_a_recipe_without_a_prior_builds_the_ones_its_models_name():
+    values = {**read_yaml(PBMC), "prior": None}
+    recipe = PipelineConfig.from_mapping(values)  # the models name gloscope
+    assert [p.kind for p in recipe.priors()] == ["gloscope"]
+    assert recipe.priors()[0] == PriorConfig(kind="gloscope")  # the defaults
+    values["train"] = {**values["train"], "loss": {"prior": None}}
+    assert PipelineConfig.from_mapping(values).priors() == []
+    values["prior"] = "pseudobulk"  # built, and no model needs another
+    assert [p.kind for p in PipelineConfig.from_mapping(values).priors()] == ["pseudobulk"]
 
 
 def test_model_settings_merge_over_shared_ones():

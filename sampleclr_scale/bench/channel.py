@@ -8,8 +8,10 @@ embedding ``BASE_seedN`` of a ``bench quality`` scenario directory, this writes
 with the channel of weight ``W``: exactly what ``embed`` writes for a model trained with
 ``composition_channel: W``) and scores them with the
 evaluation stage, next to the scenario's other runs and the baselines. With
-``--standardise`` the learned block is :func:`standardised_channel`'s instead
-(``BASE_sW_seedN``; not what ``embed`` writes: a measurement of that choice).
+``--standardise`` the learned block is standardised by the run's training donors
+(``BASE_sW_seedN``: what ``embed`` writes for the model trained with ``learned_block:
+standardised``; the reference computed from ``WORKDIR/SCENARIO/runs/BASE_seedN`` as
+training computes it, :func:`~sampleclr_scale.train.reference.model_reference`).
 
 Run: ``python -m sampleclr_scale.bench.channel WORKDIR/SCENARIO BASE W [W ...] --json F
 [--standardise]``.
@@ -22,37 +24,29 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sampleclr_scale.bench.quality import _scores
+from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.embed.config import DONORS_PARQUET, PROVENANCE_FILE
 from sampleclr_scale.evaluate.config import EvaluateConfig
 from sampleclr_scale.evaluate.run import evaluate, read_embeddings
 from sampleclr_scale.store.bag_store import BagStore
-from sampleclr_scale.store.composition import composition_channel, donor_type_counts
-
-
-def standardised_channel(z: np.ndarray, counts: np.ndarray, batch: np.ndarray | None,
-                         weight: float) -> np.ndarray:
-    """``[s(z), weight * c / rms(c)]``: :func:`composition_channel` with the learned block
-    ``s(z)`` the unit vectors of ``z`` centred over the donors and scaled to root-mean-square
-    norm 1, like the channel. The weight then means the same whatever the angular spread
-    of ``z`` (X-CLR's prior packs the donors into a narrow cone; benchmarks/README.md,
-    "The defaults as `train` runs them"). Float32 ``[N, D + K]``."""
-    both = composition_channel(z, counts, batch, weight)
-    unit, channel = both[:, :z.shape[1]].astype(np.float64), both[:, z.shape[1]:]
-    centred = unit - unit.mean(axis=0)
-    rms = np.sqrt(np.mean(np.sum(centred * centred, axis=1)))
-    learned = centred / rms if rms > 0 else centred
-    return np.hstack([learned.astype(np.float32), channel])
+from sampleclr_scale.store.composition import (
+    LearnedReference,
+    composition_channel,
+    donor_type_counts,
+)
+from sampleclr_scale.train.artifact import load_model
+from sampleclr_scale.train.reference import model_reference
 
 
 def channel_sweep(scenario_dir: Path, base: str, weights: list[float],
                   standardise: bool = False) -> dict[str, Any]:
     """Score ``base``'s embeddings with the composition channel of each weight (with
-    ``standardise``, :func:`standardised_channel`'s).
+    ``standardise``, beside the learned block standardised by each run's training
+    donors).
 
     Returns
     -------
@@ -66,6 +60,8 @@ def channel_sweep(scenario_dir: Path, base: str, weights: list[float],
         raise SystemExit(f"no {base}_seed* embeddings under {scenario_dir / 'embeddings'}")
     every = sorted(p for p in (scenario_dir / "embeddings").iterdir() if p.is_dir())
     named = [f"{p.name}={p}" for p in every]  # every trained run, scored alongside
+    references = {path: _reference(store, scenario_dir / "runs" / path.name)
+                  for path in runs} if standardise else {}
     for weight in weights:
         for path in runs:
             seed = path.name.rsplit("_seed", 1)[1]
@@ -75,8 +71,8 @@ def channel_sweep(scenario_dir: Path, base: str, weights: list[float],
             _, z = read_embeddings(path)
             z = z[:, :_learned_width(path)]  # a run trained with a channel: without it
             table = pq.read_table(path / DONORS_PARQUET).drop(["z"])
-            combine = standardised_channel if standardise else composition_channel
-            zc = combine(z, counts, store.donor_batch, weight)
+            zc = composition_channel(z, counts, store.donor_batch, weight,
+                                     references.get(path))
             vectors = pa.FixedSizeListArray.from_arrays(pa.array(zc.ravel(), pa.float32()),
                                                         zc.shape[1])
             pq.write_table(table.append_column("z", vectors), out / DONORS_PARQUET)
@@ -84,6 +80,18 @@ def channel_sweep(scenario_dir: Path, base: str, weights: list[float],
     metrics = evaluate(named, str(store.location), str(scenario_dir / "channel" / "report"),
                        EvaluateConfig())
     return {name: _scores(method) for name, method in metrics["methods"].items()}
+
+
+def _reference(store: BagStore, run: Path) -> LearnedReference:
+    """The learned reference of the model in ``run`` on its training donors, computed as
+    a run with ``learned_block: standardised`` computes it when training ends."""
+    model, artifact = load_model(run)
+    config = TrainConfig.model_validate({**artifact["train_config"],
+                                         "learned_block": "standardised"})
+    reference = model_reference(store, config, model.config, model.state_dict())
+    if reference is None:
+        raise SystemExit(f"{run}: its run has no composition channel to standardise beside")
+    return reference
 
 
 def _learned_width(embedding: Path) -> int:
@@ -101,7 +109,7 @@ def main() -> None:
     parser.add_argument("weights", type=float, nargs="+")
     parser.add_argument("--json", required=True)
     parser.add_argument("--standardise", action="store_true",
-                        help="the learned block centred and scaled like the channel")
+                        help="the learned block standardised by each run's training donors")
     args = parser.parse_args()
     methods = channel_sweep(args.scenario_dir, args.base, args.weights, args.standardise)
     Path(args.json).write_text(json.dumps({"scenario": args.scenario_dir.name,

@@ -28,13 +28,16 @@ from typing import Any
 from sampleclr_scale.pipeline import ModelRecipe, PipelineConfig, run_pipeline
 from sampleclr_scale.simulate import cohorts as synthetic
 
-_OFF = {"standardize": "none", "composition_channel": 0.0}  # the batch handling before #20
+_NO_PRIOR = {"prior": None}
+_OFF = {"standardize": "none", "composition_channel": 0.0,  # the batch handling before #20
+        "loss": _NO_PRIOR}
 _UNIFORM = {**_OFF, "loader": {"balance": None}}
 PAPER = {"model": {"pooling": "cells", "center": False}, **_UNIFORM}
 """The published model: weighted sums of raw cell features, uniform views, no batch
 handling."""
-_TYPE = {"standardize": "batch_cell_type", "composition_channel": 0.0}
+_TYPE = {"standardize": "batch_cell_type", "composition_channel": 0.0, "loss": _NO_PRIOR}
 _ORDINAL = {"tasks": [{"column": "severity", "kind": "ordinal"}]}
+_INFONCE = {"loss": _NO_PRIOR, "composition_channel": 1.5}
 VARIANTS: dict[str, dict[str, Any]] = {
     "paper": PAPER,
     "paper_batchnorm": {**PAPER, "model": {**PAPER["model"], "norm": "batchnorm"}},
@@ -45,7 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "balanced_supervised": {**_OFF, **_ORDINAL},
     "batch_standardized": {**_OFF, "standardize": "batch", "loader": {"balance": None}},
     "standardized": {**_OFF, "standardize": "batch"},
-    "same_batch": {**_OFF, "standardize": "batch", "loss": {"negatives": "same_batch"}},
+    "same_batch": {**_OFF, "standardize": "batch",
+                   "loss": {**_NO_PRIOR, "negatives": "same_batch"}},
     "prior": {**_OFF, "standardize": "batch", "loss": {"prior": "gloscope"}},
     "supervised": {**_OFF, "standardize": "batch", **_ORDINAL},
     "type_standardized": _TYPE,
@@ -53,35 +57,40 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "type_standardized_supervised": {**_TYPE, **_ORDINAL},
     "default": {},
     "default_supervised": _ORDINAL,
-    "partly_balanced": {"loader": {"balance_strength": 0.5}},
-    "adversary": {"batch_adversary": 1.0},
-    "uncentred": {"model": {"center": False}},
+    "infonce": _INFONCE,
+    "infonce_supervised": {**_INFONCE, **_ORDINAL},
+    "partly_balanced": {**_INFONCE, "loader": {"balance_strength": 0.5}},
+    "adversary": {**_INFONCE, "batch_adversary": 1.0},
+    "uncentred": {**_INFONCE, "model": {"center": False}},
     "adversary_uncorrected": {**_OFF, "batch_adversary": 1.0},
     "adversary_uncorrected_strong": {**_OFF, "batch_adversary": 5.0},
-    "tau03": {"loss": {"tau": 0.3}},
-    "tau07": {"loss": {"tau": 0.7}},
-    "tau10": {"loss": {"tau": 1.0}},
-    "prior05": {"loss": {"prior": "gloscope"}},
+    "tau03": {**_INFONCE, "loss": {**_NO_PRIOR, "tau": 0.3}},
+    "tau07": {**_INFONCE, "loss": {**_NO_PRIOR, "tau": 0.7}},
+    "tau10": {**_INFONCE, "loss": {**_NO_PRIOR, "tau": 1.0}},
+    "prior05": {"composition_channel": 1.5, "learned_block": "unit"},
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types, the per-(site,
-cell type) correction (``standardize: auto`` with the store's statistics), the
-composition channel of weight 1.5 and temperature 0.5. ``balanced`` is the default before
-issue #20 (no batch handling, no channel); the variants above it leave some of that out,
-``standardized`` adds per-site standardisation and the variants below it add one thing
-each to it (as they were measured). ``type_standardized*`` replace the per-site
+cell type) correction (``standardize: auto`` with the store's statistics), X-CLR at
+temperature 0.5 with the GloScope prior, and the composition channel of weight 1.75
+beside the learned vector standardised by the training donors (``learned_block: auto``).
+``infonce`` is the defaults before the prior (no prior, unit vectors, channel 1.5), which
+``partly_balanced``, ``adversary``, ``uncentred`` and ``tau03``/``tau07``/``tau10`` each
+change in one setting, as they were measured. ``balanced`` is the default before issue
+#20 (no batch handling, no channel, no prior); the variants above it leave some of that
+out, ``standardized`` adds per-site standardisation and the variants below it add one
+thing each to it (as they were measured). ``type_standardized*`` replace the per-site
 standardisation with the per-(site, cell type) correction, with balanced or uniform views,
 without the channel (the channel's weight is swept on their runs by
-:mod:`sampleclr_scale.bench.channel`). ``partly_balanced`` is the defaults with views
-balanced at strength 0.5 (each donor's composition log-ratios halved,
-``LoaderConfig.balance_strength``); ``adversary`` adds a batch adversary of weight 1 to
-the defaults (``TrainConfig.batch_adversary``);
-``adversary_uncorrected`` adds one of weight 1 to ``balanced`` (the adversary as the only
-batch handling; ``_strong``: weight 5); ``uncentred`` is the defaults without bag
-centring (``model.center: false``); ``tau03``, ``tau07`` and ``tau10`` set the
-temperature to 0.3, 0.7 and 1.0 (``loss.tau``; 0.3 was measured against 0.1 and 0.5 when
-the default was 0.1, as ``tau05``: the default now); ``prior05`` is the defaults with
-X-CLR's GloScope prior (``loss.prior``)."""
+:mod:`sampleclr_scale.bench.channel`). ``partly_balanced`` has views balanced at
+strength 0.5 (each donor's composition log-ratios halved,
+``LoaderConfig.balance_strength``); ``adversary`` adds a batch adversary of weight 1
+(``TrainConfig.batch_adversary``); ``adversary_uncorrected`` adds one of weight 1 to
+``balanced`` (the adversary as the only batch handling; ``_strong``: weight 5);
+``uncentred`` has no bag centring (``model.center: false``); ``tau03``, ``tau07`` and
+``tau10`` set the temperature to 0.3, 0.7 and 1.0 (``loss.tau``; 0.3 was measured against
+0.1 and 0.5 when the default was 0.1); ``prior05`` is the defaults with the learned block
+as unit vectors beside a channel of 1.5 (the prior as first measured)."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},

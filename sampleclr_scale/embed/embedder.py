@@ -80,6 +80,7 @@ from sampleclr_scale.storage import Location, staged_output
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.composition import (
     COMPOSITION_COLUMN,
+    LearnedReference,
     composition_channel,
     composition_positions,
     donor_type_counts,
@@ -211,7 +212,8 @@ def complete_write_back(store_path: str | Path, run_dir: str | Path, out: str | 
 
 def _with_composition(store: BagStore, z: np.ndarray, artifact: dict[str, Any]) -> np.ndarray:
     """``z`` with the composition channel of a model trained with
-    ``composition_channel > 0`` (:func:`~sampleclr_scale.store.composition.composition_channel`);
+    ``composition_channel > 0`` (:func:`~sampleclr_scale.store.composition.composition_channel`;
+    the learned block standardised by the model's learned reference where it has one);
     unchanged, with a warning, for a store without ``cell_type`` codes."""
     weight = float((artifact.get("train_config") or {}).get("composition_channel", 0.0))
     if weight <= 0:
@@ -221,10 +223,13 @@ def _with_composition(store: BagStore, z: np.ndarray, artifact: dict[str, Any]) 
                     "--cell-columns %s to add it)", store.location, COMPOSITION_COLUMN,
                     COMPOSITION_COLUMN)
         return z
-    log.info("appending the composition channel (weight %g, %s)", weight,
-             "CLR centred per batch" if store.donor_batch is not None else "CLR")
+    record = artifact.get("learned_reference")
+    log.info("appending the composition channel (weight %g, %s) to the learned vector %s",
+             weight, "CLR centred per batch" if store.donor_batch is not None else "CLR",
+             "unit-norm" if record is None else "standardised by the training donors")
     counts = donor_type_counts(store, COMPOSITION_COLUMN)
-    return composition_channel(z, counts, store.donor_batch, weight)
+    return composition_channel(z, counts, store.donor_batch, weight,
+                               None if record is None else LearnedReference.from_record(record))
 
 
 def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,

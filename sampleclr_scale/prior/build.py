@@ -38,6 +38,7 @@ from sampleclr_scale.prior.similarity import (
     symmetric_kl,
     unit_rows,
 )
+from sampleclr_scale.prior.storage import available_priors, save_prior
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.pseudobulk import BLOCK_ROWS, donor_means
 
@@ -80,6 +81,19 @@ def build_prior(store_path: str, config: PriorConfig) -> PriorGraph:
     params["pairs"] = len(a)
     timings["total"] = time.perf_counter() - start
     return symmetric_graph(store.n_donors, a, b, values, config.kind, params, timings)
+
+
+def ensure_prior(store_path: str, config: PriorConfig) -> bool:
+    """Build ``config``'s prior into the store and save it, unless the store has a prior
+    of that kind (kept as it is, whatever its settings); whether it was built.
+
+    What the pipeline's prior stage does, and what ``train`` does for a loss whose prior
+    the store lacks (the default X-CLR loss uses the GloScope prior).
+    """
+    if config.kind in available_priors(store_path):
+        return False
+    save_prior(store_path, build_prior(store_path, config))
+    return True
 
 
 def correction(store: BagStore, config: PriorConfig) -> str:

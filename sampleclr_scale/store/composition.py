@@ -8,7 +8,14 @@ some types) does not tell batches apart.
 
 The *composition channel* appends that vector to a learned donor embedding:
 ``[z / |z|, weight * c / rms(c)]``, with ``rms(c)`` the root mean square norm of the
-donors' centred CLR vectors. Balanced views make the learned part blind to composition
+donors' centred CLR vectors; or, given a model's *learned reference* (the mean ``m`` of
+its training donors' unit vectors and their root mean square distance ``s`` from it,
+:func:`learned_reference`), ``[(z / |z| - m) / s, weight * c / rms(c)]``: both blocks
+then have root mean square norm about 1 whatever the angular spread of ``z`` (X-CLR's
+prior packs the donors into a narrow cone, where unit vectors would leave the channel
+several-fold heavier; benchmarks/README.md, "The defaults as `train` runs them").
+
+Balanced views make the learned part blind to composition
 by design (so composition cannot be the donors' fingerprint during training); the channel
 puts composition back into the donor embedding, deterministically and batch-aware. With
 cosine distances, ``weight`` sets the channel's share: for unit-norm blocks the squared
@@ -18,15 +25,16 @@ norm of the whole vector is ``1 + weight^2``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.store.bag_store import BagStore
 
-__all__ = ["COMPOSITION_COLUMN", "PSEUDOCOUNT", "center_per_batch", "clr",
-           "composition_channel", "composition_features", "composition_positions",
-           "donor_composition", "donor_type_counts"]
+__all__ = ["COMPOSITION_COLUMN", "PSEUDOCOUNT", "LearnedReference", "center_per_batch",
+           "clr", "composition_channel", "composition_features", "composition_positions",
+           "donor_composition", "donor_type_counts", "learned_reference"]
 
 COMPOSITION_COLUMN = "cell_type"
 """The cell-level column whose composition the channel and the supervised heads see."""
@@ -75,10 +83,52 @@ def donor_type_counts(store: BagStore, column: str, block_rows: int = _BLOCK_ROW
     return counts.reshape(store.n_donors, n_types)
 
 
+class LearnedReference(NamedTuple):
+    """Where a model's training donors lie: the centre and spread of their unit vectors."""
+
+    mean: np.ndarray
+    """Float64 ``[D]``: the mean of the donors' unit vectors ``z / |z|``."""
+    rms: float
+    """The root mean square norm of the unit vectors minus ``mean`` (> 0)."""
+
+    def record(self) -> dict[str, Any]:
+        """Plain data (saved in the model artifact); :meth:`from_record` reads it back."""
+        return {"mean": [float(v) for v in self.mean], "rms": float(self.rms)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> LearnedReference:
+        """The reference of a :meth:`record`."""
+        return cls(np.asarray(record["mean"], dtype=np.float64), float(record["rms"]))
+
+
+def learned_reference(z: np.ndarray) -> LearnedReference:
+    """The centre and spread of the unit vectors of ``z`` (``[N, D]``, N >= 2 donors).
+
+    Raises
+    ------
+    ValueError
+        When the unit vectors do not spread (fewer than two distinct donors).
+    """
+    unit = _unit_rows(z)
+    mean = unit.mean(axis=0)
+    rms = float(np.sqrt(np.mean(np.sum((unit - mean) ** 2, axis=1))))
+    if not rms > 1e-9:
+        raise ValueError(f"the {len(unit)} donors' unit vectors do not spread (rms "
+                         f"{rms:.3g} about their mean): no scale to standardise by")
+    return LearnedReference(mean, rms)
+
+
+def _unit_rows(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
 def composition_channel(z: np.ndarray, counts: np.ndarray, batch: np.ndarray | None,
-                        weight: float) -> np.ndarray:
+                        weight: float, reference: LearnedReference | None = None
+                        ) -> np.ndarray:
     """``[z / |z|, weight * c / rms(c)]`` with ``c`` the CLR of ``counts``, centred per
-    batch when ``batch`` is given (see the module docstring).
+    batch when ``batch`` is given; with ``reference``, the learned block is ``(z / |z| -
+    reference.mean) / reference.rms`` (see the module docstring).
 
     Parameters
     ----------
@@ -90,14 +140,17 @@ def composition_channel(z: np.ndarray, counts: np.ndarray, batch: np.ndarray | N
         Int ``[N]`` batch codes, or None.
     weight
         The channel's weight (> 0).
+    reference
+        The model's training donors' :func:`learned_reference`, or None for unit vectors.
 
     Returns
     -------
     np.ndarray
         Float32 ``[N, D + K]``.
     """
-    learned = np.asarray(z, dtype=np.float64)
-    learned = learned / np.maximum(np.linalg.norm(learned, axis=1, keepdims=True), 1e-12)
+    learned = _unit_rows(z)
+    if reference is not None:
+        learned = (learned - reference.mean) / reference.rms
     return np.hstack([learned, weight * composition_features(counts, batch)]).astype(
         np.float32)
 

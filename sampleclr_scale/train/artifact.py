@@ -25,21 +25,26 @@ def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
                state_dict: dict[str, Any], tasks: list[TaskInfo], train_config: dict[str, Any],
                store: str, history: list[dict[str, Any]], standardize: bool | str | None = False,
                balance: str | None = None,
-               feature_spec: dict[str, Any] | None = None) -> Location:
+               feature_spec: dict[str, Any] | None = None,
+               learned_reference: dict[str, Any] | None = None) -> Location:
     """Write ``run_dir/model.pt`` atomically (a local path or a URI).
 
     ``standardize`` records how the model saw cell features standardised (``"batch"``,
     ``"batch_cell_type"``; None or False: not), ``balance`` the cell-level column its
     views were balanced over, so that embedding does the same; ``feature_spec`` the
     store's feature-spec record (:meth:`~sampleclr_scale.store.feature_spec.PCASpec.record`),
-    so that embedding refuses a store of another feature space.
+    so that embedding refuses a store of another feature space; ``learned_reference`` the
+    training donors' :class:`~sampleclr_scale.store.composition.LearnedReference` record
+    (:mod:`~sampleclr_scale.train.reference`), by which embedding standardises the learned
+    block next to the composition channel (None: unit vectors).
     """
     path = Location(run_dir) / MODEL_FILE
     path.write_torch({"model_config": model_config.model_dump(mode="json"),
                       "state_dict": state_dict, "tasks": [asdict(t) for t in tasks],
                       "train_config": train_config, "store": store, "history": history,
                       "standardize": standardize, "balance": balance,
-                      "feature_spec": feature_spec})
+                      "feature_spec": feature_spec,
+                      "learned_reference": learned_reference})
     return path
 
 

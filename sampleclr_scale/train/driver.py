@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from sampleclr_scale.cluster import check_resources, ensure_ray, is_local
 from sampleclr_scale.config import TrainConfig
-from sampleclr_scale.errors import InputError
+from sampleclr_scale.errors import InputError, path_error
 from sampleclr_scale.loading.loader import resolve_balance
 from sampleclr_scale.storage import Location, claim
 from sampleclr_scale.storage.outputs import check_apart
@@ -38,6 +38,7 @@ from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
 from sampleclr_scale.train.progress import TrainingConsole, ray_feed
+from sampleclr_scale.train.reference import model_reference
 from sampleclr_scale.train.session import LocalSession
 from sampleclr_scale.train.worker import DIVERGED_FILE, Worker, train_worker
 
@@ -157,6 +158,7 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
     [(1, 0), (1, 1), (2, 2)]
     """
     store = BagStore(store_path)
+    build_loss_prior(store, config)
     tasks = setup.check_run(store, config)
     if in_process and config.workers != 1:
         raise InputError(f"an in-process run has one worker, the config asks for "
@@ -177,6 +179,42 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
         check_store_unchanged(store)
         model_path = _publish(run, store, config, tasks, state)
     return TrainResult(run, model_path, state.history)
+
+
+def build_loss_prior(store: BagStore, config: TrainConfig) -> None:
+    """Build the prior the loss names (``loss.prior``, the GloScope prior by default) into
+    a store that has none, with the prior stage's default settings
+    (:func:`~sampleclr_scale.prior.build.ensure_prior`); a store that has one keeps it.
+
+    Raises
+    ------
+    InputError
+        When it cannot be built there (a read-only store, too few cells per donor), saying
+        how to build it apart or to train without a prior.
+    """
+    from sampleclr_scale.prior.build import ensure_prior
+    from sampleclr_scale.prior.config import PriorConfig
+    from sampleclr_scale.prior.storage import available_priors
+
+    kind = config.loss.store_prior
+    if kind is None or kind in available_priors(store.location.uri):
+        return
+    log.info("building the %s prior that loss.prior names into %s (the prior stage's "
+             "defaults; `sampleclr-scale prior` builds it with others)", kind, store.location)
+    fix = (f"build it yourself (`sampleclr-scale prior --store {store.location} --kind "
+           f"{kind}` with settings that fit, where the store can be written), or train "
+           "without a prior (loss.prior: null)")
+    try:
+        ensure_prior(store.location.uri, PriorConfig(kind=kind))
+    except InputError as err:
+        raise InputError(f"loss.prior {kind}: the store has no {kind} prior and building "
+                         f"one failed: {err.problem}", f"{err.fix}; or {fix}") from None
+    except OSError as err:
+        known = path_error(err)
+        if known is None:
+            raise
+        raise InputError(f"loss.prior {kind}: the store has no {kind} prior and it could "
+                         f"not be written there: {known.problem}", fix) from None
 
 
 def check_store_unchanged(store: BagStore) -> None:
@@ -204,14 +242,18 @@ def _publish(run: Location, store: BagStore, config: TrainConfig, tasks: list[se
              state: TrainState) -> Location:
     """Write the finished run's model (its best weights) and metrics; the model's path."""
     weights = state.best_model if state.best_model is not None else state.model
-    model_path = save_model(run, model_config=setup.model_config(store, config, tasks),
+    model_config = setup.model_config(store, config, tasks)
+    reference = model_reference(store, config, model_config, weights)
+    model_path = save_model(run, model_config=model_config,
                             state_dict=weights, tasks=tasks,
                             train_config=config.model_dump(mode="json"),
                             store=store.location.uri, history=state.history,
                             standardize=setup.standardizes(store, config),
                             balance=resolve_balance(store, config.loader.balance),
                             feature_spec=None if store.feature_spec is None
-                            else store.feature_spec.record())
+                            else store.feature_spec.record(),
+                            learned_reference=None if reference is None
+                            else reference.record())
     (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
     log.info("model written to %s", model_path)
     return model_path

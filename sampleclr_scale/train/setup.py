@@ -163,6 +163,17 @@ def standardizes(store: BagStore, config: TrainConfig) -> str | None:
     return None if config.standardize == "none" else config.standardize
 
 
+def standardises_learned(store: BagStore, config: TrainConfig) -> bool:
+    """Whether ``embed`` standardises the run's learned block next to the composition
+    channel (``TrainConfig.learned_block``, ``auto`` resolved): only where there is a
+    channel (a weight above 0 and ``cell_type`` codes in the store)."""
+    if config.composition_channel <= 0 or COMPOSITION_COLUMN not in store.code_columns:
+        return False
+    if config.learned_block == "auto":
+        return config.loss.store_prior is not None
+    return config.learned_block == "standardised"
+
+
 def describe_run(store: BagStore, config: TrainConfig) -> str:
     """What the run balances its views over, how it corrects batches and whether embed
     appends the composition channel, each with why: the settings that depend on what
@@ -177,7 +188,9 @@ def describe_run(store: BagStore, config: TrainConfig) -> str:
                 " (the store has no --batch-key with cell_type codes)"
                 if config.standardize == "auto" else "")),
         (f"composition channel of weight {config.composition_channel:g}"
-         + (" (CLR centred per batch)" if store.donor_batch is not None else ""))
+         + (" (CLR centred per batch)" if store.donor_batch is not None else "")
+         + (" beside the learned vector standardised by the training donors"
+            if standardises_learned(store, config) else ""))
         if config.composition_channel > 0 and has_types
         else "no composition channel" + (" (the store has no cell_type codes)"
                                          if config.composition_channel > 0 else ""),

@@ -15,7 +15,7 @@ def test_every_variant_is_a_valid_training_config_of_one_change():
     paper = recipe.train_config("paper_seed1")
     assert (default.model.get("pooling"), paper.model["pooling"]) == (None, "cells")
     assert paper.loader.balance is None and default.loader.balance == "auto"
-    assert default.standardize == "auto" and default.composition_channel == 1.5
+    assert default.standardize == "auto" and default.composition_channel == 1.75
     before = recipe.train_config("balanced_seed0")
     assert (before.standardize, before.composition_channel) == ("none", 0.0)
     assert recipe.train_config("standardized_seed0").standardize == "batch"
@@ -27,8 +27,12 @@ def test_every_variant_is_a_valid_training_config_of_one_change():
     assert [t.column for t in supervised.tasks] == ["severity"]
     assert supervised.supervised_epochs == 2 and default.supervised_epochs == 0
     assert recipe.train_config("same_batch_seed0").loss.negatives == "same_batch"
-    prior = recipe.train_config("prior05_seed0").loss
-    assert (prior.prior, prior.tau) == ("gloscope", 0.5)
+    assert (default.loss.prior, default.loss.tau) == ("gloscope", 0.5)
+    prior05 = recipe.train_config("prior05_seed0")
+    assert (prior05.loss.prior, prior05.learned_block, prior05.composition_channel) == (
+        "gloscope", "unit", 1.5)
+    for name in ("infonce", "tau10", "balanced", "same_batch", "paper"):
+        assert recipe.train_config(f"{name}_seed1").loss.prior is None, name
     assert recipe.train_config("tau10_seed1").loss.tau == 1.0
     assert recipe.ingest_config("bags.zarr").batch_key == ["dataset_id"]
 

@@ -488,7 +488,7 @@ def test_pairwise_losses_reject_bad_weights() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("", XCLRConfig(tau=0.5, tau_graph=0.1, prior=None, negatives="all")),
+        ("", XCLRConfig(tau=0.5, tau_graph=0.1, prior="gloscope", negatives="all")),
         ("loss: {kind: xclr, tau: 0.1, prior: gloscope}", XCLRConfig(tau=0.1, prior="gloscope")),
         ("loss: {prior: pseudobulk, tau_graph: 0.2}",
          XCLRConfig(prior="pseudobulk", tau_graph=0.2)),
@@ -565,7 +565,8 @@ def test_every_objective_config_has_its_loss_module() -> None:
 @pytest.mark.parametrize("config_class", LOSS_CONFIGS)
 def test_every_objective_takes_the_same_call(config_class: type) -> None:
     config = config_class()
-    loss = build_objective(config)
+    prior = None if config.store_prior is None else torch.eye(4) * 0.5 + 0.5  # X-CLR's default
+    loss = build_objective(config, prior)
     a, b = _views(8, 4, 3)
     donors, batches = torch.tensor([0, 3, 1, 3]), torch.tensor([0, 0, 1, 1])
     with_batches = loss(_t(a), _t(b), donors, batches)

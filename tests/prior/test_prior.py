@@ -280,8 +280,8 @@ def test_gloscope_similarity_is_higher_within_a_severity(store_path, dense_prior
 @pytest.mark.ray
 @pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
 def test_save_load_replace_and_missing(store_path, dense_priors, tmp_path):
-    store_copy = tmp_path / "bags.zarr"
-    shutil.copytree(store_path, store_copy)
+    store_copy = tmp_path / "bags.zarr"  # without the prior a default training run built
+    shutil.copytree(store_path, store_copy, ignore=shutil.ignore_patterns("priors"))
     store = str(store_copy)
     with pytest.raises(InputError, match=f"sampleclr-scale prior --store {store} --kind gloscope"):
         load_prior(store, "gloscope")

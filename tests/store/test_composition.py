@@ -11,12 +11,14 @@ from sampleclr_scale.errors import InputError
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.composition import (
     PSEUDOCOUNT,
+    LearnedReference,
     center_per_batch,
     clr,
     composition_channel,
     composition_features,
     donor_composition,
     donor_type_counts,
+    learned_reference,
 )
 
 
@@ -53,6 +55,59 @@ def test_composition_channel_is_unit_z_next_to_scaled_centred_clr() -> None:
     raw = clr(counts)
     np.testing.assert_allclose(plain[:, 4:], raw / math.sqrt(np.mean(np.sum(raw ** 2, 1))),
                                rtol=1e-5)
+
+
+def _plain_reference(z: np.ndarray) -> tuple[list[float], float]:
+    """The mean of the unit rows and their root-mean-square distance from it: a loop."""
+    rows = [[x / math.sqrt(sum(v * v for v in r)) for x in r] for r in z.tolist()]
+    mean = [sum(r[j] for r in rows) / len(rows) for j in range(len(rows[0]))]
+    sq = [sum((x - m) ** 2 for x, m in zip(r, mean, strict=True)) for r in rows]
+    return mean, math.sqrt(sum(sq) / len(rows))
+
+
+def test_learned_reference_matches_a_plain_loop_and_round_trips() -> None:
+    z = np.random.default_rng(2).normal(size=(9, 5))
+    reference = learned_reference(z)
+    mean, rms = _plain_reference(z)
+    np.testing.assert_allclose(reference.mean, mean, rtol=1e-12)
+    assert reference.rms == pytest.approx(rms, rel=1e-12)
+    again = LearnedReference.from_record(reference.record())
+    np.testing.assert_array_equal(again.mean, reference.mean)
+    assert again.rms == reference.rms
+    with pytest.raises(ValueError, match="do not spread"):
+        learned_reference(np.tile(z[:1], (4, 1)) * [[1.0], [2.0], [3.0], [4.0]])
+
+
+def test_the_channel_standardises_the_learned_block_by_the_reference() -> None:
+    rng = np.random.default_rng(3)
+    z, counts = rng.normal(size=(7, 4)), rng.integers(0, 40, (7, 3))
+    batch = np.array([0, 0, 1, 1, 1, 0, 1])
+    reference = learned_reference(rng.normal(size=(20, 4)))  # other donors': the model's
+    out = composition_channel(z, counts, batch, 1.75, reference)
+    for i in range(7):
+        unit = z[i] / np.linalg.norm(z[i])
+        np.testing.assert_allclose(out[i, :4], (unit - reference.mean) / reference.rms,
+                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out[:, 4:], composition_channel(z, counts, batch, 1.75)[:, 4:])
+    # a single donor keeps its learned block (it is not centred on itself)
+    one = composition_channel(z[:1], counts[:1], None, 1.75, reference)
+    np.testing.assert_allclose(one[0, :4], out[0, :4], rtol=1e-6)
+    assert np.linalg.norm(one[0, :4]) > 0.1
+
+
+def test_a_narrow_cone_of_donors_weighs_as_much_as_a_spread_one() -> None:
+    # donors packed around one direction (as X-CLR's prior leaves them), standardised by
+    # their own reference, get a learned block of rms norm 1 like donors spread over the
+    # sphere; as unit vectors they barely move next to the channel
+    rng = np.random.default_rng(1)
+    pattern = rng.normal(size=(10, 6))
+    counts = rng.integers(0, 30, size=(10, 3))
+    for z in (pattern, 0.05 * pattern + np.eye(6)[0] * 10):
+        block = composition_channel(z, counts, None, 1.0, learned_reference(z))[:, :6]
+        assert np.sqrt(np.mean(np.sum(block ** 2, axis=1))) == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(block.mean(axis=0), 0.0, atol=1e-6)
+    unit = composition_channel(0.05 * pattern + np.eye(6)[0] * 10, counts, None, 1.0)[:, :6]
+    assert np.mean(np.linalg.norm(unit - unit.mean(0), axis=1)) < 0.05
 
 
 def test_donor_type_counts_match_the_codes(store_path) -> None:

@@ -16,11 +16,17 @@ import numpy as np
 import pytest
 
 from sampleclr_scale.config import TrainConfig
+from sampleclr_scale.embed.config import EmbedConfig
+from sampleclr_scale.embed.embedder import embed
+from sampleclr_scale.embed.worker import embed_donors
+from sampleclr_scale.evaluate.run import read_embeddings
 from sampleclr_scale.prior.build import build_prior
 from sampleclr_scale.prior.config import PriorConfig
 from sampleclr_scale.prior.storage import load_prior, save_prior
 from sampleclr_scale.store.bag_store import BagStore
-from sampleclr_scale.train.driver import train
+from sampleclr_scale.store.composition import LearnedReference, learned_reference
+from sampleclr_scale.train.artifact import load_model
+from sampleclr_scale.train.driver import TrainResult, train
 
 BATCH = 8
 SHORT_RUN = {"preset": "small", "loader": {"batch_size": BATCH, "cells_per_view": 32},
@@ -57,14 +63,57 @@ def test_the_corrected_prior_ranks_donors_less_by_their_site(prior_store):
     assert _site_mass(store, corrected) < _site_mass(store, stored)
 
 
+@pytest.fixture(scope="module")
+def prior_run(prior_store, tmp_path_factory) -> TrainResult:
+    """A short run with the prior (and the defaults' composition channel)."""
+    run = tmp_path_factory.mktemp("prior-run") / "run"
+    return train(prior_store, str(run), TrainConfig.from_mapping(SHORT_RUN), in_process=True)
+
+
 @pytest.mark.ray
-def test_a_short_run_with_the_prior_leaves_the_collapsed_loss(prior_store, tmp_path):
+def test_a_short_run_with_the_prior_leaves_the_collapsed_loss(prior_run):
     # On this small cohort the corrected prior's targets are nearly uniform (their mean
     # entropy over batches of 8 is about 1.93, log(8) = 2.08): the run can close only that
     # gap. A run at the stationary point stays within 0.01 of log(B) (the benchmark's
     # collapsed seed: 3.46 against log(32) = 3.466); this one ends about 0.07 below it.
-    result = train(prior_store, str(tmp_path / "run"), TrainConfig.from_mapping(SHORT_RUN),
-                   in_process=True)
-    losses = [m["train_loss"] for m in result.history]
+    losses = [m["train_loss"] for m in prior_run.history]
     assert np.mean(losses[-10:]) < math.log(BATCH) - 0.04, losses
     assert np.mean(losses[-10:]) < losses[0] - 0.04, losses
+
+
+@pytest.mark.ray
+def test_the_model_standardises_its_learned_block_by_its_training_donors(prior_store,
+                                                                         prior_run, tmp_path):
+    # with a prior the learned block is standardised (learned_block: auto): the run saves
+    # the centre and spread of its training donors' unit vectors as embed draws them, and
+    # embed maps every donor by them, so the training donors' block is centred, rms 1
+    store = BagStore(prior_store)
+    model, artifact = load_model(prior_run.run_dir)
+    train_donors = [int(d) for d in store.split_donors("train")]
+    z = embed_donors(store, model, train_donors, EmbedConfig(),
+                     standardize=artifact["standardize"], balance=artifact["balance"]).z
+    saved = LearnedReference.from_record(artifact["learned_reference"])
+    expected = learned_reference(z)
+    np.testing.assert_allclose(saved.mean, expected.mean, atol=1e-6)
+    assert saved.rms == pytest.approx(expected.rms, rel=1e-5)
+    assert saved.rms < 0.9  # a cone, not unit vectors spread over the sphere
+
+    embed(prior_store, str(prior_run.run_dir), str(tmp_path / "emb"),
+          EmbedConfig(run_name="prior"), write_back=False, in_process=True)
+    donors, vectors = read_embeddings(tmp_path / "emb")
+    block = vectors[np.isin(donors, train_donors), : model.config.output_dim]
+    np.testing.assert_allclose(block.mean(axis=0), 0.0, atol=1e-4)
+    assert np.sqrt(np.mean(np.sum(block ** 2, axis=1))) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.ray
+def test_a_run_without_a_prior_keeps_unit_vectors(prior_store, tmp_path):
+    # learned_block auto without a prior: unit vectors, no reference saved; and a run
+    # that asks for the standardised block without a channel has nothing to scale against
+    short = {**SHORT_RUN, "epochs": 1, "loss": {"prior": None}}
+    for name, overrides in (("plain", {}),
+                            ("no-channel", {"learned_block": "standardised",
+                                            "composition_channel": 0.0})):
+        result = train(prior_store, str(tmp_path / name),
+                       TrainConfig.from_mapping({**short, **overrides}), in_process=True)
+        assert load_model(result.run_dir)[1]["learned_reference"] is None
