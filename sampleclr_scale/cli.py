@@ -373,8 +373,8 @@ def _run_simulate(args: argparse.Namespace) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in simulated cohort",
                        description="Simulate a cohort, write it as a SOMA experiment, ingest "
-                       "it, build the GloScope prior, train SampleCLR (unsupervised; supervised "
-                       "on severity with the prior), embed every donor, write back, evaluate "
+                       "it, build the GloScope prior, train SampleCLR with it (unsupervised; "
+                       "supervised on severity), embed every donor, write back, evaluate "
                        "against the baselines and write a report. Local Ray, CPU only.")
     p.add_argument("--out", required=True, help="directory for everything the demo writes")
     p.add_argument("--donors", type=int, default=200)

@@ -188,8 +188,10 @@ class SampleCLR:
         max_epochs
             Epochs of the contrastive stage (``epochs``); default the model's setting.
         workers
-            1 trains in this process, without Ray; more trains data-parallel with Ray
-            Train (a local Ray, or the cluster that ``RAY_ADDRESS`` names).
+            1 trains in this process, without Ray Train; more trains data-parallel with
+            Ray Train (a local Ray, or the cluster that ``RAY_ADDRESS`` names). Either
+            way the first run builds the GloScope prior of the default loss into the
+            bag store, as Ray tasks (``loss={"prior": None}`` trains without one).
         use_gpu
             Train on GPUs; default: when torch sees one.
         **config

@@ -68,6 +68,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tau07": {**_INFONCE, "loss": {**_NO_PRIOR, "tau": 0.7}},
     "tau10": {**_INFONCE, "loss": {**_NO_PRIOR, "tau": 1.0}},
     "prior05": {"composition_channel": 1.5, "learned_block": "unit"},
+    "partly_balanced_prior": {"loader": {"balance_strength": 0.5}},
 }
 """TrainConfig overrides of each variant. ``default`` is TrainConfig's defaults: learned
 cell features pooled from centred bags, views balanced over cell types, the per-(site,
@@ -90,7 +91,8 @@ strength 0.5 (each donor's composition log-ratios halved,
 ``uncentred`` has no bag centring (``model.center: false``); ``tau03``, ``tau07`` and
 ``tau10`` set the temperature to 0.3, 0.7 and 1.0 (``loss.tau``; 0.3 was measured against
 0.1 and 0.5 when the default was 0.1); ``prior05`` is the defaults with the learned block
-as unit vectors beside a channel of 1.5 (the prior as first measured)."""
+as unit vectors beside a channel of 1.5 (the prior as first measured);
+``partly_balanced_prior`` is the defaults with views balanced at strength 0.5."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "shape": {"n_donors": 160},
     "mixed": {"n_donors": 200},
