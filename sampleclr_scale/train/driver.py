@@ -158,12 +158,12 @@ def train(store_path: str, run_dir: str, config: TrainConfig, *, resume: bool = 
     [(1, 0), (1, 1), (2, 2)]
     """
     store = BagStore(store_path)
-    build_loss_prior(store, config)
-    tasks = setup.check_run(store, config)
     if in_process and config.workers != 1:
         raise InputError(f"an in-process run has one worker, the config asks for "
                          f"{config.workers}", "set workers: 1 (and the batch size of the "
                          "global batch you want), or train with Ray")
+    build_loss_prior(store, config)
+    tasks = setup.check_run(store, config)
     if in_process:
         setup.local_device(config)  # no GPU for use_gpu: refused before the run is written
     run = Location(run_dir)

@@ -47,8 +47,12 @@ def test_train_builds_the_default_prior_and_keeps_one_that_is_there(store_path, 
           in_process=True)
     assert load_prior(store, "gloscope").params["k"] == 10
 
-    # and a run without a prior builds none
+    # a run refused for its settings builds nothing; nor does a run without a prior
     other = _bare_copy(store_path, tmp_path / "other")
+    with pytest.raises(InputError, match="in-process run has one worker"):
+        train(other, str(tmp_path / "two"),
+              TrainConfig.from_mapping({**ONE_EPOCH, "workers": 2}), in_process=True)
+    assert available_priors(other) == []
     train(other, str(tmp_path / "plain"),
           TrainConfig.from_mapping({**ONE_EPOCH, "loss": {"prior": None}}), in_process=True)
     assert available_priors(other) == []
