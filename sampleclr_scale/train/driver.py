@@ -194,18 +194,18 @@ def build_loss_prior(store: BagStore, config: TrainConfig) -> None:
     """
     from sampleclr_scale.prior.build import ensure_prior
     from sampleclr_scale.prior.config import PriorConfig
-    from sampleclr_scale.prior.storage import available_priors
 
     kind = config.loss.store_prior
-    if kind is None or kind in available_priors(store.location.uri):
+    if kind is None:
         return
-    log.info("building the %s prior that loss.prior names into %s (the prior stage's "
-             "defaults; `sampleclr-scale prior` builds it with others)", kind, store.location)
     fix = (f"build it yourself (`sampleclr-scale prior --store {store.location} --kind "
            f"{kind}` with settings that fit, where the store can be written), or train "
            "without a prior (loss.prior: null)")
     try:
-        ensure_prior(store.location.uri, PriorConfig(kind=kind))
+        if ensure_prior(store.location.uri, PriorConfig(kind=kind)):
+            log.info("built the %s prior that loss.prior names into %s (the prior stage's "
+                     "defaults; `sampleclr-scale prior` builds it with others)", kind,
+                     store.location)
     except InputError as err:
         raise InputError(f"loss.prior {kind}: the store has no {kind} prior and building "
                          f"one failed: {err.problem}", f"{err.fix}; or {fix}") from None
