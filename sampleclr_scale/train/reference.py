@@ -36,8 +36,6 @@ MAX_REFERENCE_DONORS = 4096
 split): the mean and spread of 4,096 unit vectors are known to about 1.5 % of the spread,
 and embedding them takes about 20 s on one CPU core (``bench embed``: 230 donors/s at
 1,000 cells a donor)."""
-_GROUP = 64
-"""Donors per forward pass."""
 
 
 def model_reference(store: BagStore, config: TrainConfig, model_config: ModelConfig,
@@ -56,11 +54,14 @@ def model_reference(store: BagStore, config: TrainConfig, model_config: ModelCon
     composition = setup.head_inputs(store, model_config)
     balance = resolve_balance(store, config.loader.balance)
     standardize = setup.standardizes(store, config)
+    # embed's defaults: its cells and its donors per pass. The donors of a pass ascend but
+    # need not be consecutive, so embed_donors reads the source ids between them too.
     selection = EmbedConfig()
+    group = selection.batch_donors
     z = np.concatenate([
-        embed_donors(store, model, [int(d) for d in donors[i:i + _GROUP]], selection,
+        embed_donors(store, model, [int(d) for d in donors[i:i + group]], selection,
                      standardize=standardize, balance=balance, composition=composition).z
-        for i in range(0, len(donors), _GROUP)])
+        for i in range(0, len(donors), group)])
     try:
         reference = learned_reference(z)
     except ValueError as err:  # a collapsed model: embed keeps the unit vectors
