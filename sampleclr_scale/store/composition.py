@@ -15,11 +15,11 @@ then have root mean square norm about 1 whatever the angular spread of ``z`` (X-
 prior packs the donors into a narrow cone, where unit vectors would leave the channel
 several-fold heavier; benchmarks/README.md, "The defaults as `train` runs them").
 
-Balanced views make the learned part blind to composition
-by design (so composition cannot be the donors' fingerprint during training); the channel
-puts composition back into the donor embedding, deterministically and batch-aware. With
-cosine distances, ``weight`` sets the channel's share: for unit-norm blocks the squared
-norm of the whole vector is ``1 + weight^2``.
+Balanced views make the learned part blind to composition by design (so composition
+cannot be the donors' fingerprint during training); the channel puts composition back
+into the donor embedding, deterministically and batch-aware. With cosine distances,
+``weight`` sets the channel's share: for blocks of norm 1 the squared norm of the whole
+vector is ``1 + weight^2``.
 """
 
 from __future__ import annotations
