@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -391,20 +391,22 @@ class TrainConfig(StageConfig):
     composition also set, which cost batch mixing and held-out scores on the mixed
     scenario; the per-(batch, cell type) correction removes per-type site shifts and gains
     (benchmarks/README.md, "Quality")."""
-    composition_channel: float = Field(default=1.75, ge=0.0)
+    composition_channel: Annotated[float, Field(ge=0.0)] | Literal["auto"] = "auto"
     """Weight of the batch-aware composition channel that ``embed`` appends to every
     donor embedding: the CLR of the donor's cell-type counts, centred per technical batch
     when the store has batches, scaled to root mean square norm 1, next to the learned
     vector (``learned_block``; ``sampleclr_scale/store/composition.py``). Balanced views
     keep composition out of the learned vector (so it cannot be a donor's fingerprint in
     training); the channel puts it back, batch-aware. 0 leaves the learned vector alone; a
-    store without ``cell_type`` codes gets no channel (embed warns). The default 1.75 was
-    chosen by the worst of the quality benchmark's seven scenarios (40 epochs, five seeds,
-    all and held-out donors, with the prior and the standardised learned block): a cohort
-    whose severity lives in composition only wants it large, one whose composition is
-    noise (``shape``, ``mixed``) loses severity and trajectory as it grows; worst margin
-    over the best baseline -0.032 / -0.026 / -0.030 / -0.046 at 1.5 / 1.75 / 2 / 2.25
-    (benchmarks/README.md, "The GloScope prior by default"). With a channel, the
+    store without ``cell_type`` codes gets no channel (embed warns). ``"auto"`` (the
+    default) chooses the weight when training ends, from 1 to 4, as the one whose
+    embedding of the training donors agrees best with the loss's prior
+    (``sampleclr_scale/store/channel_weight.py``; 1.75 without a prior): a cohort whose
+    severity lives in composition only wants it large (the choice: 2.5-4), one whose
+    composition is noise wants it small (1-1.75). Over the quality benchmark's seven
+    scenarios (40 epochs, five seeds, all and held-out donors) the worst margin over the
+    best baseline is -0.012 with ``"auto"``, against -0.026 at the best fixed weight, 1.75
+    (benchmarks/README.md, "The channel's weight, chosen per model"). With a channel, the
     supervised heads read the same composition (unweighted) beside the learned vector
     (``ModelConfig.head_composition``)."""
     learned_block: Literal["auto", "unit", "standardised"] = "auto"
@@ -497,6 +499,12 @@ class TrainConfig(StageConfig):
     def global_batch(self) -> int:
         """Donors per optimisation step over all workers."""
         return self.workers * self.worker_batch
+
+    @property
+    def channel_on(self) -> bool:
+        """Whether ``embed`` appends the composition channel (``composition_channel``
+        ``"auto"`` or above 0; a store without ``cell_type`` codes still gets none)."""
+        return self.composition_channel == "auto" or self.composition_channel > 0
 
     @property
     def learning_rate(self) -> float:

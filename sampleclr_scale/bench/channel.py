@@ -11,7 +11,7 @@ evaluation stage, next to the scenario's other runs and the baselines. With
 ``--standardise`` the learned block is standardised by the run's training donors
 (``BASE_sW_seedN``: what ``embed`` writes for the model trained with ``learned_block:
 standardised``; the reference computed from ``WORKDIR/SCENARIO/runs/BASE_seedN`` as
-training computes it, :func:`~sampleclr_scale.train.reference.model_reference`).
+training computes it, :func:`~sampleclr_scale.train.reference.fit_channel`).
 
 Run: ``python -m sampleclr_scale.bench.channel WORKDIR/SCENARIO BASE W [W ...] --json F
 [--standardise]``.
@@ -39,7 +39,7 @@ from sampleclr_scale.store.composition import (
     donor_type_counts,
 )
 from sampleclr_scale.train.artifact import load_model
-from sampleclr_scale.train.reference import model_reference
+from sampleclr_scale.train.reference import fit_channel
 
 
 def channel_sweep(scenario_dir: Path, base: str, weights: list[float],
@@ -87,8 +87,9 @@ def _reference(store: BagStore, run: Path) -> LearnedReference:
     a run with ``learned_block: standardised`` computes it when training ends."""
     model, artifact = load_model(run)
     config = TrainConfig.model_validate({**artifact["train_config"],
-                                         "learned_block": "standardised"})
-    reference = model_reference(store, config, model.config, model.state_dict())
+                                         "learned_block": "standardised",
+                                         "composition_channel": 1.0})
+    reference = fit_channel(store, config, model.config, model.state_dict()).reference
     if reference is None:
         raise SystemExit(f"{run}: its run has no composition channel to standardise beside")
     return reference

@@ -211,11 +211,11 @@ def complete_write_back(store_path: str | Path, run_dir: str | Path, out: str | 
 
 
 def _with_composition(store: BagStore, z: np.ndarray, artifact: dict[str, Any]) -> np.ndarray:
-    """``z`` with the composition channel of a model trained with
-    ``composition_channel > 0`` (:func:`~sampleclr_scale.store.composition.composition_channel`;
-    the learned block standardised by the model's learned reference where it has one);
-    unchanged, with a warning, for a store without ``cell_type`` codes."""
-    weight = float((artifact.get("train_config") or {}).get("composition_channel", 0.0))
+    """``z`` with the composition channel of a model trained with one
+    (:func:`~sampleclr_scale.store.composition.composition_channel`; the weight saved with
+    the model, the learned block standardised by the model's learned reference where it
+    has one); unchanged, with a warning, for a store without ``cell_type`` codes."""
+    weight = _channel_weight(artifact)
     if weight <= 0:
         return z
     if COMPOSITION_COLUMN not in store.code_columns:
@@ -230,6 +230,16 @@ def _with_composition(store: BagStore, z: np.ndarray, artifact: dict[str, Any]) 
     counts = donor_type_counts(store, COMPOSITION_COLUMN)
     return composition_channel(z, counts, store.donor_batch, weight,
                                None if record is None else LearnedReference.from_record(record))
+
+
+def _channel_weight(artifact: dict[str, Any]) -> float:
+    """The weight a model's run gave its composition channel: saved with the model (the
+    prior's choice for ``composition_channel: auto``), or, in a model saved before the
+    weight was, its run's ``composition_channel``."""
+    saved = artifact.get("channel_weight")
+    if saved is not None:
+        return float(saved["weight"])
+    return float((artifact.get("train_config") or {}).get("composition_channel", 0.0))
 
 
 def run_embedding(store_path: str | Path, run_dir: str | Path, out: str | Path,

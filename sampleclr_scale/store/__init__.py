@@ -5,7 +5,11 @@
 - :mod:`~sampleclr_scale.store.manifest`: the files ingest wrote, checked on open;
 - :mod:`~sampleclr_scale.store.feature_spec`: what defines a store's feature space;
 - :mod:`~sampleclr_scale.store.batches`: technical batches and their feature statistics;
-- :mod:`~sampleclr_scale.store.pseudobulk`: each donor's mean features.
+- :mod:`~sampleclr_scale.store.pseudobulk`: each donor's mean features;
+- :mod:`~sampleclr_scale.store.composition`: cell-type composition as log-ratios and the
+  composition channel of donor embeddings;
+- :mod:`~sampleclr_scale.store.channel_weight`: the channel's weight, chosen by agreement
+  with a donor prior.
 """
 
 from sampleclr_scale.store.bag_store import BagStore

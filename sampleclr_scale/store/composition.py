@@ -34,7 +34,7 @@ from sampleclr_scale.store.bag_store import BagStore
 
 __all__ = ["COMPOSITION_COLUMN", "PSEUDOCOUNT", "LearnedReference", "center_per_batch",
            "clr", "composition_channel", "composition_features", "composition_positions",
-           "donor_composition", "donor_type_counts", "learned_reference"]
+           "donor_composition", "donor_type_counts", "learned_block", "learned_reference"]
 
 COMPOSITION_COLUMN = "cell_type"
 """The cell-level column whose composition the channel and the supervised heads see."""
@@ -148,11 +148,15 @@ def composition_channel(z: np.ndarray, counts: np.ndarray, batch: np.ndarray | N
     np.ndarray
         Float32 ``[N, D + K]``.
     """
+    return np.hstack([learned_block(z, reference),
+                      weight * composition_features(counts, batch)]).astype(np.float32)
+
+
+def learned_block(z: np.ndarray, reference: LearnedReference | None) -> np.ndarray:
+    """The learned part of the channel's embedding: ``z / |z|``, standardised by
+    ``reference`` when given (``(z / |z| - reference.mean) / reference.rms``); float64."""
     learned = _unit_rows(z)
-    if reference is not None:
-        learned = (learned - reference.mean) / reference.rms
-    return np.hstack([learned, weight * composition_features(counts, batch)]).astype(
-        np.float32)
+    return learned if reference is None else (learned - reference.mean) / reference.rms
 
 
 def composition_features(counts: np.ndarray, batch: np.ndarray | None) -> np.ndarray:

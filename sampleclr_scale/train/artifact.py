@@ -26,7 +26,8 @@ def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
                store: str, history: list[dict[str, Any]], standardize: bool | str | None = False,
                balance: str | None = None,
                feature_spec: dict[str, Any] | None = None,
-               learned_reference: dict[str, Any] | None = None) -> Location:
+               learned_reference: dict[str, Any] | None = None,
+               channel_weight: dict[str, Any] | None = None) -> Location:
     """Write ``run_dir/model.pt`` atomically (a local path or a URI).
 
     ``standardize`` records how the model saw cell features standardised (``"batch"``,
@@ -36,7 +37,10 @@ def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
     so that embedding refuses a store of another feature space; ``learned_reference`` the
     training donors' :class:`~sampleclr_scale.store.composition.LearnedReference` record
     (:mod:`~sampleclr_scale.train.reference`), by which embedding standardises the learned
-    block next to the composition channel (None: unit vectors).
+    block next to the composition channel (None: unit vectors); ``channel_weight`` the
+    weight ``embed`` gives the channel (``{"weight": W}``, with the prior's agreement
+    of each candidate weight where the run chose it,
+    :class:`~sampleclr_scale.store.channel_weight.ChannelWeight`).
     """
     path = Location(run_dir) / MODEL_FILE
     path.write_torch({"model_config": model_config.model_dump(mode="json"),
@@ -44,7 +48,8 @@ def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
                       "train_config": train_config, "store": store, "history": history,
                       "standardize": standardize, "balance": balance,
                       "feature_spec": feature_spec,
-                      "learned_reference": learned_reference})
+                      "learned_reference": learned_reference,
+                      "channel_weight": channel_weight})
     return path
 
 

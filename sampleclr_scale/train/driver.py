@@ -38,7 +38,7 @@ from sampleclr_scale.train import setup
 from sampleclr_scale.train.artifact import save_model
 from sampleclr_scale.train.checkpoint import TrainState
 from sampleclr_scale.train.progress import TrainingConsole, ray_feed
-from sampleclr_scale.train.reference import model_reference
+from sampleclr_scale.train.reference import ChannelFit, fit_channel
 from sampleclr_scale.train.session import LocalSession
 from sampleclr_scale.train.worker import DIVERGED_FILE, Worker, train_worker
 
@@ -243,7 +243,7 @@ def _publish(run: Location, store: BagStore, config: TrainConfig, tasks: list[se
     """Write the finished run's model (its best weights) and metrics; the model's path."""
     weights = state.best_model if state.best_model is not None else state.model
     model_config = setup.model_config(store, config, tasks)
-    reference = model_reference(store, config, model_config, weights)
+    channel = fit_channel(store, config, model_config, weights)
     model_path = save_model(run, model_config=model_config,
                             state_dict=weights, tasks=tasks,
                             train_config=config.model_dump(mode="json"),
@@ -252,11 +252,21 @@ def _publish(run: Location, store: BagStore, config: TrainConfig, tasks: list[se
                             balance=resolve_balance(store, config.loader.balance),
                             feature_spec=None if store.feature_spec is None
                             else store.feature_spec.record(),
-                            learned_reference=None if reference is None
-                            else reference.record())
+                            learned_reference=None if channel.reference is None
+                            else channel.reference.record(),
+                            channel_weight=_channel_weight(config, channel))
     (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
     log.info("model written to %s", model_path)
     return model_path
+
+
+def _channel_weight(config: TrainConfig, channel: ChannelFit) -> dict[str, Any]:
+    """The channel-weight record saved with the model: the weight ``embed`` gives the
+    composition channel (0: none), with the prior's agreement of each candidate weight
+    where the run chose it."""
+    if channel.weight is None:
+        return {"weight": setup.channel_weight(config)}
+    return {**channel.weight.record(), "chosen_by": config.loss.store_prior}
 
 
 def _check_converged(run: Location, config: TrainConfig, kept: bool) -> None:

@@ -1,4 +1,5 @@
-"""The learned reference saved with a model: where its training donors' vectors lie.
+"""What a model saves for its composition channel: where its training donors' vectors
+lie (the learned reference) and the channel weight its prior chooses.
 
 When a run's learned block is standardised next to the composition channel
 (``TrainConfig.learned_block``), ``embed`` maps every donor's unit vector ``u`` to ``(u -
@@ -11,11 +12,16 @@ So the run computes them once, after training, by embedding its training donors 
 ``embed`` does by default (:func:`~sampleclr_scale.embed.worker.embed_donors` with
 :class:`~sampleclr_scale.embed.config.EmbedConfig`'s defaults), and saves them in
 ``model.pt``.
+
+With ``composition_channel: auto`` the same pass chooses the channel's weight: the one
+whose embedding of those donors agrees best with the loss's prior
+(:mod:`~sampleclr_scale.store.channel_weight`), saved with the model too.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,8 +31,17 @@ from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.worker import embed_donors
 from sampleclr_scale.loading.loader import resolve_balance
 from sampleclr_scale.model import ModelConfig, SampleCLR
+from sampleclr_scale.prior.storage import load_prior
 from sampleclr_scale.store.bag_store import BagStore
-from sampleclr_scale.store.composition import LearnedReference, learned_reference
+from sampleclr_scale.store.channel_weight import ChannelWeight, choose_channel_weight
+from sampleclr_scale.store.composition import (
+    COMPOSITION_COLUMN,
+    LearnedReference,
+    composition_features,
+    donor_type_counts,
+    learned_block,
+    learned_reference,
+)
 from sampleclr_scale.train import setup
 
 log = logging.getLogger(__name__)
@@ -38,16 +53,50 @@ Measured on one CPU thread: the ``mixed`` cohort's 160 training donors (1,000 ce
 small preset) in 1.0 s, so about 26 s at 4,096."""
 
 
-def model_reference(store: BagStore, config: TrainConfig, model_config: ModelConfig,
-                    weights: dict[str, torch.Tensor]) -> LearnedReference | None:
-    """The learned reference of a trained model on its training donors, or None when the
-    run's learned block is not standardised (:func:`~sampleclr_scale.train.setup
-    .standardises_learned`)."""
-    if not setup.standardises_learned(store, config):
-        return None
+class ChannelFit(NamedTuple):
+    """What a run saves for ``embed``'s composition channel, fitted to its training donors."""
+
+    reference: LearnedReference | None
+    """The learned reference (None: ``embed`` keeps unit vectors)."""
+    weight: ChannelWeight | None
+    """The weight chosen by the prior (None: the run's fixed weight,
+    :func:`~sampleclr_scale.train.setup.channel_weight`)."""
+
+
+def fit_channel(store: BagStore, config: TrainConfig, model_config: ModelConfig,
+                weights: dict[str, torch.Tensor]) -> ChannelFit:
+    """The learned reference of a trained model on its training donors (where the run's
+    learned block is standardised, :func:`~sampleclr_scale.train.setup
+    .standardises_learned`), and the channel weight its loss's prior chooses (where the
+    run has ``composition_channel: auto`` and a prior,
+    :func:`~sampleclr_scale.train.setup.chooses_channel_weight`); both from one pass of
+    ``embed``'s defaults over the training donors. Nothing is embedded when neither
+    applies."""
+    standardise = setup.standardises_learned(store, config)
+    choose = setup.chooses_channel_weight(store, config)
+    if not (standardise or choose):
+        return ChannelFit(None, None)
     donors = store.split_donors("train")
     if len(donors) > MAX_REFERENCE_DONORS:
         donors = donors[np.linspace(0, len(donors) - 1, MAX_REFERENCE_DONORS).astype(int)]
+    z = _embed(store, config, model_config, weights, donors)
+    reference = None
+    if standardise:
+        try:
+            reference = learned_reference(z)
+        except ValueError as err:  # a collapsed model: embed keeps the unit vectors
+            log.warning("no learned reference saved with the model: %s", err)
+        else:
+            log.info("learned reference of %d training donors: spread %.3f about their "
+                     "mean (norm %.3f)", len(z), reference.rms,
+                     float(np.linalg.norm(reference.mean)))
+    return ChannelFit(reference, _choose_weight(store, config, donors, z, reference)
+                      if choose else None)
+
+
+def _embed(store: BagStore, config: TrainConfig, model_config: ModelConfig,
+           weights: dict[str, torch.Tensor], donors: np.ndarray) -> np.ndarray:
+    """``[len(donors), D]`` learned vectors of ``donors`` as ``embed`` draws them."""
     model = SampleCLR(model_config)
     model.load_state_dict(weights)
     model.eval()
@@ -58,15 +107,34 @@ def model_reference(store: BagStore, config: TrainConfig, model_config: ModelCon
     # need not be consecutive, so embed_donors reads the source ids between them too.
     selection = EmbedConfig()
     group = selection.batch_donors
-    z = np.concatenate([
+    return np.concatenate([
         embed_donors(store, model, [int(d) for d in donors[i:i + group]], selection,
                      standardize=standardize, balance=balance, composition=composition).z
         for i in range(0, len(donors), group)])
+
+
+def _choose_weight(store: BagStore, config: TrainConfig, donors: np.ndarray, z: np.ndarray,
+                   reference: LearnedReference | None) -> ChannelWeight | None:
+    """The channel weight whose embedding of ``donors`` (learned vectors ``z``) agrees
+    best with the loss's prior over the prior's pairs of them
+    (:func:`~sampleclr_scale.store.channel_weight.choose_channel_weight`); None, with a
+    warning, where the prior pairs fewer than two of them."""
+    prior = load_prior(store.location.uri, config.loss.store_prior)
+    position = np.full(store.n_donors, -1, dtype=np.int64)
+    position[donors] = np.arange(len(donors))
+    a, b = position[prior.rows], position[prior.cols]
+    pair = (a >= 0) & (b >= 0) & (a < b)  # each pair of embedded donors once
+    channel = composition_features(donor_type_counts(store, COMPOSITION_COLUMN),
+                                   store.donor_batch)[donors]
     try:
-        reference = learned_reference(z)
-    except ValueError as err:  # a collapsed model: embed keeps the unit vectors
-        log.warning("no learned reference saved with the model: %s", err)
+        choice = choose_channel_weight(learned_block(z, reference), channel, a[pair],
+                                       b[pair], prior.values[pair])
+    except ValueError as err:
+        log.warning("the channel keeps the fixed weight %g: %s", setup.channel_weight(config),
+                    err)
         return None
-    log.info("learned reference of %d training donors: spread %.3f about their mean "
-             "(norm %.3f)", len(z), reference.rms, float(np.linalg.norm(reference.mean)))
-    return reference
+    log.info("composition channel weight %g: the best agreement with the %s prior "
+             "(Spearman %.3f over %d pairs of training donors; %s)", choice.weight,
+             config.loss.store_prior, choice.agreement[choice.weight], choice.pairs,
+             ", ".join(f"{w:g}: {a:.3f}" for w, a in choice.agreement.items()))
+    return choice

@@ -20,6 +20,7 @@ from sampleclr_scale.loading.schedule import steps_per_epoch
 from sampleclr_scale.losses import TaskLoss, build_objective
 from sampleclr_scale.model import ModelConfig, SampleCLR, TaskSpec, recommended_preset
 from sampleclr_scale.store.bag_store import BagStore
+from sampleclr_scale.store.channel_weight import FIXED_WEIGHT
 from sampleclr_scale.store.composition import COMPOSITION_COLUMN, donor_composition
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def head_composition(store: BagStore, config: TrainConfig, tasks: list[TaskInfo]
     :data:`~sampleclr_scale.store.composition.COMPOSITION_COLUMN` categories when the run
     has tasks and a composition channel (the embedding carries composition, so its heads
     see it too), else none."""
-    if not tasks or config.composition_channel <= 0:
+    if not tasks or not config.channel_on:
         return ()
     if COMPOSITION_COLUMN not in store.code_columns:
         return ()
@@ -163,15 +164,36 @@ def standardizes(store: BagStore, config: TrainConfig) -> str | None:
     return None if config.standardize == "none" else config.standardize
 
 
+def has_channel(store: BagStore, config: TrainConfig) -> bool:
+    """Whether ``embed`` appends the run's composition channel: one is asked for
+    (``TrainConfig.channel_on``) and the store has ``cell_type`` codes."""
+    return config.channel_on and COMPOSITION_COLUMN in store.code_columns
+
+
 def standardises_learned(store: BagStore, config: TrainConfig) -> bool:
     """Whether ``embed`` standardises the run's learned block next to the composition
     channel (``TrainConfig.learned_block``, ``auto`` resolved): only where there is a
-    channel (a weight above 0 and ``cell_type`` codes in the store)."""
-    if config.composition_channel <= 0 or COMPOSITION_COLUMN not in store.code_columns:
+    channel (:func:`has_channel`)."""
+    if not has_channel(store, config):
         return False
     if config.learned_block == "auto":
         return config.loss.store_prior is not None
     return config.learned_block == "standardised"
+
+
+def chooses_channel_weight(store: BagStore, config: TrainConfig) -> bool:
+    """Whether the run chooses its channel's weight when training ends, by agreement with
+    its loss's prior (``composition_channel: auto`` with a prior and a channel)."""
+    return (config.composition_channel == "auto" and config.loss.store_prior is not None
+            and has_channel(store, config))
+
+
+def channel_weight(config: TrainConfig) -> float:
+    """The run's fixed channel weight: ``composition_channel``, or for ``"auto"`` the
+    weight used where no prior chooses one
+    (:data:`~sampleclr_scale.store.channel_weight.FIXED_WEIGHT`)."""
+    weight = config.composition_channel
+    return FIXED_WEIGHT if weight == "auto" else float(weight)
 
 
 def describe_run(store: BagStore, config: TrainConfig) -> str:
@@ -179,7 +201,6 @@ def describe_run(store: BagStore, config: TrainConfig) -> str:
     appends the composition channel, each with why: the settings that depend on what
     ingest recorded (``cell_type`` codes, ``--batch-key``), said plainly."""
     mode = standardizes(store, config)
-    has_types = "cell_type" in store.code_columns
     parts = [
         _describe_views(resolve_balance(store, config.loader.balance), config.loader),
         {"batch_cell_type": "cells corrected per (batch, cell type)",
@@ -187,18 +208,26 @@ def describe_run(store: BagStore, config: TrainConfig) -> str:
             mode or "", "no batch correction" + (
                 " (the store has no --batch-key with cell_type codes)"
                 if config.standardize == "auto" else "")),
-        (f"composition channel of weight {config.composition_channel:g}"
+        (f"composition channel of weight {_describe_weight(store, config)}"
          + (" (CLR centred per batch)" if store.donor_batch is not None else "")
          + (" beside the learned vector standardised by the training donors"
             if standardises_learned(store, config) else ""))
-        if config.composition_channel > 0 and has_types
+        if has_channel(store, config)
         else "no composition channel" + (" (the store has no cell_type codes)"
-                                         if config.composition_channel > 0 else ""),
+                                         if config.channel_on else ""),
     ]
     if config.batch_adversary > 0:
         parts.append(f"a batch adversary of weight {config.batch_adversary:g} over "
                      f"{len(store.batch_labels)} batches")
     return "; ".join(parts)
+
+
+def _describe_weight(store: BagStore, config: TrainConfig) -> str:
+    """The channel's weight as the run sets it."""
+    if chooses_channel_weight(store, config):
+        return (f"chosen when training ends by agreement with the {config.loss.store_prior} "
+                "prior")
+    return f"{channel_weight(config):g}"
 
 
 def _describe_views(balance: str | None, loader: LoaderConfig) -> str:

@@ -15,7 +15,8 @@ def test_every_variant_is_a_valid_training_config_of_one_change():
     paper = recipe.train_config("paper_seed1")
     assert (default.model.get("pooling"), paper.model["pooling"]) == (None, "cells")
     assert paper.loader.balance is None and default.loader.balance == "auto"
-    assert default.standardize == "auto" and default.composition_channel == 1.75
+    assert default.standardize == "auto" and default.composition_channel == "auto"
+    assert recipe.train_config("channel175_seed0").composition_channel == 1.75
     before = recipe.train_config("balanced_seed0")
     assert (before.standardize, before.composition_channel) == ("none", 0.0)
     assert recipe.train_config("standardized_seed0").standardize == "batch"

@@ -41,7 +41,14 @@ def test_the_composition_channel_follows_the_model_config(batch_store) -> None:
     store = BagStore(batch_store)
     z = np.random.default_rng(0).normal(size=(store.n_donors, 4)).astype(np.float32)
     assert _with_composition(store, z, {"train_config": {}}) is z
+    counts = donor_type_counts(store, "cell_type")
+    # a model saved before its weight was: its run's composition_channel
     got = _with_composition(store, z, {"train_config": {"composition_channel": 0.7}})
-    expected = composition_channel(z, donor_type_counts(store, "cell_type"),
-                                   store.donor_batch, 0.7)
-    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, composition_channel(z, counts, store.donor_batch, 0.7))
+    # the weight saved with the model (the prior's choice for composition_channel auto)
+    chosen = {"train_config": {"composition_channel": "auto"},
+              "channel_weight": {"weight": 2.5, "chosen_by": "gloscope"}}
+    np.testing.assert_array_equal(_with_composition(store, z, chosen),
+                                  composition_channel(z, counts, store.donor_batch, 2.5))
+    assert _with_composition(store, z, {"train_config": {"composition_channel": 1.0},
+                                        "channel_weight": {"weight": 0.0}}) is z

@@ -24,7 +24,18 @@ from sampleclr_scale.prior.build import build_prior
 from sampleclr_scale.prior.config import PriorConfig
 from sampleclr_scale.prior.storage import load_prior, save_prior
 from sampleclr_scale.store.bag_store import BagStore
-from sampleclr_scale.store.composition import LearnedReference, learned_reference
+from sampleclr_scale.store.channel_weight import (
+    CHANNEL_WEIGHTS,
+    ChannelWeight,
+    choose_channel_weight,
+)
+from sampleclr_scale.store.composition import (
+    LearnedReference,
+    composition_features,
+    donor_type_counts,
+    learned_block,
+    learned_reference,
+)
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.driver import TrainResult, train
 
@@ -116,4 +127,40 @@ def test_a_run_without_a_prior_keeps_unit_vectors(prior_store, tmp_path):
                                             "composition_channel": 0.0})):
         result = train(prior_store, str(tmp_path / name),
                        TrainConfig.from_mapping({**short, **overrides}), in_process=True)
-        assert load_model(result.run_dir)[1]["learned_reference"] is None
+        artifact = load_model(result.run_dir)[1]
+        assert artifact["learned_reference"] is None
+        # no prior to choose the weight: composition_channel auto is the fixed 1.75
+        assert artifact["channel_weight"] == {"weight": 1.75 if name == "plain" else 0.0}
+
+
+@pytest.mark.ray
+def test_the_model_saves_the_channel_weight_its_prior_chooses(prior_store, prior_run,
+                                                               tmp_path):
+    # composition_channel auto with a prior: the weight whose embedding of the training
+    # donors agrees best with the prior, recomputed here from the dense prior's block of
+    # training donors (the run maps the stored pairs to the donors it embedded)
+    store = BagStore(prior_store)
+    model, artifact = load_model(prior_run.run_dir)
+    saved = artifact["channel_weight"]
+    assert saved["chosen_by"] == "gloscope" and saved["weight"] in CHANNEL_WEIGHTS
+    train_donors = store.split_donors("train")
+    z = embed_donors(store, model, [int(d) for d in train_donors], EmbedConfig(),
+                     standardize=artifact["standardize"], balance=artifact["balance"]).z
+    reference = LearnedReference.from_record(artifact["learned_reference"])
+    features = composition_features(donor_type_counts(store, "cell_type"), store.donor_batch)
+    rows, cols = np.triu_indices(len(train_donors), 1)
+    prior = load_prior(prior_store, "gloscope").to_dense()[np.ix_(train_donors, train_donors)]
+    expected = choose_channel_weight(learned_block(z, reference), features[train_donors],
+                                     rows, cols, prior[rows, cols])
+    chosen = ChannelWeight.from_record(saved)
+    assert (chosen.weight, chosen.pairs) == (expected.weight, expected.pairs)
+    assert list(chosen.agreement) == list(CHANNEL_WEIGHTS)
+    np.testing.assert_allclose(list(chosen.agreement.values()),
+                               list(expected.agreement.values()), atol=1e-6)
+
+    # embed gives every donor's channel that weight
+    embed(prior_store, str(prior_run.run_dir), str(tmp_path / "emb"),
+          EmbedConfig(run_name="weighted"), write_back=False, in_process=True)
+    donors, vectors = read_embeddings(tmp_path / "emb")
+    np.testing.assert_allclose(vectors[:, model.config.output_dim:],
+                               chosen.weight * features[donors], rtol=1e-5, atol=1e-5)
