@@ -400,13 +400,14 @@ class TrainConfig(StageConfig):
     training); the channel puts it back, batch-aware. 0 leaves the learned vector alone; a
     store without ``cell_type`` codes gets no channel (embed warns). ``"auto"`` (the
     default) chooses the weight when training ends, from 1 to 4, as the one whose
-    embedding of the training donors agrees best with the loss's prior
-    (``sampleclr_scale/store/channel_weight.py``; 1.75 without a prior): a cohort whose
-    severity lives in composition only wants it large (the choice: 2.5-4), one whose
-    composition is noise wants it small (1-1.75). Over the quality benchmark's seven
-    scenarios (40 epochs, five seeds, all and held-out donors) the worst margin over the
-    best baseline is -0.012 with ``"auto"``, against -0.026 at the best fixed weight, 1.75
-    (benchmarks/README.md, "The channel's weight, chosen per model"). With a channel, the
+    embedding of the training donors agrees best with the loss's prior over each donor's
+    nearest training donors (``sampleclr_scale/store/channel_weight.py``; 1.75 without a
+    prior): a cohort whose severity lives in composition only wants it large (the choice:
+    1.5-4), one whose composition is noise wants it small (1-1.5). Over the quality
+    benchmark's seven scenarios (40 epochs, five seeds, all and held-out donors) the worst
+    margin over the best baseline is -0.005 with ``"auto"``, against -0.026 at the best
+    fixed weight, 1.75 (benchmarks/README.md, "The channel's weight, chosen per model"). The
+    weight chosen is saved in ``model.pt`` and logged. With a channel, the
     supervised heads read the same composition (unweighted) beside the learned vector
     (``ModelConfig.head_composition``)."""
     learned_block: Literal["auto", "unit", "standardised"] = "auto"

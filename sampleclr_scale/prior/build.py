@@ -166,26 +166,27 @@ def _gloscope(store: BagStore, config: PriorConfig, dense: bool, params: dict[st
 
 
 def _read_subsamples(store: BagStore, cells_per_donor: int, seed: int,
-                     read: Callable[[int, int], np.ndarray]
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     read: Callable[[int, int], np.ndarray],
+                     donors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each donor's window of rows (see :attr:`PriorConfig.seed`), read by ``read(start,
-    stop)``, stacked.
+    stop)``, stacked; of ``donors`` (store positions) or of every donor.
 
     Returns
     -------
     cells, offsets
-        Float32 ``[sum of window sizes, d]`` and int64 ``[n_donors + 1]``: donor ``i``'s
-        cells are ``cells[offsets[i]:offsets[i + 1]]``.
+        Float32 ``[sum of window sizes, d]`` and int64 ``[len(donors) + 1]``: the ``i``-th
+        donor's cells are ``cells[offsets[i]:offsets[i + 1]]``.
     """
-    sizes = np.minimum(store.cells_per_donor, cells_per_donor)
+    donors = np.arange(store.n_donors) if donors is None else np.asarray(donors)
+    sizes = np.minimum(store.cells_per_donor[donors], cells_per_donor)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     cells = np.empty((int(offsets[-1]), store.dim), dtype=np.float32)
-    for donor in range(store.n_donors):
+    for i, donor in enumerate(donors):
         first, n_cells = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
-        size = int(sizes[donor])
+        size = int(sizes[i])
         start = seed * cells_per_donor % n_cells if size < n_cells else 0
         head = min(size, n_cells - start)
-        out = cells[offsets[donor] : offsets[donor + 1]]
+        out = cells[offsets[i] : offsets[i + 1]]
         out[:head] = read(first + start, first + start + head)
         if head < size:  # the window wraps around to the donor's first rows
             out[head:] = read(first, first + size - head)
@@ -225,6 +226,23 @@ name in ``PriorKind`` and its builder here."""
 def _all_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.triu_indices(n, k=1)
     return a.astype(np.int64), b.astype(np.int64)
+
+
+def neighbour_pairs(store: BagStore, prior: PriorGraph, donors: np.ndarray,
+                    n_neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unordered pairs ``a < b`` (positions in ``donors``) of each of ``donors`` with its
+    ``n_neighbours`` nearest among them, by the cosine of the means the prior ranks donors
+    by beyond ``dense_limit`` (GloScope: of each donor's window of cells; pseudobulk: of
+    all its cells), read as the prior read them (corrected or as stored)."""
+    params = {"correct": "none", **prior.params}
+    donors = np.asarray(donors, dtype=np.int64)
+    if prior.kind == "gloscope":
+        cells, offsets = _read_subsamples(store, int(params["cells_per_donor"]),
+                                          int(params["seed"]), _rows(store, params), donors)
+        means = _segment_means(cells, offsets)
+    else:
+        means = donor_means(store, read=_rows(store, params))[donors]
+    return _neighbour_pairs(means, n_neighbours)
 
 
 def _neighbour_pairs(means: np.ndarray, n_neighbours: int) -> tuple[np.ndarray, np.ndarray]:

@@ -47,6 +47,16 @@ class PriorGraph:
         dense[self.rows, self.cols] = self.values
         return dense
 
+    def values_at(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Float64 similarities of the pairs ``(a[p], b[p])`` of donors; NaN where the
+        graph does not store the pair."""
+        keys = self.rows * self.n_donors + self.cols
+        order = np.argsort(keys, kind="stable")
+        query = np.asarray(a, dtype=np.int64) * self.n_donors + np.asarray(b, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, query, sorter=order), len(keys) - 1)
+        found = keys[order[at]] == query
+        return np.where(found, self.values[order[at]].astype(np.float64), np.nan)
+
     def to_torch_dense(self) -> torch.Tensor:
         """:meth:`to_dense` as a float32 torch tensor."""
         import torch

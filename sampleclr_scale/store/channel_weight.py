@@ -12,8 +12,12 @@ The GloScope prior tells them apart without labels: it compares whole cell
 distributions, so its donor similarities follow composition where composition differs and
 within-type states where those do. The weight chosen is the one of a fixed grid whose
 embedding agrees best with the prior: the largest Spearman rank correlation between the
-cosine similarity of two donors' embeddings and their prior similarity, over the prior's
-stored pairs of training donors.
+cosine similarity of two donors' embeddings and their prior similarity, over the pairs of
+each training donor with its :data:`NEIGHBOURS` nearest training donors by mean cell
+(the pairs a sparse prior stores; :func:`~sampleclr_scale.prior.build.neighbour_pairs`).
+Near pairs are what a neighbourhood-based evaluation reads; over all pairs the far ones,
+which no neighbour search compares, weigh as much, and the choice was worse (worst margin
+-0.012 against -0.005; benchmarks/README.md, "The channel's weight, chosen per model").
 """
 
 from __future__ import annotations
@@ -23,15 +27,19 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["CHANNEL_WEIGHTS", "FIXED_WEIGHT", "ChannelWeight", "choose_channel_weight",
-           "prior_agreement"]
+__all__ = ["CHANNEL_WEIGHTS", "FIXED_WEIGHT", "NEIGHBOURS", "ChannelWeight",
+           "choose_channel_weight", "prior_agreement"]
 
 CHANNEL_WEIGHTS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
 """The weights ``composition_channel: auto`` chooses from. Chosen by the worst of the
-quality benchmark's seven scenarios (five seeds, all and held-out donors): a floor of 0.5
-let ``mixed_celltype`` choose 0.5-0.75, which cost its held-out donors 0.022 of total
-(+0.016 at a floor of 1, -0.006 at 0.5); above 2 only ``composition``, whose severity lives
-in composition alone, chooses (2.5-4)."""
+quality benchmark's seven scenarios (five seeds, all and held-out donors): from 0.5,
+``mixed`` and ``mixed_celltype`` choose 0.5, which cost ``mixed_celltype``'s held-out
+donors 0.025 of total (-0.009 against +0.016 from 1); above 3 only ``composition``, whose
+severity lives in composition alone, chooses (4 for one seed of five)."""
+
+NEIGHBOURS = 30
+"""Nearest training donors each donor is paired with for the agreement (as many as a
+sparse prior pairs it with, ``PriorConfig.neighbours``)."""
 
 FIXED_WEIGHT = 1.75
 """The weight of ``composition_channel: auto`` where no prior chooses one: the best fixed

@@ -31,9 +31,14 @@ from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.worker import embed_donors
 from sampleclr_scale.loading.loader import resolve_balance
 from sampleclr_scale.model import ModelConfig, SampleCLR
+from sampleclr_scale.prior.build import neighbour_pairs
 from sampleclr_scale.prior.storage import load_prior
 from sampleclr_scale.store.bag_store import BagStore
-from sampleclr_scale.store.channel_weight import ChannelWeight, choose_channel_weight
+from sampleclr_scale.store.channel_weight import (
+    NEIGHBOURS,
+    ChannelWeight,
+    choose_channel_weight,
+)
 from sampleclr_scale.store.composition import (
     COMPOSITION_COLUMN,
     LearnedReference,
@@ -116,25 +121,24 @@ def _embed(store: BagStore, config: TrainConfig, model_config: ModelConfig,
 def _choose_weight(store: BagStore, config: TrainConfig, donors: np.ndarray, z: np.ndarray,
                    reference: LearnedReference | None) -> ChannelWeight | None:
     """The channel weight whose embedding of ``donors`` (learned vectors ``z``) agrees
-    best with the loss's prior over the prior's pairs of them
+    best with the loss's prior over each donor's nearest among them
     (:func:`~sampleclr_scale.store.channel_weight.choose_channel_weight`); None, with a
-    warning, where the prior pairs fewer than two of them."""
+    warning, where the prior stores fewer than two of those pairs."""
     prior = load_prior(store.location.uri, config.loss.store_prior)
-    position = np.full(store.n_donors, -1, dtype=np.int64)
-    position[donors] = np.arange(len(donors))
-    a, b = position[prior.rows], position[prior.cols]
-    pair = (a >= 0) & (b >= 0) & (a < b)  # each pair of embedded donors once
+    a, b = neighbour_pairs(store, prior, donors, NEIGHBOURS)
+    values = prior.values_at(donors[a], donors[b])
+    stored = ~np.isnan(values)
     channel = composition_features(donor_type_counts(store, COMPOSITION_COLUMN),
                                    store.donor_batch)[donors]
     try:
-        choice = choose_channel_weight(learned_block(z, reference), channel, a[pair],
-                                       b[pair], prior.values[pair])
+        choice = choose_channel_weight(learned_block(z, reference), channel, a[stored],
+                                       b[stored], values[stored])
     except ValueError as err:
         log.warning("the channel keeps the fixed weight %g: %s", setup.channel_weight(config),
                     err)
         return None
     log.info("composition channel weight %g: the best agreement with the %s prior "
-             "(Spearman %.3f over %d pairs of training donors; %s)", choice.weight,
+             "(Spearman %.3f over %d pairs of near training donors; %s)", choice.weight,
              config.loss.store_prior, choice.agreement[choice.weight], choice.pairs,
              ", ".join(f"{w:g}: {a:.3f}" for w, a in choice.agreement.items()))
     return choice

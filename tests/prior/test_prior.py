@@ -11,9 +11,9 @@ import zarr
 from scipy.spatial.distance import cdist
 
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.prior.build import _read_subsamples, build_prior
+from sampleclr_scale.prior.build import _read_subsamples, build_prior, neighbour_pairs
 from sampleclr_scale.prior.config import PriorConfig
-from sampleclr_scale.prior.graph import PriorGraph, prior_summary
+from sampleclr_scale.prior.graph import PriorGraph, prior_summary, symmetric_graph
 from sampleclr_scale.prior.similarity import (
     cosine_similarity,
     knn_kl_divergence,
@@ -256,6 +256,51 @@ def test_sparse_priors_keep_every_donors_neighbours(store_path, dense_priors):
         # the same pairs as the dense prior, only fewer of them
         dense = dense_priors[kind].to_dense()
         assert np.allclose(prior.values, dense[prior.rows, prior.cols], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.ray
+def test_neighbour_pairs_of_some_donors_are_their_nearest_by_the_priors_means(
+        store_path, dense_priors):
+    # the pairs the channel's weight is chosen on (train/reference): each of some donors
+    # with its K nearest among them, by the means the prior ranks donors by beyond
+    # dense_limit (GloScope: its windows of cells; pseudobulk: all cells), by a plain loop
+    store = BagStore(store_path)
+    donors = np.arange(1, store.n_donors, 2)
+    full_means = np.stack([store.donor_rows(i).astype(np.float64).mean(axis=0)
+                           for i in range(store.n_donors)])
+    window_means = np.stack([s.mean(axis=0) for s in _first_rows(store, 300)])
+    for kind, means in (("pseudobulk", full_means), ("gloscope", window_means)):
+        sub = means[donors]
+        expected = set()
+        for i in range(len(donors)):
+            cosine = [float(sub[i] @ sub[j] / np.linalg.norm(sub[i]) / np.linalg.norm(sub[j]))
+                      if j != i else -np.inf for j in range(len(donors))]
+            for j in np.argsort(cosine)[::-1][:3]:
+                expected.add((min(i, int(j)), max(i, int(j))))
+        a, b = neighbour_pairs(store, dense_priors[kind], donors, 3)
+        assert set(zip(a.tolist(), b.tolist(), strict=True)) == expected, kind
+
+
+def test_values_at_reads_stored_pairs_and_marks_the_rest_missing():
+    prior = symmetric_graph(5, np.array([0, 1]), np.array([1, 3]), np.array([0.5, 0.7]),
+                            "gloscope", {}, {})
+    got = prior.values_at(np.array([0, 1, 3, 2, 4, 0]), np.array([1, 0, 1, 4, 4, 4]))
+    np.testing.assert_allclose(got, [0.5, 0.5, 0.7, np.nan, 1.0, np.nan], rtol=1e-6)
+    dense = prior.to_dense()
+    a, b = np.divmod(np.arange(25), 5)
+    stored = dense[a, b] != 0
+    np.testing.assert_allclose(prior.values_at(a, b)[stored], dense[a, b][stored])
+
+
+def test_windows_of_some_donors_are_their_windows_among_all(store_path):
+    store = BagStore(store_path)
+    cells, offsets = _read_subsamples(store, 40, 2, lambda a, b: store.features[a:b])
+    donors = np.array([4, 1, 7])
+    some, some_offsets = _read_subsamples(store, 40, 2, lambda a, b: store.features[a:b],
+                                          donors)
+    for i, donor in enumerate(donors):
+        np.testing.assert_array_equal(some[some_offsets[i]:some_offsets[i + 1]],
+                                      cells[offsets[donor]:offsets[donor + 1]])
 
 
 @pytest.mark.ray

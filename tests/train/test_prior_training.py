@@ -26,6 +26,7 @@ from sampleclr_scale.prior.storage import load_prior, save_prior
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.channel_weight import (
     CHANNEL_WEIGHTS,
+    NEIGHBOURS,
     ChannelWeight,
     choose_channel_weight,
 )
@@ -36,6 +37,7 @@ from sampleclr_scale.store.composition import (
     learned_block,
     learned_reference,
 )
+from sampleclr_scale.train import reference
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.driver import TrainResult, train
 
@@ -133,34 +135,68 @@ def test_a_run_without_a_prior_keeps_unit_vectors(prior_store, tmp_path):
         assert artifact["channel_weight"] == {"weight": 1.75 if name == "plain" else 0.0}
 
 
-@pytest.mark.ray
-def test_the_model_saves_the_channel_weight_its_prior_chooses(prior_store, prior_run,
-                                                               tmp_path):
-    # composition_channel auto with a prior: the weight whose embedding of the training
-    # donors agrees best with the prior, recomputed here from the dense prior's block of
-    # training donors (the run maps the stored pairs to the donors it embedded)
-    store = BagStore(prior_store)
-    model, artifact = load_model(prior_run.run_dir)
-    saved = artifact["channel_weight"]
-    assert saved["chosen_by"] == "gloscope" and saved["weight"] in CHANNEL_WEIGHTS
-    train_donors = store.split_donors("train")
-    z = embed_donors(store, model, [int(d) for d in train_donors], EmbedConfig(),
+def _expected_choice(store: BagStore, prior_store: str, model, artifact,
+                     n_neighbours: int) -> ChannelWeight:
+    """The channel weight recomputed by plain loops: the training donors embedded as embed
+    draws them; each paired with its nearest training donors by the cosine of the means
+    of its window of corrected cells (as the GloScope prior reads them); the dense prior's
+    similarities of those pairs."""
+    donors = store.split_donors("train")
+    z = embed_donors(store, model, [int(d) for d in donors], EmbedConfig(),
                      standardize=artifact["standardize"], balance=artifact["balance"]).z
-    reference = LearnedReference.from_record(artifact["learned_reference"])
+    prior = load_prior(prior_store, "gloscope")
+    window, seed = prior.params["cells_per_donor"], prior.params["seed"]
+    means = []
+    for donor in donors:
+        first, n = int(store.donor_ptr[donor]), int(store.cells_per_donor[donor])
+        size = min(n, window)
+        start = seed * window % n if size < n else 0
+        cells = store.type_corrected_rows(first, first + n)[(start + np.arange(size)) % n]
+        means.append(cells.astype(np.float64).mean(axis=0))
+    unit = np.array(means) / np.linalg.norm(means, axis=1, keepdims=True)
+    cosine = unit @ unit.T
+    pairs = sorted({(min(i, int(j)), max(i, int(j))) for i in range(len(donors))
+                    for j in [j for j in np.argsort(-cosine[i]) if j != i][:n_neighbours]})
+    a, b = np.array(pairs).T
     features = composition_features(donor_type_counts(store, "cell_type"), store.donor_batch)
-    rows, cols = np.triu_indices(len(train_donors), 1)
-    prior = load_prior(prior_store, "gloscope").to_dense()[np.ix_(train_donors, train_donors)]
-    expected = choose_channel_weight(learned_block(z, reference), features[train_donors],
-                                     rows, cols, prior[rows, cols])
-    chosen = ChannelWeight.from_record(saved)
+    return choose_channel_weight(
+        learned_block(z, LearnedReference.from_record(artifact["learned_reference"])),
+        features[donors], a, b, prior.to_dense()[donors[a], donors[b]].astype(np.float64))
+
+
+def _same_choice(chosen: ChannelWeight, expected: ChannelWeight) -> None:
     assert (chosen.weight, chosen.pairs) == (expected.weight, expected.pairs)
     assert list(chosen.agreement) == list(CHANNEL_WEIGHTS)
     np.testing.assert_allclose(list(chosen.agreement.values()),
                                list(expected.agreement.values()), atol=1e-6)
 
-    # embed gives every donor's channel that weight
+
+@pytest.mark.ray
+def test_the_model_saves_the_channel_weight_its_prior_chooses(prior_store, prior_run,
+                                                               monkeypatch, tmp_path):
+    # composition_channel auto with a prior: the weight whose embedding of the training
+    # donors agrees best with the prior over each one's nearest training donors
+    store = BagStore(prior_store)
+    model, artifact = load_model(prior_run.run_dir)
+    saved = artifact["channel_weight"]
+    assert saved["chosen_by"] == "gloscope" and saved["weight"] in CHANNEL_WEIGHTS
+    n_train = len(store.split_donors("train"))
+    # this cohort's training donors are fewer than NEIGHBOURS + 1: every pair is near
+    expected = _expected_choice(store, prior_store, model, artifact, NEIGHBOURS)
+    assert expected.pairs == n_train * (n_train - 1) // 2
+    _same_choice(ChannelWeight.from_record(saved), expected)
+    # with 3 neighbours, fewer pairs: the ones a plain loop finds nearest
+    monkeypatch.setattr(reference, "NEIGHBOURS", 3)
+    config = TrainConfig.model_validate(artifact["train_config"])
+    fitted = reference.fit_channel(store, config, model.config, model.state_dict())
+    near = _expected_choice(store, prior_store, model, artifact, 3)
+    assert near.pairs < expected.pairs
+    _same_choice(fitted.weight, near)
+
+    # embed gives every donor's channel the saved weight
     embed(prior_store, str(prior_run.run_dir), str(tmp_path / "emb"),
           EmbedConfig(run_name="weighted"), write_back=False, in_process=True)
     donors, vectors = read_embeddings(tmp_path / "emb")
+    features = composition_features(donor_type_counts(store, "cell_type"), store.donor_batch)
     np.testing.assert_allclose(vectors[:, model.config.output_dim:],
-                               chosen.weight * features[donors], rtol=1e-5, atol=1e-5)
+                               saved["weight"] * features[donors], rtol=1e-5, atol=1e-5)
