@@ -215,7 +215,7 @@ def _with_composition(store: BagStore, z: np.ndarray, artifact: dict[str, Any]) 
     (:func:`~sampleclr_scale.store.composition.composition_channel`; the weight saved with
     the model, the learned block standardised by the model's learned reference where it
     has one); unchanged, with a warning, for a store without ``cell_type`` codes."""
-    weight = _channel_weight(artifact)
+    weight = _saved_channel_weight(artifact)
     if weight <= 0:
         return z
     if COMPOSITION_COLUMN not in store.code_columns:
@@ -232,7 +232,7 @@ def _with_composition(store: BagStore, z: np.ndarray, artifact: dict[str, Any]) 
                                None if record is None else LearnedReference.from_record(record))
 
 
-def _channel_weight(artifact: dict[str, Any]) -> float:
+def _saved_channel_weight(artifact: dict[str, Any]) -> float:
     """The weight a model's run gave its composition channel: saved with the model (the
     prior's choice for ``composition_channel: auto``), or, in a model saved before the
     weight was, its run's ``composition_channel``."""

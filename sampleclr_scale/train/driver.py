@@ -254,13 +254,13 @@ def _publish(run: Location, store: BagStore, config: TrainConfig, tasks: list[se
                             else store.feature_spec.record(),
                             learned_reference=None if channel.reference is None
                             else channel.reference.record(),
-                            channel_weight=_channel_weight(config, channel))
+                            channel_weight=_channel_weight_record(config, channel))
     (run / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in state.history))
     log.info("model written to %s", model_path)
     return model_path
 
 
-def _channel_weight(config: TrainConfig, channel: ChannelFit) -> dict[str, Any]:
+def _channel_weight_record(config: TrainConfig, channel: ChannelFit) -> dict[str, Any]:
     """The channel-weight record saved with the model: the weight ``embed`` gives the
     composition channel (0: none), with the prior's agreement of each candidate weight
     where the run chose it."""
