@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sampleclr_scale.prior.similarity import unit_rows
+from sampleclr_scale._linalg import unit_rows
 from sampleclr_scale.search.index import IndexSettings, build_index, open_index
 
 CLUSTERS = 200

@@ -36,6 +36,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import eigsh
 
+from sampleclr_scale._linalg import unit_rows
 from sampleclr_scale.evaluate.spare import (
     _MIN_WIDTH_SQ,
     _WEIGHT_EPS,
@@ -49,7 +50,6 @@ from sampleclr_scale.evaluate.spare import (
     spearman,
     spectral_pseudotime,
 )
-from sampleclr_scale.prior.similarity import unit_rows
 
 DENSE_LIMIT = 4_000
 """Largest number of scored donors evaluated on the full distance matrix

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from sampleclr_scale._linalg import unit_rows
 from sampleclr_scale.cluster import ensure_ray
 from sampleclr_scale.console import progress
 from sampleclr_scale.errors import InputError
@@ -36,7 +37,6 @@ from sampleclr_scale.prior.similarity import (
     nearest_donors,
     similarity_from_divergence,
     symmetric_kl,
-    unit_rows,
 )
 from sampleclr_scale.prior.storage import available_priors, save_prior
 from sampleclr_scale.store.bag_store import BagStore

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sampleclr_scale._linalg import unit_rows
 from sampleclr_scale.errors import InputError
 
 # Floor on k-th neighbour distances, so duplicated cells give a large but finite log ratio.
@@ -200,13 +201,6 @@ def similarity_from_divergence(D: np.ndarray, scale: float) -> np.ndarray:
         raise InputError(f"similarity scale = {scale} must be positive",
                          "use a positive scale (SampleCLR uses 5)")
     return np.exp(-np.asarray(D, dtype=np.float64) / scale)
-
-
-def unit_rows(a: np.ndarray) -> np.ndarray:
-    """Float64 rows of ``a`` scaled to unit length (zero rows stay zero)."""
-    a = np.asarray(a, dtype=np.float64)
-    norms = np.linalg.norm(a, axis=1, keepdims=True)
-    return np.divide(a, norms, out=np.zeros_like(a), where=norms > 0)
 
 
 def _as_sample(x: np.ndarray) -> np.ndarray:

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from sampleclr_scale._linalg import unit_rows
 from sampleclr_scale.embed.config import DONORS_PARQUET, SEARCH_INDEX_DIR
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.prior.similarity import unit_rows
 from sampleclr_scale.storage import Location, files_output, staged_output
 
 if TYPE_CHECKING:

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.stats import rankdata
 
+from sampleclr_scale._linalg import unit_rows
+
 __all__ = ["CHANNEL_WEIGHTS", "FIXED_WEIGHT", "NEIGHBOURS", "ChannelWeight",
            "choose_channel_weight", "prior_agreement"]
 
@@ -74,8 +76,7 @@ def prior_agreement(vectors: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     """Spearman rank correlation between the cosine similarity of the pairs ``(rows[i],
     cols[i])`` of ``vectors`` (``[N, D]``) and the prior similarities ``values`` of the
     same pairs (ties ranked by their mean rank); 0 when either side is constant."""
-    unit = np.asarray(vectors, dtype=np.float64)
-    unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    unit = unit_rows(vectors)
     cosine = np.einsum("ij,ij->i", unit[rows], unit[cols])
     a = rankdata(cosine)
     b = rankdata(np.asarray(values, dtype=np.float64))

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from sampleclr_scale._linalg import unit_rows
 from sampleclr_scale.errors import InputError
 from sampleclr_scale.store.bag_store import BagStore
 
@@ -109,18 +110,13 @@ def learned_reference(z: np.ndarray) -> LearnedReference:
     ValueError
         When the unit vectors do not spread (fewer than two distinct donors).
     """
-    unit = _unit_rows(z)
+    unit = unit_rows(z)
     mean = unit.mean(axis=0)
     rms = float(np.sqrt(np.mean(np.sum((unit - mean) ** 2, axis=1))))
     if not rms > 1e-9:
         raise ValueError(f"the {len(unit)} donors' unit vectors do not spread (rms "
                          f"{rms:.3g} about their mean): no scale to standardise by")
     return LearnedReference(mean, rms)
-
-
-def _unit_rows(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
 
 def composition_channel(z: np.ndarray, counts: np.ndarray, batch: np.ndarray | None,
@@ -155,7 +151,7 @@ def composition_channel(z: np.ndarray, counts: np.ndarray, batch: np.ndarray | N
 def learned_block(z: np.ndarray, reference: LearnedReference | None) -> np.ndarray:
     """The learned part of the channel's embedding: ``z / |z|``, standardised by
     ``reference`` when given (``(z / |z| - reference.mean) / reference.rms``); float64."""
-    learned = _unit_rows(z)
+    learned = unit_rows(z)
     return learned if reference is None else (learned - reference.mean) / reference.rms
 
 

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sampleclr_scale._linalg import unit_rows
 from sampleclr_scale.cli import main
 from sampleclr_scale.embed.config import EMBEDDINGS, SEARCH_INDEX_DIR
 from sampleclr_scale.errors import InputError
-from sampleclr_scale.prior.similarity import unit_rows
 from sampleclr_scale.search import IndexSettings, search_donors
 from sampleclr_scale.search.index import (
     INDEX_FILE,
