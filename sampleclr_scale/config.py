@@ -406,9 +406,9 @@ class TrainConfig(StageConfig):
     1.5-4), one whose composition is noise wants it small (1-1.5). Over the quality
     benchmark's seven scenarios (40 epochs, five seeds, all and held-out donors) the worst
     margin over the best baseline is -0.005 with ``"auto"``, against -0.026 at the best
-    fixed weight, 1.75 (benchmarks/README.md, "The channel's weight, chosen per model"). The
-    weight chosen is saved in ``model.pt`` and logged. With a channel, the
-    supervised heads read the same composition (unweighted) beside the learned vector
+    fixed weight, 1.75 (benchmarks/README.md, "The channel's weight, chosen per model").
+    The weight chosen is saved in ``model.pt`` and logged. With a channel, the supervised
+    heads read the same composition (unweighted) beside the learned vector
     (``ModelConfig.head_composition``)."""
     learned_block: Literal["auto", "unit", "standardised"] = "auto"
     """How ``embed`` scales the learned vector next to the composition channel: ``"unit"``

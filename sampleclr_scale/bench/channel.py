@@ -86,6 +86,7 @@ def _reference(store: BagStore, run: Path) -> LearnedReference:
     """The learned reference of the model in ``run`` on its training donors, computed as
     a run with ``learned_block: standardised`` computes it when training ends."""
     model, artifact = load_model(run)
+    # a fixed weight: only the reference is wanted here, not the prior's choice of weight
     config = TrainConfig.model_validate({**artifact["train_config"],
                                          "learned_block": "standardised",
                                          "composition_channel": 1.0})
