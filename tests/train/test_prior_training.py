@@ -22,6 +22,7 @@ from sampleclr_scale.embed.worker import embed_donors
 from sampleclr_scale.evaluate.run import read_embeddings
 from sampleclr_scale.prior.build import build_prior
 from sampleclr_scale.prior.config import PriorConfig
+from sampleclr_scale.prior.graph import symmetric_graph
 from sampleclr_scale.prior.storage import load_prior, save_prior
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.channel_weight import (
@@ -39,7 +40,7 @@ from sampleclr_scale.store.composition import (
 )
 from sampleclr_scale.train import reference
 from sampleclr_scale.train.artifact import load_model
-from sampleclr_scale.train.driver import TrainResult, train
+from sampleclr_scale.train.driver import TrainResult, _channel_weight_record, train
 
 BATCH = 8
 SHORT_RUN = {"preset": "small", "loader": {"batch_size": BATCH, "cells_per_view": 32},
@@ -200,3 +201,25 @@ def test_the_model_saves_the_channel_weight_its_prior_chooses(prior_store, prior
     features = composition_features(donor_type_counts(store, "cell_type"), store.donor_batch)
     np.testing.assert_allclose(vectors[:, model.config.output_dim:],
                                saved["weight"] * features[donors], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.ray
+def test_a_prior_without_pairs_of_near_donors_leaves_the_fixed_weight(prior_store, prior_run,
+                                                                       tmp_path, caplog):
+    # a sparse prior can store none of the pairs the agreement reads: the run keeps the
+    # fixed weight (said in a warning) and its reference, and saves that weight
+    store_path = tmp_path / "bags.zarr"
+    shutil.copytree(prior_store, store_path)
+    store = BagStore(str(store_path))
+    params = load_prior(prior_store, "gloscope").params  # its windows and correction
+    none = np.zeros(0, np.int64)
+    save_prior(str(store_path), symmetric_graph(store.n_donors, none, none, np.zeros(0),
+                                                "gloscope", params, {}))
+    model, artifact = load_model(prior_run.run_dir)
+    config = TrainConfig.model_validate(artifact["train_config"])
+    with caplog.at_level("WARNING", logger="sampleclr_scale.train.reference"):
+        fitted = reference.fit_channel(BagStore(str(store_path)), config, model.config,
+                                       model.state_dict())
+    assert fitted.weight is None and fitted.reference is not None
+    assert "keeps the fixed weight 1.75: 0 prior pairs" in caplog.text
+    assert _channel_weight_record(config, fitted) == {"weight": 1.75}
