@@ -108,7 +108,7 @@ def run_benchmark(kind: str, args: argparse.Namespace) -> None:
 
         figures = bench_quality(scenarios=args.scenarios, variants=args.variants,
                                 seeds=args.seeds, epochs=args.epochs, workers=args.workers,
-                                workdir=Path(args.workdir))
+                                workdir=Path(args.workdir), cohorts=tuple(args.cohorts))
     elif kind == "search":
         from sampleclr_scale.bench.search import bench_search, search_table
 

@@ -107,6 +107,9 @@ def _add_bench_quality(kinds: argparse._SubParsersAction) -> None:
                          default=list(SCENARIOS))
     quality.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     quality.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    quality.add_argument("--cohorts", type=int, nargs="+", default=[0],
+                         help="simulator seeds: each scenario's cohort is drawn once per "
+                         "seed, and every variant trained on each draw (default: one draw)")
     quality.add_argument("--epochs", type=int, default=40, help="contrastive epochs per run")
     quality.add_argument("--workers", type=int, default=2)
     quality.add_argument("--workdir", default="bench_out/quality",

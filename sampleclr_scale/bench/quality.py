@@ -139,37 +139,124 @@ def quality_recipe(soma: Path, variants: dict[str, dict[str, Any]], seeds: list[
     )
 
 
+def cohort_name(scenario: str, cohort: int) -> str:
+    """The name of the draw of ``scenario``'s cohort with simulator seed ``cohort``: the
+    scenario's own name for seed 0, ``SCENARIO_cohortN`` for the others (its figures' key
+    and its folder in the benchmark's workdir)."""
+    return scenario if cohort == 0 else f"{scenario}_cohort{cohort}"
+
+
 def bench_quality(*, scenarios: list[str], variants: list[str], seeds: list[int],
-                  epochs: int, workers: int, workdir: Path) -> dict[str, Any]:
+                  epochs: int, workers: int, workdir: Path,
+                  cohorts: tuple[int, ...] = (0,)) -> dict[str, Any]:
     """Figures for ``sampleclr-scale bench quality``: SPARE scores per scenario and method.
 
-    Stages whose output exists in ``workdir`` are kept (as in a pipeline re-run), so an
-    interrupted benchmark resumes.
+    Each scenario's cohort is drawn once per simulator seed in ``cohorts``
+    (:func:`cohort_name`), and every variant trained on each draw once per training seed;
+    with several draws the figures add each method's margins over the best baseline per
+    scenario, over the draws (:func:`cohort_margins`). Stages whose output exists in
+    ``workdir`` are kept (as in a pipeline re-run), so an interrupted benchmark resumes.
     """
     figures: dict[str, Any] = {"epochs": epochs, "workers": workers, "seeds": seeds,
+                               "cohorts": list(cohorts),
                                "variants": {v: VARIANTS[v] for v in variants},
                                "scenarios": {}}
     for scenario in scenarios:
-        begin = time.perf_counter()
-        overrides = dict(SCENARIOS[scenario])
-        spec = synthetic.CohortSpec.for_scenario(overrides.pop("scenario", scenario),
-                                                 n_genes=50, **overrides)
-        out = workdir / scenario
-        soma = out / "cohort.soma"
-        if not soma.exists():
-            out.mkdir(parents=True, exist_ok=True)
-            synthetic.write_soma(spec, soma)
-        recipe = quality_recipe(soma, {v: VARIANTS[v] for v in variants}, seeds, epochs,
-                                workers)
-        metrics = run_pipeline(recipe, out, in_process=True)
-        figures["scenarios"][scenario] = {
-            "cohort": synthetic.ground_truth(spec) | {"n_donors": spec.n_donors},
-            "n_held_out": metrics.get("n_held_out"),
-            "seconds": round(time.perf_counter() - begin),
-            "methods": {name: _scores(method) for name, method in metrics["methods"].items()},
-        }
-        print(quality_table(figures["scenarios"][scenario]), flush=True)
+        for cohort in cohorts:
+            name = cohort_name(scenario, cohort)
+            figures["scenarios"][name] = _scenario_figures(scenario, cohort, variants, seeds,
+                                                           epochs, workers, workdir / name)
+            print(f"{name}:\n{quality_table(figures['scenarios'][name])}", flush=True)
+    if len(cohorts) > 1:
+        figures["margins"] = {
+            scenario: cohort_margins([figures["scenarios"][cohort_name(scenario, c)]
+                                      for c in cohorts])
+            for scenario in scenarios}
+        print(margins_table(figures["margins"]), flush=True)
     return figures
+
+
+def _scenario_figures(scenario: str, cohort: int, variants: list[str], seeds: list[int],
+                      epochs: int, workers: int, out: Path) -> dict[str, Any]:
+    """One draw of one scenario's cohort, written as a SOMA experiment in ``out`` and run
+    through the pipeline; its cohort, timing and every method's scores."""
+    begin = time.perf_counter()
+    overrides = dict(SCENARIOS[scenario])
+    spec = synthetic.CohortSpec.for_scenario(overrides.pop("scenario", scenario),
+                                             n_genes=50, seed=cohort, **overrides)
+    soma = out / "cohort.soma"
+    if not soma.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        synthetic.write_soma(spec, soma)
+    recipe = quality_recipe(soma, {v: VARIANTS[v] for v in variants}, seeds, epochs, workers)
+    metrics = run_pipeline(recipe, out, in_process=True)
+    return {
+        "cohort": synthetic.ground_truth(spec) | {"n_donors": spec.n_donors, "seed": cohort},
+        "n_held_out": metrics.get("n_held_out"),
+        "seconds": round(time.perf_counter() - begin),
+        "methods": {name: _scores(method) for name, method in metrics["methods"].items()},
+    }
+
+
+def cohort_margins(draws: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each learned method's margin in SPARE total over the best baseline, on every draw of
+    one scenario's cohort (``draws``: their figures, as :func:`bench_quality` records
+    them), on all donors and on the held-out donors.
+
+    A draw's margin is the method's mean total over its seeds minus the highest total of
+    that draw's baselines (random vectors left out); the summary is their mean and their
+    smallest over the draws.
+
+    Returns
+    -------
+    dict
+        ``{method: {"all" | "held_out": {"per_cohort": [...], "mean": m, "worst": w}}}``
+        for every method that is not a baseline (None where a draw has no such score).
+    """
+    methods = [n for n, m in draws[0]["methods"].items() if m["kind"] != "baseline"]
+    out: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        out[method] = {}
+        for where in ("all", "held_out"):
+            per = [_margin(draw["methods"], method, where) for draw in draws]
+            known = [m for m in per if m is not None]
+            out[method][where] = {
+                "per_cohort": per,
+                "mean": sum(known) / len(known) if len(known) == len(per) else None,
+                "worst": min(known) if len(known) == len(per) else None}
+    return out
+
+
+def _margin(methods: dict[str, Any], method: str, where: str) -> float | None:
+    """``method``'s total minus the best baseline's (random vectors left out), or None."""
+    def total(name: str) -> float | None:
+        mean = methods[name][where]["mean"] if name in methods else None
+        return None if mean is None else mean.get("total")
+
+    baselines = [total(n) for n, m in methods.items()
+                 if m["kind"] == "baseline" and n != "random"]
+    own, best = total(method), max((t for t in baselines if t is not None), default=None)
+    return None if own is None or best is None else own - best
+
+
+def margins_table(margins: dict[str, dict[str, Any]]) -> str:
+    """:func:`cohort_margins` of every scenario as a markdown table: per method, the mean
+    margin over the draws and the worst draw's, on all donors, then on held-out donors."""
+    lines = ["| scenario | method | per draw, all | mean, all | worst, all | per draw, held "
+             "out | mean, held out | worst, held out |", "| --- | --- |" + " ---: |" * 6]
+    for scenario, methods in margins.items():
+        for method, where in methods.items():
+            cells = []
+            for side in ("all", "held_out"):
+                m = where[side]
+                cells += [" ".join(_signed(v) for v in m["per_cohort"]), _signed(m["mean"]),
+                          _signed(m["worst"])]
+            lines.append(f"| {scenario} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
 
 
 COLUMNS = (("information/severity", "severity"), ("information", "information"),

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sampleclr_scale.bench.quality import VARIANTS, quality_recipe, quality_table
+import pytest
+
+from sampleclr_scale.bench.quality import (
+    VARIANTS,
+    cohort_margins,
+    cohort_name,
+    margins_table,
+    quality_recipe,
+    quality_table,
+)
+from sampleclr_scale.cli import build_parser
 
 
 def test_every_variant_is_a_valid_training_config_of_one_change():
@@ -52,3 +62,54 @@ def test_table_shows_mean_and_std_over_seeds():
     assert lines[2] == ("| default | 0.50 ± 0.01 | 0.25 ± 0.01 | 0.75 ± 0.01 | - | 0.12 ± 0.01 "
                         "| 0.40 ± 0.01 | 0.50 | - | 0.40 |")
     assert lines[3].endswith("| 0.40 | - | - | - |")
+
+
+def _draw(totals: dict[str, tuple[float | None, float | None]]) -> dict:
+    """A draw's figures: per method (baselines named like ``base_*``), total on all and
+    held-out donors."""
+    def scores(total):
+        return None if total is None else {"total": total}
+
+    return {"methods": {
+        name: {"kind": "baseline" if name.startswith("base") or name == "random"
+               else "sampleclr",
+               "all": {"mean": scores(a)}, "held_out": {"mean": scores(h)}}
+        for name, (a, h) in totals.items()}}
+
+
+def test_cohort_margins_against_the_best_baseline_of_each_draw():
+    draws = [
+        _draw({"default": (0.80, 0.70), "base_a": (0.75, 0.72), "base_b": (0.60, 0.50),
+               "random": (0.99, 0.99)}),
+        _draw({"default": (0.70, 0.90), "base_a": (0.72, 0.80), "base_b": (0.74, 0.85),
+               "random": (0.99, 0.99)}),
+    ]
+    margins = cohort_margins(draws)
+    assert list(margins) == ["default"]  # baselines and random vectors are not scored
+    expected = {"all": ([0.05, -0.04], 0.005, -0.04),
+                "held_out": ([-0.02, 0.05], 0.015, -0.02)}
+    for where, (per, mean, worst) in expected.items():
+        got = margins["default"][where]
+        assert got["per_cohort"] == pytest.approx(per)
+        assert (got["mean"], got["worst"]) == (pytest.approx(mean), pytest.approx(worst))
+
+
+def test_a_draw_without_held_out_scores_leaves_the_summary_unknown():
+    draws = [_draw({"default": (0.8, 0.7), "base_a": (0.7, 0.6)}),
+             _draw({"default": (0.8, None), "base_a": (0.7, 0.6)})]
+    held_out = cohort_margins(draws)["default"]["held_out"]
+    assert held_out["per_cohort"] == [pytest.approx(0.1), None]
+    assert held_out["mean"] is None and held_out["worst"] is None
+    assert margins_table({"shape": cohort_margins(draws)}).splitlines()[2] == (
+        "| shape | default | +0.100 +0.100 | +0.100 | +0.100 | +0.100 - | - | - |")
+
+
+def test_cohort_names_keep_the_first_draw_under_the_scenario():
+    assert [cohort_name("shape", c) for c in (0, 2)] == ["shape", "shape_cohort2"]
+
+
+def test_the_command_draws_one_cohort_unless_told_more():
+    parse = build_parser().parse_args
+    assert parse(["bench", "quality", "--json", "q.json"]).cohorts == [0]
+    assert parse(["bench", "quality", "--cohorts", "0", "1", "2", "--json", "q.json"]
+                 ).cohorts == [0, 1, 2]
