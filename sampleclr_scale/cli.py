@@ -198,14 +198,11 @@ def _add_prior(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prior(args: argparse.Namespace) -> None:
-    from sampleclr_scale.prior.build import build_prior
+    from sampleclr_scale.prior.build import build_and_save_prior
     from sampleclr_scale.prior.config import PriorConfig
     from sampleclr_scale.prior.graph import prior_summary
-    from sampleclr_scale.prior.storage import save_prior
 
-    config = _load(PriorConfig, args)
-    prior = build_prior(args.store, config)
-    where = save_prior(args.store, prior)
+    prior, where = build_and_save_prior(args.store, _load(PriorConfig, args))
     print(json.dumps({"prior": str(where), **prior_summary(prior)}, indent=2))
 
 

@@ -3,6 +3,15 @@ Census-shaped collection) and a bag store ingested from it."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from sampleclr_scale.config import IngestConfig
@@ -185,3 +194,82 @@ def batch_store(soma_uri, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("batch-store") / "bags.zarr"
     ingest(ingest_config(soma_uri, out, batch_key=["dataset_id"]))
     return str(out)
+
+
+
+
+class Locked:
+    """Copies of files and folders with permissions taken away, and commands run in child
+    processes that those permissions stop.
+
+    Permissions do not stop root, whose ``CAP_DAC_OVERRIDE`` and ``CAP_DAC_READ_SEARCH``
+    capabilities override them, so under root each command starts without those two
+    (dropped from the child's bounding set before it runs Python: a process of user 0 gets
+    the capabilities of that set, so the owner's permissions apply to it).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.locked: list[Path] = []
+
+    def read_only(self, source: str | Path | None = None, name: str = "read-only") -> Path:
+        """A copy of ``source`` (same name), or an empty folder ``name``, that the commands
+        may read but not write."""
+        path = self.root / (Path(source).name if source is not None else name)
+        if source is None:
+            path.mkdir()
+        else:
+            (shutil.copytree if Path(source).is_dir() else shutil.copy)(source, path)
+        return self._lock(path, ~0o222)
+
+    def unreadable(self, source: str | Path) -> Path:
+        """A copy of ``source`` (same name) that the commands may neither read nor list."""
+        path = self.root / Path(source).name
+        (shutil.copytree if Path(source).is_dir() else shutil.copy)(source, path)
+        return self._lock(path, 0, top_only=True)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        """``sampleclr-scale ARGS`` in a child process (its output captured as text)."""
+        try:
+            return subprocess.run([sys.executable, "-m", "sampleclr_scale.cli", *args],
+                                  capture_output=True, text=True, cwd=self.root, timeout=300,
+                                  preexec_fn=_drop_permission_overrides
+                                  if os.geteuid() == 0 else None)
+        except subprocess.SubprocessError as err:  # the capabilities could not be dropped
+            pytest.skip(f"root's permission overrides cannot be dropped here: {err}")
+
+    def restore(self) -> None:
+        """Give the copies their owner's permissions back (so that they can be removed)."""
+        for path in self.locked:
+            for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+                p.chmod(p.stat().st_mode | stat.S_IRWXU)
+
+    def _lock(self, path: Path, keep: int, top_only: bool = False) -> Path:
+        """``path`` with its permission bits ANDed with ``keep`` (everything in it too,
+        unless ``top_only``)."""
+        for p in [*([] if top_only or not path.is_dir() else path.rglob("*")), path]:
+            p.chmod(stat.S_IMODE(p.stat().st_mode) & keep)
+        self.locked.append(path)
+        return path
+
+
+_PR_CAPBSET_DROP = 24  # <linux/prctl.h>
+_PERMISSION_OVERRIDES = (1, 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH <linux/capability.h>
+
+
+def _drop_permission_overrides() -> None:
+    """Drop root's permission overrides from this process's bounding set (in a child,
+    before it runs its program)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in _PERMISSION_OVERRIDES:
+        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {capability})")
+
+
+@pytest.fixture
+def locked(tmp_path) -> Iterator[Locked]:
+    """A :class:`Locked` whose copies lie in ``tmp_path``."""
+    helper = Locked(tmp_path / "locked")
+    helper.root.mkdir()
+    yield helper
+    helper.restore()

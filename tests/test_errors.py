@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -77,8 +76,6 @@ def test_filter_on_unknown_column(soma_uri, tmp_path):
 
 
 def test_store_with_another_schema_version(store_path, tmp_path):
-    import shutil
-
     copy = tmp_path / "old.zarr"
     shutil.copytree(store_path, copy)
     zarr.open_group(str(copy), mode="r+").attrs["schema_version"] = 0
@@ -163,38 +160,25 @@ def test_a_bad_command_line_option_names_the_command_line(tmp_path, capsys):
     assert str(config) not in err
 
 
-needs_permissions = pytest.mark.skipif(os.geteuid() == 0,
-                                       reason="root reads and writes whatever it likes")
-
-
 def _denied(err: str, path: Path) -> bool:
     """Whether ``err`` is the command line's error for a denied ``path``, with its fix."""
     return (f"error: Permission denied: {path}" in err and "fix: check that you may" in err
             and "Traceback" not in err)
 
 
-@needs_permissions
-def test_an_output_in_a_read_only_folder_is_a_clear_error(h5ad_path, tmp_path, capsys):
-    folder = tmp_path / "read-only"
-    folder.mkdir(mode=0o555)
-    status = main(["ingest", h5ad_path, "--out", str(folder / "store"), "--min-cells", "40"])
-    err = capsys.readouterr().err
-    assert status == 2 and _denied(err, folder) and not list(folder.iterdir())
+def test_an_output_in_a_read_only_folder_is_a_clear_error(h5ad_path, locked):
+    folder = locked.read_only()
+    ran = locked.run("ingest", h5ad_path, "--out", str(folder / "store"), "--min-cells", "40")
+    assert ran.returncode == 2 and _denied(ran.stderr, folder), ran.stderr
+    assert not list(folder.iterdir())
 
 
-@needs_permissions
 @pytest.mark.parametrize("source", ["h5ad_path", "soma_uri"])
-def test_an_unreadable_source_is_a_clear_error(source, request, tmp_path, capsys):
-    original = Path(request.getfixturevalue(source))
-    copy = tmp_path / original.name
-    (shutil.copytree if original.is_dir() else shutil.copy)(original, copy)
-    copy.chmod(0)
-    try:
-        status = main(["ingest", str(copy), "--out", str(tmp_path / "store")])
-    finally:
-        copy.chmod(0o755)  # so that the temporary folder can be removed
-    err = capsys.readouterr().err
-    assert status == 2 and _denied(err, copy) and not (tmp_path / "store").exists()
+def test_an_unreadable_source_is_a_clear_error(source, request, locked, tmp_path):
+    copy = locked.unreadable(request.getfixturevalue(source))
+    ran = locked.run("ingest", str(copy), "--out", str(tmp_path / "store"))
+    assert ran.returncode == 2 and _denied(ran.stderr, copy), ran.stderr
+    assert not (tmp_path / "store").exists()
 
 
 @pytest.mark.parametrize(("command", "config", "positional"), [

@@ -39,6 +39,7 @@ from sampleclr_scale.prior.similarity import (
     symmetric_kl,
 )
 from sampleclr_scale.prior.storage import available_priors, save_prior
+from sampleclr_scale.storage import Location, check_writable
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.pseudobulk import BLOCK_ROWS, donor_means
 
@@ -92,8 +93,24 @@ def ensure_prior(store_path: str, config: PriorConfig) -> bool:
     """
     if config.kind in available_priors(store_path):
         return False
-    save_prior(store_path, build_prior(store_path, config))
+    build_and_save_prior(store_path, config)
     return True
+
+
+def build_and_save_prior(store_path: str, config: PriorConfig) -> tuple[PriorGraph, Location]:
+    """:func:`build_prior`, then :func:`~sampleclr_scale.prior.storage.save_prior`; the
+    prior and where it was saved. The store is checked for writing first
+    (:func:`~sampleclr_scale.storage.check_writable`), so a store that cannot be written
+    (read-only, someone else's) is refused before the build, not after it.
+
+    Raises
+    ------
+    OSError
+        For a store that cannot be written.
+    """
+    check_writable(Location(store_path))
+    prior = build_prior(store_path, config)
+    return prior, save_prior(store_path, prior)
 
 
 def correction(store: BagStore, config: PriorConfig) -> str:

@@ -365,6 +365,27 @@ def _read_holder(fs: fsspec.AbstractFileSystem, path: str) -> Holder | None:
 # --- claiming an output -----------------------------------------------------------------------
 
 
+def check_writable(folder: Location) -> None:
+    """Write and delete an empty file in ``folder``: a stage whose output goes there after
+    long work (a prior into its store) calls this first, so that a folder it may not write
+    is refused before the work, not after.
+
+    Raises
+    ------
+    OSError
+        The file system's, naming ``folder`` (``PermissionError`` for a denied or
+        read-only folder; :func:`~sampleclr_scale.errors.path_error` words it).
+    """
+    check = folder / f".write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        check.write_bytes(b"")
+    except OSError as err:
+        if err.errno is None:  # e.g. s3fs's PermissionError, which names no path
+            raise
+        raise type(err)(err.errno, err.strerror, str(folder)) from None
+    check.remove()
+
+
 @contextmanager
 def claim(final: Location) -> Iterator[None]:
     """Hold the lock of ``final`` for the block, after repairing what killed runs left.

@@ -8,6 +8,7 @@ gets an error that says how to build it apart or to train without one.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,27 @@ def test_a_prior_that_cannot_be_built_is_a_clear_error(ray_cluster, tmp_path):
     assert "k = 25" in err.value.problem and "loss.prior: null" in err.value.fix
     assert not (tmp_path / "run" / "model.pt").exists()
     assert available_priors(str(store)) == []
+
+
+def test_a_store_that_cannot_be_written_is_refused_before_a_prior_is_built(
+        store_path, tmp_path, locked):
+    bare = Path(_bare_copy(store_path, tmp_path))
+    store = locked.read_only(bare)
+    built = locked.run("prior", "--store", str(store), "--kind", "gloscope")
+    assert built.returncode == 2, built.stderr
+    assert f"error: Permission denied: {store}\n" in built.stderr
+    assert "fix: check that you may" in built.stderr and "Traceback" not in built.stderr
+    assert "Ray instance" not in built.stderr  # refused before the build, which starts Ray
+
+    run = tmp_path / "run"
+    trained = locked.run("train", "--store", str(store), "--out", str(run),
+                             "--workers", "1")
+    assert trained.returncode == 2, trained.stderr
+    assert (f"error: loss.prior gloscope: the store has no gloscope prior and it could not "
+            f"be written there: Permission denied: {store}\n") in trained.stderr
+    assert "sampleclr-scale prior --store" in trained.stderr
+    assert "loss.prior: null" in trained.stderr and "Traceback" not in trained.stderr
+    # nothing was written: no run, and the store as it was
+    assert not run.exists()
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == sorted(
+        p.relative_to(bare) for p in bare.rglob("*"))
