@@ -399,15 +399,17 @@ class TrainConfig(StageConfig):
     keep composition out of the learned vector (so it cannot be a donor's fingerprint in
     training); the channel puts it back, batch-aware. 0 leaves the learned vector alone; a
     store without ``cell_type`` codes gets no channel (embed warns). ``"auto"`` (the
-    default) chooses the weight when training ends, from 1 to 4, as the one whose
-    embedding of the training donors agrees best with the loss's prior over each donor's
-    nearest training donors (``sampleclr_scale/store/channel_weight.py``; 1.75 without a
-    prior): a cohort whose severity lives in composition only wants it large (the choice:
-    1.5-4), one whose composition is noise wants it small (1-1.5). Over the quality
-    benchmark's seven scenarios (40 epochs, five seeds, all and held-out donors) the worst
-    margin over the best baseline is -0.005 with ``"auto"``, against -0.026 at the best
-    fixed weight, 1.75 (benchmarks/README.md, "The channel's weight, chosen per model").
-    The weight chosen is saved in ``model.pt`` and logged. With a channel, the supervised
+    default) estimates the weight when training ends, from 0.5 to 8, as the one by which
+    the embedding of the training donors best follows the loss's prior over each donor's
+    nearest training donors (a least-squares fit of the prior's similarities on the two
+    blocks' inner products; ``sampleclr_scale/store/channel_weight.py``; 1.75 without a
+    prior): a cohort whose severity lives in composition only wants it large (the fit:
+    1.5-8), one whose learned block already follows the prior wants it small (0.5-1.5).
+    Over three draws of each of the quality benchmark's seven scenarios (40 epochs, five
+    seeds each, all and held-out donors) the worst margin over the best baseline, mean
+    over the draws, is -0.008 with ``"auto"``, against -0.027 at the best fixed weight,
+    1.75 (benchmarks/README.md, "Three draws of every cohort"). The weight is saved in
+    ``model.pt`` and logged. With a channel, the supervised
     heads read the same composition (unweighted) beside the learned vector
     (``ModelConfig.head_composition``)."""
     learned_block: Literal["auto", "unit", "standardised"] = "auto"

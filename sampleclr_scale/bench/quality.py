@@ -76,8 +76,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 cell features pooled from centred bags, views balanced over cell types, the per-(site,
 cell type) correction (``standardize: auto`` with the store's statistics), X-CLR at
 temperature 0.5 with the GloScope prior, and the composition channel beside the learned
-vector standardised by the training donors (``learned_block: auto``), its weight chosen
-by agreement with the prior (``composition_channel: auto``); ``channel175`` is the
+vector standardised by the training donors (``learned_block: auto``), its weight fitted
+to the prior (``composition_channel: auto``); ``channel175`` is the
 defaults with the channel's weight fixed at 1.75, as it was before.
 ``infonce`` is the defaults before the prior (no prior, unit vectors, channel 1.5), which
 ``partly_balanced``, ``adversary``, ``uncentred`` and ``tau03``/``tau07``/``tau10`` each

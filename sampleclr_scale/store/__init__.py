@@ -8,8 +8,8 @@
 - :mod:`~sampleclr_scale.store.pseudobulk`: each donor's mean features;
 - :mod:`~sampleclr_scale.store.composition`: cell-type composition as log-ratios and the
   composition channel of donor embeddings;
-- :mod:`~sampleclr_scale.store.channel_weight`: the channel's weight, chosen by agreement
-  with a donor prior.
+- :mod:`~sampleclr_scale.store.channel_weight`: the channel's weight, fitted to a donor
+  prior.
 """
 
 from sampleclr_scale.store.bag_store import BagStore

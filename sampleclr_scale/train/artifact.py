@@ -38,8 +38,8 @@ def save_model(run_dir: str | Path | Location, *, model_config: ModelConfig,
     training donors' :class:`~sampleclr_scale.store.composition.LearnedReference` record
     (:mod:`~sampleclr_scale.train.reference`), by which embedding standardises the learned
     block next to the composition channel (None: unit vectors); ``channel_weight`` the
-    weight ``embed`` gives the channel (``{"weight": W}``, with the prior's agreement
-    of each candidate weight where the run chose it,
+    weight ``embed`` gives the channel (``{"weight": W}``, with the prior's fit where
+    the run estimated it,
     :class:`~sampleclr_scale.store.channel_weight.ChannelWeight`).
     """
     path = Location(run_dir) / MODEL_FILE

@@ -262,8 +262,7 @@ def _publish(run: Location, store: BagStore, config: TrainConfig, tasks: list[se
 
 def _channel_weight_record(config: TrainConfig, channel: ChannelFit) -> dict[str, Any]:
     """The channel-weight record saved with the model: the weight ``embed`` gives the
-    composition channel (0: none), with the prior's agreement of each candidate weight
-    where the run chose it."""
+    composition channel (0: none), with the prior's fit where the run estimated it."""
     if channel.weight is None:
         return {"weight": setup.channel_weight(config)}
     return {**channel.weight.record(), "chosen_by": config.loss.store_prior}

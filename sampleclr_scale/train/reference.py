@@ -13,8 +13,8 @@ So the run computes them once, after training, by embedding its training donors 
 :class:`~sampleclr_scale.embed.config.EmbedConfig`'s defaults), and saves them in
 ``model.pt``.
 
-With ``composition_channel: auto`` the same pass chooses the channel's weight: the one
-whose embedding of those donors agrees best with the loss's prior
+With ``composition_channel: auto`` the same pass estimates the channel's weight: the one
+by which the embedding of those donors best follows the loss's prior
 (:mod:`~sampleclr_scale.store.channel_weight`), saved with the model too.
 """
 
@@ -36,8 +36,9 @@ from sampleclr_scale.prior.storage import load_prior
 from sampleclr_scale.store.bag_store import BagStore
 from sampleclr_scale.store.channel_weight import (
     NEIGHBOURS,
+    WEIGHT_BOUNDS,
     ChannelWeight,
-    choose_channel_weight,
+    fit_channel_weight,
 )
 from sampleclr_scale.store.composition import (
     COMPOSITION_COLUMN,
@@ -120,10 +121,10 @@ def _embed(store: BagStore, config: TrainConfig, model_config: ModelConfig,
 
 def _choose_weight(store: BagStore, config: TrainConfig, donors: np.ndarray, z: np.ndarray,
                    reference: LearnedReference | None) -> ChannelWeight | None:
-    """The channel weight whose embedding of ``donors`` (learned vectors ``z``) agrees
-    best with the loss's prior over each donor's nearest among them
-    (:func:`~sampleclr_scale.store.channel_weight.choose_channel_weight`); None, with a
-    warning, where the prior stores fewer than two of those pairs."""
+    """The channel weight fitted to the loss's prior over each of ``donors`` (learned
+    vectors ``z``) paired with its nearest among them
+    (:func:`~sampleclr_scale.store.channel_weight.fit_channel_weight`); None, with a
+    warning, where the prior stores too few of those pairs to fit."""
     prior = load_prior(store.location.uri, config.loss.store_prior)
     a, b = neighbour_pairs(store, prior, donors, NEIGHBOURS)
     values = prior.values_at(donors[a], donors[b])
@@ -131,14 +132,16 @@ def _choose_weight(store: BagStore, config: TrainConfig, donors: np.ndarray, z: 
     channel = composition_features(donor_type_counts(store, COMPOSITION_COLUMN),
                                    store.donor_batch)[donors]
     try:
-        choice = choose_channel_weight(learned_block(z, reference), channel, a[stored],
-                                       b[stored], values[stored])
+        choice = fit_channel_weight(learned_block(z, reference), channel, a[stored],
+                                    b[stored], values[stored])
     except ValueError as err:
         log.warning("the channel keeps the fixed weight %g: %s", setup.channel_weight(config),
                     err)
         return None
-    log.info("composition channel weight %g: the best agreement with the %s prior "
-             "(Spearman %.3f over %d pairs of near training donors; %s)", choice.weight,
-             config.loss.store_prior, choice.agreement[choice.weight], choice.pairs,
-             ", ".join(f"{w:g}: {a:.3f}" for w, a in choice.agreement.items()))
+    intercept, learned, by_channel = choice.coefficients
+    log.info("composition channel weight %.3g: the %s prior's similarities over %d pairs "
+             "of near training donors fit as %.3g + %.3g x learned + %.3g x channel "
+             "(estimate %s, bounds %g-%g)", choice.weight, config.loss.store_prior,
+             choice.pairs, intercept, learned, by_channel,
+             "none" if choice.estimate is None else f"{choice.estimate:.3g}", *WEIGHT_BOUNDS)
     return choice

@@ -182,15 +182,15 @@ def standardises_learned(store: BagStore, config: TrainConfig) -> bool:
 
 
 def chooses_channel_weight(store: BagStore, config: TrainConfig) -> bool:
-    """Whether the run chooses its channel's weight when training ends, by agreement with
-    its loss's prior (``composition_channel: auto`` with a prior and a channel)."""
+    """Whether the run estimates its channel's weight when training ends from its loss's
+    prior (``composition_channel: auto`` with a prior and a channel)."""
     return (config.composition_channel == "auto" and config.loss.store_prior is not None
             and has_channel(store, config))
 
 
 def channel_weight(config: TrainConfig) -> float:
     """The run's fixed channel weight: ``composition_channel``, or for ``"auto"`` the
-    weight used where no prior chooses one
+    weight used where no prior gives one
     (:data:`~sampleclr_scale.store.channel_weight.FIXED_WEIGHT`)."""
     weight = config.composition_channel
     return FIXED_WEIGHT if weight == "auto" else float(weight)
@@ -225,8 +225,7 @@ def describe_run(store: BagStore, config: TrainConfig) -> str:
 def _describe_weight(store: BagStore, config: TrainConfig) -> str:
     """The channel's weight as the run sets it."""
     if chooses_channel_weight(store, config):
-        return (f"chosen when training ends by agreement with the {config.loss.store_prior} "
-                "prior")
+        return f"fitted to the {config.loss.store_prior} prior when training ends"
     return f"{channel_weight(config):g}"
 
 

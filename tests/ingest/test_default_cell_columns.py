@@ -41,9 +41,9 @@ def test_train_says_what_it_balances_and_corrects(batch_store, store_path) -> No
     uniform = TrainConfig(loader={"balance": None}, composition_channel=0.0)
     assert "uniform views (loader.balance: null)" in describe_run(without, uniform)
     assert "no composition channel" in describe_run(without, uniform)
-    # the defaults: the weight chosen by the prior; without a prior, the fixed 1.75
-    assert ("composition channel of weight chosen when training ends by agreement with the "
-            "gloscope prior") in describe_run(with_batches, TrainConfig())
+    # the defaults: the weight fitted to the prior; without a prior, the fixed 1.75
+    assert ("composition channel of weight fitted to the gloscope prior when training "
+            "ends") in describe_run(with_batches, TrainConfig())
     no_prior = TrainConfig(loss={"prior": None})
     assert "composition channel of weight 1.75" in describe_run(with_batches, no_prior)
     partly = TrainConfig(loader={"balance_strength": 0.25})

@@ -1,42 +1,16 @@
-"""The channel weight chosen by agreement with the prior, against plain-loop references."""
+"""The channel weight fitted to the prior, against plain-loop references."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 
 from sampleclr_scale.store.channel_weight import (
-    CHANNEL_WEIGHTS,
+    WEIGHT_BOUNDS,
     ChannelWeight,
-    choose_channel_weight,
-    prior_agreement,
+    block_similarities,
+    fit_channel_weight,
 )
-
-
-def _plain_ranks(x: list[float]) -> list[float]:
-    """1-based ranks, ties given the mean of the ranks they span."""
-    ranks = []
-    for v in x:
-        below = sum(1 for u in x if u < v)
-        equal = sum(1 for u in x if u == v)
-        ranks.append(below + (equal + 1) / 2)
-    return ranks
-
-
-def _plain_spearman(vectors: np.ndarray, pairs: list[tuple[int, int]], values: list[float]
-                    ) -> float:
-    cosines = []
-    for i, j in pairs:
-        a, b = vectors[i], vectors[j]
-        dot = sum(float(x) * float(y) for x, y in zip(a, b, strict=True))
-        cosines.append(dot / math.sqrt(sum(float(x) ** 2 for x in a)
-                                       * sum(float(y) ** 2 for y in b)))
-    ra, rb = _plain_ranks(cosines), _plain_ranks(values)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
 
 
 def _all_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,82 +18,109 @@ def _all_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_prior_agreement_is_the_spearman_correlation_of_a_plain_loop(seed) -> None:
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(12, 5))
-    rows, cols = _all_pairs(12)
-    values = np.round(rng.uniform(size=len(rows)), 1)  # ties among the prior's values
-    got = prior_agreement(vectors, rows, cols, values)
-    expected = _plain_spearman(vectors, list(zip(rows, cols, strict=True)), list(values))
-    assert got == pytest.approx(expected, abs=1e-12)
-
-
-def test_prior_agreement_is_zero_against_a_constant_prior() -> None:
-    rows, cols = _all_pairs(5)
-    vectors = np.random.default_rng(0).normal(size=(5, 3))
-    assert prior_agreement(vectors, rows, cols, np.ones(len(rows))) == 0.0
-
-
 def _blocks(seed: int, n: int = 30) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, 6)), rng.normal(size=(n, 4))
 
 
-def _cosine_prior(block: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    unit = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return np.sum(unit[rows] * unit[cols], axis=1)
+def _plain_dot(a: np.ndarray, b: np.ndarray) -> float:
+    return sum(float(x) * float(y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_a_prior_that_follows_one_block_chooses_the_weight_that_favours_it(seed) -> None:
-    learned, channel = _blocks(seed)
-    rows, cols = _all_pairs(len(learned))
-    # a prior that ranks donors by composition alone: the channel as heavy as allowed
-    by_channel = choose_channel_weight(learned, channel, rows, cols,
-                                       _cosine_prior(channel, rows, cols))
-    assert by_channel.weight == max(CHANNEL_WEIGHTS)
-    # by the learned block alone: as light as allowed
-    by_learned = choose_channel_weight(learned, channel, rows, cols,
-                                       _cosine_prior(learned, rows, cols))
-    assert by_learned.weight == min(CHANNEL_WEIGHTS)
-    assert by_learned.pairs == len(rows) == 435
-    # every candidate scored, as a plain loop over the weights scores it
-    for weight, agreement in by_channel.agreement.items():
-        expected = prior_agreement(np.hstack([learned, weight * channel]), rows, cols,
-                                   _cosine_prior(channel, rows, cols))
-        assert agreement == pytest.approx(expected, abs=1e-12)
-    assert list(by_channel.agreement) == list(CHANNEL_WEIGHTS)
+def _plain_least_squares(columns: list[list[float]], target: list[float]) -> list[float]:
+    """Coefficients of ``target ~ sum_k c_k columns[k]``: the normal equations, solved by
+    Gauss-Jordan elimination in plain floats."""
+    k = len(columns)
+    system = [[sum(x * y for x, y in zip(columns[i], columns[j], strict=True))
+               for j in range(k)] + [sum(x * t for x, t in zip(columns[i], target, strict=True))]
+              for i in range(k)]
+    for i in range(k):
+        pivot = max(range(i, k), key=lambda r: abs(system[r][i]))
+        system[i], system[pivot] = system[pivot], system[i]
+        for r in range(k):
+            if r != i:
+                factor = system[r][i] / system[i][i]
+                system[r] = [x - factor * y for x, y in zip(system[r], system[i], strict=True)]
+    return [system[i][k] / system[i][i] for i in range(k)]
 
 
-def test_a_prior_of_both_blocks_chooses_a_weight_between_the_bounds() -> None:
+def test_block_similarities_are_each_blocks_inner_products() -> None:
+    learned, channel = _blocks(0, n=7)
+    rows, cols = _all_pairs(7)
+    by_learned, by_channel = block_similarities(learned, channel, rows, cols)
+    for p, (i, j) in enumerate(zip(rows, cols, strict=True)):
+        assert by_learned[p] == pytest.approx(_plain_dot(learned[i], learned[j]), abs=1e-12)
+        assert by_channel[p] == pytest.approx(_plain_dot(channel[i], channel[j]), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_fit_is_the_least_squares_of_a_plain_loop(seed) -> None:
+    learned, channel = _blocks(seed, n=12)
+    rows, cols = _all_pairs(12)
+    values = np.random.default_rng(seed + 10).uniform(size=len(rows))
+    fit = fit_channel_weight(learned, channel, rows, cols, values)
+    pairs = list(zip(rows, cols, strict=True))
+    expected = _plain_least_squares(
+        [[1.0] * len(pairs), [_plain_dot(learned[i], learned[j]) for i, j in pairs],
+         [_plain_dot(channel[i], channel[j]) for i, j in pairs]], list(values))
+    assert fit.coefficients == pytest.approx(expected, abs=1e-9)
+    assert fit.pairs == len(pairs) == 66
+    _, b_l, b_c = expected
+    if b_c <= 0 or b_l <= 0:
+        assert fit.estimate is None and fit.weight == (0.5 if b_c <= 0 else 8.0)
+    else:
+        assert fit.estimate == pytest.approx((b_c / b_l) ** 0.5, rel=1e-9)
+        assert fit.weight == pytest.approx(min(max(fit.estimate, 0.5), 8.0), rel=1e-9)
+
+
+@pytest.mark.parametrize("planted", [0.7, 1.0, 2.0, 5.0])
+def test_a_prior_of_both_blocks_gives_back_the_weight_it_was_made_with(planted) -> None:
     learned, channel = _blocks(3, n=60)
     rows, cols = _all_pairs(len(learned))
-    # both blocks at the same share (weight 1.75 after the scaling below)
-    w = 1.75 * np.linalg.norm(learned, axis=1).mean() / np.linalg.norm(channel, axis=1).mean()
-    prior = _cosine_prior(np.hstack([learned, w * channel]), rows, cols)
-    chosen = choose_channel_weight(learned, w / 1.75 * channel, rows, cols, prior)
-    assert min(CHANNEL_WEIGHTS) < chosen.weight < max(CHANNEL_WEIGHTS)
-    assert chosen.agreement[chosen.weight] == max(chosen.agreement.values())
+    by_learned, by_channel = block_similarities(learned, channel, rows, cols)
+    noise = np.random.default_rng(4).normal(scale=0.05, size=len(rows))
+    prior = 0.2 + 0.1 * (by_learned + planted**2 * by_channel) + noise
+    fit = fit_channel_weight(learned, channel, rows, cols, prior)
+    assert fit.weight == pytest.approx(planted, rel=0.05)
+    assert fit.estimate == fit.weight
 
 
-def test_a_tie_chooses_the_smaller_weight_and_too_few_pairs_are_refused() -> None:
-    learned = np.zeros((4, 2))
-    learned[:, 0] = 1.0  # every donor alike in the learned block
-    channel = np.eye(4)
-    rows, cols = _all_pairs(4)
-    # every pair alike in both blocks: no weight ranks the pairs, each agrees 0
-    chosen = choose_channel_weight(learned, channel, rows, cols,
-                                   _cosine_prior(channel + 0.1, rows, cols))
-    assert len(set(chosen.agreement.values())) == 1
-    assert chosen.weight == min(CHANNEL_WEIGHTS)
-    with pytest.raises(ValueError, match="1 prior pairs"):
-        choose_channel_weight(learned, channel, rows[:1], cols[:1], np.ones(1))
-
-
-def test_the_choice_round_trips_through_its_record() -> None:
-    learned, channel = _blocks(4)
+def test_the_weight_stays_within_its_bounds() -> None:
+    learned, channel = _blocks(5)
     rows, cols = _all_pairs(len(learned))
-    chosen = choose_channel_weight(learned, channel, rows, cols,
-                                   _cosine_prior(channel, rows, cols))
-    assert ChannelWeight.from_record(chosen.record()) == chosen
+    by_learned, by_channel = block_similarities(learned, channel, rows, cols)
+    low, high = WEIGHT_BOUNDS
+    # the channel far heavier than the bound allows, or far lighter
+    heavy = fit_channel_weight(learned, channel, rows, cols, by_learned + 400 * by_channel)
+    assert heavy.weight == high and heavy.estimate == pytest.approx(20.0, rel=1e-6)
+    light = fit_channel_weight(learned, channel, rows, cols, by_learned + 0.01 * by_channel)
+    assert light.weight == low and light.estimate == pytest.approx(0.1, rel=1e-6)
+    # a block the prior runs against: the other block as heavy as allowed
+    against_learned = fit_channel_weight(learned, channel, rows, cols,
+                                         by_channel - 0.3 * by_learned)
+    assert against_learned.weight == high and against_learned.estimate is None
+    against_channel = fit_channel_weight(learned, channel, rows, cols,
+                                         by_learned - 0.3 * by_channel)
+    assert against_channel.weight == low and against_channel.estimate is None
+
+
+def test_nothing_to_fit_is_refused() -> None:
+    learned, channel = _blocks(6, n=5)
+    rows, cols = _all_pairs(5)
+    with pytest.raises(ValueError, match="2 prior pairs"):
+        fit_channel_weight(learned, channel, rows[:2], cols[:2], np.ones(2))
+    with pytest.raises(ValueError, match="do not vary"):
+        fit_channel_weight(learned, channel, rows, cols, np.ones(len(rows)))
+    alike = np.zeros_like(learned)
+    alike[:, 0] = 1.0  # every pair alike in the learned block
+    with pytest.raises(ValueError, match="do not vary"):
+        fit_channel_weight(alike, channel, rows, cols, np.arange(len(rows), dtype=float))
+
+
+def test_the_fit_round_trips_through_its_record() -> None:
+    learned, channel = _blocks(7)
+    rows, cols = _all_pairs(len(learned))
+    by_learned, by_channel = block_similarities(learned, channel, rows, cols)
+    for prior in (by_learned + 4 * by_channel, by_channel - by_learned):
+        fit = fit_channel_weight(learned, channel, rows, cols, prior)
+        assert ChannelWeight.from_record(fit.record()) == fit
