@@ -40,10 +40,11 @@ __all__ = ["FIXED_WEIGHT", "NEIGHBOURS", "WEIGHT_BOUNDS", "ChannelWeight",
 
 WEIGHT_BOUNDS = (0.5, 8.0)
 """The smallest and largest weight the fit gives. The lower bound keeps composition in
-every embedding (``mixed`` and ``mixed_celltype``, where the learned block explains the
-prior, fit 0.3-0.8, and reach their best held-out totals at 0.5 of the weights measured);
-the upper one, where the channel holds nine tenths of the squared norm and more, is where
-``composition``'s totals stop changing (within 0.004 from 4 to 8)."""
+every embedding (on ``mixed`` and ``mixed_celltype``, whose learned block already follows
+the prior, the channel's coefficient is mostly <= 0, or the fit 0.2-0.4, and their best
+held-out totals are at 0.5 of the weights measured); above the upper one the channel holds
+more than 98 % of the squared norm, and ``composition``'s totals change by less than 0.01
+from 4 to 8."""
 
 NEIGHBOURS = 30
 """Nearest training donors each donor is paired with for the fit (as many as a sparse
