@@ -64,16 +64,22 @@ def test_table_shows_mean_and_std_over_seeds():
     assert lines[3].endswith("| 0.40 | - | - | - |")
 
 
-def _draw(totals: dict[str, tuple[float | None, float | None]]) -> dict:
+def _draw(totals: dict[str, tuple[float | None, float | None]],
+          std: float | None = None, seeds: int = 1) -> dict:
     """A draw's figures: per method (baselines named like ``base_*``), total on all and
-    held-out donors."""
-    def scores(total):
-        return None if total is None else {"total": total}
+    held-out donors; the learned methods' std over ``seeds`` seeds."""
+    def scores(value):
+        return None if value is None else {"total": value, "information/severity": value}
+
+    def entry(name, value):
+        learned = not (name.startswith("base") or name == "random")
+        spread = scores(std) if learned and value is not None else None
+        return {"mean": scores(value), "std": spread}
 
     return {"methods": {
         name: {"kind": "baseline" if name.startswith("base") or name == "random"
-               else "sampleclr",
-               "all": {"mean": scores(a)}, "held_out": {"mean": scores(h)}}
+               else "sampleclr", "n_runs": seeds if not name.startswith("base") else 1,
+               "all": entry(name, a), "held_out": entry(name, h)}
         for name, (a, h) in totals.items()}}
 
 
@@ -94,14 +100,41 @@ def test_cohort_margins_against_the_best_baseline_of_each_draw():
         assert (got["mean"], got["worst"]) == (pytest.approx(mean), pytest.approx(worst))
 
 
+def test_cohort_margins_against_the_one_baseline_best_over_the_draws():
+    # over the draws base_a is the best baseline on all donors (0.735 against 0.67) and
+    # base_b on held-out donors (0.70 against 0.69), though neither is best in every draw
+    draws = [
+        _draw({"default": (0.80, 0.70), "base_a": (0.75, 0.58), "base_b": (0.60, 0.55),
+               "random": (0.99, 0.99)}, std=0.03, seeds=5),
+        _draw({"default": (0.70, 0.90), "base_a": (0.72, 0.80), "base_b": (0.74, 0.85),
+               "random": (0.99, 0.99)}, std=0.04, seeds=5),
+    ]
+    margins = cohort_margins(draws)["default"]
+    table = {"all": ("base_a", 0.75 - 0.735), "held_out": ("base_b", 0.80 - 0.70)}
+    se = ((0.03 ** 2 / 5 + 0.04 ** 2 / 5) ** 0.5) / 2
+    for where, (best, against) in table.items():
+        got = margins[where]
+        assert got["best_baseline"] == best
+        assert got["against_best"] == pytest.approx(against)
+        assert got["se"] == pytest.approx(se)
+    # the per-draw reading picks each draw's own best: a stricter bar
+    assert margins["all"]["mean"] == pytest.approx((0.05 - 0.04) / 2)
+    severity = cohort_margins(draws, "information/severity")["default"]
+    assert severity["all"]["against_best"] == pytest.approx(0.75 - 0.735)
+    line = margins_table({"s": cohort_margins(draws)}).splitlines()[2]
+    assert "| +0.015 ± 0.011 (base_a) |" in line and line.endswith("(base_b) |")
+
+
 def test_a_draw_without_held_out_scores_leaves_the_summary_unknown():
     draws = [_draw({"default": (0.8, 0.7), "base_a": (0.7, 0.6)}),
              _draw({"default": (0.8, None), "base_a": (0.7, 0.6)})]
     held_out = cohort_margins(draws)["default"]["held_out"]
     assert held_out["per_cohort"] == [pytest.approx(0.1), None]
     assert held_out["mean"] is None and held_out["worst"] is None
+    assert held_out["against_best"] is None and held_out["se"] is None
     assert margins_table({"shape": cohort_margins(draws)}).splitlines()[2] == (
-        "| shape | default | +0.100 +0.100 | +0.100 | +0.100 | +0.100 - | - | - |")
+        "| shape | default | +0.100 +0.100 | +0.100 | +0.100 | +0.100 (base_a) "
+        "| +0.100 - | - | - | - |")
 
 
 def test_cohort_names_keep_the_first_draw_under_the_scenario():
