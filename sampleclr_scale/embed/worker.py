@@ -57,7 +57,8 @@ def training_balance(artifact: dict[str, Any]) -> str | None:
 def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: EmbedConfig,
                  device: str = "cpu", standardize: bool | str | None = False,
                  balance: str | None = None,
-                 composition: torch.Tensor | None = None) -> EmbeddedBatch:
+                 composition: torch.Tensor | None = None,
+                 half: int | None = None) -> EmbeddedBatch:
     """Select cells and embed a run of donors (the body of one task).
 
     Parameters
@@ -85,6 +86,11 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
         Float32 ``[n_donors, K]`` every store donor's composition as the model's heads
         read it (:func:`~sampleclr_scale.train.setup.head_inputs`); None when they read z
         alone.
+    half
+        0 or 1: draw each donor's cells from its rows at even (0) or odd (1) offsets only,
+        two disjoint halves of its cells (a donor's rows are stored in random order; the
+        split-half reliability of :mod:`~sampleclr_scale.store.channel_weight`); None:
+        from all its rows.
 
     Returns
     -------
@@ -111,14 +117,18 @@ def embed_donors(store: BagStore, model: SampleCLR, donors: list[int], config: E
                              np.asarray(store.codes(maps[2])[start:stop]))
         elif standardize:
             x = store.standardize(x, int(batch[donor]))
+        offsets = np.arange(half, stop - start, 2) if half is not None else None
+        if offsets is not None:
+            x = x[offsets]
         if target is None:
             chosen = select_cells(x, config.cells, config.mode, k=config.k, seed=config.seed,
                                   donor=donor)
         else:
-            chosen = select_balanced(codes[start:stop], config.cells, target, config.seed,
-                                     donor)
+            own = np.asarray(codes[start:stop])
+            chosen = select_balanced(own if offsets is None else own[offsets], config.cells,
+                                     target, config.seed, donor)
         bags.append(x[chosen])
-        rows.append(start + chosen)
+        rows.append(start + (chosen if offsets is None else offsets[chosen]))
     store_rows = np.concatenate(rows)
     z, weights, outputs = _forward(
         model, bags, device, None if composition is None else composition[donors])

@@ -15,7 +15,10 @@ So the run computes them once, after training, by embedding its training donors 
 
 With ``composition_channel: auto`` the same pass estimates the channel's weight: the one
 by which the embedding of those donors best follows the loss's prior
-(:mod:`~sampleclr_scale.store.channel_weight`), saved with the model too.
+(:mod:`~sampleclr_scale.store.channel_weight`), saved with the model too; two more passes,
+each from one of two disjoint halves of every donor's cells, measure how much of the
+learned block is the donor rather than the cells drawn (its split-half reliability), which
+the fit weighs the learned block by.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from sampleclr_scale._linalg import unit_rows
 from sampleclr_scale.config import TrainConfig
 from sampleclr_scale.embed.config import EmbedConfig
 from sampleclr_scale.embed.worker import embed_donors
@@ -39,6 +43,7 @@ from sampleclr_scale.store.channel_weight import (
     WEIGHT_BOUNDS,
     ChannelWeight,
     fit_channel_weight,
+    split_half_reliability,
 )
 from sampleclr_scale.store.composition import (
     COMPOSITION_COLUMN,
@@ -96,13 +101,37 @@ def fit_channel(store: BagStore, config: TrainConfig, model_config: ModelConfig,
             log.info("learned reference of %d training donors: spread %.3f about their "
                      "mean (norm %.3f)", len(z), reference.rms,
                      float(np.linalg.norm(reference.mean)))
-    return ChannelFit(reference, _choose_weight(store, config, donors, z, reference)
-                      if choose else None)
+    if not choose:
+        return ChannelFit(reference, None)
+    reliability = _reliability(store, config, model_config, weights, donors)
+    return ChannelFit(reference, _choose_weight(store, config, donors, z, reference,
+                                                reliability))
+
+
+def _reliability(store: BagStore, config: TrainConfig, model_config: ModelConfig,
+                 weights: dict[str, torch.Tensor], donors: np.ndarray) -> float:
+    """The split-half reliability of the learned vectors of ``donors`` (those with two
+    cells or more), each embedded from the even and from the odd rows of its cells
+    (:func:`~sampleclr_scale.store.channel_weight.split_half_reliability`); 1, with a
+    warning, where it cannot be measured."""
+    split = donors[store.cells_per_donor[donors] >= 2]
+    try:
+        halves = [unit_rows(_embed(store, config, model_config, weights, split, half))
+                  for half in (0, 1)]
+        reliability = split_half_reliability(*halves)
+    except ValueError as err:
+        log.warning("the learned block's split-half reliability is taken as 1: %s", err)
+        return 1.0
+    log.info("learned vector's split-half reliability %.3f over %d training donors (two "
+             "disjoint halves of each one's cells)", reliability, len(split))
+    return reliability
 
 
 def _embed(store: BagStore, config: TrainConfig, model_config: ModelConfig,
-           weights: dict[str, torch.Tensor], donors: np.ndarray) -> np.ndarray:
-    """``[len(donors), D]`` learned vectors of ``donors`` as ``embed`` draws them."""
+           weights: dict[str, torch.Tensor], donors: np.ndarray, half: int | None = None
+           ) -> np.ndarray:
+    """``[len(donors), D]`` learned vectors of ``donors`` as ``embed`` draws them (from
+    one half of each one's cells, ``embed_donors``'s ``half``, where given)."""
     model = SampleCLR(model_config)
     model.load_state_dict(weights)
     model.eval()
@@ -115,14 +144,16 @@ def _embed(store: BagStore, config: TrainConfig, model_config: ModelConfig,
     group = selection.batch_donors
     return np.concatenate([
         embed_donors(store, model, [int(d) for d in donors[i:i + group]], selection,
-                     standardize=standardize, balance=balance, composition=composition).z
+                     standardize=standardize, balance=balance, composition=composition,
+                     half=half).z
         for i in range(0, len(donors), group)])
 
 
 def _choose_weight(store: BagStore, config: TrainConfig, donors: np.ndarray, z: np.ndarray,
-                   reference: LearnedReference | None) -> ChannelWeight | None:
+                   reference: LearnedReference | None, reliability: float
+                   ) -> ChannelWeight | None:
     """The channel weight fitted to the loss's prior over each of ``donors`` (learned
-    vectors ``z``) paired with its nearest among them
+    vectors ``z``, of split-half ``reliability``) paired with its nearest among them
     (:func:`~sampleclr_scale.store.channel_weight.fit_channel_weight`); None, with a
     warning, where the prior stores too few of those pairs to fit."""
     prior = load_prior(store.location.uri, config.loss.store_prior)
@@ -133,15 +164,16 @@ def _choose_weight(store: BagStore, config: TrainConfig, donors: np.ndarray, z: 
                                    store.donor_batch)[donors]
     try:
         choice = fit_channel_weight(learned_block(z, reference), channel, a[stored],
-                                    b[stored], values[stored])
+                                    b[stored], values[stored], reliability)
     except ValueError as err:
         log.warning("the channel keeps the fixed weight %g: %s", setup.channel_weight(config),
                     err)
         return None
     intercept, learned, by_channel = choice.coefficients
     log.info("composition channel weight %.3g: the %s prior's similarities over %d pairs "
-             "of near training donors fit as %.3g + %.3g x learned + %.3g x channel "
-             "(estimate %s, bounds %g-%g)", choice.weight, config.loss.store_prior,
-             choice.pairs, intercept, learned, by_channel,
+             "of near training donors fit as %.3g + %.3g x learned + %.3g x channel, the "
+             "learned coefficient weighed by the reliability %.3g (estimate %s, bounds "
+             "%g-%g)", choice.weight, config.loss.store_prior, choice.pairs, intercept,
+             learned, by_channel, reliability,
              "none" if choice.estimate is None else f"{choice.estimate:.3g}", *WEIGHT_BOUNDS)
     return choice

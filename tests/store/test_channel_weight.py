@@ -10,6 +10,7 @@ from sampleclr_scale.store.channel_weight import (
     ChannelWeight,
     block_similarities,
     fit_channel_weight,
+    split_half_reliability,
 )
 
 
@@ -53,12 +54,12 @@ def test_block_similarities_are_each_blocks_inner_products() -> None:
         assert by_channel[p] == pytest.approx(_plain_dot(channel[i], channel[j]), abs=1e-12)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_fit_is_the_least_squares_of_a_plain_loop(seed) -> None:
+@pytest.mark.parametrize(("seed", "reliability"), [(0, 1.0), (1, 0.5), (2, 0.2)])
+def test_the_fit_is_the_least_squares_of_a_plain_loop(seed, reliability) -> None:
     learned, channel = _blocks(seed, n=12)
     rows, cols = _all_pairs(12)
     values = np.random.default_rng(seed + 10).uniform(size=len(rows))
-    fit = fit_channel_weight(learned, channel, rows, cols, values)
+    fit = fit_channel_weight(learned, channel, rows, cols, values, reliability)
     pairs = list(zip(rows, cols, strict=True))
     expected = _plain_least_squares(
         [[1.0] * len(pairs), [_plain_dot(learned[i], learned[j]) for i, j in pairs],
@@ -69,7 +70,7 @@ def test_the_fit_is_the_least_squares_of_a_plain_loop(seed) -> None:
     if b_c <= 0 or b_l <= 0:
         assert fit.estimate is None and fit.weight == (0.5 if b_c <= 0 else 8.0)
     else:
-        assert fit.estimate == pytest.approx((b_c / b_l) ** 0.5, rel=1e-9)
+        assert fit.estimate == pytest.approx((b_c / (reliability * b_l)) ** 0.5, rel=1e-9)
         assert fit.weight == pytest.approx(min(max(fit.estimate, 0.5), 8.0), rel=1e-9)
 
 
@@ -122,5 +123,66 @@ def test_the_fit_round_trips_through_its_record() -> None:
     rows, cols = _all_pairs(len(learned))
     by_learned, by_channel = block_similarities(learned, channel, rows, cols)
     for prior in (by_learned + 4 * by_channel, by_channel - by_learned):
-        fit = fit_channel_weight(learned, channel, rows, cols, prior)
+        fit = fit_channel_weight(learned, channel, rows, cols, prior, 0.4)
         assert ChannelWeight.from_record(fit.record()) == fit
+    # a model saved before the reliability was measured: its fit as it was
+    old = {key: value for key, value in fit.record().items() if key != "reliability"}
+    assert ChannelWeight.from_record(old).reliability == 1.0
+
+
+def test_an_unreliable_learned_block_weighs_the_channel_more() -> None:
+    learned, channel = _blocks(8, n=40)
+    rows, cols = _all_pairs(len(learned))
+    by_learned, by_channel = block_similarities(learned, channel, rows, cols)
+    prior = by_learned + by_channel  # a weight of 1 at full reliability
+    fits = [fit_channel_weight(learned, channel, rows, cols, prior, r)
+            for r in (1.0, 0.25, 1 / 64, 0.0, -0.1)]
+    assert [f.weight for f in fits] == pytest.approx([1.0, 2.0, 8.0, 8.0, 8.0])
+    assert fits[2].estimate == pytest.approx(8.0) and fits[3].estimate is None
+    assert fits[4].reliability == -0.1
+    with pytest.raises(ValueError, match="at most 1"):
+        fit_channel_weight(learned, channel, rows, cols, prior, 1.5)
+    # the channel's coefficient decides first: a channel the prior runs against stays light
+    light = fit_channel_weight(learned, channel, rows, cols, by_learned - by_channel, 0.0)
+    assert light.weight == WEIGHT_BOUNDS[0]
+
+
+def _plain_reliability(a: np.ndarray, b: np.ndarray) -> float:
+    n, d = a.shape
+    mean_a = [sum(float(a[i, k]) for i in range(n)) / n for k in range(d)]
+    mean_b = [sum(float(b[i, k]) for i in range(n)) / n for k in range(d)]
+    cross = aa = bb = 0.0
+    for i in range(n):
+        for k in range(d):
+            x, y = float(a[i, k]) - mean_a[k], float(b[i, k]) - mean_b[k]
+            cross, aa, bb = cross + x * y, aa + x * x, bb + y * y
+    return cross / (aa * bb) ** 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_split_half_reliability_against_a_plain_loop(seed) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(9, 5)), rng.normal(size=(9, 5))
+    b += a  # halves that partly agree
+    assert split_half_reliability(a, b) == pytest.approx(_plain_reliability(a, b), abs=1e-12)
+    assert split_half_reliability(a, a + 3.0) == pytest.approx(1.0)  # a shift is no change
+
+
+@pytest.mark.parametrize(("signal", "noise"), [(1.0, 0.0), (1.0, 1.0), (0.5, 1.0), (0.0, 1.0)])
+def test_split_half_reliability_is_the_donors_share_of_the_variance(signal, noise) -> None:
+    # each half: the donor's own vector plus the noise of the cells it drew
+    rng = np.random.default_rng(3)
+    donor = signal * rng.normal(size=(4000, 8))
+    halves = [donor + noise * rng.normal(size=donor.shape) for _ in range(2)]
+    share = signal**2 / (signal**2 + noise**2)
+    assert split_half_reliability(*halves) == pytest.approx(share, abs=0.02)
+
+
+def test_split_half_reliability_needs_halves_that_vary() -> None:
+    a = np.random.default_rng(4).normal(size=(6, 3))
+    with pytest.raises(ValueError, match="do not vary"):
+        split_half_reliability(a, np.ones_like(a))
+    with pytest.raises(ValueError, match="two or more donors"):
+        split_half_reliability(a[:1], a[:1])
+    with pytest.raises(ValueError, match="two or more donors"):
+        split_half_reliability(a, a[:, :2])

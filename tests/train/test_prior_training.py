@@ -143,8 +143,10 @@ def _expected_choice(store: BagStore, prior_store: str, model, artifact,
     cosine of the means of its window of corrected cells (as the GloScope prior reads
     them); the dense prior's similarities of those pairs."""
     donors = store.split_donors("train")
-    z = embed_donors(store, model, [int(d) for d in donors], EmbedConfig(),
-                     standardize=artifact["standardize"], balance=artifact["balance"]).z
+    z, even, odd = (embed_donors(store, model, [int(d) for d in donors], EmbedConfig(),
+                                   standardize=artifact["standardize"],
+                                   balance=artifact["balance"], half=half).z
+                      for half in (None, 0, 1))
     prior = load_prior(prior_store, "gloscope")
     window, seed = prior.params["cells_per_donor"], prior.params["seed"]
     means = []
@@ -162,11 +164,28 @@ def _expected_choice(store: BagStore, prior_store: str, model, artifact,
     features = composition_features(donor_type_counts(store, "cell_type"), store.donor_batch)
     return fit_channel_weight(
         learned_block(z, LearnedReference.from_record(artifact["learned_reference"])),
-        features[donors], a, b, prior.to_dense()[donors[a], donors[b]].astype(np.float64))
+        features[donors], a, b, prior.to_dense()[donors[a], donors[b]].astype(np.float64),
+        _plain_reliability(even, odd))
+
+
+def _plain_reliability(first: np.ndarray, second: np.ndarray) -> float:
+    """The split-half reliability of two passes' unit vectors, by plain loops."""
+    units = [[[float(v) / float(np.linalg.norm(row)) for v in row] for row in half]
+             for half in (first, second)]
+    n, d = len(units[0]), len(units[0][0])
+    means = [[sum(u[i][k] for i in range(n)) / n for k in range(d)] for u in units]
+    sums = [0.0, 0.0, 0.0]
+    for i in range(n):
+        for k in range(d):
+            x, y = units[0][i][k] - means[0][k], units[1][i][k] - means[1][k]
+            sums = [sums[0] + x * y, sums[1] + x * x, sums[2] + y * y]
+    return sums[0] / (sums[1] * sums[2]) ** 0.5
 
 
 def _same_choice(chosen: ChannelWeight, expected: ChannelWeight) -> None:
     assert chosen.pairs == expected.pairs
+    assert 0 < chosen.reliability <= 1
+    assert chosen.reliability == pytest.approx(expected.reliability, rel=1e-5)
     assert chosen.weight == pytest.approx(expected.weight, rel=1e-5)
     np.testing.assert_allclose(chosen.coefficients, expected.coefficients, rtol=1e-5,
                                atol=1e-7)
