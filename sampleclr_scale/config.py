@@ -402,13 +402,17 @@ class TrainConfig(StageConfig):
     default) estimates the weight when training ends, from 0.5 to 8, as the one by which
     the embedding of the training donors best follows the loss's prior over each donor's
     nearest training donors (a least-squares fit of the prior's similarities on the two
-    blocks' inner products; ``sampleclr_scale/store/channel_weight.py``; 1.75 without a
-    prior): a cohort whose severity lives in composition only wants it large (the fit:
-    1.5-8), one whose learned block already follows the prior wants it small (0.5-1.5).
-    Over three draws of each of the quality benchmark's seven scenarios (40 epochs, five
-    seeds each, all and held-out donors) the worst margin over the best baseline, mean
-    over the draws, is -0.008 with ``"auto"``, against -0.027 at the best fixed weight,
-    1.75 (benchmarks/README.md, "Three draws of every cohort"). The weight is saved in
+    blocks' inner products, the learned block's coefficient weighed by its split-half
+    reliability over two disjoint halves of every training donor's cells;
+    ``sampleclr_scale/store/channel_weight.py``; 1.75 without a prior): a cohort whose
+    severity lives in composition only wants it large (the fit: 2.5-8, its learned block
+    mostly the cells drawn), one whose learned block already follows the prior wants it
+    small (0.5-1.7). Over three draws of each of the quality benchmark's seven scenarios
+    (40 epochs, five seeds each, all and held-out donors) the worst margin over the best
+    baseline, mean over the draws, was -0.008 with the fit alone, against -0.027 at the
+    best fixed weight, 1.75; the reliability raised the worst scenario's (``composition``)
+    from -0.006 / -0.007 to +0.000 / -0.000 (benchmarks/README.md, "Three draws of every
+    cohort", "The learned block's split-half reliability"). The weight is saved in
     ``model.pt`` and logged. With a channel, the supervised
     heads read the same composition (unweighted) beside the learned vector
     (``ModelConfig.head_composition``)."""
