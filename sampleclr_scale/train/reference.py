@@ -24,6 +24,7 @@ the fit weighs the learned block by.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -81,8 +82,9 @@ def fit_channel(store: BagStore, config: TrainConfig, model_config: ModelConfig,
     .standardises_learned`), and the channel weight its loss's prior chooses (where the
     run has ``composition_channel: auto`` and a prior,
     :func:`~sampleclr_scale.train.setup.chooses_channel_weight`); both from one pass of
-    ``embed``'s defaults over the training donors. Nothing is embedded when neither
-    applies."""
+    ``embed``'s defaults over the training donors, the weight's split-half reliability
+    from two more, each over one half of every donor's cells. Nothing is embedded when
+    neither applies."""
     standardise = setup.standardises_learned(store, config)
     choose = setup.chooses_channel_weight(store, config)
     if not (standardise or choose):
@@ -90,7 +92,8 @@ def fit_channel(store: BagStore, config: TrainConfig, model_config: ModelConfig,
     donors = store.split_donors("train")
     if len(donors) > MAX_REFERENCE_DONORS:
         donors = donors[np.linspace(0, len(donors) - 1, MAX_REFERENCE_DONORS).astype(int)]
-    z = _embed(store, config, model_config, weights, donors)
+    embed = _embedder(store, config, model_config, weights)
+    z = embed(donors, None)
     reference = None
     if standardise:
         try:
@@ -103,35 +106,20 @@ def fit_channel(store: BagStore, config: TrainConfig, model_config: ModelConfig,
                      float(np.linalg.norm(reference.mean)))
     if not choose:
         return ChannelFit(reference, None)
-    reliability = _reliability(store, config, model_config, weights, donors)
+    reliability = _reliability(store, embed, donors)
     return ChannelFit(reference, _choose_weight(store, config, donors, z, reference,
                                                 reliability))
 
 
-def _reliability(store: BagStore, config: TrainConfig, model_config: ModelConfig,
-                 weights: dict[str, torch.Tensor], donors: np.ndarray) -> float:
-    """The split-half reliability of the learned vectors of ``donors`` (those with two
-    cells or more), each embedded from the even and from the odd rows of its cells
-    (:func:`~sampleclr_scale.store.channel_weight.split_half_reliability`); 1, with a
-    warning, where it cannot be measured."""
-    split = donors[store.cells_per_donor[donors] >= 2]
-    try:
-        halves = [unit_rows(_embed(store, config, model_config, weights, split, half))
-                  for half in (0, 1)]
-        reliability = split_half_reliability(*halves)
-    except ValueError as err:
-        log.warning("the learned block's split-half reliability is taken as 1: %s", err)
-        return 1.0
-    log.info("learned vector's split-half reliability %.3f over %d training donors (two "
-             "disjoint halves of each one's cells)", reliability, len(split))
-    return reliability
+Embedder = Callable[[np.ndarray, int | None], np.ndarray]
+"""``embed(donors, half)``: the ``[len(donors), D]`` learned vectors of ``donors`` as
+``embed`` draws them, from one half of each one's cells where ``half`` is 0 or 1."""
 
 
-def _embed(store: BagStore, config: TrainConfig, model_config: ModelConfig,
-           weights: dict[str, torch.Tensor], donors: np.ndarray, half: int | None = None
-           ) -> np.ndarray:
-    """``[len(donors), D]`` learned vectors of ``donors`` as ``embed`` draws them (from
-    one half of each one's cells, ``embed_donors``'s ``half``, where given)."""
+def _embedder(store: BagStore, config: TrainConfig, model_config: ModelConfig,
+              weights: dict[str, torch.Tensor]) -> Embedder:
+    """The trained model's :data:`Embedder` over ``store``: the model built, and the
+    heads' composition read, once for every pass."""
     model = SampleCLR(model_config)
     model.load_state_dict(weights)
     model.eval()
@@ -142,11 +130,34 @@ def _embed(store: BagStore, config: TrainConfig, model_config: ModelConfig,
     # need not be consecutive, so embed_donors reads the source ids between them too.
     selection = EmbedConfig()
     group = selection.batch_donors
-    return np.concatenate([
-        embed_donors(store, model, [int(d) for d in donors[i:i + group]], selection,
-                     standardize=standardize, balance=balance, composition=composition,
-                     half=half).z
-        for i in range(0, len(donors), group)])
+
+    def embed(donors: np.ndarray, half: int | None) -> np.ndarray:
+        return np.concatenate([
+            embed_donors(store, model, [int(d) for d in donors[i:i + group]], selection,
+                         standardize=standardize, balance=balance, composition=composition,
+                         half=half).z
+            for i in range(0, len(donors), group)])
+
+    return embed
+
+
+def _reliability(store: BagStore, embed: Embedder, donors: np.ndarray) -> float:
+    """The split-half reliability of the learned vectors of ``donors`` (those with two
+    cells or more), each embedded from the even and from the odd rows of its cells
+    (:func:`~sampleclr_scale.store.channel_weight.split_half_reliability`); 1, with a
+    warning, where it cannot be measured."""
+    split = donors[store.cells_per_donor[donors] >= 2]
+    try:
+        if len(split) < 2:
+            raise ValueError(f"{len(split)} training donors have two cells or more")
+        reliability = split_half_reliability(*(unit_rows(embed(split, half))
+                                               for half in (0, 1)))
+    except ValueError as err:
+        log.warning("the learned block's split-half reliability is taken as 1: %s", err)
+        return 1.0
+    log.info("learned vector's split-half reliability %.3f over %d training donors (two "
+             "disjoint halves of each one's cells)", reliability, len(split))
+    return reliability
 
 
 def _choose_weight(store: BagStore, config: TrainConfig, donors: np.ndarray, z: np.ndarray,

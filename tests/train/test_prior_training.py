@@ -193,7 +193,7 @@ def _same_choice(chosen: ChannelWeight, expected: ChannelWeight) -> None:
 
 @pytest.mark.ray
 def test_the_model_saves_the_channel_weight_its_prior_chooses(prior_store, prior_run,
-                                                               monkeypatch, tmp_path):
+                                                               monkeypatch, tmp_path, caplog):
     # composition_channel auto with a prior: the weight by which the embedding of the
     # training donors best follows the prior over each one's nearest training donors
     store = BagStore(prior_store)
@@ -213,6 +213,11 @@ def test_the_model_saves_the_channel_weight_its_prior_chooses(prior_store, prior
     near = _expected_choice(store, prior_store, model, artifact, 3)
     assert near.pairs < expected.pairs
     _same_choice(fitted.weight, near)
+    # fewer than two donors to split: the reliability is not measured, and says so
+    embedder = reference._embedder(store, config, model.config, model.state_dict())
+    with caplog.at_level("WARNING", logger="sampleclr_scale.train.reference"):
+        assert reference._reliability(store, embedder, store.split_donors("train")[:1]) == 1.0
+    assert "reliability is taken as 1: 1 training donors have two cells or more" in caplog.text
 
     # embed gives every donor's channel the saved weight
     embed(prior_store, str(prior_run.run_dir), str(tmp_path / "emb"),
