@@ -62,7 +62,8 @@ MAX_REFERENCE_DONORS = 4096
 """Most training donors embedded for the reference (evenly spaced over the training
 split): the mean and spread of 4,096 unit vectors are known to about 1.5 % of the spread.
 Measured on one CPU thread: the ``mixed`` cohort's 160 training donors (1,000 cells each,
-small preset) in 1.0 s, so about 26 s at 4,096."""
+small preset) in 1.0 s, so about 26 s at 4,096, per pass: three passes where the weight
+is fitted (the reference's and the two halves' of the split-half reliability)."""
 
 
 class ChannelFit(NamedTuple):
