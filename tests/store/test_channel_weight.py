@@ -147,7 +147,8 @@ def test_an_unreliable_learned_block_weighs_the_channel_more() -> None:
     assert light.weight == WEIGHT_BOUNDS[0]
 
 
-def _plain_reliability(a: np.ndarray, b: np.ndarray) -> float:
+def plain_reliability(a: np.ndarray, b: np.ndarray) -> float:
+    """The split-half reliability of two halves' vectors (``[N, D]``), by plain loops."""
     n, d = a.shape
     mean_a = [sum(float(a[i, k]) for i in range(n)) / n for k in range(d)]
     mean_b = [sum(float(b[i, k]) for i in range(n)) / n for k in range(d)]
@@ -164,7 +165,7 @@ def test_split_half_reliability_against_a_plain_loop(seed) -> None:
     rng = np.random.default_rng(seed)
     a, b = rng.normal(size=(9, 5)), rng.normal(size=(9, 5))
     b += a  # halves that partly agree
-    assert split_half_reliability(a, b) == pytest.approx(_plain_reliability(a, b), abs=1e-12)
+    assert split_half_reliability(a, b) == pytest.approx(plain_reliability(a, b), abs=1e-12)
     assert split_half_reliability(a, a + 3.0) == pytest.approx(1.0)  # a shift is no change
 
 

@@ -41,6 +41,7 @@ from sampleclr_scale.store.composition import (
 from sampleclr_scale.train import reference
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.driver import TrainResult, _channel_weight_record, train
+from tests.store.test_channel_weight import plain_reliability
 
 BATCH = 8
 SHORT_RUN = {"preset": "small", "loader": {"batch_size": BATCH, "cells_per_view": 32},
@@ -165,21 +166,8 @@ def _expected_choice(store: BagStore, prior_store: str, model, artifact,
     return fit_channel_weight(
         learned_block(z, LearnedReference.from_record(artifact["learned_reference"])),
         features[donors], a, b, prior.to_dense()[donors[a], donors[b]].astype(np.float64),
-        _plain_reliability(even, odd))
-
-
-def _plain_reliability(first: np.ndarray, second: np.ndarray) -> float:
-    """The split-half reliability of two passes' unit vectors, by plain loops."""
-    units = [[[float(v) / float(np.linalg.norm(row)) for v in row] for row in half]
-             for half in (first, second)]
-    n, d = len(units[0]), len(units[0][0])
-    means = [[sum(u[i][k] for i in range(n)) / n for k in range(d)] for u in units]
-    sums = [0.0, 0.0, 0.0]
-    for i in range(n):
-        for k in range(d):
-            x, y = units[0][i][k] - means[0][k], units[1][i][k] - means[1][k]
-            sums = [sums[0] + x * y, sums[1] + x * x, sums[2] + y * y]
-    return sums[0] / (sums[1] * sums[2]) ** 0.5
+        plain_reliability(*(halves / np.linalg.norm(halves, axis=1, keepdims=True)
+                            for halves in (even, odd))))
 
 
 def _same_choice(chosen: ChannelWeight, expected: ChannelWeight) -> None:
