@@ -49,7 +49,7 @@ from sampleclr_scale.store.channel_weight import (
 from sampleclr_scale.store.composition import (
     COMPOSITION_COLUMN,
     LearnedReference,
-    composition_features,
+    channel_features,
     donor_type_counts,
     learned_block,
     learned_reference,
@@ -172,8 +172,8 @@ def _choose_weight(store: BagStore, config: TrainConfig, donors: np.ndarray, z: 
     a, b = neighbour_pairs(store, prior, donors, NEIGHBOURS)
     values = prior.values_at(donors[a], donors[b])
     stored = ~np.isnan(values)
-    channel = composition_features(donor_type_counts(store, COMPOSITION_COLUMN),
-                                   store.donor_batch)[donors]
+    channel = channel_features(donor_type_counts(store, COMPOSITION_COLUMN),
+                               store.donor_batch)[donors]
     try:
         choice = fit_channel_weight(learned_block(z, reference), channel, a[stored],
                                     b[stored], values[stored], reliability)

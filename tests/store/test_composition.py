@@ -13,12 +13,15 @@ from sampleclr_scale.store.composition import (
     PSEUDOCOUNT,
     LearnedReference,
     center_per_batch,
+    channel_features,
     clr,
+    clr_counting_variance,
     composition_channel,
     composition_features,
     donor_composition,
     donor_type_counts,
     learned_reference,
+    shrink_to_batch_means,
 )
 
 
@@ -35,7 +38,37 @@ def test_clr_and_centring_match_plain_formulas() -> None:
     np.testing.assert_allclose(center_per_batch(X, batch), expected)
 
 
-def test_composition_channel_is_unit_z_next_to_scaled_centred_clr() -> None:
+def plain_channel(counts: np.ndarray, batch: np.ndarray | None) -> np.ndarray:
+    """The channel's composition by plain loops: each donor's CLR; its counting-noise
+    variance ``v_k (1 - 2/K) + sum_j v_j / K^2`` with ``v = 1 / (count + a)``; each type's
+    spread beyond the noise over the donors' deviations from their batch's mean (N - S
+    degrees of freedom), floored at 0; each deviation times ``spread / (spread + v)``
+    (plus the batch's mean without batches); centred per batch; scaled to rms norm 1."""
+    n, k = counts.shape
+    rows, noise = [], []
+    for row in counts.tolist():
+        logs = [math.log(c + PSEUDOCOUNT) for c in row]
+        rows.append([v - sum(logs) / k for v in logs])
+        v = [1 / (c + PSEUDOCOUNT) for c in row]
+        noise.append([x * (1 - 2 / k) + sum(v) / k**2 for x in v])
+    groups = [0] * n if batch is None else [int(b) for b in batch]
+    members = {g: [i for i in range(n) if groups[i] == g] for g in set(groups)}
+    means = {g: [sum(rows[i][j] for i in m) / len(m) for j in range(k)]
+             for g, m in members.items()}
+    dev = [[rows[i][j] - means[groups[i]][j] for j in range(k)] for i in range(n)]
+    spread = [max(sum(dev[i][j] ** 2 for i in range(n)) / (n - len(members))
+                  - sum(noise[i][j] for i in range(n)) / n, 0.0) for j in range(k)]
+    shrunk = [[dev[i][j] * spread[j] / (spread[j] + noise[i][j])
+               + (means[groups[i]][j] if batch is None else 0.0) for j in range(k)]
+              for i in range(n)]
+    if batch is not None:
+        shrunk = [[shrunk[i][j] - sum(shrunk[m][j] for m in members[groups[i]])
+                   / len(members[groups[i]]) for j in range(k)] for i in range(n)]
+    rms = math.sqrt(sum(x * x for row in shrunk for x in row) / n)
+    return np.array(shrunk) / rms
+
+
+def test_composition_channel_is_unit_z_next_to_the_scaled_shrunk_clr() -> None:
     rng = np.random.default_rng(0)
     z = rng.normal(size=(6, 4))
     counts = rng.integers(0, 50, (6, 3))
@@ -44,17 +77,61 @@ def test_composition_channel_is_unit_z_next_to_scaled_centred_clr() -> None:
     assert out.shape == (6, 7) and out.dtype == np.float32
     for i in range(6):
         np.testing.assert_allclose(out[i, :4], z[i] / np.linalg.norm(z[i]), rtol=1e-6)
-    c = clr(counts)
-    for b in (0, 1):
-        c[batch == b] -= c[batch == b].mean(0)
-    rms = math.sqrt(sum(float(row @ row) for row in c) / 6)
-    np.testing.assert_allclose(out[:, 4:], 0.5 * c / rms, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[:, 4:], 0.5 * plain_channel(counts, batch), rtol=1e-5,
+                               atol=1e-6)
     np.testing.assert_allclose(np.mean(np.sum(out[:, 4:] ** 2, axis=1)), 0.25, rtol=1e-5)
-    # without batches the CLR is not centred
+    for b in (0, 1):  # centred per batch
+        np.testing.assert_allclose(out[batch == b, 4:].mean(0), 0.0, atol=1e-6)
+    # without batches the CLR is shrunk toward the donors' mean, not centred
     plain = composition_channel(z, counts, None, 1.0)
+    np.testing.assert_allclose(plain[:, 4:], plain_channel(counts, None), rtol=1e-5,
+                               atol=1e-6)
+    assert np.abs(plain[:, 4:].mean(0)).max() > 0.1
+
+
+def test_counting_variance_and_shrinkage_match_plain_loops() -> None:
+    counts = np.array([[10, 0, 5, 2], [1, 1, 1, 40], [0, 0, 7, 3], [30, 2, 2, 2],
+                       [4, 9, 0, 11]])
+    variance = clr_counting_variance(counts)
+    for row, got in zip(counts.tolist(), variance, strict=True):
+        v = [1 / (c + PSEUDOCOUNT) for c in row]
+        np.testing.assert_allclose(got, [x / 2 + sum(v) / 16 for x in v])  # K = 4
+    batch = np.array([3, 1, 3, 1, 3])
+    for groups in (batch, None):
+        expected = plain_channel(counts, groups)
+        got = channel_features(counts, groups)
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    # no batch with two donors: nothing to estimate a spread from, the rows come back
+    X = np.arange(6.0).reshape(3, 2)
+    np.testing.assert_array_equal(shrink_to_batch_means(X, np.ones((3, 2)),
+                                                        np.array([0, 1, 2])), X)
+
+
+def test_shrinkage_brings_each_donor_nearer_its_true_composition() -> None:
+    # type 0's share varies between donors, the others' only through the log-ratio's
+    # centring; donors of 40 to 4,000 cells. A type whose spread is mostly the counting
+    # shrinks most of the way to the mean, type 0 hardly; a large donor keeps more of its
+    # deviations than a small one; and the shrunk log-ratios are nearer the true ones
+    rng = np.random.default_rng(4)
+    n_donors = 400
+    logits = np.tile(np.log([0.3, 0.3, 0.2, 0.1, 0.06, 0.04]), (n_donors, 1))
+    logits[:, 0] += rng.normal(0.0, 0.6, n_donors)
+    truth = logits - logits.mean(axis=1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    cells = np.exp(rng.uniform(np.log(40), np.log(4000), n_donors)).astype(int)
+    counts = np.stack([rng.multinomial(c, q) for c, q in zip(cells, p, strict=True)])
     raw = clr(counts)
-    np.testing.assert_allclose(plain[:, 4:], raw / math.sqrt(np.mean(np.sum(raw ** 2, 1))),
-                               rtol=1e-5)
+    shrunk = shrink_to_batch_means(raw, clr_counting_variance(counts), None)
+    kept = (shrunk - raw.mean(0)) / (raw - raw.mean(0))  # the share of each deviation kept
+    assert np.all(kept > 0) and np.all(kept <= 1)
+    assert np.median(kept[:, 0]) > 0.9 and np.all(np.median(kept[:, 3:5], axis=0) < 0.1)
+    small, large = cells < 200, cells > 2000
+    assert np.all(np.median(kept[large], axis=0) > np.median(kept[small], axis=0))
+    # the pseudocount biases a rare type's log-ratio: compare deviations from the mean
+    err = {name: np.mean(((x - x.mean(0)) - (truth - truth.mean(0))) ** 2, axis=0)
+           for name, x in (("raw", raw), ("shrunk", shrunk))}
+    assert err["shrunk"].sum() < 0.5 * err["raw"].sum()
+    assert err["shrunk"][0] <= err["raw"][0]
 
 
 def _plain_reference(z: np.ndarray) -> tuple[list[float], float]:

@@ -33,7 +33,6 @@ from sampleclr_scale.store.channel_weight import (
 )
 from sampleclr_scale.store.composition import (
     LearnedReference,
-    composition_features,
     donor_type_counts,
     learned_block,
     learned_reference,
@@ -42,6 +41,7 @@ from sampleclr_scale.train import reference
 from sampleclr_scale.train.artifact import load_model
 from sampleclr_scale.train.driver import TrainResult, _channel_weight_record, train
 from tests.store.test_channel_weight import plain_reliability
+from tests.store.test_composition import plain_channel
 
 BATCH = 8
 SHORT_RUN = {"preset": "small", "loader": {"batch_size": BATCH, "cells_per_view": 32},
@@ -162,7 +162,7 @@ def _expected_choice(store: BagStore, prior_store: str, model, artifact,
     pairs = sorted({(min(i, int(j)), max(i, int(j))) for i in range(len(donors))
                     for j in [j for j in np.argsort(-cosine[i]) if j != i][:n_neighbours]})
     a, b = np.array(pairs).T
-    features = composition_features(donor_type_counts(store, "cell_type"), store.donor_batch)
+    features = plain_channel(donor_type_counts(store, "cell_type"), store.donor_batch)
     return fit_channel_weight(
         learned_block(z, LearnedReference.from_record(artifact["learned_reference"])),
         features[donors], a, b, prior.to_dense()[donors[a], donors[b]].astype(np.float64),
@@ -211,7 +211,7 @@ def test_the_model_saves_the_channel_weight_its_prior_chooses(prior_store, prior
     embed(prior_store, str(prior_run.run_dir), str(tmp_path / "emb"),
           EmbedConfig(run_name="weighted"), write_back=False, in_process=True)
     donors, vectors = read_embeddings(tmp_path / "emb")
-    features = composition_features(donor_type_counts(store, "cell_type"), store.donor_batch)
+    features = plain_channel(donor_type_counts(store, "cell_type"), store.donor_batch)
     np.testing.assert_allclose(vectors[:, model.config.output_dim:],
                                saved["weight"] * features[donors], rtol=1e-5, atol=1e-5)
 
