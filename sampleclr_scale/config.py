@@ -393,10 +393,12 @@ class TrainConfig(StageConfig):
     (benchmarks/README.md, "Quality")."""
     composition_channel: Annotated[float, Field(ge=0.0)] | Literal["auto"] = "auto"
     """Weight of the batch-aware composition channel that ``embed`` appends to every
-    donor embedding: the CLR of the donor's cell-type counts, centred per technical batch
-    when the store has batches, scaled to root mean square norm 1, next to the learned
-    vector (``learned_block``; ``sampleclr_scale/store/composition.py``). Balanced views
-    keep composition out of the learned vector (so it cannot be a donor's fingerprint in
+    donor embedding: the CLR of the donor's cell-type counts, shrunk toward its batch's
+    mean by the noise of counting its cells (empirical Bayes: a donor of few cells keeps
+    little of its rare types' log-ratios), centred per technical batch when the store has
+    batches, scaled to root mean square norm 1, next to the learned vector
+    (``learned_block``; ``sampleclr_scale/store/composition.py``). Balanced views keep
+    composition out of the learned vector (so it cannot be a donor's fingerprint in
     training); the channel puts it back, batch-aware. 0 leaves the learned vector alone; a
     store without ``cell_type`` codes gets no channel (embed warns). ``"auto"`` (the
     default) estimates the weight when training ends, from 0.5 to 8, as the one by which
@@ -414,7 +416,8 @@ class TrainConfig(StageConfig):
     from -0.006 / -0.007 to +0.000 / -0.000 (benchmarks/README.md, "Three draws of every
     cohort", "The learned block's split-half reliability"). The weight is saved in
     ``model.pt`` and logged. With a channel, the supervised
-    heads read the same composition (unweighted) beside the learned vector
+    heads read the donor's composition beside the learned vector, as the CLR centred per
+    batch, neither weighted nor shrunk: they weigh each type themselves
     (``ModelConfig.head_composition``)."""
     learned_block: Literal["auto", "unit", "standardised"] = "auto"
     """How ``embed`` scales the learned vector next to the composition channel: ``"unit"``

@@ -148,17 +148,23 @@ def _reliability(store: BagStore, embed: Embedder, donors: np.ndarray) -> float:
     (:func:`~sampleclr_scale.store.channel_weight.split_half_reliability`); 1, with a
     warning, where it cannot be measured."""
     split = donors[store.cells_per_donor[donors] >= 2]
+    if len(split) < 2:
+        return _unmeasured(f"{len(split)} training donors have two cells or more")
     try:
-        if len(split) < 2:
-            raise ValueError(f"{len(split)} training donors have two cells or more")
         reliability = split_half_reliability(*(unit_rows(embed(split, half))
                                                for half in (0, 1)))
     except ValueError as err:
-        log.warning("the learned block's split-half reliability is taken as 1: %s", err)
-        return 1.0
+        return _unmeasured(str(err))
     log.info("learned vector's split-half reliability %.3f over %d training donors (two "
              "disjoint halves of each one's cells)", reliability, len(split))
     return reliability
+
+
+def _unmeasured(reason: str) -> float:
+    """The reliability taken where it cannot be measured (1: the fit as it was), with a
+    warning that says why."""
+    log.warning("the learned block's split-half reliability is taken as 1: %s", reason)
+    return 1.0
 
 
 def _choose_weight(store: BagStore, config: TrainConfig, donors: np.ndarray, z: np.ndarray,
