@@ -48,10 +48,18 @@ def pool_windows(n_cells: np.ndarray, m: np.ndarray, uniforms: np.ndarray
     return offsets, lengths
 
 
+_TIE_DECIMALS = 9
+"""Decimals to which :func:`balanced_quotas` compares the categories' remainders."""
+_TIE = 10.0**-_TIE_DECIMALS
+
+
 def balanced_quotas(present: np.ndarray, target: np.ndarray, m: np.ndarray | int
                     ) -> np.ndarray:
     """Cells of each category in a view of ``m``: ``m * target`` renormalised over the
     ``present`` categories, rounded by largest remainder (so they sum to ``m``).
+    Remainders equal to :data:`_TIE_DECIMALS` decimals are a tie, which the lower
+    category wins: float rounding (the order of operations, a strength of 1e-16) does
+    not choose the cells.
 
     Parameters
     ----------
@@ -74,9 +82,10 @@ def balanced_quotas(present: np.ndarray, target: np.ndarray, m: np.ndarray | int
     total = weights.sum(axis=-1, keepdims=True)
     exact = np.divide(m[..., None] * weights, total, out=np.zeros_like(weights),
                       where=total > 0)
-    quotas = np.floor(exact).astype(np.int64)
+    quotas = np.floor(exact + _TIE).astype(np.int64)
     short = np.where(total[..., 0] > 0, m - quotas.sum(axis=-1), 0)
-    order = np.argsort(-(exact - quotas), axis=-1, kind="stable")
+    remainders = np.round(exact - quotas, _TIE_DECIMALS)
+    order = np.argsort(-remainders, axis=-1, kind="stable")
     rank = np.argsort(order, axis=-1)  # of each category's remainder, largest first
     quotas += rank < short[..., None]
     return quotas
