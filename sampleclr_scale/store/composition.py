@@ -164,10 +164,7 @@ def composition_features(counts: np.ndarray, batch: np.ndarray | None) -> np.nda
     """``c / rms(c)``: the CLR of ``counts`` (``[N, K]``), centred per batch when ``batch``
     (int ``[N]``) is given, scaled to root-mean-square norm 1 over the donors; float64.
     What the supervised heads read (:func:`donor_composition`)."""
-    c = clr(counts)
-    if batch is not None:
-        c = center_per_batch(c, batch)
-    return _unit_rms(c)
+    return _centred_unit_rms(clr(counts), batch)
 
 
 def channel_features(counts: np.ndarray, batch: np.ndarray | None) -> np.ndarray:
@@ -183,11 +180,8 @@ def channel_features(counts: np.ndarray, batch: np.ndarray | None) -> np.ndarray
     0.811 / 0.798 (benchmarks/README.md, "Each donor's composition shrunk by its counting
     noise").
     """
-    c = clr(counts)
-    c = shrink_to_batch_means(c, clr_counting_variance(counts), batch)
-    if batch is not None:
-        c = center_per_batch(c, batch)
-    return _unit_rms(c)
+    shrunk = shrink_to_batch_means(clr(counts), clr_counting_variance(counts), batch)
+    return _centred_unit_rms(shrunk, batch)
 
 
 def clr_counting_variance(counts: np.ndarray, pseudocount: float = PSEUDOCOUNT
@@ -207,8 +201,9 @@ def clr_counting_variance(counts: np.ndarray, pseudocount: float = PSEUDOCOUNT
 
 def shrink_to_batch_means(X: np.ndarray, variance: np.ndarray, batch: np.ndarray | None
                           ) -> np.ndarray:
-    """Empirical-Bayes estimate of each row of ``X`` (``[N, K]``, noise ``variance`` per
-    entry): its batch's mean plus its deviation times ``tau2_k / (tau2_k + variance)``.
+    """Empirical-Bayes estimate of each row of ``X`` (``[N, K]``, positive noise
+    ``variance`` per entry): its batch's mean plus its deviation times ``tau2_k / (tau2_k
+    + variance)``.
 
     ``tau2_k``, the spread of column ``k`` beyond the noise, is the within-batch variance
     (``N - S`` degrees of freedom over ``S`` batches) minus the mean noise variance,
@@ -225,8 +220,11 @@ def shrink_to_batch_means(X: np.ndarray, variance: np.ndarray, batch: np.ndarray
     return X - deviation + deviation * spread / (spread + variance)
 
 
-def _unit_rms(c: np.ndarray) -> np.ndarray:
-    """``c / rms(c)``, the root mean square norm of its rows (``c`` itself where 0)."""
+def _centred_unit_rms(c: np.ndarray, batch: np.ndarray | None) -> np.ndarray:
+    """``c`` centred per batch when ``batch`` is given, divided by the root mean square
+    norm of its rows (unscaled where that is 0)."""
+    if batch is not None:
+        c = center_per_batch(c, batch)
     rms = np.sqrt(np.mean(np.sum(c * c, axis=1)))
     return c / rms if rms > 0 else c
 
